@@ -1,0 +1,485 @@
+#include "config.h"
+
+#include <errno.h>
+#include <libconfig.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <openssl/ssl.h>
+#include <uv.h>
+
+#include "compat.h"
+#include "identity.h"
+
+#define DEFAULT_CIPHERS                                                                            \
+  "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:"     \
+  "ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-RSA-CHACHA20-POLY1305"
+#define DEFAULT_CURVES "X25519:P-256:P-384"
+
+static const char *const strong_ciphers[] = {
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-RSA-AES256-GCM-SHA384",   "ECDHE-RSA-CHACHA20-POLY1305",
+};
+static const char *const known_curves[] = {"X25519", "P-256", "P-384"};
+
+/* Parsing state: the file name and the error sink. */
+typedef struct {
+  const char *file;
+  char *err;
+  size_t errlen;
+  int failed;
+} ctx_t;
+
+static int fail(ctx_t *c, int line, const char *setting, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+static int fail(ctx_t *c, int line, const char *setting, const char *fmt, ...) {
+  if (c->failed) return -1; /* keep the first error: it is the one to fix */
+  c->failed = 1;
+  char msg[512];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof(msg), fmt, ap);
+  va_end(ap);
+  snprintf(c->err, c->errlen, "%s:%d: %s: %s", c->file, line, setting, msg);
+  return -1;
+}
+
+static int line_of(const config_setting_t *s) { return s ? (int)config_setting_source_line(s) : 0; }
+
+static const char *type_name(int t) {
+  switch (t) {
+  case CONFIG_TYPE_GROUP: return "a group";
+  case CONFIG_TYPE_INT:
+  case CONFIG_TYPE_INT64: return "an integer";
+  case CONFIG_TYPE_FLOAT: return "a number";
+  case CONFIG_TYPE_STRING: return "a string";
+  case CONFIG_TYPE_BOOL: return "a boolean";
+  case CONFIG_TYPE_ARRAY: return "an array";
+  case CONFIG_TYPE_LIST: return "a list";
+  default: return "something else";
+  }
+}
+
+/* Every key of group g must be in allowed[]; the first stranger is an error. */
+static int check_keys(ctx_t *c, const config_setting_t *g, const char *path,
+                      const char *const *allowed, size_t n) {
+  int count = config_setting_length(g);
+  for (int i = 0; i < count; i++) {
+    const config_setting_t *s = config_setting_get_elem(g, (unsigned)i);
+    const char *name = config_setting_name(s);
+    size_t j = 0;
+    while (j < n && strcmp(allowed[j], name) != 0)
+      j++;
+    if (j == n) {
+      char p[256];
+      snprintf(p, sizeof(p), "%s%s%s", path, *path ? "." : "", name);
+      return fail(c, line_of(s), p, "unknown setting");
+    }
+  }
+  return 0;
+}
+
+static void join(char *out, size_t n, const char *path, const char *key) {
+  snprintf(out, n, "%s%s%s", path, *path ? "." : "", key);
+}
+
+/* Fetches g.key expecting type; missing is fine unless required. */
+static const config_setting_t *member(ctx_t *c, const config_setting_t *g, const char *path,
+                                      const char *key, int type, int required) {
+  char p[256];
+  join(p, sizeof(p), path, key);
+  const config_setting_t *s = g ? config_setting_get_member(g, key) : NULL;
+  if (!s) {
+    if (required) fail(c, line_of(g), p, "required setting is missing");
+    return NULL;
+  }
+  int t = config_setting_type(s);
+  int ok = t == type || (type == CONFIG_TYPE_INT && t == CONFIG_TYPE_INT64) ||
+           (type == CONFIG_TYPE_LIST && t == CONFIG_TYPE_ARRAY && config_setting_length(s) == 0);
+  if (!ok) {
+    fail(c, line_of(s), p, "expected %s, got %s", type_name(type), type_name(t));
+    return NULL;
+  }
+  return s;
+}
+
+static char *get_str(ctx_t *c, const config_setting_t *g, const char *path, const char *key,
+                     int required, const char *dflt, int *line) {
+  const config_setting_t *s = member(c, g, path, key, CONFIG_TYPE_STRING, required);
+  if (line) *line = s ? line_of(s) : line_of(g);
+  if (!s) return dflt && !c->failed ? pc_strdup(dflt) : NULL;
+  return pc_strdup(config_setting_get_string(s));
+}
+
+static long long get_int(ctx_t *c, const config_setting_t *g, const char *path, const char *key,
+                         long long dflt, long long min, long long max) {
+  const config_setting_t *s = member(c, g, path, key, CONFIG_TYPE_INT, 0);
+  if (!s) return dflt;
+  long long v = config_setting_get_int64(s);
+  if (v < min || v > max) {
+    char p[256];
+    join(p, sizeof(p), path, key);
+    fail(c, line_of(s), p, "must be between %lld and %lld", min, max);
+    return dflt;
+  }
+  return v;
+}
+
+static int get_bool(ctx_t *c, const config_setting_t *g, const char *path, const char *key,
+                    int dflt) {
+  const config_setting_t *s = member(c, g, path, key, CONFIG_TYPE_BOOL, 0);
+  return s ? config_setting_get_bool(s) : dflt;
+}
+
+int pc_config_parse_addr(const char *s, struct sockaddr_storage *out) {
+  char host[64];
+  const char *colon;
+  memset(out, 0, sizeof(*out));
+  if (s[0] == '[') {
+    const char *close = strchr(s, ']');
+    if (!close || close[1] != ':' || (size_t)(close - s - 1) >= sizeof(host)) return -1;
+    memcpy(host, s + 1, (size_t)(close - s - 1));
+    host[close - s - 1] = '\0';
+    colon = close + 1;
+  } else {
+    colon = strrchr(s, ':');
+    if (!colon || (size_t)(colon - s) >= sizeof(host) || memchr(s, ':', (size_t)(colon - s)))
+      return -1;
+    memcpy(host, s, (size_t)(colon - s));
+    host[colon - s] = '\0';
+  }
+  const char *ps = colon + 1;
+  if (!*ps || strlen(ps) > 5) return -1;
+  long port = 0;
+  for (const char *q = ps; *q; q++) {
+    if (*q < '0' || *q > '9') return -1;
+    port = port * 10 + (*q - '0');
+  }
+  if (port < 1 || port > 65535) return -1;
+  if (s[0] == '[') {
+    if (uv_ip6_addr(host, (int)port, (struct sockaddr_in6 *)out) != 0) return -1;
+  } else if (uv_ip4_addr(host, (int)port, (struct sockaddr_in *)out) != 0) {
+    return -1;
+  }
+  return 0;
+}
+
+static uint16_t port_of(const struct sockaddr_storage *a) {
+  return a->ss_family == AF_INET6 ? ((const struct sockaddr_in6 *)a)->sin6_port
+                                  : ((const struct sockaddr_in *)a)->sin_port;
+}
+
+int pc_config_cipher_ok(const char *name) {
+  for (size_t i = 0; i < PC_ARRAY_SIZE(strong_ciphers); i++)
+    if (strcmp(name, strong_ciphers[i]) == 0) return 1;
+  return 0;
+}
+
+/* Checks a ':'-separated list; each item must satisfy ok(). */
+static int check_list(ctx_t *c, const char *list, int line, const char *setting,
+                      int (*ok)(const char *), const char *what) {
+  if (!*list) return fail(c, line, setting, "must not be empty");
+  char *copy = pc_strdup(list), *save = NULL;
+  int rc = 0;
+  for (char *tok = strtok_r(copy, ":", &save); tok; tok = strtok_r(NULL, ":", &save)) {
+    if (!ok(tok)) {
+      rc = fail(c, line, setting, "\"%s\" is not %s", tok, what);
+      break;
+    }
+  }
+  free(copy);
+  return rc;
+}
+
+static int curve_ok(const char *name) {
+  for (size_t i = 0; i < PC_ARRAY_SIZE(known_curves); i++)
+    if (strcmp(name, known_curves[i]) == 0) return 1;
+  return 0;
+}
+
+static int readable(const char *file) { return access(file, R_OK) == 0; }
+
+static void parse_identity(ctx_t *c, const config_setting_t *root, pc_config_t *cfg) {
+  static const char *const keys[] = {"cert", "key", "ca", "watch"};
+  const config_setting_t *g = member(c, root, "", "identity", CONFIG_TYPE_GROUP, 1);
+  if (!g || check_keys(c, g, "identity", keys, PC_ARRAY_SIZE(keys))) return;
+  cfg->identity.cert = get_str(c, g, "identity", "cert", 1, NULL, &cfg->identity.line_cert);
+  cfg->identity.key = get_str(c, g, "identity", "key", 1, NULL, &cfg->identity.line_key);
+  cfg->identity.ca = get_str(c, g, "identity", "ca", 1, NULL, &cfg->identity.line_ca);
+  cfg->identity.watch = get_bool(c, g, "identity", "watch", 0);
+  const struct {
+    const char *file, *name;
+    int line;
+  } files[] = {{cfg->identity.cert, "identity.cert", cfg->identity.line_cert},
+               {cfg->identity.key, "identity.key", cfg->identity.line_key},
+               {cfg->identity.ca, "identity.ca", cfg->identity.line_ca}};
+  for (size_t i = 0; i < PC_ARRAY_SIZE(files) && !c->failed; i++) {
+    if (files[i].file && !readable(files[i].file))
+      fail(c, files[i].line, files[i].name, "cannot read \"%s\": %s", files[i].file,
+           strerror(errno));
+  }
+}
+
+static void parse_tls(ctx_t *c, const config_setting_t *root, pc_config_t *cfg) {
+  static const char *const keys[] = {"min_version", "ciphers", "curves", "verify_depth"};
+  const config_setting_t *g = member(c, root, "", "tls", CONFIG_TYPE_GROUP, 0);
+  if (g && check_keys(c, g, "tls", keys, PC_ARRAY_SIZE(keys))) return;
+  int line;
+  char *v = get_str(c, g, "tls", "min_version", 0, "1.2", &line);
+  if (v && strcmp(v, "1.2") == 0)
+    cfg->tls.min_version = TLS1_2_VERSION;
+  else if (v && strcmp(v, "1.3") == 0)
+    cfg->tls.min_version = TLS1_3_VERSION;
+  else if (v)
+    fail(c, line, "tls.min_version", "\"%s\" is not allowed: use \"1.2\" or \"1.3\"", v);
+  free(v);
+  cfg->tls.ciphers = get_str(c, g, "tls", "ciphers", 0, DEFAULT_CIPHERS, &cfg->tls.line_ciphers);
+  cfg->tls.curves = get_str(c, g, "tls", "curves", 0, DEFAULT_CURVES, &cfg->tls.line_curves);
+  if (cfg->tls.ciphers)
+    check_list(c, cfg->tls.ciphers, cfg->tls.line_ciphers, "tls.ciphers", pc_config_cipher_ok,
+               "an ECDHE cipher suite with AES-GCM or ChaCha20-Poly1305");
+  if (cfg->tls.curves)
+    check_list(c, cfg->tls.curves, cfg->tls.line_curves, "tls.curves", curve_ok,
+               "one of X25519, P-256, P-384");
+  cfg->tls.verify_depth = (int)get_int(c, g, "tls", "verify_depth", 8, 1, 16);
+}
+
+static void parse_groups(ctx_t *c, const config_setting_t *root, pc_config_t *cfg) {
+  static const char *const admin_keys[] = {"listen"};
+  static const char *const log_keys[] = {"level", "access"};
+  static const char *const limit_keys[] = {"max_connections", "handshake_timeout_ms",
+                                           "connect_timeout_ms", "idle_timeout_ms",
+                                           "drain_timeout_ms"};
+  int line;
+  const config_setting_t *g = member(c, root, "", "admin", CONFIG_TYPE_GROUP, 0);
+  if (!(g && check_keys(c, g, "admin", admin_keys, PC_ARRAY_SIZE(admin_keys)))) {
+    cfg->admin.listen_str = get_str(c, g, "admin", "listen", 0, "127.0.0.1:15000", &line);
+    if (cfg->admin.listen_str && pc_config_parse_addr(cfg->admin.listen_str, &cfg->admin.listen))
+      fail(c, line, "admin.listen", "\"%s\" is not an address of the form IP:PORT",
+           cfg->admin.listen_str);
+  }
+  g = member(c, root, "", "log", CONFIG_TYPE_GROUP, 0);
+  cfg->log.level = PC_LOG_INFO;
+  if (!(g && check_keys(c, g, "log", log_keys, PC_ARRAY_SIZE(log_keys)))) {
+    char *lvl = get_str(c, g, "log", "level", 0, "info", &line);
+    if (lvl && pc_log_level_parse(lvl, &cfg->log.level))
+      fail(c, line, "log.level", "\"%s\" is not one of debug, info, warn, error", lvl);
+    free(lvl);
+    cfg->log.access = get_bool(c, g, "log", "access", 1);
+  }
+  g = member(c, root, "", "limits", CONFIG_TYPE_GROUP, 0);
+  if (!(g && check_keys(c, g, "limits", limit_keys, PC_ARRAY_SIZE(limit_keys)))) {
+    const long long day = 86400000LL;
+    cfg->limits.max_connections =
+        (uint32_t)get_int(c, g, "limits", "max_connections", 10000, 1, 1000000);
+    cfg->limits.handshake_timeout_ms =
+        (uint64_t)get_int(c, g, "limits", "handshake_timeout_ms", 10000, 1, day);
+    cfg->limits.connect_timeout_ms =
+        (uint64_t)get_int(c, g, "limits", "connect_timeout_ms", 5000, 1, day);
+    cfg->limits.idle_timeout_ms =
+        (uint64_t)get_int(c, g, "limits", "idle_timeout_ms", 300000, 1, day);
+    cfg->limits.drain_timeout_ms =
+        (uint64_t)get_int(c, g, "limits", "drain_timeout_ms", 20000, 0, day);
+  }
+}
+
+/* allow / expect: a list of { namespace; service_account? } groups. */
+static pc_policy_t *parse_rules(ctx_t *c, const config_setting_t *lg, const char *lpath,
+                                const char *key, int required) {
+  static const char *const keys[] = {"namespace", "service_account"};
+  char path[256], epath[300];
+  join(path, sizeof(path), lpath, key);
+  const config_setting_t *list = member(c, lg, lpath, key, CONFIG_TYPE_LIST, required);
+  pc_policy_t *p = pc_policy_new();
+  int n = list ? config_setting_length(list) : 0;
+  for (int i = 0; i < n && !c->failed; i++) {
+    const config_setting_t *e = config_setting_get_elem(list, (unsigned)i);
+    snprintf(epath, sizeof(epath), "%s[%d]", path, i);
+    if (config_setting_type(e) != CONFIG_TYPE_GROUP) {
+      fail(c, line_of(e), epath, "expected a group { namespace = \"...\"; }");
+      break;
+    }
+    if (check_keys(c, e, epath, keys, PC_ARRAY_SIZE(keys))) break;
+    int lns = 0, lsa = 0;
+    char *ns = get_str(c, e, epath, "namespace", 1, NULL, &lns);
+    char *sa = get_str(c, e, epath, "service_account", 0, NULL, &lsa);
+    char sp[320];
+    if (ns && !pc_spiffe_valid_segment(ns, strlen(ns))) {
+      snprintf(sp, sizeof(sp), "%s.namespace", epath);
+      fail(c, lns, sp, "\"%s\" is not a valid SPIFFE path segment", ns);
+    } else if (sa && !pc_spiffe_valid_segment(sa, strlen(sa))) {
+      snprintf(sp, sizeof(sp), "%s.service_account", epath);
+      fail(c, lsa, sp, "\"%s\" is not a valid SPIFFE path segment", sa);
+    } else if (ns) {
+      pc_policy_add(p, ns, sa);
+    }
+    free(ns);
+    free(sa);
+  }
+  return p;
+}
+
+static void parse_listener(ctx_t *c, const config_setting_t *e, const char *path,
+                           pc_direction_t dir, pc_listener_cfg_t *l) {
+  static const char *const in_keys[] = {"name", "listen", "forward", "protocol", "allow"};
+  static const char *const out_keys[] = {"name",        "listen", "upstream",
+                                         "server_name", "expect", "protocol"};
+  int in = dir == PC_DIR_INBOUND;
+  l->direction = dir;
+  l->line = line_of(e);
+  if (config_setting_type(e) != CONFIG_TYPE_GROUP) {
+    fail(c, l->line, path, "expected a group");
+    return;
+  }
+  if (check_keys(c, e, path, in ? in_keys : out_keys,
+                 in ? PC_ARRAY_SIZE(in_keys) : PC_ARRAY_SIZE(out_keys)))
+    return;
+  int line;
+  char sp[300];
+  l->name = get_str(c, e, path, "name", 1, NULL, &line);
+  if (l->name && !*l->name) {
+    snprintf(sp, sizeof(sp), "%s.name", path);
+    fail(c, line, sp, "must not be empty");
+  }
+  l->listen_str = get_str(c, e, path, "listen", 1, NULL, &line);
+  if (l->listen_str && pc_config_parse_addr(l->listen_str, &l->listen)) {
+    snprintf(sp, sizeof(sp), "%s.listen", path);
+    fail(c, line, sp, "\"%s\" is not an address of the form IP:PORT", l->listen_str);
+  }
+  const char *tkey = in ? "forward" : "upstream";
+  l->target_str = get_str(c, e, path, tkey, 1, NULL, &line);
+  if (l->target_str && pc_config_parse_addr(l->target_str, &l->target)) {
+    snprintf(sp, sizeof(sp), "%s.%s", path, tkey);
+    fail(c, line, sp, "\"%s\" is not an address of the form IP:PORT", l->target_str);
+  }
+  char *proto = get_str(c, e, path, "protocol", 0, "tcp", &line);
+  if (proto && strcmp(proto, "tcp") == 0) {
+    l->protocol = PC_PROTO_TCP;
+  } else if (proto) {
+    snprintf(sp, sizeof(sp), "%s.protocol", path);
+    if (strcmp(proto, "http") == 0)
+      fail(c, line, sp, "\"http\" (L7 mode) is not available in this build; use \"tcp\"");
+    else
+      fail(c, line, sp, "\"%s\" is not one of \"tcp\", \"http\"", proto);
+  }
+  free(proto);
+  if (!in) {
+    l->server_name = get_str(c, e, path, "server_name", 1, NULL, &line);
+    if (l->server_name && !*l->server_name) {
+      snprintf(sp, sizeof(sp), "%s.server_name", path);
+      fail(c, line, sp, "must not be empty");
+    }
+  }
+  l->policy = parse_rules(c, e, path, in ? "allow" : "expect", !in);
+  if (!in && !c->failed && pc_policy_count(l->policy) == 0) {
+    snprintf(sp, sizeof(sp), "%s.expect", path);
+    fail(c, line_of(e), sp, "an outbound listener needs at least one expected identity");
+  }
+}
+
+static void parse_listeners(ctx_t *c, const config_setting_t *root, pc_config_t *cfg) {
+  const char *kinds[2] = {"inbound", "outbound"};
+  const config_setting_t *lists[2];
+  size_t total = 0;
+  for (int k = 0; k < 2; k++) {
+    lists[k] = member(c, root, "", kinds[k], CONFIG_TYPE_LIST, 0);
+    if (lists[k]) total += (size_t)config_setting_length(lists[k]);
+  }
+  if (c->failed) return;
+  cfg->listeners = pc_calloc(total, sizeof(pc_listener_cfg_t));
+  for (int k = 0; k < 2 && !c->failed; k++) {
+    int n = lists[k] ? config_setting_length(lists[k]) : 0;
+    for (int i = 0; i < n && !c->failed; i++) {
+      char path[64];
+      snprintf(path, sizeof(path), "%s[%d]", kinds[k], i);
+      pc_listener_cfg_t *l = &cfg->listeners[cfg->nlisteners++];
+      parse_listener(c, config_setting_get_elem(lists[k], (unsigned)i), path,
+                     k == 0 ? PC_DIR_INBOUND : PC_DIR_OUTBOUND, l);
+      for (size_t j = 0; j + 1 < cfg->nlisteners && !c->failed; j++) {
+        const pc_listener_cfg_t *o = &cfg->listeners[j];
+        char sp[80];
+        if (l->name && o->name && strcmp(l->name, o->name) == 0) {
+          snprintf(sp, sizeof(sp), "%s.name", path);
+          fail(c, l->line, sp, "listener name \"%s\" is already used on line %d", l->name, o->line);
+        } else if (l->listen_str && o->listen_str && port_of(&l->listen) == port_of(&o->listen)) {
+          snprintf(sp, sizeof(sp), "%s.listen", path);
+          fail(c, l->line, sp, "port of \"%s\" is already used by listener \"%s\" on line %d",
+               l->listen_str, o->name ? o->name : "?", o->line);
+        }
+      }
+      if (!c->failed && port_of(&l->listen) == port_of(&cfg->admin.listen)) {
+        char sp[80];
+        snprintf(sp, sizeof(sp), "%s.listen", path);
+        fail(c, l->line, sp, "port is already used by admin.listen");
+      }
+    }
+  }
+  if (!c->failed && cfg->nlisteners == 0)
+    fail(c, 0, "inbound", "no inbound or outbound listener is configured");
+}
+
+int pc_config_load(const char *path, pc_config_t **out, char *err, size_t errlen) {
+  static const char *const top_keys[] = {"trust_domain", "workers", "identity", "tls",     "admin",
+                                         "log",          "limits",  "inbound",  "outbound"};
+  ctx_t c = {.file = path, .err = err, .errlen = errlen};
+  config_t lc;
+  config_init(&lc);
+  pc_config_t *cfg = pc_calloc(1, sizeof(*cfg));
+  cfg->file = pc_strdup(path);
+  *out = NULL;
+  if (!readable(path)) {
+    fail(&c, 0, "-c", "cannot read config file: %s", strerror(errno));
+    goto fail;
+  }
+  if (config_read_file(&lc, path) != CONFIG_TRUE) {
+    fail(&c, config_error_line(&lc), "(syntax)", "%s", config_error_text(&lc));
+    goto fail;
+  }
+  const config_setting_t *root = config_root_setting(&lc);
+  if (check_keys(&c, root, "", top_keys, PC_ARRAY_SIZE(top_keys))) goto fail;
+  int line;
+  cfg->trust_domain = get_str(&c, root, "", "trust_domain", 1, NULL, &line);
+  if (cfg->trust_domain && !pc_spiffe_valid_td(cfg->trust_domain, strlen(cfg->trust_domain)))
+    fail(&c, line, "trust_domain", "\"%s\" is not a valid SPIFFE trust domain", cfg->trust_domain);
+  long long w = get_int(&c, root, "", "workers", 0, 0, 256);
+  cfg->workers = w ? (int)w : (int)uv_available_parallelism();
+  parse_identity(&c, root, cfg);
+  parse_tls(&c, root, cfg);
+  parse_groups(&c, root, cfg);
+  parse_listeners(&c, root, cfg);
+  if (c.failed) goto fail;
+  config_destroy(&lc);
+  *out = cfg;
+  return 0;
+fail:
+  config_destroy(&lc);
+  pc_config_free(cfg);
+  return -1;
+}
+
+void pc_config_free(pc_config_t *cfg) {
+  if (!cfg) return;
+  for (size_t i = 0; i < cfg->nlisteners; i++) {
+    pc_listener_cfg_t *l = &cfg->listeners[i];
+    free(l->name);
+    free(l->listen_str);
+    free(l->target_str);
+    free(l->server_name);
+    pc_policy_free(l->policy);
+  }
+  free(cfg->listeners);
+  free(cfg->file);
+  free(cfg->trust_domain);
+  free(cfg->identity.cert);
+  free(cfg->identity.key);
+  free(cfg->identity.ca);
+  free(cfg->tls.ciphers);
+  free(cfg->tls.curves);
+  free(cfg->admin.listen_str);
+  free(cfg);
+}

@@ -1,0 +1,90 @@
+/*
+ * config.h - the libconfig file turned into a validated, immutable snapshot.
+ *
+ * parse -> validate happen here; building TLS contexts and loading certificate
+ * files happens in certstore/gen, which report their errors against the
+ * setting lines recorded here. --check runs exactly the same path as startup.
+ * A snapshot is never modified after pc_config_load returns; it is owned by
+ * the generation (gen.h) that holds it.
+ */
+#ifndef PC_CONFIG_H
+#define PC_CONFIG_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+#include "log.h"
+#include "policy.h"
+
+#define PC_DEFAULT_CONFIG "/etc/portcullis/portcullis.conf"
+
+/* Where a setting came from, for error messages: "FILE:LINE: SETTING: ...". */
+typedef struct {
+  int line;
+  const char *path; /* static-lifetime setting path, e.g. "identity.key" */
+} pc_where_t;
+
+typedef enum { PC_DIR_INBOUND, PC_DIR_OUTBOUND } pc_direction_t;
+typedef enum { PC_PROTO_TCP, PC_PROTO_HTTP } pc_protocol_t;
+
+typedef struct {
+  char *name;
+  pc_direction_t direction;
+  pc_protocol_t protocol;
+  char *listen_str;
+  struct sockaddr_storage listen;
+  char *target_str; /* inbound: forward; outbound: upstream */
+  struct sockaddr_storage target;
+  char *server_name;   /* outbound only: SNI sent upstream */
+  pc_policy_t *policy; /* inbound: allow; outbound: expect */
+  int line;
+} pc_listener_cfg_t;
+
+typedef struct pc_config {
+  char *file;
+  char *trust_domain;
+  int workers; /* resolved: never 0 */
+  struct {
+    char *cert, *key, *ca;
+    int watch;
+    int line_cert, line_key, line_ca;
+  } identity;
+  struct {
+    int min_version; /* TLS1_2_VERSION or TLS1_3_VERSION */
+    char *ciphers, *curves;
+    int verify_depth;
+    int line_ciphers, line_curves;
+  } tls;
+  struct {
+    char *listen_str;
+    struct sockaddr_storage listen;
+  } admin;
+  struct {
+    pc_log_level_t level;
+    int access;
+  } log;
+  struct {
+    uint32_t max_connections;
+    uint64_t handshake_timeout_ms, connect_timeout_ms, idle_timeout_ms, drain_timeout_ms;
+  } limits;
+  pc_listener_cfg_t *listeners;
+  size_t nlisteners;
+} pc_config_t;
+
+/* Reads and validates path. On success returns 0 and *out (free with
+ * pc_config_free). On failure returns -1 and writes one line
+ * "FILE:LINE: SETTING: what is wrong" into err (LINE 0 when the problem is not
+ * on a line, e.g. an unreadable file). Loads no certificate. Any thread. */
+int pc_config_load(const char *path, pc_config_t **out, char *err, size_t errlen);
+
+void pc_config_free(pc_config_t *cfg);
+
+/* Parses "a.b.c.d:port" or "[v6]:port" into *out. Returns 0 or -1. */
+int pc_config_parse_addr(const char *s, struct sockaddr_storage *out);
+
+/* The TLS 1.2 cipher suites portcullis accepts at all: ECDHE key exchange with
+ * an AEAD cipher. Non-zero if name (OpenSSL spelling) is one of them. */
+int pc_config_cipher_ok(const char *name);
+
+#endif

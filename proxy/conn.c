@@ -1,0 +1,370 @@
+#include "conn.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include <openssl/err.h>
+
+#include "compat.h"
+#include "log.h"
+#include "splice.h"
+#include "tls.h"
+
+/* How long a refused peer gets to read its alert before the socket closes. */
+#define LINGER_MS 1000
+
+typedef enum { ST_HANDSHAKE, ST_CONNECTING, ST_ESTABLISHED, ST_LINGER, ST_CLOSED } state_t;
+
+typedef struct pc_conn {
+  pc_stream_t down; /* accepted: the peer (inbound) or the app (outbound) */
+  pc_stream_t up;   /* opened: the app (inbound) or the upstream (outbound) */
+  uv_timer_t timer;
+  uv_connect_t connect_req;
+  pc_worker_t *w;
+  pc_listener_t *l;
+  const pc_listener_cfg_t *lc;
+  pc_gen_t *gen;
+  pc_tls_peer_t peer;
+  pc_splice_t splice;
+  state_t state;
+  int handles; /* open libuv handles; the last close frees the connection */
+  int inbound;
+  int logged;
+  pc_decision_t decision;
+  pc_reason_t reason;
+  const char *close_how;
+  const char *tls_version, *cipher;
+  uint64_t start_ns;
+  uint64_t last_active; /* loop time, ms */
+  char peer_addr[64], app_addr[64];
+  struct pc_conn *prev, *next;
+} pc_conn_t;
+
+static int active_conns;
+
+int pc_conn_active(void) { return __atomic_load_n(&active_conns, __ATOMIC_SEQ_CST); }
+
+static pc_stream_t *tls_side(pc_conn_t *c) { return c->inbound ? &c->down : &c->up; }
+static pc_stream_t *app_side(pc_conn_t *c) { return c->inbound ? &c->up : &c->down; }
+
+static void on_data(pc_stream_t *s, const char *buf, size_t len);
+static void on_eof(pc_stream_t *s);
+static void on_error(pc_stream_t *s, int err);
+static void on_drain(pc_stream_t *s);
+static void on_shutdown(pc_stream_t *s, int status);
+static void on_handshake(pc_stream_t *s, int status);
+
+static const pc_stream_cbs_t stream_cbs = {on_data,  on_eof,      on_error,
+                                           on_drain, on_shutdown, on_handshake};
+
+static void write_log(pc_conn_t *c) {
+  if (c->logged) return;
+  c->logged = 1;
+  uint64_t from_peer = c->splice.bytes[0], to_peer = c->splice.bytes[1];
+  pc_access_rec_t rec = {
+      .listener = c->lc->name,
+      .direction = c->inbound ? "inbound" : "outbound",
+      .peer = c->peer_addr,
+      .app = c->app_addr,
+      .peer_id = c->peer.peer_id,
+      .decision = pc_decision_word(c->decision),
+      .reason = c->reason,
+      .close = c->close_how,
+      .tls_version = c->tls_version,
+      .cipher = c->cipher,
+      .bytes_from_peer = from_peer,
+      .bytes_to_peer = to_peer,
+      .duration_ms = (double)(uv_hrtime() - c->start_ns) / 1e6,
+  };
+  pc_log_access(&rec);
+  pc_metrics_t *m = &c->l->stats;
+  m->conns[c->decision][c->reason]++;
+  m->bytes_from_peer += from_peer;
+  m->bytes_to_peer += to_peer;
+}
+
+static void on_handle_closed(uv_handle_t *h) {
+  pc_conn_t *c = h->data;
+  if (--c->handles > 0) return;
+  pc_stream_release(&c->down);
+  pc_stream_release(&c->up);
+  free(c->peer.peer_id);
+  if (c->prev)
+    c->prev->next = c->next;
+  else
+    c->w->conns = c->next;
+  if (c->next) c->next->prev = c->prev;
+  c->l->stats.active--;
+  pc_gen_unref(c->gen);
+  free(c);
+  __atomic_sub_fetch(&active_conns, 1, __ATOMIC_SEQ_CST);
+  pc_workers_conn_released();
+}
+
+/* The one teardown path: log, count, close every handle. */
+static void teardown(pc_conn_t *c, const char *how, int reset) {
+  if (c->state == ST_CLOSED) return;
+  c->state = ST_CLOSED;
+  if (!c->close_how) c->close_how = how;
+  write_log(c);
+  uv_timer_stop(&c->timer);
+  uv_close((uv_handle_t *)&c->timer, on_handle_closed);
+  pc_stream_close(&c->down, reset, on_handle_closed);
+  if (c->up.initialised) pc_stream_close(&c->up, reset, on_handle_closed);
+}
+
+static void arm(pc_conn_t *c, uint64_t ms, uv_timer_cb cb) { uv_timer_start(&c->timer, cb, ms, 0); }
+
+static void on_idle_timer(uv_timer_t *t) {
+  pc_conn_t *c = t->data;
+  uint64_t idle = c->gen->cfg->limits.idle_timeout_ms, since = uv_now(t->loop) - c->last_active;
+  if (since < idle) {
+    arm(c, idle - since, on_idle_timer);
+    return;
+  }
+  teardown(c, "idle_timeout", 0);
+}
+
+static void on_linger_timer(uv_timer_t *t) { teardown(t->data, NULL, 0); }
+
+/* A TLS alert from the peer after our side of the handshake finished: with
+ * TLS 1.3 this is how a server refuses our certificate. */
+static const char *describe_tls_end(pc_conn_t *c) {
+  uint32_t e = tls_side(c)->tls_error;
+  int r = ERR_GET_LIB(e) == ERR_LIB_SSL ? ERR_GET_REASON(e) : 0;
+  if (r < SSL_AD_REASON_OFFSET) return "error";
+  pc_log(PC_LOG_WARN, "listener %s: %s %s sent TLS alert \"%s\"", c->lc->name,
+         c->inbound ? "peer" : "upstream", c->peer_addr,
+         SSL_alert_desc_string_long(r - SSL_AD_REASON_OFFSET));
+  return "peer_alert";
+}
+
+static void on_splice_done(pc_splice_t *sp, int reset, int err) {
+  pc_conn_t *c = pc_container_of(sp, pc_conn_t, splice);
+  teardown(c, reset ? (err == PC_STREAM_ETLS ? describe_tls_end(c) : "reset") : "eof", reset);
+}
+
+static void establish(pc_conn_t *c) {
+  c->state = ST_ESTABLISHED;
+  c->decision = PC_DECISION_ALLOW;
+  c->last_active = uv_now(c->timer.loop);
+  arm(c, c->gen->cfg->limits.idle_timeout_ms, on_idle_timer);
+  pc_splice_start(&c->splice, tls_side(c), app_side(c), on_splice_done);
+}
+
+/* Ends a connection whose peer was refused during the handshake: the alert is
+ * already queued; send FIN after it and drain the peer's input for a moment
+ * so the close does not turn into an RST that destroys the alert. */
+static void refuse(pc_conn_t *c, pc_decision_t d, pc_reason_t r) {
+  c->decision = d;
+  c->reason = r;
+  c->close_how = "refused";
+  write_log(c);
+  if (c->inbound) {
+    c->state = ST_LINGER;
+    arm(c, LINGER_MS, on_linger_timer);
+    pc_stream_shutdown(&c->down, 1);
+    pc_stream_discard(&c->down);
+    return;
+  }
+  /* Outbound: the app learns of the refusal through an RST, never a clean
+   * EOF that could pass for an empty answer. */
+  teardown(c, "refused", 1);
+}
+
+static void on_handshake_timer(uv_timer_t *t) {
+  pc_conn_t *c = t->data;
+  if (c->inbound) {
+    c->decision = PC_DECISION_DENY;
+    c->reason = PC_REASON_TIMEOUT;
+    teardown(c, "timeout", 1);
+  } else {
+    c->decision = PC_DECISION_ERROR;
+    c->reason = PC_REASON_TIMEOUT;
+    teardown(c, "timeout", 1);
+  }
+}
+
+static void on_connect_timer(uv_timer_t *t) {
+  pc_conn_t *c = t->data;
+  c->decision = PC_DECISION_ERROR;
+  c->reason = PC_REASON_TIMEOUT;
+  c->l->stats.connect_failures++;
+  teardown(c, "connect_failed", 1);
+}
+
+static void start_upstream_tls(pc_conn_t *c) {
+  c->state = ST_HANDSHAKE;
+  arm(c, c->gen->cfg->limits.handshake_timeout_ms, on_handshake_timer);
+  SSL *ssl = pc_tls_new(c->gen->client_ctx, &c->peer);
+  SSL_set_tlsext_host_name(ssl, c->lc->server_name);
+  if (pc_stream_start_tls(&c->up, ssl, 0) != 0) {
+    pc_log(PC_LOG_ERROR, "listener %s: cannot start TLS to %s: %s", c->lc->name, c->lc->target_str,
+           pc_tls_error_string());
+    c->decision = PC_DECISION_ERROR;
+    teardown(c, "error", 1);
+  }
+}
+
+static void on_connect(uv_connect_t *req, int status) {
+  pc_conn_t *c = req->data;
+  if (c->state == ST_CLOSED) return;
+  if (status < 0) {
+    pc_log(PC_LOG_WARN, "listener %s: cannot connect to %s: %s", c->lc->name, c->lc->target_str,
+           uv_strerror(status));
+    c->decision = PC_DECISION_ERROR;
+    c->l->stats.connect_failures++;
+    teardown(c, "connect_failed", 1);
+    return;
+  }
+  uv_tcp_nodelay(&c->up.tcp, 1);
+  if (c->inbound)
+    establish(c);
+  else
+    start_upstream_tls(c);
+}
+
+static void start_connect(pc_conn_t *c) {
+  c->state = ST_CONNECTING;
+  arm(c, c->gen->cfg->limits.connect_timeout_ms, on_connect_timer);
+  int rc = pc_stream_init(&c->up, c->timer.loop, &c->w->scratch, &stream_cbs, c);
+  if (rc == 0) {
+    c->handles++;
+    c->up.tcp.data = c;
+    c->connect_req.data = c;
+    rc = uv_tcp_connect(&c->connect_req, &c->up.tcp, (const struct sockaddr *)&c->lc->target,
+                        on_connect);
+  }
+  if (rc < 0) {
+    pc_log(PC_LOG_WARN, "listener %s: cannot connect to %s: %s", c->lc->name, c->lc->target_str,
+           uv_strerror(rc));
+    c->decision = PC_DECISION_ERROR;
+    c->l->stats.connect_failures++;
+    teardown(c, "connect_failed", 1);
+  }
+}
+
+static pc_conn_t *conn_of(pc_stream_t *s) { return s->owner; }
+
+static void on_handshake(pc_stream_t *s, int status) {
+  pc_conn_t *c = conn_of(s);
+  if (c->state != ST_HANDSHAKE) return;
+  if (status < 0) {
+    pc_reason_t r = pc_tls_failure_reason(s->ssl);
+    if (c->inbound || c->peer.reason != PC_REASON_NONE) {
+      refuse(c, PC_DECISION_DENY, r);
+    } else {
+      /* The upstream refused us, or spoke something other than TLS. */
+      pc_log(PC_LOG_WARN, "listener %s: TLS handshake with upstream %s failed (%s)", c->lc->name,
+             c->lc->target_str, pc_reason_word(r));
+      c->decision = PC_DECISION_ERROR;
+      c->reason = r;
+      teardown(c, "upstream_refused", 1);
+    }
+    return;
+  }
+  c->tls_version = SSL_get_version(s->ssl);
+  c->cipher = SSL_CIPHER_get_name(SSL_get_current_cipher(s->ssl));
+  if (c->inbound) {
+    /* Hold any early application data until the app is connected. */
+    pc_stream_read_stop(s);
+    start_connect(c);
+  } else {
+    establish(c);
+  }
+}
+
+static void on_data(pc_stream_t *s, const char *buf, size_t len) {
+  pc_conn_t *c = conn_of(s);
+  if (c->state != ST_ESTABLISHED) return;
+  c->last_active = uv_now(c->timer.loop);
+  pc_splice_on_data(&c->splice, s, buf, len);
+}
+
+static void on_eof(pc_stream_t *s) {
+  pc_conn_t *c = conn_of(s);
+  if (c->state == ST_ESTABLISHED)
+    pc_splice_on_eof(&c->splice, s);
+  else if (c->state == ST_LINGER)
+    teardown(c, NULL, 0);
+  else
+    teardown(c, "eof", 0);
+}
+
+static void on_error(pc_stream_t *s, int err) {
+  pc_conn_t *c = conn_of(s);
+  if (c->state == ST_ESTABLISHED) {
+    pc_splice_on_error(&c->splice, s, err);
+  } else {
+    if (c->decision == PC_DECISION_ALLOW && c->state != ST_LINGER) c->decision = PC_DECISION_ERROR;
+    teardown(c, "reset", 1);
+  }
+}
+
+static void on_drain(pc_stream_t *s) {
+  pc_conn_t *c = conn_of(s);
+  if (c->state == ST_ESTABLISHED) pc_splice_on_drain(&c->splice, s);
+}
+
+static void on_shutdown(pc_stream_t *s, int status) {
+  pc_conn_t *c = conn_of(s);
+  if (c->state == ST_ESTABLISHED) pc_splice_on_shutdown(&c->splice, s, status);
+}
+
+int pc_conn_accept(pc_listener_t *l) {
+  pc_worker_t *w = l->w;
+  pc_conn_t *c = pc_calloc(1, sizeof(*c));
+  c->w = w;
+  c->l = l;
+  c->lc = l->cfg;
+  c->inbound = l->cfg->direction == PC_DIR_INBOUND;
+  c->gen = w->gen;
+  pc_gen_ref(c->gen);
+  c->start_ns = uv_hrtime();
+  c->decision = PC_DECISION_ERROR;
+  uv_timer_init(&w->loop, &c->timer);
+  c->timer.data = c;
+  c->handles = 1;
+  pc_stream_init(&c->down, &w->loop, &w->scratch, &stream_cbs, c);
+  c->down.tcp.data = c;
+  c->handles++;
+  c->next = w->conns;
+  if (w->conns) w->conns->prev = c;
+  w->conns = c;
+  l->stats.active++;
+  __atomic_add_fetch(&active_conns, 1, __ATOMIC_SEQ_CST);
+  int rc = uv_accept((uv_stream_t *)&l->tcp, (uv_stream_t *)&c->down.tcp);
+  if (rc < 0) {
+    c->logged = 1; /* nothing happened worth a line */
+    teardown(c, "error", 0);
+    return rc;
+  }
+  uv_tcp_nodelay(&c->down.tcp, 1);
+  c->peer.trust_domain = c->gen->cfg->trust_domain;
+  c->peer.store = c->gen->certs->store;
+  c->peer.depth = c->gen->cfg->tls.verify_depth;
+  c->peer.policy = c->lc->policy;
+  c->peer.is_server = c->inbound;
+  if (c->inbound) {
+    pc_stream_addr(&c->down, 1, c->peer_addr, sizeof(c->peer_addr));
+    snprintf(c->app_addr, sizeof(c->app_addr), "%s", c->lc->target_str);
+    c->state = ST_HANDSHAKE;
+    arm(c, c->gen->cfg->limits.handshake_timeout_ms, on_handshake_timer);
+    if (pc_stream_start_tls(&c->down, pc_tls_new(c->gen->server_ctx, &c->peer), 1) != 0)
+      teardown(c, "error", 1);
+  } else {
+    snprintf(c->peer_addr, sizeof(c->peer_addr), "%s", c->lc->target_str);
+    pc_stream_addr(&c->down, 1, c->app_addr, sizeof(c->app_addr));
+    start_connect(c);
+  }
+  return 0;
+}
+
+void pc_conn_close_all(pc_worker_t *w) {
+  pc_conn_t *c = w->conns;
+  while (c) {
+    pc_conn_t *next = c->next;
+    if (c->state != ST_CLOSED) teardown(c, "shutdown", 0);
+    c = next;
+  }
+}

@@ -1,0 +1,59 @@
+#include "gen.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+
+#include "compat.h"
+#include "tls.h"
+
+static pthread_mutex_t current_lock = PTHREAD_MUTEX_INITIALIZER;
+static pc_gen_t *current;
+static uint64_t next_id = 1;
+
+static void gen_free(pc_gen_t *g) {
+  SSL_CTX_free(g->server_ctx);
+  SSL_CTX_free(g->client_ctx);
+  pc_certs_free(g->certs);
+  pc_config_free(g->cfg);
+  free(g);
+}
+
+int pc_gen_build(const char *path, pc_gen_t **out, char *err, size_t errlen) {
+  pc_gen_t *g = pc_calloc(1, sizeof(*g));
+  g->refs = 1;
+  *out = NULL;
+  if (pc_config_load(path, &g->cfg, err, errlen)) goto fail;
+  if (pc_certs_load(g->cfg, &g->certs, err, errlen)) goto fail;
+  g->server_ctx = pc_tls_ctx_new(g->cfg, g->certs, 1, err, errlen);
+  if (!g->server_ctx) goto fail;
+  g->client_ctx = pc_tls_ctx_new(g->cfg, g->certs, 0, err, errlen);
+  if (!g->client_ctx) goto fail;
+  *out = g;
+  return 0;
+fail:
+  gen_free(g);
+  return -1;
+}
+
+void pc_gen_publish(pc_gen_t *g) {
+  pthread_mutex_lock(&current_lock);
+  pc_gen_t *old = current;
+  if (g) g->id = next_id++;
+  current = g;
+  pthread_mutex_unlock(&current_lock);
+  if (old) pc_gen_unref(old);
+}
+
+pc_gen_t *pc_gen_current(void) {
+  pthread_mutex_lock(&current_lock);
+  pc_gen_t *g = current;
+  if (g) __atomic_add_fetch(&g->refs, 1, __ATOMIC_RELAXED);
+  pthread_mutex_unlock(&current_lock);
+  return g;
+}
+
+void pc_gen_ref(pc_gen_t *g) { __atomic_add_fetch(&g->refs, 1, __ATOMIC_RELAXED); }
+
+void pc_gen_unref(pc_gen_t *g) {
+  if (g && __atomic_sub_fetch(&g->refs, 1, __ATOMIC_ACQ_REL) == 0) gen_free(g);
+}

@@ -1,0 +1,210 @@
+#include "log.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "compat.h"
+
+static pc_log_level_t min_level = PC_LOG_INFO;
+static int access_on = 1;
+static pthread_mutex_t write_lock = PTHREAD_MUTEX_INITIALIZER;
+static const char *level_words[] = {"debug", "info", "warn", "error"};
+
+_Noreturn void pc_fatal(const char *what) {
+  fprintf(stderr, "portcullis: fatal: %s\n", what);
+  abort();
+}
+
+void *pc_malloc(size_t n) {
+  void *p = malloc(n ? n : 1);
+  if (!p) pc_fatal("out of memory");
+  return p;
+}
+
+void *pc_calloc(size_t n, size_t size) {
+  void *p = calloc(n ? n : 1, size ? size : 1);
+  if (!p) pc_fatal("out of memory");
+  return p;
+}
+
+void *pc_realloc(void *p, size_t n) {
+  p = realloc(p, n ? n : 1);
+  if (!p) pc_fatal("out of memory");
+  return p;
+}
+
+char *pc_strdup(const char *s) {
+  char *p = strdup(s);
+  if (!p) pc_fatal("out of memory");
+  return p;
+}
+
+void pc_log_init(pc_log_level_t lvl, int access_enabled) {
+  min_level = lvl;
+  access_on = access_enabled;
+}
+
+int pc_log_level_parse(const char *s, pc_log_level_t *out) {
+  for (size_t i = 0; i < PC_ARRAY_SIZE(level_words); i++) {
+    if (strcmp(s, level_words[i]) == 0) {
+      *out = (pc_log_level_t)i;
+      return 0;
+    }
+  }
+  return -1;
+}
+
+static void reserve(pc_jbuf_t *b, size_t extra) {
+  if (b->len + extra + 1 <= b->cap) return;
+  size_t cap = b->cap ? b->cap : 256;
+  while (cap < b->len + extra + 1)
+    cap *= 2;
+  b->data = pc_realloc(b->data, cap);
+  b->cap = cap;
+}
+
+void pc_jbuf_free(pc_jbuf_t *b) {
+  free(b->data);
+  memset(b, 0, sizeof(*b));
+}
+
+void pc_jbuf_raw(pc_jbuf_t *b, const char *s, size_t n) {
+  reserve(b, n);
+  memcpy(b->data + b->len, s, n);
+  b->len += n;
+  b->data[b->len] = '\0';
+}
+
+static void jbuf_vprintf(pc_jbuf_t *b, const char *fmt, va_list ap) {
+  va_list ap2;
+  va_copy(ap2, ap);
+  int n = vsnprintf(NULL, 0, fmt, ap2);
+  va_end(ap2);
+  if (n < 0) return;
+  reserve(b, (size_t)n);
+  vsnprintf(b->data + b->len, (size_t)n + 1, fmt, ap);
+  b->len += (size_t)n;
+}
+
+void pc_jbuf_printf(pc_jbuf_t *b, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  jbuf_vprintf(b, fmt, ap);
+  va_end(ap);
+}
+
+void pc_jbuf_str(pc_jbuf_t *b, const char *s, size_t n) {
+  static const char hex[] = "0123456789abcdef";
+  reserve(b, n * 6 + 2);
+  char *o = b->data + b->len;
+  *o++ = '"';
+  for (size_t i = 0; i < n; i++) {
+    unsigned char c = (unsigned char)s[i];
+    if (c == '"' || c == '\\') {
+      *o++ = '\\';
+      *o++ = (char)c;
+    } else if (c < 0x20 || c >= 0x7f) {
+      /* Non-ASCII is escaped byte-wise: peer bytes need not be valid UTF-8 and
+       * the log must stay valid JSON whatever they are. */
+      memcpy(o, "\\u00", 4);
+      o[4] = hex[c >> 4];
+      o[5] = hex[c & 15];
+      o += 6;
+    } else {
+      *o++ = (char)c;
+    }
+  }
+  *o++ = '"';
+  *o = '\0';
+  b->len = (size_t)(o - b->data);
+}
+
+static void comma(pc_jbuf_t *b) {
+  if (b->len && b->data[b->len - 1] != '{' && b->data[b->len - 1] != '[') pc_jbuf_raw(b, ",", 1);
+}
+
+void pc_jbuf_kv_str(pc_jbuf_t *b, const char *key, const char *value) {
+  comma(b);
+  pc_jbuf_str(b, key, strlen(key));
+  pc_jbuf_raw(b, ":", 1);
+  if (value)
+    pc_jbuf_str(b, value, strlen(value));
+  else
+    pc_jbuf_raw(b, "null", 4);
+}
+
+void pc_jbuf_kv_u64(pc_jbuf_t *b, const char *key, uint64_t value) {
+  comma(b);
+  pc_jbuf_str(b, key, strlen(key));
+  pc_jbuf_printf(b, ":%llu", (unsigned long long)value);
+}
+
+void pc_jbuf_now(pc_jbuf_t *b) {
+  struct timespec ts;
+  struct tm tm;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  gmtime_r(&ts.tv_sec, &tm);
+  pc_jbuf_printf(b, "\"%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ\"", tm.tm_year + 1900, tm.tm_mon + 1,
+                 tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000);
+}
+
+static void emit(int fd, pc_jbuf_t *b) {
+  pc_jbuf_raw(b, "\n", 1);
+  pthread_mutex_lock(&write_lock);
+  size_t off = 0;
+  while (off < b->len) {
+    ssize_t n = write(fd, b->data + off, b->len - off);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      break; /* a closed log pipe must not take the proxy down */
+    }
+    off += (size_t)n;
+  }
+  pthread_mutex_unlock(&write_lock);
+}
+
+void pc_log(pc_log_level_t lvl, const char *fmt, ...) {
+  if (lvl < min_level) return;
+  pc_jbuf_t msg = {0}, b = {0};
+  va_list ap;
+  va_start(ap, fmt);
+  jbuf_vprintf(&msg, fmt, ap);
+  va_end(ap);
+  pc_jbuf_raw(&b, "{\"time\":", 8);
+  pc_jbuf_now(&b);
+  pc_jbuf_kv_str(&b, "level", level_words[lvl]);
+  pc_jbuf_kv_str(&b, "msg", msg.data ? msg.data : "");
+  pc_jbuf_raw(&b, "}", 1);
+  emit(STDERR_FILENO, &b);
+  pc_jbuf_free(&msg);
+  pc_jbuf_free(&b);
+}
+
+void pc_log_access(const pc_access_rec_t *r) {
+  if (!access_on) return;
+  pc_jbuf_t b = {0};
+  pc_jbuf_raw(&b, "{\"time\":", 8);
+  pc_jbuf_now(&b);
+  pc_jbuf_kv_str(&b, "listener", r->listener);
+  pc_jbuf_kv_str(&b, "direction", r->direction);
+  pc_jbuf_kv_str(&b, "peer", r->peer);
+  pc_jbuf_kv_str(&b, "app", r->app);
+  pc_jbuf_kv_str(&b, "peer_id", r->peer_id);
+  pc_jbuf_kv_str(&b, "decision", r->decision);
+  pc_jbuf_kv_str(&b, "reason", r->reason == PC_REASON_NONE ? NULL : pc_reason_word(r->reason));
+  pc_jbuf_kv_str(&b, "close", r->close);
+  pc_jbuf_kv_u64(&b, "bytes_from_peer", r->bytes_from_peer);
+  pc_jbuf_kv_u64(&b, "bytes_to_peer", r->bytes_to_peer);
+  pc_jbuf_printf(&b, ",\"duration_ms\":%.3f", r->duration_ms);
+  pc_jbuf_kv_str(&b, "tls_version", r->tls_version);
+  pc_jbuf_kv_str(&b, "cipher", r->cipher);
+  pc_jbuf_raw(&b, "}", 1);
+  emit(STDOUT_FILENO, &b);
+  pc_jbuf_free(&b);
+}

@@ -1,0 +1,69 @@
+/*
+ * log.h - server events (JSON lines on stderr) and the per-connection access
+ * log (JSON lines on stdout).
+ *
+ * Every line is built in memory and handed to the kernel with a single
+ * write(2) under a mutex, so lines from different worker threads never
+ * interleave. Any thread may call any function here after pc_log_init().
+ */
+#ifndef PC_LOG_H
+#define PC_LOG_H
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "reason.h"
+
+typedef enum { PC_LOG_DEBUG, PC_LOG_INFO, PC_LOG_WARN, PC_LOG_ERROR } pc_log_level_t;
+
+/* Sets the minimum level of server events and whether access lines are
+ * written. Safe to call again (e.g. after a reload). */
+void pc_log_init(pc_log_level_t min_level, int access_enabled);
+
+/* Parses "debug" | "info" | "warn" | "error". Returns 0, or -1 if unknown. */
+int pc_log_level_parse(const char *s, pc_log_level_t *out);
+
+/* Writes one server event {"time","level","msg"} to stderr if lvl passes the
+ * filter; msg is printf-formatted and JSON-escaped. */
+void pc_log(pc_log_level_t lvl, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* A growable byte buffer with JSON helpers. Zero-initialise to use; free with
+ * pc_jbuf_free. Allocation failure aborts. */
+typedef struct {
+  char *data;
+  size_t len, cap;
+} pc_jbuf_t;
+
+void pc_jbuf_free(pc_jbuf_t *b);
+void pc_jbuf_raw(pc_jbuf_t *b, const char *s, size_t n);
+void pc_jbuf_printf(pc_jbuf_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Appends s as a quoted JSON string; bytes outside printable ASCII, quotes and
+ * backslashes are escaped (\u00XX), so peer-controlled bytes stay one line. */
+void pc_jbuf_str(pc_jbuf_t *b, const char *s, size_t n);
+/* Appends "key":"value" (or "key":null when value is NULL) with a leading comma
+ * unless the buffer ends in '{'. */
+void pc_jbuf_kv_str(pc_jbuf_t *b, const char *key, const char *value);
+void pc_jbuf_kv_u64(pc_jbuf_t *b, const char *key, uint64_t value);
+/* Appends an RFC 3339 UTC timestamp with milliseconds for the current time. */
+void pc_jbuf_now(pc_jbuf_t *b);
+
+/* One access-log record: one connection (decision allow / deny / error). */
+typedef struct {
+  const char *listener;
+  const char *direction;            /* "inbound" | "outbound" */
+  const char *peer;                 /* mTLS peer "ip:port" */
+  const char *app;                  /* local app side "ip:port" */
+  const char *peer_id;              /* SPIFFE ID or NULL */
+  const char *decision;             /* "allow" | "deny" | "error" */
+  pc_reason_t reason;               /* PC_REASON_NONE when allowed */
+  const char *close;                /* how it ended */
+  const char *tls_version, *cipher; /* NULL if no handshake completed */
+  uint64_t bytes_from_peer, bytes_to_peer;
+  double duration_ms;
+} pc_access_rec_t;
+
+/* Writes rec as one JSON line on stdout, unless access logging is off. */
+void pc_log_access(const pc_access_rec_t *rec);
+
+#endif

@@ -1,0 +1,131 @@
+/*
+ * main.c - command line, process setup, signals.
+ *
+ * portcullis [-c FILE] | --check -c FILE | --version
+ */
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+
+#include <openssl/ssl.h>
+#include <uv.h>
+
+#include "compat.h"
+#include "conn.h"
+#include "gen.h"
+#include "log.h"
+#include "stream.h"
+#include "worker.h"
+
+static void usage(FILE *f) {
+  fprintf(f,
+          "usage: portcullis [-c FILE]          run (default config: %s)\n"
+          "       portcullis --check -c FILE    validate the config and load every cert/key\n"
+          "       portcullis --version\n",
+          PC_DEFAULT_CONFIG);
+}
+
+static void print_version(void) {
+  printf("portcullis %s (BoringSSL %s, libuv %s)\n", PC_VERSION, OPENSSL_VERSION_TEXT,
+         uv_version_string());
+}
+
+/* Each connection needs two descriptors; ask for as many as the hard limit
+ * allows so max_connections is the limit that bites, not EMFILE. */
+static void raise_nofile(uint32_t max_conns) {
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) != 0) return;
+  if (rl.rlim_cur < rl.rlim_max) {
+    rl.rlim_cur = rl.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &rl);
+  }
+  if (rl.rlim_cur < (rlim_t)max_conns * 2 + 64)
+    pc_log(PC_LOG_WARN,
+           "descriptor limit %llu is below what limits.max_connections=%u needs (%llu); "
+           "accept will pause when descriptors run out",
+           (unsigned long long)rl.rlim_cur, max_conns, (unsigned long long)max_conns * 2 + 64);
+}
+
+static void on_signal(uv_signal_t *h, int signum) {
+  if (signum == SIGHUP) {
+    pc_log(PC_LOG_WARN, "SIGHUP: configuration reload is not available in this build; ignored");
+    return;
+  }
+  pc_log(PC_LOG_INFO, "%s: shutting down", signum == SIGTERM ? "SIGTERM" : "SIGINT");
+  uv_stop(h->loop);
+}
+
+int main(int argc, char **argv) {
+  static const struct option opts[] = {{"check", no_argument, NULL, 'k'},
+                                       {"version", no_argument, NULL, 'V'},
+                                       {"config", required_argument, NULL, 'c'},
+                                       {"help", no_argument, NULL, 'h'},
+                                       {NULL, 0, NULL, 0}};
+  const char *path = PC_DEFAULT_CONFIG;
+  int check = 0, c;
+  while ((c = getopt_long(argc, argv, "c:h", opts, NULL)) != -1) {
+    switch (c) {
+    case 'c': path = optarg; break;
+    case 'k': check = 1; break;
+    case 'V': print_version(); return 0;
+    case 'h': usage(stdout); return 0;
+    default: usage(stderr); return 1;
+    }
+  }
+  if (optind != argc) {
+    usage(stderr);
+    return 1;
+  }
+  signal(SIGPIPE, SIG_IGN);
+  pc_stream_global_init();
+
+  char err[1024];
+  pc_gen_t *gen;
+  if (pc_gen_build(path, &gen, err, sizeof(err)) != 0) {
+    fprintf(stderr, "portcullis: %s\n", err);
+    return 1;
+  }
+  if (check) {
+    printf("portcullis: %s: OK (identity %s, %zu listeners)\n", path, gen->certs->spiffe_id,
+           gen->cfg->nlisteners);
+    pc_gen_unref(gen);
+    return 0;
+  }
+  pc_log_init(gen->cfg->log.level, gen->cfg->log.access);
+  raise_nofile(gen->cfg->limits.max_connections);
+  pc_gen_publish(gen);
+  gen = pc_gen_current();
+
+  if (pc_workers_create(gen, err, sizeof(err)) != 0) {
+    fprintf(stderr, "portcullis: %s\n", err);
+    return 1;
+  }
+  uv_loop_t *loop = uv_default_loop();
+  uv_signal_t sigs[3];
+  const int signums[3] = {SIGTERM, SIGINT, SIGHUP};
+  for (int i = 0; i < 3; i++) {
+    uv_signal_init(loop, &sigs[i]);
+    uv_signal_start(&sigs[i], on_signal, signums[i]);
+  }
+  if (pc_workers_start() != 0) pc_fatal("cannot start worker threads");
+  if (gen->cfg->identity.watch)
+    pc_log(PC_LOG_WARN, "identity.watch = true: certificate hot reload is not available in this "
+                        "build; restart the sidecar to pick up rotated certificates");
+  pc_log(PC_LOG_INFO, "ready");
+  pc_log(PC_LOG_INFO, "identity %s, %d workers, %zu listeners", gen->certs->spiffe_id,
+         gen->cfg->workers, gen->cfg->nlisteners);
+  uv_run(loop, UV_RUN_DEFAULT);
+
+  pc_workers_stop();
+  for (int i = 0; i < 3; i++)
+    uv_close((uv_handle_t *)&sigs[i], NULL);
+  uv_run(loop, UV_RUN_DEFAULT);
+  uv_loop_close(loop);
+  pc_gen_unref(gen);
+  pc_gen_publish(NULL);
+  pc_log(PC_LOG_INFO, "stopped");
+  return 0;
+}

@@ -1,0 +1,126 @@
+/*
+ * stream.h - one side of a proxied connection: a libuv TCP handle, optionally
+ * wrapped in TLS driven through an in-memory BIO.
+ *
+ * TLS never owns the socket: ciphertext read by libuv is handed to BoringSSL
+ * through a custom BIO that reads straight from the worker's read buffer (no
+ * copy unless the owner pauses mid-buffer), and whatever BoringSSL writes is
+ * collected in the worker's output buffer and sent with uv_try_write, with
+ * only the unsent tail copied into a write request.
+ *
+ * All functions run on the owning worker's loop thread. Callbacks are never
+ * invoked from inside the call that started an operation, except on_data
+ * delivery of already-decrypted bytes from pc_stream_read_start (documented
+ * there). After pc_stream_close the stream invokes no callback but close_cb.
+ */
+#ifndef PC_STREAM_H
+#define PC_STREAM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <openssl/ssl.h>
+#include <uv.h>
+
+/* Bytes queued on a socket above which the feeding side stops reading, and
+ * below which it resumes. Per direction, so a peer that never reads costs at
+ * most about HIGH plus one read of memory. */
+#define PC_STREAM_HIGH_WATER (256 * 1024)
+#define PC_STREAM_LOW_WATER (64 * 1024)
+#define PC_STREAM_READ_SIZE (64 * 1024)
+
+/* Error code passed to on_error for a TLS failure after the handshake. */
+#define PC_STREAM_ETLS (-100000)
+
+/* Per-worker scratch space shared by all streams of that worker. Only valid
+ * within one callback: nothing may keep a pointer into it across loop turns. */
+typedef struct {
+  char rbuf[PC_STREAM_READ_SIZE]; /* socket reads land here */
+  char pbuf[16 * 1024];           /* SSL_read decrypts into here */
+  char *obuf;                     /* BoringSSL output collects here */
+  size_t olen, ocap;
+} pc_scratch_t;
+
+typedef struct pc_stream pc_stream_t;
+
+typedef struct {
+  /* Plaintext bytes arrived. buf is scratch: copy what must be kept. */
+  void (*on_data)(pc_stream_t *s, const char *buf, size_t len);
+  /* The peer finished sending (FIN, or TLS close_notify). Fires once. */
+  void (*on_eof)(pc_stream_t *s);
+  /* Read or write failed: a negative libuv code or PC_STREAM_ETLS. */
+  void (*on_error)(pc_stream_t *s, int err);
+  /* The write queue fell under PC_STREAM_LOW_WATER after exceeding
+   * PC_STREAM_HIGH_WATER. */
+  void (*on_drain)(pc_stream_t *s);
+  /* pc_stream_shutdown finished: everything queued was sent, then FIN. */
+  void (*on_shutdown)(pc_stream_t *s, int status);
+  /* TLS handshake finished: 0 on success, -1 on failure (see tls.h for the
+   * reason). Reading continues unless the owner stops it here. */
+  void (*on_handshake)(pc_stream_t *s, int status);
+} pc_stream_cbs_t;
+
+struct pc_stream {
+  uv_tcp_t tcp;
+  pc_scratch_t *scratch;
+  const pc_stream_cbs_t *cbs;
+  void *owner;
+  SSL *ssl; /* NULL for plaintext; owned, freed by pc_stream_release */
+  const char *in;
+  size_t in_len; /* unread part of the current input (TLS) */
+  char *pending; /* input kept across a pause (TLS); malloc'd */
+  size_t pending_cap;
+  uv_shutdown_t shutdown_req;
+  uint32_t tls_error; /* BoringSSL error that ended the stream (PC_STREAM_ETLS) */
+  unsigned reading : 1, uv_reading : 1, handshaking : 1, tcp_eof : 1, eof_sent : 1, shutting : 1,
+      closing : 1, above_high : 1, in_pump : 1, initialised : 1, discard : 1;
+};
+
+/* One-time process initialisation (the BIO method). Main thread, before any
+ * worker starts. */
+void pc_stream_global_init(void);
+
+/* Initialises s on loop; the TCP handle is then ready for uv_accept or
+ * uv_tcp_connect. Returns 0 or a libuv error. */
+int pc_stream_init(pc_stream_t *s, uv_loop_t *loop, pc_scratch_t *scratch,
+                   const pc_stream_cbs_t *cbs, void *owner);
+
+/* Starts TLS on a connected stream, taking ownership of ssl, and starts
+ * reading. A client sends its ClientHello now. Returns 0, or -1 if BoringSSL
+ * failed at once (no callback fires then). */
+int pc_stream_start_tls(pc_stream_t *s, SSL *ssl, int is_server);
+
+/* Starts (or resumes) delivering data. Bytes BoringSSL already decrypted or
+ * buffered while paused are delivered through on_data before this returns,
+ * so the owner must be ready for them. */
+void pc_stream_read_start(pc_stream_t *s);
+void pc_stream_read_stop(pc_stream_t *s);
+
+/* Queues plaintext for sending (encrypted when TLS). Copies what it cannot
+ * send at once. Returns 0 or a negative libuv error (the caller decides what
+ * to do; no callback fires for it). */
+int pc_stream_write(pc_stream_t *s, const char *buf, size_t len);
+
+/* Reads and drops everything until the peer closes, then fires on_eof (or
+ * on_error). Used after a refusal so that the alert is not lost to an RST
+ * caused by closing a socket with unread input. */
+void pc_stream_discard(pc_stream_t *s);
+
+/* Bytes accepted but not yet handed to the kernel. */
+size_t pc_stream_queued(const pc_stream_t *s);
+
+/* Ends the sending direction: TLS close_notify (unless skip_notify), then FIN
+ * once the queue has drained; on_shutdown fires when done. Reading goes on. */
+void pc_stream_shutdown(pc_stream_t *s, int skip_notify);
+
+/* Closes the handle (with an RST when reset is non-zero); close_cb fires from
+ * the loop once libuv is done with it. Safe to call from any callback, once. */
+void pc_stream_close(pc_stream_t *s, int reset, uv_close_cb close_cb);
+
+/* Frees the SSL and any kept input; call from the close callback. */
+void pc_stream_release(pc_stream_t *s);
+
+/* "ip:port" of the remote (peer=1) or local end; "?" if unknown. */
+void pc_stream_addr(const pc_stream_t *s, int peer, char *out, size_t n);
+
+#endif

@@ -1,0 +1,138 @@
+#include "tls.h"
+
+#include <stdio.h>
+#include <string.h>
+
+#include <openssl/err.h>
+#include <openssl/x509v3.h>
+
+#include "compat.h"
+#include "identity.h"
+
+static int peer_idx = -1;
+
+/* X.509 failures that mean "not valid at this time" get their own reason so
+ * that an operator can tell rotation trouble from an attack. */
+static pc_reason_t chain_reason(int verr) {
+  switch (verr) {
+  case X509_V_ERR_CERT_HAS_EXPIRED:
+  case X509_V_ERR_CERT_NOT_YET_VALID: return PC_REASON_EXPIRED;
+  default: return PC_REASON_BAD_CHAIN;
+  }
+}
+
+static enum ssl_verify_result_t verify_peer(SSL *ssl, uint8_t *out_alert) {
+  pc_tls_peer_t *pv = SSL_get_ex_data(ssl, peer_idx);
+  STACK_OF(X509) *chain = SSL_get_peer_full_cert_chain(ssl);
+  pc_reason_t r = PC_REASON_NONE;
+  if (!pv) {
+    *out_alert = SSL_AD_INTERNAL_ERROR;
+    return ssl_verify_invalid;
+  }
+  if (!chain || sk_X509_num(chain) == 0) {
+    r = PC_REASON_NO_CERT;
+    goto refuse;
+  }
+  X509 *leaf = sk_X509_value(chain, 0);
+  X509_STORE_CTX *xc = X509_STORE_CTX_new();
+  if (!xc || !X509_STORE_CTX_init(xc, pv->store, leaf, chain)) pc_fatal("out of memory");
+  /* Inbound peers are TLS clients and must carry clientAuth; upstreams are
+   * servers and must carry serverAuth. */
+  X509_STORE_CTX_set_default(xc, pv->is_server ? "ssl_client" : "ssl_server");
+  X509_VERIFY_PARAM_set_depth(X509_STORE_CTX_get0_param(xc), pv->depth);
+  int ok = X509_verify_cert(xc);
+  int verr = X509_STORE_CTX_get_error(xc);
+  X509_STORE_CTX_free(xc);
+  ERR_clear_error();
+  if (ok != 1) {
+    r = chain_reason(verr);
+    goto refuse;
+  }
+  if ((r = pc_identity_check_leaf(leaf)) != PC_REASON_NONE) goto refuse;
+  free(pv->peer_id);
+  pv->peer_id = NULL;
+  if ((r = pc_identity_from_cert(leaf, pv->trust_domain, &pv->peer_id)) != PC_REASON_NONE)
+    goto refuse;
+  if ((r = pc_policy_check(pv->policy, pv->peer_id)) != PC_REASON_NONE) goto refuse;
+  return ssl_verify_ok;
+refuse:
+  pv->reason = r;
+  *out_alert = pc_reason_alert(r) ? pc_reason_alert(r) : SSL_AD_CERTIFICATE_UNKNOWN;
+  return ssl_verify_invalid;
+}
+
+SSL_CTX *pc_tls_ctx_new(const pc_config_t *cfg, const pc_certs_t *certs, int is_server, char *err,
+                        size_t errlen) {
+  if (peer_idx < 0) {
+    /* Called first from the main thread before any worker exists. */
+    peer_idx = SSL_get_ex_new_index(0, NULL, NULL, NULL, NULL);
+  }
+  SSL_CTX *ctx = SSL_CTX_new(TLS_method());
+  if (!ctx) pc_fatal("out of memory");
+  SSL_CTX_set_min_proto_version(ctx, (uint16_t)cfg->tls.min_version);
+  SSL_CTX_set_max_proto_version(ctx, TLS1_3_VERSION);
+  if (!SSL_CTX_set_strict_cipher_list(ctx, cfg->tls.ciphers)) {
+    snprintf(err, errlen, "%s:%d: tls.ciphers: BoringSSL refused \"%s\"", cfg->file,
+             cfg->tls.line_ciphers, cfg->tls.ciphers);
+    goto fail;
+  }
+  if (!SSL_CTX_set1_curves_list(ctx, cfg->tls.curves)) {
+    snprintf(err, errlen, "%s:%d: tls.curves: BoringSSL refused \"%s\"", cfg->file,
+             cfg->tls.line_curves, cfg->tls.curves);
+    goto fail;
+  }
+  SSL_CTX_set_options(ctx, SSL_OP_CIPHER_SERVER_PREFERENCE | SSL_OP_NO_TICKET);
+  /* Resumption would skip the verify callback: a peer removed from the allow
+   * list, or a CA removed from the bundle, would still get in. Off both ways. */
+  SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+  SSL_CTX_set_num_tickets(ctx, 0);
+  SSL_CTX_set_mode(ctx, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+  if (!SSL_CTX_use_certificate(ctx, certs->leaf) || !SSL_CTX_use_PrivateKey(ctx, certs->key)) {
+    snprintf(err, errlen, "%s:%d: identity.cert: cannot use certificate/key: %s", cfg->file,
+             cfg->identity.line_cert, pc_tls_error_string());
+    goto fail;
+  }
+  for (size_t i = 0; i < sk_X509_num(certs->chain); i++) {
+    if (!SSL_CTX_add1_chain_cert(ctx, sk_X509_value(certs->chain, i))) pc_fatal("out of memory");
+  }
+  SSL_CTX_set_custom_verify(
+      ctx, is_server ? SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT : SSL_VERIFY_PEER,
+      verify_peer);
+  ERR_clear_error();
+  return ctx;
+fail:
+  ERR_clear_error();
+  SSL_CTX_free(ctx);
+  return NULL;
+}
+
+SSL *pc_tls_new(SSL_CTX *ctx, pc_tls_peer_t *peer) {
+  SSL *ssl = SSL_new(ctx);
+  if (!ssl) pc_fatal("out of memory");
+  SSL_set_ex_data(ssl, peer_idx, peer);
+  return ssl;
+}
+
+pc_reason_t pc_tls_failure_reason(SSL *ssl) {
+  pc_tls_peer_t *pv = SSL_get_ex_data(ssl, peer_idx);
+  uint32_t e = ERR_peek_error();
+  int lib = ERR_GET_LIB(e), reason = ERR_GET_REASON(e);
+  ERR_clear_error();
+  if (pv && pv->reason != PC_REASON_NONE) return pv->reason;
+  if (lib != ERR_LIB_SSL) return PC_REASON_PROTOCOL;
+  switch (reason) {
+  case SSL_R_PEER_DID_NOT_RETURN_A_CERTIFICATE: return PC_REASON_NO_CERT;
+  case SSL_R_NO_SHARED_CIPHER:
+  case SSL_R_NO_SHARED_GROUP:
+  case SSL_R_NO_CIPHER_MATCH: return PC_REASON_CIPHER;
+  default: return PC_REASON_PROTOCOL;
+  }
+}
+
+const char *pc_tls_error_string(void) {
+  static _Thread_local char buf[256];
+  uint32_t e = ERR_peek_error();
+  if (!e) return "no TLS error";
+  ERR_error_string_n(e, buf, sizeof(buf));
+  return buf;
+}

@@ -1,0 +1,54 @@
+/*
+ * tls.h - BoringSSL contexts with portcullis's pinned posture, and the peer
+ * authorisation that runs inside BoringSSL's custom verify callback.
+ *
+ * Posture: TLS 1.2 minimum (1.3 on), TLS 1.2 suites from the config (already
+ * limited to ECDHE + AEAD by config.c and re-checked by
+ * SSL_CTX_set_strict_cipher_list), server preference, curves from the config,
+ * no renegotiation, and no session resumption in either direction, so that
+ * every connection runs the verify callback against the current policy,
+ * bundle and clock.
+ */
+#ifndef PC_TLS_H
+#define PC_TLS_H
+
+#include <openssl/ssl.h>
+
+#include "certstore.h"
+#include "config.h"
+#include "policy.h"
+#include "reason.h"
+
+/* What the verify callback needs and what it decides, one per connection.
+ * The inputs are borrowed from the connection's generation and listener and
+ * must outlive the SSL. */
+typedef struct {
+  const pc_policy_t *policy; /* allow list (server) or expect list (client) */
+  const char *trust_domain;
+  X509_STORE *store;
+  int depth;
+  int is_server;
+  pc_reason_t reason; /* out: why the peer was refused, PC_REASON_NONE if not */
+  char *peer_id;      /* out: the peer's SPIFFE ID (malloc'd) once parsed; the
+                         connection frees it */
+} pc_tls_peer_t;
+
+/* Builds the server (inbound) or client (outbound) context for cfg and certs.
+ * Returns the context (caller owns one reference) or NULL with one line in
+ * err naming the setting. */
+SSL_CTX *pc_tls_ctx_new(const pc_config_t *cfg, const pc_certs_t *certs, int is_server, char *err,
+                        size_t errlen);
+
+/* Creates an SSL from ctx bound to peer for the verify callback. Never NULL. */
+SSL *pc_tls_new(SSL_CTX *ctx, pc_tls_peer_t *peer);
+
+/* Decides the refusal reason for a failed handshake: the verify callback's
+ * decision if it made one, else the BoringSSL error on this thread's queue
+ * mapped to no_cert / protocol / cipher. Clears the error queue. */
+pc_reason_t pc_tls_failure_reason(SSL *ssl);
+
+/* A short description of the BoringSSL error for server logs; clears nothing.
+ * Returns a pointer to thread-local storage. */
+const char *pc_tls_error_string(void);
+
+#endif

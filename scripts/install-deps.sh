@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs portcullis's build and test dependencies from Debian 12 packages.
+# Idempotent: installs only what is missing, runs apt-get update at most once.
+# Usage: scripts/install-deps.sh [build|test]   (default: test, a superset)
+set -euo pipefail
+what=${1:-test}
+build_pkgs=(cmake make gcc pkg-config libc6-dev libuv1-dev android-libboringssl-dev node-llhttp
+  libnghttp2-dev libconfig-dev openssl python3)
+test_pkgs=(python3-pytest curl clang-format procps)
+pkgs=("${build_pkgs[@]}")
+[[ $what == test ]] && pkgs+=("${test_pkgs[@]}")
+
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]} == 0)); then
+  exit 0
+fi
+sudo=""
+if [[ $(id -u) -ne 0 ]]; then sudo="sudo"; fi
+echo "install-deps: installing ${missing[*]}" >&2
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Builds portcullis twice (plain, and with ASan+UBSan) and runs the whole test
+# suite (unit, fuzz-corpus replay, integration, format) against each build.
+# Usage: scripts/test.sh            (from anywhere; needs root or sudo for apt)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+bash scripts/install-deps.sh test
+jobs=$(nproc)
+
+run_suite() { # $1 = build dir, rest = extra cmake args
+  local dir=$1
+  shift
+  cmake -S . -B "$dir" -DBUILD_TESTING=ON -DPC_WERROR=ON "$@" >/dev/null
+  cmake --build "$dir" -j"$jobs"
+  (cd "$dir" && ctest --output-on-failure --timeout 1800)
+}
+
+echo "== plain build (build/) =="
+run_suite build -DCMAKE_BUILD_TYPE=RelWithDebInfo
+echo "== ASan + UBSan build (build-asan/) =="
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  run_suite build-asan -DCMAKE_BUILD_TYPE=Debug -DPC_SANITIZE=ON
+echo "test.sh: all suites passed (plain and ASan+UBSan)"
