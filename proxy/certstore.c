@@ -86,6 +86,10 @@ int pc_certs_load(const pc_config_t *cfg, pc_certs_t **out, char *err, size_t er
   ERR_clear_error();
 
   pc_reason_t r = pc_identity_from_cert(c->leaf, cfg->trust_domain, &c->spiffe_id);
+  if (r != PC_REASON_NONE) {
+    free(c->spiffe_id);
+    c->spiffe_id = NULL;
+  }
   if (r == PC_REASON_NONE) r = pc_identity_check_leaf(c->leaf);
   if (r != PC_REASON_NONE) {
     snprintf(err, errlen,

@@ -342,11 +342,13 @@ static void parse_listener(ctx_t *c, const config_setting_t *e, const char *path
   int line;
   char sp[300];
   l->name = get_str(c, e, path, "name", 1, NULL, &line);
+  l->line_name = line;
   if (l->name && !*l->name) {
     snprintf(sp, sizeof(sp), "%s.name", path);
     fail(c, line, sp, "must not be empty");
   }
   l->listen_str = get_str(c, e, path, "listen", 1, NULL, &line);
+  l->line_listen = line;
   if (l->listen_str && pc_config_parse_addr(l->listen_str, &l->listen)) {
     snprintf(sp, sizeof(sp), "%s.listen", path);
     fail(c, line, sp, "\"%s\" is not an address of the form IP:PORT", l->listen_str);
@@ -405,17 +407,19 @@ static void parse_listeners(ctx_t *c, const config_setting_t *root, pc_config_t 
         char sp[80];
         if (l->name && o->name && strcmp(l->name, o->name) == 0) {
           snprintf(sp, sizeof(sp), "%s.name", path);
-          fail(c, l->line, sp, "listener name \"%s\" is already used on line %d", l->name, o->line);
+          fail(c, l->line_name, sp, "listener name \"%s\" is already used on line %d", l->name,
+               o->line_name);
         } else if (l->listen_str && o->listen_str && port_of(&l->listen) == port_of(&o->listen)) {
           snprintf(sp, sizeof(sp), "%s.listen", path);
-          fail(c, l->line, sp, "port of \"%s\" is already used by listener \"%s\" on line %d",
-               l->listen_str, o->name ? o->name : "?", o->line);
+          fail(c, l->line_listen, sp,
+               "port of \"%s\" is already used by listener \"%s\" on line %d", l->listen_str,
+               o->name ? o->name : "?", o->line_listen);
         }
       }
       if (!c->failed && port_of(&l->listen) == port_of(&cfg->admin.listen)) {
         char sp[80];
         snprintf(sp, sizeof(sp), "%s.listen", path);
-        fail(c, l->line, sp, "port is already used by admin.listen");
+        fail(c, l->line_listen, sp, "port is already used by admin.listen");
       }
     }
   }

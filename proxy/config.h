@@ -38,7 +38,7 @@ typedef struct {
   struct sockaddr_storage target;
   char *server_name;   /* outbound only: SNI sent upstream */
   pc_policy_t *policy; /* inbound: allow; outbound: expect */
-  int line;
+  int line, line_name, line_listen;
 } pc_listener_cfg_t;
 
 typedef struct pc_config {

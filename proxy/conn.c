@@ -164,7 +164,7 @@ static void refuse(pc_conn_t *c, pc_decision_t d, pc_reason_t r) {
     c->state = ST_LINGER;
     arm(c, LINGER_MS, on_linger_timer);
     pc_stream_shutdown(&c->down, 1);
-    pc_stream_discard(&c->down);
+    if (pc_stream_discard(&c->down)) teardown(c, NULL, 0);
     return;
   }
   /* Outbound: the app learns of the refusal through an RST, never a clean

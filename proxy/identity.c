@@ -100,9 +100,9 @@ pc_reason_t pc_identity_from_cert(X509 *leaf, const char *trust_domain, char **o
   size_t len = uri ? (size_t)ASN1_STRING_length(uri) : 0;
   if (nuri != 1 || memchr(s, '\0', len) || pc_spiffe_parse(s, len, &id) != 0 || !id.ns) {
     r = PC_REASON_NO_SPIFFE_ID;
-  } else if (id.td_len != strlen(trust_domain) || memcmp(id.td, trust_domain, id.td_len) != 0) {
-    r = PC_REASON_WRONG_TRUST_DOMAIN;
   } else {
+    if (id.td_len != strlen(trust_domain) || memcmp(id.td, trust_domain, id.td_len) != 0)
+      r = PC_REASON_WRONG_TRUST_DOMAIN;
     char *copy = pc_malloc(len + 1);
     memcpy(copy, s, len);
     copy[len] = '\0';

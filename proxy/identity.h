@@ -51,8 +51,9 @@ pc_reason_t pc_identity_check_leaf(X509 *leaf);
 /* Extracts the workload identity of leaf: it must carry exactly one URI SAN,
  * a well-formed SPIFFE ID of the /ns/<ns>/sa/<sa> form (else
  * PC_REASON_NO_SPIFFE_ID) in trust_domain (else PC_REASON_WRONG_TRUST_DOMAIN).
- * On PC_REASON_NONE *out_id is a NUL-terminated copy the caller frees with
- * free(); on a refusal *out_id is NULL. */
+ * On PC_REASON_NONE, and on PC_REASON_WRONG_TRUST_DOMAIN (so that the log can
+ * say who was refused), *out_id is a NUL-terminated copy of the ID the caller
+ * frees with free(); otherwise *out_id is NULL. */
 pc_reason_t pc_identity_from_cert(X509 *leaf, const char *trust_domain, char **out_id);
 
 #endif

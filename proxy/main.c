@@ -33,20 +33,29 @@ static void print_version(void) {
          uv_version_string());
 }
 
-/* Each connection needs two descriptors; ask for as many as the hard limit
- * allows so max_connections is the limit that bites, not EMFILE. */
-static void raise_nofile(uint32_t max_conns) {
+/* Each connection needs two descriptors. Ask for as many as the hard limit
+ * allows, and if that is still short of max_connections, cap live
+ * connections so that accepting pauses before accept(2) or socket(2) fail
+ * with EMFILE (which would drop peers without a trace). */
+static void fit_descriptors(const pc_config_t *cfg) {
   struct rlimit rl;
+  uint32_t max_conns = cfg->limits.max_connections;
   if (getrlimit(RLIMIT_NOFILE, &rl) != 0) return;
   if (rl.rlim_cur < rl.rlim_max) {
     rl.rlim_cur = rl.rlim_max;
     setrlimit(RLIMIT_NOFILE, &rl);
   }
-  if (rl.rlim_cur < (rlim_t)max_conns * 2 + 64)
-    pc_log(PC_LOG_WARN,
-           "descriptor limit %llu is below what limits.max_connections=%u needs (%llu); "
-           "accept will pause when descriptors run out",
-           (unsigned long long)rl.rlim_cur, max_conns, (unsigned long long)max_conns * 2 + 64);
+  /* stdio, logs, signal pipes, and per worker: epoll, async, libuv's reserve
+   * descriptor and one socket per listener. */
+  rlim_t reserve = 32 + (rlim_t)cfg->workers * (cfg->nlisteners + 8);
+  rlim_t need = (rlim_t)max_conns * 2 + reserve;
+  if (rl.rlim_cur >= need) return;
+  uint32_t cap = rl.rlim_cur > reserve + 2 ? (uint32_t)((rl.rlim_cur - reserve) / 2) : 1;
+  pc_workers_set_fd_cap(cap);
+  pc_log(PC_LOG_WARN,
+         "descriptor limit %llu cannot hold limits.max_connections=%u (needs %llu); at most %u "
+         "connections will be served at once and accepting pauses beyond that",
+         (unsigned long long)rl.rlim_cur, max_conns, (unsigned long long)need, cap);
 }
 
 static void on_signal(uv_signal_t *h, int signum) {
@@ -95,7 +104,7 @@ int main(int argc, char **argv) {
     return 0;
   }
   pc_log_init(gen->cfg->log.level, gen->cfg->log.access);
-  raise_nofile(gen->cfg->limits.max_connections);
+  fit_descriptors(gen->cfg);
   pc_gen_publish(gen);
   gen = pc_gen_current();
 

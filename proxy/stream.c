@@ -258,7 +258,7 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
     s->in_len = (size_t)nread;
   }
   tls_pump(s);
-  if (!s->closing && (!s->reading && !s->handshaking)) uv_reading(s, 0);
+  if (!s->closing && !s->reading && !s->handshaking && !s->discard) uv_reading(s, 0);
 }
 
 int pc_stream_start_tls(pc_stream_t *s, SSL *ssl, int is_server) {
@@ -290,11 +290,13 @@ void pc_stream_read_start(pc_stream_t *s) {
   uv_reading(s, 1);
 }
 
-void pc_stream_discard(pc_stream_t *s) {
+int pc_stream_discard(pc_stream_t *s) {
   s->discard = 1;
   s->reading = 0;
   s->in_len = 0;
+  if (s->tcp_eof) return 1;
   uv_reading(s, 1);
+  return 0;
 }
 
 void pc_stream_read_stop(pc_stream_t *s) {

@@ -103,8 +103,9 @@ int pc_stream_write(pc_stream_t *s, const char *buf, size_t len);
 
 /* Reads and drops everything until the peer closes, then fires on_eof (or
  * on_error). Used after a refusal so that the alert is not lost to an RST
- * caused by closing a socket with unread input. */
-void pc_stream_discard(pc_stream_t *s);
+ * caused by closing a socket with unread input. Returns 1 (and fires nothing)
+ * if the peer has already finished sending, 0 otherwise. */
+int pc_stream_discard(pc_stream_t *s);
 
 /* Bytes accepted but not yet handed to the kernel. */
 size_t pc_stream_queued(const pc_stream_t *s);

@@ -87,8 +87,13 @@ void pc_workers_stop(void) {
   workers = NULL;
 }
 
+static uint32_t fd_cap;
+
+void pc_workers_set_fd_cap(uint32_t cap) { fd_cap = cap; }
+
 int pc_workers_over_limit(const pc_worker_t *w) {
   uint32_t max = w->gen->cfg->limits.max_connections;
+  if (fd_cap && fd_cap < max) max = fd_cap;
   if ((uint32_t)pc_conn_active() < max) return 0;
   /* Publish "someone may pause" before looking again, so a connection that
    * closes in between either sees the flag or is seen here. */

@@ -11,6 +11,8 @@
 #ifndef PC_WORKER_H
 #define PC_WORKER_H
 
+#include <stdint.h>
+
 #include <uv.h>
 
 #include "gen.h"
@@ -46,7 +48,13 @@ int pc_workers_start(void);
  * threads and frees them. */
 void pc_workers_stop(void);
 
-/* Live connections across workers and the configured cap. */
+/* Caps live connections below limits.max_connections when the descriptor
+ * limit cannot hold that many (each connection needs two). 0 = no extra cap.
+ * Main thread, before pc_workers_start. */
+void pc_workers_set_fd_cap(uint32_t cap);
+
+/* Non-zero when the process is at its connection cap (max_connections or the
+ * descriptor cap, whichever is lower): accepting must pause. Any worker. */
 int pc_workers_over_limit(const pc_worker_t *w);
 
 /* A connection ended: if some worker paused accepting, let it try again.
