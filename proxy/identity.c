@@ -78,6 +78,11 @@ pc_reason_t pc_identity_check_leaf(X509 *leaf) {
   uint32_t ku = X509_get_key_usage(leaf);
   if (!(ku & KU_DIGITAL_SIGNATURE)) return PC_REASON_BAD_CHAIN;
   if (ku & (KU_KEY_CERT_SIGN | KU_CRL_SIGN)) return PC_REASON_BAD_CHAIN;
+  /* A workload acts as both TLS client and server: an EKU that allows only
+   * one of them marks a certificate that was not issued as an SVID. */
+  const uint32_t both = XKU_SSL_SERVER | XKU_SSL_CLIENT;
+  if ((flags & EXFLAG_XKUSAGE) && (X509_get_extended_key_usage(leaf) & both) != both)
+    return PC_REASON_BAD_CHAIN;
   return PC_REASON_NONE;
 }
 

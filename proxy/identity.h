@@ -44,7 +44,8 @@ int pc_spiffe_valid_td(const char *s, size_t len);
 int pc_spiffe_valid_segment(const char *s, size_t len);
 
 /* Checks the X509-SVID leaf rules that chain verification does not: not a CA,
- * no keyCertSign or cRLSign, keyUsage present with digitalSignature. Returns
+ * no keyCertSign or cRLSign, keyUsage present with digitalSignature, and an
+ * extendedKeyUsage, if present, holding both serverAuth and clientAuth. Returns
  * PC_REASON_NONE or PC_REASON_BAD_CHAIN. Pure; any thread. */
 pc_reason_t pc_identity_check_leaf(X509 *leaf);
 

@@ -19,6 +19,8 @@ run_suite() { # $1 = build dir, rest = extra cmake args
 echo "== plain build (build/) =="
 run_suite build -DCMAKE_BUILD_TYPE=RelWithDebInfo
 echo "== ASan + UBSan build (build-asan/) =="
-ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-  run_suite build-asan -DCMAKE_BUILD_TYPE=Debug -DPC_SANITIZE=ON
+# Sanitized binaries are slower: the integration harness stretches its
+# functional deadlines (handshake/idle timeouts under test) by this factor.
+PORTCULLIS_TIMEOUT_SCALE=3 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
+  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 run_suite build-asan -DCMAKE_BUILD_TYPE=Debug -DPC_SANITIZE=ON
 echo "test.sh: all suites passed (plain and ASan+UBSan)"

@@ -1,0 +1,1027 @@
+"""Integration-test harness for portcullis.
+
+Everything here talks to the REAL binary over real sockets on 127.0.0.1:
+no mocks.  Pieces:
+
+* free_port()            -- a TCP port on 127.0.0.1 that nobody listens on (yet)
+* AppServer              -- threaded plaintext "local app" (echo / sink / source / hold /
+                            custom handler) that records every accepted connection
+* TLSUpstream            -- threaded TLS server standing in for a peer sidecar
+                            (requires a client cert, records peer cert, SNI, resumption)
+* render_config()        -- libconfig text from Python dicts, with a line map
+* Sidecar                -- writes a config, starts the binary, parses the JSON access
+                            log (stdout) and server events (stderr), stops it with SIGTERM
+* client_context() etc.  -- ssl.SSLContext helpers using the dev PKI
+
+Every loop in here is bounded in iterations and/or wall-clock time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import select
+import signal
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(os.environ.get("PORTCULLIS_BIN", str(REPO / "build" / "portcullis")))
+PKI_SCRIPT = REPO / "certs" / "gen-dev-pki.sh"
+TRUST_DOMAIN = "cluster.local"
+# Multiply every timeout by this (e.g. 3 for ASan/valgrind builds).
+SCALE = float(os.environ.get("PORTCULLIS_TIMEOUT_SCALE", "1"))
+HOST = "127.0.0.1"
+
+REASONS = {
+    "no_cert", "bad_chain", "expired", "no_spiffe_id", "wrong_trust_domain",
+    "not_allowed", "protocol", "cipher", "timeout", "limit",
+}
+CLOSES = {"eof", "reset", "idle_timeout", "connect_failed", "shutdown", "error", "refused",
+          "timeout", "upstream_refused", "peer_alert"}
+
+
+def T(seconds: float) -> float:
+    """A timeout, scaled for slow (sanitizer) builds."""
+    return seconds * SCALE
+
+
+def spiffe(ns: str, sa: str, td: str = TRUST_DOMAIN) -> str:
+    return f"spiffe://{td}/ns/{ns}/sa/{sa}"
+
+
+# --------------------------------------------------------------------------- ports
+
+_port_lock = threading.Lock()
+_handed_out: set[int] = set()
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that is currently free and not handed out before in this run."""
+    with _port_lock:
+        for _ in range(200):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s.bind((HOST, 0))
+                port = s.getsockname()[1]
+            finally:
+                s.close()
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
+    raise RuntimeError("could not find a free port in 200 tries")
+
+
+def addr(port: int) -> str:
+    return f"{HOST}:{port}"
+
+
+def wait_until(pred: Callable[[], Any], timeout: float, interval: float = 0.02) -> Any:
+    """Poll pred() until it returns something truthy or timeout (seconds) elapses."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() >= deadline:
+            return v
+        time.sleep(interval)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def pattern_bytes(n: int, seed: int = 0) -> bytes:
+    """n deterministic, non-repeating-looking bytes (fast: hash-chained blocks)."""
+    block = hashlib.sha256(f"portcullis-{seed}".encode()).digest() * 2048  # 64 KiB
+    out = bytearray()
+    i = 0
+    while len(out) < n:
+        # vary each 64 KiB block so a misordered/duplicated block changes the hash
+        out += i.to_bytes(8, "big") + block[8:]
+        i += 1
+    return bytes(out[:n])
+
+
+# --------------------------------------------------------------------------- app server
+
+@dataclass
+class AppConn:
+    """What the plaintext app saw on one accepted connection."""
+    peer: tuple
+    accepted_at: float
+    bytes_in: int = 0
+    bytes_out: int = 0
+    hasher: Any = field(default_factory=hashlib.sha256)
+    eof: bool = False            # app read EOF from the sidecar
+    error: str | None = None     # exception text if the connection broke
+    closed: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+    data: bytearray = field(default_factory=bytearray)  # only kept when keep_data
+
+    @property
+    def sha256_in(self) -> str:
+        return self.hasher.hexdigest()
+
+
+class AppServer:
+    """A threaded plaintext TCP server standing in for the local app.
+
+    modes:
+      echo        -- echo everything back; close after EOF.
+      sink        -- read to EOF, count + sha256, then close (reply with `reply` first if set).
+      source      -- send `source_bytes` of pattern data (recording progress), then shut down
+                     write; keep reading (counting) until EOF.
+      hold        -- accept and never read or write; close when the server stops.
+      handler     -- call handler(sock, AppConn) in the connection thread.
+    Every accepted connection is recorded in .conns (so a test can assert "no connection").
+    """
+
+    def __init__(self, mode: str = "echo", *, source_bytes: int = 0, reply: bytes = b"",
+                 handler: Callable[[socket.socket, AppConn], None] | None = None,
+                 keep_data: bool = False, port: int | None = None, backlog: int = 1024):
+        self.mode = mode
+        self.source_bytes = source_bytes
+        self.reply = reply
+        self.handler = handler
+        self.keep_data = keep_data
+        self.conns: list[AppConn] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._socks: list[socket.socket] = []
+        self.active = 0
+        self.max_active = 0
+        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lsock.bind((HOST, port or 0))
+        self.lsock.listen(backlog)
+        self.lsock.settimeout(0.2)
+        self.port = self.lsock.getsockname()[1]
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True,
+                                        name=f"app-{mode}-{self.port}")
+        self._thread.start()
+
+    @property
+    def addr(self) -> str:
+        return addr(self.port)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.conns)
+
+    def wait_conns(self, n: int, timeout: float = 5.0) -> bool:
+        return bool(wait_until(lambda: self.count() >= n, T(timeout)))
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                s, peer = self.lsock.accept()
+            except (socket.timeout, TimeoutError):
+                continue
+            except OSError:
+                return
+            rec = AppConn(peer=peer, accepted_at=time.monotonic())
+            with self._lock:
+                self.conns.append(rec)
+                self._socks.append(s)
+                self.active += 1
+                self.max_active = max(self.max_active, self.active)
+            t = threading.Thread(target=self._serve, args=(s, rec), daemon=True)
+            t.start()
+
+    def _read_some(self, s: socket.socket, rec: AppConn, n: int = 262144) -> bytes | None:
+        """One recv with the stop flag honoured. None = stopped/timeout-loop exit."""
+        while not self._stop.is_set():
+            try:
+                b = s.recv(n)
+            except (socket.timeout, TimeoutError):
+                continue
+            rec.bytes_in += len(b)
+            rec.hasher.update(b)
+            if self.keep_data:
+                rec.data += b
+            if not b:
+                rec.eof = True
+            return b
+        return None
+
+    def _send_all(self, s: socket.socket, rec: AppConn, data: bytes) -> bool:
+        view = memoryview(data)
+        while view and not self._stop.is_set():
+            try:
+                n = s.send(view[:262144])
+            except (socket.timeout, TimeoutError):
+                continue
+            rec.bytes_out += n
+            view = view[n:]
+        return not view
+
+    def _serve(self, s: socket.socket, rec: AppConn) -> None:
+        s.settimeout(0.2)
+        try:
+            if self.mode == "echo":
+                while True:
+                    b = self._read_some(s, rec)
+                    if not b:
+                        break
+                    if not self._send_all(s, rec, b):
+                        break
+            elif self.mode == "sink":
+                while self._read_some(s, rec):
+                    pass
+                if self.reply and rec.eof:
+                    self._send_all(s, rec, self.reply)
+            elif self.mode == "source":
+                chunk = pattern_bytes(1 << 20)
+                left = self.source_bytes
+                while left > 0 and not self._stop.is_set():
+                    piece = chunk[: min(left, len(chunk))]
+                    if not self._send_all(s, rec, piece):
+                        break
+                    left -= len(piece)
+                if left == 0:
+                    s.shutdown(socket.SHUT_WR)
+                    while self._read_some(s, rec):
+                        pass
+            elif self.mode == "hold":
+                self._stop.wait(T(120))
+            elif self.mode == "handler":
+                assert self.handler is not None
+                self.handler(s, rec)
+            else:
+                raise ValueError(self.mode)
+        except Exception as e:  # recorded, asserted on by tests
+            rec.error = f"{type(e).__name__}: {e}"
+        finally:
+            try:
+                s.close()
+            except OSError:
+                pass
+            rec.closed = True
+            with self._lock:
+                self.active -= 1
+            rec.done.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self.lsock.close()
+        except OSError:
+            pass
+        self._thread.join(T(5))
+        with self._lock:
+            socks = list(self._socks)
+        for s in socks:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.stop()
+
+
+# --------------------------------------------------------------------------- PKI / TLS helpers
+
+class PKI:
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+
+    def crt(self, stem: str) -> str:
+        return str(self.dir / f"{stem}.crt")
+
+    def key(self, stem: str) -> str:
+        return str(self.dir / f"{stem}.key")
+
+    @property
+    def ca(self) -> str:
+        return str(self.dir / "ca.crt")
+
+
+def client_context(pki: PKI, stem: str | None, *, min_version=ssl.TLSVersion.TLSv1_2,
+                   max_version=None, ciphers: str | None = None, verify_server: bool = True
+                   ) -> ssl.SSLContext:
+    """A TLS client context presenting pki/<stem>.crt (None = no client cert)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False  # identity is the SPIFFE ID, not a hostname
+    if verify_server:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(pki.ca)
+    else:
+        ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = min_version
+    if max_version is not None:
+        ctx.maximum_version = max_version
+    if ciphers:
+        ctx.set_ciphers(ciphers)
+    if stem is not None:
+        ctx.load_cert_chain(pki.crt(stem), pki.key(stem))
+    return ctx
+
+
+def tls_connect(port: int, ctx: ssl.SSLContext, *, timeout: float = 5.0,
+                session: ssl.SSLSession | None = None,
+                server_hostname: str | None = "api.payments.svc") -> ssl.SSLSocket:
+    """Connect + complete the handshake (client's view). Caller closes."""
+    raw = socket.create_connection((HOST, port), timeout=T(timeout))
+    try:
+        s = ctx.wrap_socket(raw, server_hostname=server_hostname, session=session,
+                            do_handshake_on_connect=False)
+        s.do_handshake()
+        return s
+    except BaseException:
+        raw.close()
+        raise
+
+
+@dataclass
+class Refusal:
+    """How a TLS client saw a refusal."""
+    local_port: int
+    stage: str            # "handshake" or "post-handshake"
+    error: str            # exception text, "" if clean EOF
+    kind: str             # "ssl" | "eof" | "reset"
+    got_data: bytes = b""
+
+
+def attempt_tls(port: int, ctx: ssl.SSLContext, *, probe: bytes = b"ping\n",
+                timeout: float = 5.0) -> Refusal | ssl.SSLSocket:
+    """Try a TLS connection the way a careful client does (TLS 1.3 trap: read after the
+    handshake to see the post-handshake alert). Returns the open socket if the server
+    actually served the connection (app bytes came back), else a Refusal.
+    The probe is sent, then we read: an echo app behind an accepting sidecar returns it.
+    """
+    raw = socket.create_connection((HOST, port), timeout=T(timeout))
+    local_port = raw.getsockname()[1]
+    s = ctx.wrap_socket(raw, server_hostname="api.payments.svc", do_handshake_on_connect=False)
+    try:
+        s.do_handshake()
+    except ssl.SSLError as e:
+        s.close()
+        return Refusal(local_port, "handshake", str(e), "ssl")
+    except (ConnectionResetError, BrokenPipeError) as e:
+        s.close()
+        return Refusal(local_port, "handshake", str(e), "reset")
+    except OSError as e:
+        s.close()
+        return Refusal(local_port, "handshake", str(e), "eof")
+    # Handshake looked complete from our side. Read first (alert arrives here in TLS 1.3).
+    got = b""
+    try:
+        try:
+            s.sendall(probe)
+        except (ssl.SSLError, OSError):
+            pass  # a write may fail after the server refused; the read tells us why
+        got = s.recv(4096)
+        if got:
+            return s  # served
+        s.close()
+        return Refusal(local_port, "post-handshake", "", "eof")
+    except ssl.SSLError as e:
+        s.close()
+        return Refusal(local_port, "post-handshake", str(e), "ssl", got)
+    except (ConnectionResetError, BrokenPipeError) as e:
+        s.close()
+        return Refusal(local_port, "post-handshake", str(e), "reset", got)
+    except (socket.timeout, TimeoutError):
+        s.close()
+        return Refusal(local_port, "post-handshake", "timeout", "timeout", got)
+
+
+def recv_exact(s: socket.socket, n: int, timeout: float = 10.0) -> bytes:
+    deadline = time.monotonic() + T(timeout)
+    buf = bytearray()
+    while len(buf) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"recv_exact: got {len(buf)} of {n} bytes")
+        b = s.recv(min(262144, n - len(buf)))
+        if not b:
+            raise EOFError(f"recv_exact: EOF after {len(buf)} of {n} bytes")
+        buf += b
+    return bytes(buf)
+
+
+def recv_until_eof(s: socket.socket, timeout: float = 10.0, limit: int = 1 << 30) -> bytes:
+    deadline = time.monotonic() + T(timeout)
+    buf = bytearray()
+    while len(buf) < limit:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"recv_until_eof: no EOF after {len(buf)} bytes")
+        b = s.recv(262144)
+        if not b:
+            return bytes(buf)
+        buf += b
+    return bytes(buf)
+
+
+def openssl_s_client(port: int, *args: str, timeout: float = 10.0, stdin_hold: float = 0.0,
+                     stdin_data: bytes = b"") -> subprocess.CompletedProcess:
+    """Run `openssl s_client -connect 127.0.0.1:port ARGS`. stdin is a pipe kept open for
+    stdin_hold seconds (so session tickets / alerts can arrive), then closed."""
+    cmd = ["openssl", "s_client", "-connect", addr(port), *args]
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    try:
+        if stdin_data:
+            p.stdin.write(stdin_data)
+            p.stdin.flush()
+        if stdin_hold:
+            time.sleep(stdin_hold)
+        p.stdin.close()
+        p.stdin = None  # communicate() must not touch the closed pipe
+        out, err = p.communicate(timeout=T(timeout))
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, err = p.communicate(timeout=5)
+    return subprocess.CompletedProcess(cmd, p.returncode, out.decode(errors="replace"),
+                                       err.decode(errors="replace"))
+
+
+# --------------------------------------------------------------------------- TLS upstream
+
+@dataclass
+class UpstreamConn:
+    peer: tuple
+    sni: str | None = None
+    handshake_ok: bool = False
+    handshake_error: str | None = None
+    peer_cert: dict | None = None
+    peer_uris: list = field(default_factory=list)
+    session_reused: bool | None = None
+    version: str | None = None
+    bytes_in: int = 0
+    hasher: Any = field(default_factory=hashlib.sha256)
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class TLSUpstream:
+    """A TLS server standing in for the peer sidecar that an outbound listener dials.
+
+    Presents pki/<stem>.crt, requires a client certificate chaining to ca.crt, records
+    per connection: SNI, the client's cert / URI SANs, whether the session was resumed,
+    plaintext bytes received. mode "echo" echoes, "sink" only reads.
+    Session resumption is deliberately ENABLED here (tickets), so a client that offers
+    a session would be resumed and session_reused would be True.
+    """
+
+    def __init__(self, pki: PKI, stem: str, *, mode: str = "echo",
+                 max_version: ssl.TLSVersion | None = None):
+        self.mode = mode
+        self.conns: list[UpstreamConn] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(pki.crt(stem), pki.key(stem))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(pki.ca)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if max_version is not None:
+            ctx.maximum_version = max_version
+        ctx.sni_callback = self._sni
+        self.ctx = ctx
+        self._sni_by_obj: dict[int, str | None] = {}
+        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lsock.bind((HOST, 0))
+        self.lsock.listen(128)
+        self.lsock.settimeout(0.2)
+        self.port = self.lsock.getsockname()[1]
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True)
+        self._thread.start()
+
+    @property
+    def addr(self) -> str:
+        return addr(self.port)
+
+    def _sni(self, sslobj, server_name, ctx):
+        self._sni_by_obj[id(sslobj)] = server_name
+        return None
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.conns)
+
+    def _accept_loop(self):
+        while not self._stop.is_set():
+            try:
+                raw, peer = self.lsock.accept()
+            except (socket.timeout, TimeoutError):
+                continue
+            except OSError:
+                return
+            rec = UpstreamConn(peer=peer)
+            with self._lock:
+                self.conns.append(rec)
+            threading.Thread(target=self._serve, args=(raw, rec), daemon=True).start()
+
+    def _serve(self, raw: socket.socket, rec: UpstreamConn):
+        raw.settimeout(T(5))
+        s = None
+        try:
+            s = self.ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            s.do_handshake()
+            rec.handshake_ok = True
+            rec.sni = self._sni_by_obj.pop(id(s), None)
+            rec.peer_cert = s.getpeercert()
+            rec.peer_uris = [v for (k, v) in rec.peer_cert.get("subjectAltName", ()) if k == "URI"]
+            rec.session_reused = s.session_reused
+            rec.version = s.version()
+            s.settimeout(0.2)
+            deadline = time.monotonic() + T(60)
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                try:
+                    b = s.recv(262144)
+                except (socket.timeout, TimeoutError):
+                    continue
+                if not b:
+                    break
+                rec.bytes_in += len(b)
+                rec.hasher.update(b)
+                if self.mode == "echo":
+                    s.sendall(b)
+        except Exception as e:
+            if not rec.handshake_ok:
+                rec.handshake_error = f"{type(e).__name__}: {e}"
+        finally:
+            try:
+                (s or raw).close()
+            except OSError:
+                pass
+            rec.done.set()
+
+    def stop(self):
+        self._stop.set()
+        try:
+            self.lsock.close()
+        except OSError:
+            pass
+        self._thread.join(T(5))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.stop()
+
+
+# --------------------------------------------------------------------------- config
+
+class Raw(str):
+    """A value emitted verbatim into the libconfig file (e.g. a deliberately bad token)."""
+
+
+def _scalar(v: Any) -> str:
+    if isinstance(v, Raw):
+        return str(v)
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    raise TypeError(f"cannot render {v!r}")
+
+
+def render_config(cfg: dict) -> tuple[str, dict[str, int]]:
+    """Render a dict as libconfig text, one setting per line.
+
+    Returns (text, lines) where lines maps a dotted setting path such as
+    "inbound[0].allow[1].namespace" (and group/list paths like "identity",
+    "inbound[0]") to its 1-based line number.
+    Dicts are groups, lists of dicts are lists `( {..}, {..} )`, lists of scalars are
+    arrays `[ a, b ]`.
+    """
+    out: list[str] = []
+    lines: dict[str, int] = {}
+
+    def emit(s: str) -> int:
+        out.append(s)
+        return len(out)
+
+    def group_body(d: dict, path: str, ind: str):
+        for k, v in d.items():
+            p = f"{path}.{k}" if path else k
+            setting(k, v, p, ind)
+
+    def setting(k: str, v: Any, p: str, ind: str):
+        if isinstance(v, dict):
+            lines[p] = emit(f"{ind}{k} = {{")
+            group_body(v, p, ind + "  ")
+            emit(f"{ind}}};")
+        elif isinstance(v, list) and (not v or isinstance(v[0], dict)):
+            lines[p] = emit(f"{ind}{k} = (")
+            list_body(v, p, ind + "  ")
+            emit(f"{ind});")
+        elif isinstance(v, list):
+            lines[p] = emit(f"{ind}{k} = [ " + ", ".join(_scalar(x) for x in v) + " ];")
+        else:
+            lines[p] = emit(f"{ind}{k} = {_scalar(v)};")
+
+    def list_body(items: list, path: str, ind: str):
+        for i, item in enumerate(items):
+            p = f"{path}[{i}]"
+            lines[p] = emit(f"{ind}{{")
+            group_body(item, p, ind + "  ")
+            emit(f"{ind}}}" + ("," if i < len(items) - 1 else ""))
+
+    emit("# generated by tests/integration/harness.py")
+    group_body(cfg, "", "")
+    return "\n".join(out) + "\n", lines
+
+
+def base_config(pki: PKI, identity: str = "payments-api", *, workers: int = 2,
+                inbound: Iterable[dict] = (), outbound: Iterable[dict] = (),
+                limits: dict | None = None, tls: dict | None = None,
+                extra: dict | None = None) -> dict:
+    lim = {
+        "max_connections": 10000,
+        "handshake_timeout_ms": 5000,
+        "connect_timeout_ms": 2000,
+        "idle_timeout_ms": 60000,
+        "drain_timeout_ms": 1000,
+    }
+    lim.update(limits or {})
+    cfg: dict[str, Any] = {
+        "trust_domain": TRUST_DOMAIN,
+        "workers": workers,
+        "identity": {"cert": pki.crt(identity), "key": pki.key(identity), "ca": pki.ca},
+    }
+    if tls:
+        cfg["tls"] = dict(tls)
+    cfg["log"] = {"level": "info", "access": True}
+    cfg["limits"] = lim
+    inbound, outbound = list(inbound), list(outbound)
+    if inbound:
+        cfg["inbound"] = inbound
+    if outbound:
+        cfg["outbound"] = outbound
+    if extra:
+        cfg.update(extra)
+    return cfg
+
+
+def inbound_listener(name: str, listen_port: int, forward: str,
+                     allow: list[dict], protocol: str = "tcp") -> dict:
+    return {"name": name, "listen": addr(listen_port), "forward": forward,
+            "protocol": protocol, "allow": allow}
+
+
+def outbound_listener(name: str, listen_port: int, upstream: str, expect: list[dict],
+                      server_name: str = "api.payments.svc", protocol: str = "tcp") -> dict:
+    return {"name": name, "listen": addr(listen_port), "upstream": upstream,
+            "server_name": server_name, "expect": expect, "protocol": protocol}
+
+
+# --------------------------------------------------------------------------- sidecar
+
+class SidecarError(AssertionError):
+    pass
+
+
+class Sidecar:
+    """One running portcullis process with a generated config."""
+
+    def __init__(self, workdir: Path, cfg: dict, *, name: str = "sidecar",
+                 binary: Path = BIN, ready_timeout: float = 10.0,
+                 cmd_prefix: Iterable[str] = ()):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.cfg = cfg
+        self.name = name
+        self.conf_path = self.workdir / f"{name}.conf"
+        text, self.lines = render_config(cfg)
+        self.conf_path.write_text(text)
+        self.stdout_lines: list[str] = []
+        self.stderr_lines: list[str] = []
+        self.log: list[dict] = []          # parsed access log (stdout)
+        self.events: list[dict] = []       # parsed server events (stderr)
+        self.bad_stdout: list[str] = []    # stdout lines that are not JSON objects
+        self._cv = threading.Condition()
+        self._ready = threading.Event()
+        self.proc = subprocess.Popen([*cmd_prefix, str(binary), "-c", str(self.conf_path)],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)
+        self._t_out = threading.Thread(target=self._pump, args=(self.proc.stdout, True),
+                                       daemon=True)
+        self._t_err = threading.Thread(target=self._pump, args=(self.proc.stderr, False),
+                                       daemon=True)
+        self._t_out.start()
+        self._t_err.start()
+        self.stopped = False
+        deadline = time.monotonic() + T(ready_timeout)
+        while not self._ready.wait(0.05):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                rc = self.proc.poll()
+                self.kill()
+                self._t_err.join(2)
+                raise SidecarError(
+                    f"{name}: no 'ready' event within {ready_timeout}s (rc={rc})\n"
+                    f"config:\n{text}\nstderr:\n" + "\n".join(self.stderr_lines[-40:]))
+
+    # -- output capture
+    def _pump(self, stream, is_stdout: bool):
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("utf-8", errors="replace").rstrip("\n")
+            obj = None
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict):
+                    obj = None
+            except ValueError:
+                obj = None
+            with self._cv:
+                if is_stdout:
+                    self.stdout_lines.append(line)
+                    if obj is None:
+                        self.bad_stdout.append(line)
+                    else:
+                        self.log.append(obj)
+                else:
+                    self.stderr_lines.append(line)
+                    if obj is not None:
+                        self.events.append(obj)
+                        if obj.get("msg") == "ready":
+                            self._ready.set()
+                self._cv.notify_all()
+        stream.close()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def access_log(self) -> list[dict]:
+        with self._cv:
+            return list(self.log)
+
+    def wait_for_log(self, pred: Callable[[dict], bool], timeout: float = 5.0,
+                     start: int = 0) -> dict | None:
+        """First access-log entry (index >= start) matching pred, waiting up to timeout."""
+        deadline = time.monotonic() + T(timeout)
+        with self._cv:
+            while True:
+                for e in self.log[start:]:
+                    if pred(e):
+                        return e
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cv.wait(min(left, 0.1))
+
+    def log_for_peer_port(self, port: int, timeout: float = 5.0, start: int = 0) -> dict | None:
+        want = addr(port)
+        return self.wait_for_log(lambda e: e.get("peer") == want, timeout, start)
+
+    def log_for_app_port(self, port: int, timeout: float = 5.0, start: int = 0) -> dict | None:
+        want = addr(port)
+        return self.wait_for_log(lambda e: e.get("app") == want, timeout, start)
+
+    def rss_kib(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def assert_alive(self):
+        if not self.alive():
+            raise SidecarError(f"{self.name} died rc={self.proc.returncode}; stderr tail:\n"
+                               + "\n".join(self.stderr_lines[-30:]))
+
+    def stop(self, timeout: float = 10.0, expect_rc: int | None = 0) -> int:
+        """SIGTERM, wait (bounded), then SIGKILL. Asserts the exit code if expect_rc set."""
+        if self.stopped:
+            return self.proc.returncode
+        self.stopped = True
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(T(timeout))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            self._t_out.join(2)
+            self._t_err.join(2)
+            raise SidecarError(f"{self.name}: did not exit within {timeout}s of SIGTERM")
+        self._t_out.join(2)
+        self._t_err.join(2)
+        if expect_rc is not None and rc != expect_rc:
+            raise SidecarError(f"{self.name}: exit code {rc} after SIGTERM, expected "
+                               f"{expect_rc}; stderr tail:\n" + "\n".join(self.stderr_lines[-30:]))
+        return rc
+
+    def kill(self):
+        self.stopped = True
+        if self.proc.poll() is None:
+            self.proc.kill()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *a):
+        if exc_type is None:
+            self.stop()
+        else:
+            try:
+                self.stop(expect_rc=None)
+            except SidecarError:
+                pass
+
+
+def check_access_entry(e: dict) -> None:
+    """Schema check of one access-log entry per SPEC.md."""
+    for k in ("time", "listener", "direction", "peer", "app", "peer_id", "decision",
+              "reason", "close", "bytes_from_peer", "bytes_to_peer", "duration_ms",
+              "tls_version", "cipher"):
+        assert k in e, f"access log entry lacks {k!r}: {e}"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", e["time"]), e["time"]
+    assert e["direction"] in ("inbound", "outbound"), e
+    assert e["decision"] in ("allow", "deny", "error"), e
+    assert e["reason"] is None or e["reason"] in REASONS, e
+    if e["decision"] == "allow":
+        assert e["reason"] is None, e
+    if e["decision"] == "deny":
+        assert e["reason"] in REASONS, e
+    assert e["close"] in CLOSES, e
+    assert isinstance(e["bytes_from_peer"], int) and e["bytes_from_peer"] >= 0, e
+    assert isinstance(e["bytes_to_peer"], int) and e["bytes_to_peer"] >= 0, e
+    assert isinstance(e["duration_ms"], (int, float)) and e["duration_ms"] >= 0, e
+
+
+def run_binary(*args: str, timeout: float = 20.0) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN), *args], capture_output=True, text=True,
+                          timeout=T(timeout), stdin=subprocess.DEVNULL)
+
+
+def duplex(s: socket.socket, data: bytes, expect: int, timeout: float = 60.0,
+           shutdown_after_send: bool = False) -> tuple[int, str]:
+    """Send `data` while concurrently receiving `expect` bytes on one (TLS or plain)
+    socket, single-threaded and non-blocking. Returns (bytes_received, sha256 hex)."""
+    old_timeout = s.gettimeout()
+    s.setblocking(False)
+    view = memoryview(data)
+    sent = got = 0
+    hasher = hashlib.sha256()
+    want_block = (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError)
+    deadline = time.monotonic() + T(timeout)
+    shut = False
+    try:
+        while got < expect or sent < len(data):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"duplex: sent {sent}/{len(data)} got {got}/{expect}")
+            progressed = False
+            if sent < len(data):
+                try:
+                    n = s.send(view[sent:sent + 65536])
+                    sent += n
+                    progressed = n > 0
+                except want_block:
+                    pass
+            elif shutdown_after_send and not shut:
+                s.shutdown(socket.SHUT_WR)
+                shut = True
+            if got < expect:
+                try:
+                    b = s.recv(262144)
+                    if not b:
+                        raise EOFError(f"duplex: EOF after {got}/{expect} bytes "
+                                       f"(sent {sent}/{len(data)})")
+                    got += len(b)
+                    hasher.update(b)
+                    progressed = True
+                except want_block:
+                    pass
+            if not progressed:
+                select.select([s] if got < expect else [],
+                              [s] if sent < len(data) else [], [], 0.05)
+    finally:
+        s.settimeout(old_timeout)
+    return got, hasher.hexdigest()
+
+
+def chain_configs(pki: PKI, app_addr: str, *, client_identity: str = "web-frontend",
+                  allow: list[dict] | None = None, limits: dict | None = None,
+                  workers: int = 2) -> tuple[dict, dict, int, int]:
+    """Configs for  app-client -> [outbound sidecar, client_identity] -> mTLS ->
+    [inbound sidecar, payments-api, allow web] -> app.
+    Returns (inbound_cfg, outbound_cfg, inbound_port, outbound_port)."""
+    in_port, out_port = free_port(), free_port()
+    in_cfg = base_config(pki, "payments-api", workers=workers, limits=limits, inbound=[
+        inbound_listener("api", in_port, app_addr, allow or [{"namespace": "web"}])])
+    out_cfg = base_config(pki, client_identity, workers=workers, limits=limits, outbound=[
+        outbound_listener("payments", out_port, addr(in_port),
+                          [{"namespace": "payments", "service_account": "api"}])])
+    return in_cfg, out_cfg, in_port, out_port
+
+
+class BioTLSClient:
+    """A TLS client over ssl.MemoryBIO, so the test controls close_notify exactly:
+    send_close_notify() half-closes (TLS close_notify, TCP stays open for reading),
+    which SSLSocket cannot do."""
+
+    def __init__(self, port: int, ctx: ssl.SSLContext, timeout: float = 10.0):
+        self.sock = socket.create_connection((HOST, port), timeout=T(timeout))
+        self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.inc, self.out, server_hostname="api.payments.svc")
+        self.deadline_s = T(timeout)
+        self.peer_closed = False
+        self._do(self.obj.do_handshake)
+
+    def _flush(self):
+        data = self.out.read()
+        if data:
+            self.sock.sendall(data)
+
+    def _fill(self):
+        b = self.sock.recv(262144)
+        if b:
+            self.inc.write(b)
+        else:
+            self.inc.write_eof()
+
+    def _do(self, fn, *a):
+        deadline = time.monotonic() + self.deadline_s
+        while time.monotonic() < deadline:
+            try:
+                r = fn(*a)
+                self._flush()
+                return r
+            except ssl.SSLWantReadError:
+                self._flush()
+                self._fill()
+        raise TimeoutError(f"BioTLSClient: {fn.__name__} did not complete")
+
+    def sendall(self, data: bytes):
+        view = memoryview(data)
+        while view:
+            n = self._do(self.obj.write, view[:65536])
+            view = view[n:]
+
+    def recv(self, n: int = 262144) -> bytes:
+        """b"" once the peer's close_notify (or TCP EOF) arrived."""
+        if self.peer_closed:
+            return b""
+        try:
+            b = self._do(self.obj.read, n)
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            b = b""
+        if not b:
+            self.peer_closed = True
+        return b
+
+    def recv_until_close(self, limit: int = 1 << 28) -> bytes:
+        buf = bytearray()
+        while len(buf) < limit:
+            b = self.recv()
+            if not b:
+                return bytes(buf)
+            buf += b
+        raise AssertionError("recv_until_close: limit reached")
+
+    def send_close_notify(self):
+        try:
+            self.obj.unwrap()          # sends close_notify, then wants the peer's
+        except ssl.SSLWantReadError:
+            pass
+        except (ssl.SSLZeroReturnError, ssl.SSLError):
+            pass
+        self._flush()
+
+    def close(self):
+        self.sock.close()
+
+
+def plain_connect_bound(port: int, timeout: float = 10.0) -> tuple[socket.socket | None, int]:
+    """Plain TCP connect with the local port fixed before connecting, so the caller
+    knows it even when the peer resets so fast that connect() itself reports
+    ECONNRESET. Returns (socket or None if reset during connect, local port)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((HOST, 0))
+    local_port = s.getsockname()[1]
+    s.settimeout(T(timeout))
+    try:
+        s.connect((HOST, port))
+    except ConnectionResetError:
+        s.close()
+        return None, local_port
+    return s, local_port
