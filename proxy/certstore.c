@@ -1,32 +1,90 @@
 #include "certstore.h"
 
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include <openssl/bn.h>
 #include <openssl/err.h>
+#include <openssl/mem.h>
 #include <openssl/pem.h>
+#include <openssl/sha.h>
 #include <openssl/x509v3.h>
 
 #include "compat.h"
 #include "identity.h"
 
-/* Reads every certificate in a PEM file; NULL if the file holds none. */
-static STACK_OF(X509) * read_certs(const char *file) {
-  FILE *f = fopen(file, "r");
-  if (!f) return NULL;
+/* Identity files are small; anything bigger is not a certificate set. */
+#define MAX_FILE (1 << 20)
+
+typedef struct {
+  char *data;
+  size_t len;
+} blob_t;
+
+static void blob_free(blob_t *b) {
+  if (b->data) OPENSSL_cleanse(b->data, b->len);
+  free(b->data);
+  b->data = NULL;
+  b->len = 0;
+}
+
+/* Reads a whole file (through symlinks). Returns 0, or -1 with errno set. */
+static int read_file(const char *path, blob_t *out) {
+  FILE *f = fopen(path, "rb");
+  out->data = NULL;
+  out->len = 0;
+  if (!f) return -1;
+  size_t cap = 0;
+  for (;;) {
+    if (out->len == cap) {
+      if (cap >= MAX_FILE) {
+        fclose(f);
+        blob_free(out);
+        errno = EFBIG;
+        return -1;
+      }
+      cap = cap ? cap * 2 : 8192;
+      out->data = pc_realloc(out->data, cap);
+    }
+    size_t n = fread(out->data + out->len, 1, cap - out->len, f);
+    out->len += n;
+    if (n == 0) break;
+  }
+  int bad = ferror(f);
+  fclose(f);
+  if (bad) {
+    blob_free(out);
+    errno = EIO;
+    return -1;
+  }
+  return 0;
+}
+
+/* Every certificate in a PEM blob; NULL if it holds none. */
+static STACK_OF(X509) * parse_certs(const blob_t *b) {
+  BIO *bio = BIO_new_mem_buf(b->data, (int)b->len);
+  if (!bio) pc_fatal("out of memory");
   STACK_OF(X509) *sk = sk_X509_new_null();
   X509 *x;
-  while ((x = PEM_read_X509(f, NULL, NULL, NULL)) != NULL) {
+  while ((x = PEM_read_bio_X509(bio, NULL, NULL, NULL)) != NULL) {
     if (!sk_X509_push(sk, x)) pc_fatal("out of memory");
   }
-  fclose(f);
+  BIO_free(bio);
   ERR_clear_error(); /* the loop ends on an expected "no start line" */
   if (sk_X509_num(sk) == 0) {
     sk_X509_free(sk);
     return NULL;
   }
   return sk;
+}
+
+static int pass_cb(char *buf, int size, int rwflag, void *u) {
+  const blob_t *pass = u;
+  if (!pass || !pass->data || (int)pass->len >= size) return 0;
+  memcpy(buf, pass->data, pass->len);
+  return (int)pass->len;
 }
 
 static const char *ssl_err(void) {
@@ -38,11 +96,79 @@ static const char *ssl_err(void) {
   return buf;
 }
 
+static void hash_blobs(const blob_t *b, size_t n, uint8_t out[32]) {
+  SHA256_CTX h;
+  SHA256_Init(&h);
+  for (size_t i = 0; i < n; i++) {
+    uint64_t len = b[i].len; /* length-prefixed: moving bytes between files changes the hash */
+    SHA256_Update(&h, &len, sizeof(len));
+    if (b[i].len) SHA256_Update(&h, b[i].data, b[i].len);
+  }
+  SHA256_Final(out, &h);
+}
+
+enum { F_CERT, F_KEY, F_CA, F_PASS, F_COUNT };
+
+static int read_all(const pc_config_t *cfg, blob_t b[F_COUNT], char *err, size_t errlen) {
+  const struct {
+    const char *path, *name;
+    int line;
+  } files[F_COUNT] = {
+      {cfg->identity.cert, "identity.cert", cfg->identity.line_cert},
+      {cfg->identity.key, "identity.key", cfg->identity.line_key},
+      {cfg->identity.ca, "identity.ca", cfg->identity.line_ca},
+      {cfg->identity.key_passphrase_file, "identity.key_passphrase_file", cfg->identity.line_pass},
+  };
+  memset(b, 0, sizeof(blob_t) * F_COUNT);
+  for (int i = 0; i < F_COUNT; i++) {
+    if (!files[i].path) continue;
+    if (read_file(files[i].path, &b[i]) != 0) {
+      if (err)
+        snprintf(err, errlen, "%s:%d: %s: cannot read \"%s\": %s", cfg->file, files[i].line,
+                 files[i].name, files[i].path, strerror(errno));
+      for (int j = 0; j < i; j++)
+        blob_free(&b[j]);
+      return -1;
+    }
+  }
+  return 0;
+}
+
+int pc_certs_digest(const pc_config_t *cfg, uint8_t out[32]) {
+  blob_t b[F_COUNT];
+  if (read_all(cfg, b, NULL, 0) != 0) return -1;
+  hash_blobs(b, F_COUNT, out);
+  for (int i = 0; i < F_COUNT; i++)
+    blob_free(&b[i]);
+  return 0;
+}
+
+static void format_serial(X509 *x, char *out, size_t n) {
+  BIGNUM *bn = ASN1_INTEGER_to_BN(X509_get_serialNumber(x), NULL);
+  char *hex = bn ? BN_bn2hex(bn) : NULL;
+  snprintf(out, n, "%s", hex ? hex : "?");
+  for (char *p = out; *p; p++)
+    if (*p >= 'a' && *p <= 'f') *p = (char)(*p - 'a' + 'A');
+  OPENSSL_free(hex);
+  BN_free(bn);
+}
+
 int pc_certs_load(const pc_config_t *cfg, pc_certs_t **out, char *err, size_t errlen) {
   const char *file = cfg->file;
-  pc_certs_t *c = pc_calloc(1, sizeof(*c));
+  blob_t b[F_COUNT];
+  int rc = -1;
   *out = NULL;
-  STACK_OF(X509) *certs = read_certs(cfg->identity.cert);
+  if (read_all(cfg, b, err, errlen) != 0) return -1;
+  pc_certs_t *c = pc_calloc(1, sizeof(*c));
+  hash_blobs(b, F_COUNT, c->digest);
+  if (b[F_PASS].data) {
+    /* A trailing newline is an artefact of how the file was written. */
+    while (b[F_PASS].len &&
+           (b[F_PASS].data[b[F_PASS].len - 1] == '\n' || b[F_PASS].data[b[F_PASS].len - 1] == '\r'))
+      b[F_PASS].len--;
+  }
+
+  STACK_OF(X509) *certs = parse_certs(&b[F_CERT]);
   if (!certs) {
     snprintf(err, errlen, "%s:%d: identity.cert: no PEM certificate in \"%s\"", file,
              cfg->identity.line_cert, cfg->identity.cert);
@@ -50,23 +176,27 @@ int pc_certs_load(const pc_config_t *cfg, pc_certs_t **out, char *err, size_t er
   }
   c->leaf = sk_X509_shift(certs);
   c->chain = certs;
+  format_serial(c->leaf, c->serial, sizeof(c->serial));
 
-  FILE *f = fopen(cfg->identity.key, "r");
-  c->key = f ? PEM_read_PrivateKey(f, NULL, NULL, NULL) : NULL;
-  if (f) fclose(f);
+  BIO *kb = BIO_new_mem_buf(b[F_KEY].data, (int)b[F_KEY].len);
+  if (!kb) pc_fatal("out of memory");
+  c->key = PEM_read_bio_PrivateKey(kb, NULL, pass_cb, b[F_PASS].data ? &b[F_PASS] : NULL);
+  BIO_free(kb);
   if (!c->key) {
-    snprintf(err, errlen, "%s:%d: identity.key: no usable private key in \"%s\" (%s)", file,
-             cfg->identity.line_key, cfg->identity.key, ssl_err());
+    snprintf(err, errlen, "%s:%d: identity.key: no usable private key in \"%s\" (%s%s)", file,
+             cfg->identity.line_key, cfg->identity.key,
+             b[F_PASS].data ? "wrong passphrase or " : "", ssl_err());
     goto fail;
   }
   if (!X509_check_private_key(c->leaf, c->key)) {
     ERR_clear_error();
     snprintf(err, errlen, "%s:%d: identity.key: key in \"%s\" does not match certificate \"%s\"",
              file, cfg->identity.line_key, cfg->identity.key, cfg->identity.cert);
+    rc = PC_CERTS_MISMATCH;
     goto fail;
   }
 
-  c->bundle = read_certs(cfg->identity.ca);
+  c->bundle = parse_certs(&b[F_CA]);
   if (!c->bundle) {
     snprintf(err, errlen, "%s:%d: identity.ca: no PEM certificate in \"%s\"", file,
              cfg->identity.line_ca, cfg->identity.ca);
@@ -122,11 +252,15 @@ int pc_certs_load(const pc_config_t *cfg, pc_certs_t **out, char *err, size_t er
   const ASN1_TIME *na = X509_get0_notAfter(c->leaf);
   int days = 0, secs = 0;
   c->not_after = ASN1_TIME_diff(&days, &secs, NULL, na) ? time(NULL) + days * 86400L + secs : 0;
+  for (int i = 0; i < F_COUNT; i++)
+    blob_free(&b[i]);
   *out = c;
   return 0;
 fail:
+  for (int i = 0; i < F_COUNT; i++)
+    blob_free(&b[i]);
   pc_certs_free(c);
-  return -1;
+  return rc;
 }
 
 void pc_certs_free(pc_certs_t *c) {

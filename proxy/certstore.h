@@ -12,6 +12,7 @@
 #define PC_CERTSTORE_H
 
 #include <stddef.h>
+#include <stdint.h>
 #include <time.h>
 
 #include <openssl/ssl.h>
@@ -27,11 +28,24 @@ typedef struct {
   X509_STORE *store;       /* built from bundle; shared read-only by workers */
   char *spiffe_id;
   time_t not_after;
+  char serial[80];    /* leaf serial, uppercase hex without colons */
+  uint8_t digest[32]; /* SHA-256 over the files' bytes: "did anything change?" */
 } pc_certs_t;
 
-/* Loads and validates cfg->identity. Returns 0 and *out, or -1 with one line
- * "FILE:LINE: identity.X: what is wrong" in err. */
+/* pc_certs_load's result when the key does not match the certificate: during
+ * an in-place rotation this is a half-written set, worth retrying shortly. */
+#define PC_CERTS_MISMATCH (-2)
+
+/* Loads and validates cfg->identity (following symlinks; the files are read
+ * once into memory, so a rotation in progress is seen as one snapshot per
+ * file). Returns 0 and *out, or -1 / PC_CERTS_MISMATCH with one line
+ * "FILE:LINE: identity.X: what is wrong" in err. The passphrase, if any, is
+ * wiped from memory after use and never written to err. */
 int pc_certs_load(const pc_config_t *cfg, pc_certs_t **out, char *err, size_t errlen);
+
+/* SHA-256 over the bytes of the identity files as they are now, without
+ * parsing them. Returns 0, or -1 if a file cannot be read. */
+int pc_certs_digest(const pc_config_t *cfg, uint8_t out[32]);
 
 void pc_certs_free(pc_certs_t *c);
 

@@ -45,6 +45,10 @@ static int fail(ctx_t *c, int line, const char *setting, const char *fmt, ...) {
   va_start(ap, fmt);
   vsnprintf(msg, sizeof(msg), fmt, ap);
   va_end(ap);
+  /* Values quoted from the file may hold control characters: keep the error
+   * on one line. */
+  for (char *p = msg; *p; p++)
+    if ((unsigned char)*p < 0x20 || *p == 0x7f) *p = '?';
   snprintf(c->err, c->errlen, "%s:%d: %s: %s", c->file, line, setting, msg);
   return -1;
 }
@@ -184,6 +188,9 @@ int pc_config_cipher_ok(const char *name) {
 static int check_list(ctx_t *c, const char *list, int line, const char *setting,
                       int (*ok)(const char *), const char *what) {
   if (!*list) return fail(c, line, setting, "must not be empty");
+  size_t n = strlen(list);
+  if (list[0] == ':' || list[n - 1] == ':' || strstr(list, "::"))
+    return fail(c, line, setting, "has an empty entry");
   char *copy = pc_strdup(list), *save = NULL;
   int rc = 0;
   for (char *tok = strtok_r(copy, ":", &save); tok; tok = strtok_r(NULL, ":", &save)) {
@@ -205,19 +212,33 @@ static int curve_ok(const char *name) {
 static int readable(const char *file) { return access(file, R_OK) == 0; }
 
 static void parse_identity(ctx_t *c, const config_setting_t *root, pc_config_t *cfg) {
-  static const char *const keys[] = {"cert", "key", "ca", "watch"};
+  static const char *const keys[] = {"cert",
+                                     "key",
+                                     "ca",
+                                     "watch",
+                                     "poll_interval_ms",
+                                     "key_passphrase_file",
+                                     "expiry_warning_hours"};
   const config_setting_t *g = member(c, root, "", "identity", CONFIG_TYPE_GROUP, 1);
   if (!g || check_keys(c, g, "identity", keys, PC_ARRAY_SIZE(keys))) return;
   cfg->identity.cert = get_str(c, g, "identity", "cert", 1, NULL, &cfg->identity.line_cert);
   cfg->identity.key = get_str(c, g, "identity", "key", 1, NULL, &cfg->identity.line_key);
   cfg->identity.ca = get_str(c, g, "identity", "ca", 1, NULL, &cfg->identity.line_ca);
   cfg->identity.watch = get_bool(c, g, "identity", "watch", 0);
+  cfg->identity.poll_interval_ms =
+      (uint64_t)get_int(c, g, "identity", "poll_interval_ms", 60000, 1000, 86400000LL);
+  cfg->identity.expiry_warning_hours =
+      (uint32_t)get_int(c, g, "identity", "expiry_warning_hours", 168, 1, 8760);
+  cfg->identity.key_passphrase_file =
+      get_str(c, g, "identity", "key_passphrase_file", 0, NULL, &cfg->identity.line_pass);
   const struct {
     const char *file, *name;
     int line;
-  } files[] = {{cfg->identity.cert, "identity.cert", cfg->identity.line_cert},
-               {cfg->identity.key, "identity.key", cfg->identity.line_key},
-               {cfg->identity.ca, "identity.ca", cfg->identity.line_ca}};
+  } files[] = {
+      {cfg->identity.cert, "identity.cert", cfg->identity.line_cert},
+      {cfg->identity.key, "identity.key", cfg->identity.line_key},
+      {cfg->identity.ca, "identity.ca", cfg->identity.line_ca},
+      {cfg->identity.key_passphrase_file, "identity.key_passphrase_file", cfg->identity.line_pass}};
   for (size_t i = 0; i < PC_ARRAY_SIZE(files) && !c->failed; i++) {
     if (files[i].file && !readable(files[i].file))
       fail(c, files[i].line, files[i].name, "cannot read \"%s\": %s", files[i].file,
@@ -252,9 +273,9 @@ static void parse_tls(ctx_t *c, const config_setting_t *root, pc_config_t *cfg) 
 static void parse_groups(ctx_t *c, const config_setting_t *root, pc_config_t *cfg) {
   static const char *const admin_keys[] = {"listen"};
   static const char *const log_keys[] = {"level", "access"};
-  static const char *const limit_keys[] = {"max_connections", "handshake_timeout_ms",
+  static const char *const limit_keys[] = {"max_connections",    "handshake_timeout_ms",
                                            "connect_timeout_ms", "idle_timeout_ms",
-                                           "drain_timeout_ms"};
+                                           "drain_timeout_ms",   "revoke_grace_ms"};
   int line;
   const config_setting_t *g = member(c, root, "", "admin", CONFIG_TYPE_GROUP, 0);
   if (!(g && check_keys(c, g, "admin", admin_keys, PC_ARRAY_SIZE(admin_keys)))) {
@@ -285,6 +306,8 @@ static void parse_groups(ctx_t *c, const config_setting_t *root, pc_config_t *cf
         (uint64_t)get_int(c, g, "limits", "idle_timeout_ms", 300000, 1, day);
     cfg->limits.drain_timeout_ms =
         (uint64_t)get_int(c, g, "limits", "drain_timeout_ms", 20000, 0, day);
+    cfg->limits.revoke_grace_ms =
+        (uint64_t)get_int(c, g, "limits", "revoke_grace_ms", 10000, 0, day);
   }
 }
 
@@ -380,7 +403,8 @@ static void parse_listener(ctx_t *c, const config_setting_t *e, const char *path
   l->policy = parse_rules(c, e, path, in ? "allow" : "expect", !in);
   if (!in && !c->failed && pc_policy_count(l->policy) == 0) {
     snprintf(sp, sizeof(sp), "%s.expect", path);
-    fail(c, line_of(e), sp, "an outbound listener needs at least one expected identity");
+    fail(c, line_of(config_setting_get_member(e, "expect")), sp,
+         "an outbound listener needs at least one expected identity");
   }
 }
 
@@ -434,12 +458,20 @@ int pc_config_load(const char *path, pc_config_t **out, char *err, size_t errlen
   config_t lc;
   config_init(&lc);
   pc_config_t *cfg = pc_calloc(1, sizeof(*cfg));
+  cfg->refs = 1;
   cfg->file = pc_strdup(path);
   *out = NULL;
   if (!readable(path)) {
     fail(&c, 0, "-c", "cannot read config file: %s", strerror(errno));
     goto fail;
   }
+  /* @include paths are relative to the including file, not to our cwd. */
+  char *dir = pc_strdup(path), *slash = strrchr(dir, '/');
+  if (slash) {
+    *slash = '\0';
+    config_set_include_dir(&lc, *dir ? dir : "/");
+  }
+  free(dir);
   if (config_read_file(&lc, path) != CONFIG_TRUE) {
     fail(&c, config_error_line(&lc), "(syntax)", "%s", config_error_text(&lc));
     goto fail;
@@ -466,8 +498,24 @@ fail:
   return -1;
 }
 
+void pc_config_ref(pc_config_t *cfg) { __atomic_add_fetch(&cfg->refs, 1, __ATOMIC_RELAXED); }
+
+int pc_config_same_listener(const pc_listener_cfg_t *a, const pc_listener_cfg_t *b) {
+  if (strcmp(a->name, b->name) != 0 || a->listen.ss_family != b->listen.ss_family) return 0;
+  size_t n =
+      a->listen.ss_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in);
+  return memcmp(&a->listen, &b->listen, n) == 0;
+}
+
+const pc_listener_cfg_t *pc_config_listener(const pc_config_t *cfg, const char *name) {
+  for (size_t i = 0; i < cfg->nlisteners; i++)
+    if (cfg->listeners[i].name && strcmp(cfg->listeners[i].name, name) == 0)
+      return &cfg->listeners[i];
+  return NULL;
+}
+
 void pc_config_free(pc_config_t *cfg) {
-  if (!cfg) return;
+  if (!cfg || __atomic_sub_fetch(&cfg->refs, 1, __ATOMIC_ACQ_REL) > 0) return;
   for (size_t i = 0; i < cfg->nlisteners; i++) {
     pc_listener_cfg_t *l = &cfg->listeners[i];
     free(l->name);
@@ -482,6 +530,7 @@ void pc_config_free(pc_config_t *cfg) {
   free(cfg->identity.cert);
   free(cfg->identity.key);
   free(cfg->identity.ca);
+  free(cfg->identity.key_passphrase_file);
   free(cfg->tls.ciphers);
   free(cfg->tls.curves);
   free(cfg->admin.listen_str);

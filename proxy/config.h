@@ -42,13 +42,17 @@ typedef struct {
 } pc_listener_cfg_t;
 
 typedef struct pc_config {
+  int refs; /* pc_config_ref / pc_config_free; generations share a snapshot */
   char *file;
   char *trust_domain;
   int workers; /* resolved: never 0 */
   struct {
     char *cert, *key, *ca;
+    char *key_passphrase_file; /* NULL: the key is not encrypted */
     int watch;
-    int line_cert, line_key, line_ca;
+    uint64_t poll_interval_ms;
+    uint32_t expiry_warning_hours;
+    int line_cert, line_key, line_ca, line_pass;
   } identity;
   struct {
     int min_version; /* TLS1_2_VERSION or TLS1_3_VERSION */
@@ -67,6 +71,7 @@ typedef struct pc_config {
   struct {
     uint32_t max_connections;
     uint64_t handshake_timeout_ms, connect_timeout_ms, idle_timeout_ms, drain_timeout_ms;
+    uint64_t revoke_grace_ms;
   } limits;
   pc_listener_cfg_t *listeners;
   size_t nlisteners;
@@ -78,7 +83,18 @@ typedef struct pc_config {
  * on a line, e.g. an unreadable file). Loads no certificate. Any thread. */
 int pc_config_load(const char *path, pc_config_t **out, char *err, size_t errlen);
 
+/* Reference counting: a snapshot is shared by every generation built on it
+ * (a certificate-only reload reuses the config). pc_config_free drops one
+ * reference and frees on the last. Any thread. */
+void pc_config_ref(pc_config_t *cfg);
 void pc_config_free(pc_config_t *cfg);
+
+/* Non-zero if a and b are the same socket: same name and same listen address
+ * (a reload keeps such a listener's sockets open). */
+int pc_config_same_listener(const pc_listener_cfg_t *a, const pc_listener_cfg_t *b);
+
+/* The listener of cfg named name, or NULL. */
+const pc_listener_cfg_t *pc_config_listener(const pc_config_t *cfg, const char *name);
 
 /* Parses "a.b.c.d:port" or "[v6]:port" into *out. Returns 0 or -1. */
 int pc_config_parse_addr(const char *s, struct sockaddr_storage *out);

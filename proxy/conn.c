@@ -36,6 +36,10 @@ typedef struct pc_conn {
   const char *tls_version, *cipher;
   uint64_t start_ns;
   uint64_t last_active; /* loop time, ms */
+  uint64_t revoke_at;   /* loop time at which a re-check's refusal takes effect; 0 = none */
+  uint64_t expire_at;   /* loop time: peer certificate's not_after + grace; 0 = none */
+  pc_reason_t revoke_reason;
+  int handshaken; /* the peer's chain was verified; re-checks apply */
   char peer_addr[64], app_addr[64];
   struct pc_conn *prev, *next;
 } pc_conn_t;
@@ -95,6 +99,7 @@ static void on_handle_closed(uv_handle_t *h) {
     c->w->conns = c->next;
   if (c->next) c->next->prev = c->prev;
   c->l->stats.active--;
+  pc_listener_unref(c->l);
   pc_gen_unref(c->gen);
   free(c);
   __atomic_sub_fetch(&active_conns, 1, __ATOMIC_SEQ_CST);
@@ -115,14 +120,39 @@ static void teardown(pc_conn_t *c, const char *how, int reset) {
 
 static void arm(pc_conn_t *c, uint64_t ms, uv_timer_cb cb) { uv_timer_start(&c->timer, cb, ms, 0); }
 
-static void on_idle_timer(uv_timer_t *t) {
+/* A peer that a reload no longer allows, or whose certificate expired, loses
+ * its connection once the grace period is over. */
+static void revoke_conn(pc_conn_t *c, pc_reason_t r) {
+  c->decision = PC_DECISION_DENY;
+  c->reason = r;
+  pc_log(PC_LOG_INFO, "listener %s: closing connection from %s (%s): %s", c->lc->name,
+         c->peer.peer_id ? c->peer.peer_id : "?", c->peer_addr,
+         r == PC_REASON_EXPIRED ? "peer certificate expired or no longer trusted"
+                                : "peer no longer allowed");
+  teardown(c, "revoked", 0);
+}
+
+static void on_established_timer(uv_timer_t *t);
+
+/* One timer serves every deadline of an established connection. */
+static void rearm(pc_conn_t *c) {
+  uint64_t now = uv_now(c->timer.loop), next = c->last_active + c->gen->cfg->limits.idle_timeout_ms;
+  if (c->revoke_at && c->revoke_at < next) next = c->revoke_at;
+  if (c->expire_at && c->expire_at < next) next = c->expire_at;
+  arm(c, next > now ? next - now : 0, on_established_timer);
+}
+
+static void on_established_timer(uv_timer_t *t) {
   pc_conn_t *c = t->data;
-  uint64_t idle = c->gen->cfg->limits.idle_timeout_ms, since = uv_now(t->loop) - c->last_active;
-  if (since < idle) {
-    arm(c, idle - since, on_idle_timer);
-    return;
-  }
-  teardown(c, "idle_timeout", 0);
+  uint64_t now = uv_now(t->loop);
+  if (c->revoke_at && now >= c->revoke_at)
+    revoke_conn(c, c->revoke_reason);
+  else if (c->expire_at && now >= c->expire_at)
+    revoke_conn(c, PC_REASON_EXPIRED);
+  else if (now - c->last_active >= c->gen->cfg->limits.idle_timeout_ms)
+    teardown(c, "idle_timeout", 0);
+  else
+    rearm(c);
 }
 
 static void on_linger_timer(uv_timer_t *t) { teardown(t->data, NULL, 0); }
@@ -148,7 +178,7 @@ static void establish(pc_conn_t *c) {
   c->state = ST_ESTABLISHED;
   c->decision = PC_DECISION_ALLOW;
   c->last_active = uv_now(c->timer.loop);
-  arm(c, c->gen->cfg->limits.idle_timeout_ms, on_idle_timer);
+  rearm(c);
   pc_splice_start(&c->splice, tls_side(c), app_side(c), on_splice_done);
 }
 
@@ -265,6 +295,15 @@ static void on_handshake(pc_stream_t *s, int status) {
   }
   c->tls_version = SSL_get_version(s->ssl);
   c->cipher = SSL_CIPHER_get_name(SSL_get_current_cipher(s->ssl));
+  c->handshaken = 1;
+  STACK_OF(X509) *chain = SSL_get_peer_full_cert_chain(s->ssl);
+  int days = 0, secs = 0;
+  if (chain && sk_X509_num(chain) > 0 &&
+      ASN1_TIME_diff(&days, &secs, NULL, X509_get0_notAfter(sk_X509_value(chain, 0)))) {
+    int64_t left_ms = ((int64_t)days * 86400 + secs) * 1000;
+    c->expire_at = uv_now(c->timer.loop) + (uint64_t)(left_ms > 0 ? left_ms : 0) +
+                   c->gen->cfg->limits.revoke_grace_ms;
+  }
   if (c->inbound) {
     /* Hold any early application data until the app is connected. */
     pc_stream_read_stop(s);
@@ -320,6 +359,7 @@ int pc_conn_accept(pc_listener_t *l) {
   c->inbound = l->cfg->direction == PC_DIR_INBOUND;
   c->gen = w->gen;
   pc_gen_ref(c->gen);
+  pc_listener_ref(l);
   c->start_ns = uv_hrtime();
   c->decision = PC_DECISION_ERROR;
   uv_timer_init(&w->loop, &c->timer);
@@ -366,5 +406,39 @@ void pc_conn_close_all(pc_worker_t *w) {
     pc_conn_t *next = c->next;
     if (c->state != ST_CLOSED) teardown(c, "shutdown", 0);
     c = next;
+  }
+}
+
+void pc_conn_recheck_all(pc_worker_t *w) {
+  const pc_gen_t *g = w->gen;
+  uint64_t now = uv_now(&w->loop);
+  for (pc_conn_t *c = w->conns; c; c = c->next) {
+    if (!c->handshaken || c->state == ST_CLOSED || c->state == ST_LINGER) continue;
+    /* A removed listener's connections keep running under their generation. */
+    const pc_listener_cfg_t *lc = pc_config_listener(g->cfg, c->lc->name);
+    if (!lc || lc->direction != c->lc->direction) continue;
+    pc_tls_peer_t pv = {.policy = lc->policy,
+                        .trust_domain = g->cfg->trust_domain,
+                        .store = g->certs->store,
+                        .depth = g->cfg->tls.verify_depth,
+                        .is_server = c->inbound};
+    pc_reason_t r = pc_tls_check_chain(&pv, SSL_get_peer_full_cert_chain(tls_side(c)->ssl));
+    free(pv.peer_id);
+    if (r == PC_REASON_NONE) {
+      if (c->revoke_at) {
+        pc_log(PC_LOG_INFO, "listener %s: connection from %s (%s) is allowed again", lc->name,
+               c->peer.peer_id ? c->peer.peer_id : "?", c->peer_addr);
+        c->revoke_at = 0;
+      }
+    } else if (!c->revoke_at) {
+      c->revoke_at = now + g->cfg->limits.revoke_grace_ms;
+      c->revoke_reason = r;
+      pc_log(PC_LOG_INFO,
+             "listener %s: connection from %s (%s) fails the new policy (%s); "
+             "closing in %llu ms",
+             lc->name, c->peer.peer_id ? c->peer.peer_id : "?", c->peer_addr, pc_reason_word(r),
+             (unsigned long long)g->cfg->limits.revoke_grace_ms);
+    }
+    if (c->state == ST_ESTABLISHED) rearm(c);
   }
 }

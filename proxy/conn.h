@@ -27,6 +27,13 @@ int pc_conn_accept(pc_listener_t *l);
 /* Closes every connection of w (worker stop): close reason "shutdown". */
 void pc_conn_close_all(pc_worker_t *w);
 
+/* After w adopted a new generation: re-checks every verified peer of w
+ * against it (chain against the new bundle, identity, the same-named
+ * listener's new allow/expect list). A refused peer's connection is closed
+ * after limits.revoke_grace_ms (access log: decision deny, close "revoked");
+ * one that passes again before then is kept. */
+void pc_conn_recheck_all(pc_worker_t *w);
+
 /* Live connections in the process (all workers). */
 int pc_conn_active(void);
 

@@ -18,12 +18,11 @@ static void gen_free(pc_gen_t *g) {
   free(g);
 }
 
-int pc_gen_build(const char *path, pc_gen_t **out, char *err, size_t errlen) {
-  pc_gen_t *g = pc_calloc(1, sizeof(*g));
-  g->refs = 1;
-  *out = NULL;
-  if (pc_config_load(path, &g->cfg, err, errlen)) goto fail;
-  if (pc_certs_load(g->cfg, &g->certs, err, errlen)) goto fail;
+/* Loads certificates for g->cfg and builds both contexts. */
+static int finish(pc_gen_t *g, pc_gen_t **out, char *err, size_t errlen) {
+  int rc = pc_certs_load(g->cfg, &g->certs, err, errlen);
+  if (rc) goto fail;
+  rc = -1;
   g->server_ctx = pc_tls_ctx_new(g->cfg, g->certs, 1, err, errlen);
   if (!g->server_ctx) goto fail;
   g->client_ctx = pc_tls_ctx_new(g->cfg, g->certs, 0, err, errlen);
@@ -32,7 +31,27 @@ int pc_gen_build(const char *path, pc_gen_t **out, char *err, size_t errlen) {
   return 0;
 fail:
   gen_free(g);
-  return -1;
+  return rc;
+}
+
+int pc_gen_build(const char *path, pc_gen_t **out, char *err, size_t errlen) {
+  pc_gen_t *g = pc_calloc(1, sizeof(*g));
+  g->refs = 1;
+  *out = NULL;
+  if (pc_config_load(path, &g->cfg, err, errlen)) {
+    gen_free(g);
+    return -1;
+  }
+  return finish(g, out, err, errlen);
+}
+
+int pc_gen_rebuild_certs(const pc_gen_t *cur, pc_gen_t **out, char *err, size_t errlen) {
+  pc_gen_t *g = pc_calloc(1, sizeof(*g));
+  g->refs = 1;
+  *out = NULL;
+  g->cfg = cur->cfg;
+  pc_config_ref(g->cfg);
+  return finish(g, out, err, errlen);
 }
 
 void pc_gen_publish(pc_gen_t *g) {

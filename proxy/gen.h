@@ -28,8 +28,13 @@ typedef struct pc_gen {
 } pc_gen_t;
 
 /* Builds a generation from the config file at path. Returns 0 and *out (one
- * reference, owned by the caller), or -1 with one error line in err. */
+ * reference, owned by the caller), or -1 (PC_CERTS_MISMATCH when only the
+ * key/certificate pair disagreed) with one error line in err. */
 int pc_gen_build(const char *path, pc_gen_t **out, char *err, size_t errlen);
+
+/* Builds a generation that shares cur's config and re-reads the identity
+ * files (a certificate rotation). Same returns as pc_gen_build. */
+int pc_gen_rebuild_certs(const pc_gen_t *cur, pc_gen_t **out, char *err, size_t errlen);
 
 /* Makes g the current generation; takes over the caller's reference. NULL
  * drops the current one (process exit). */

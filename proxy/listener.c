@@ -5,8 +5,10 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <stdlib.h>
 #include <unistd.h>
 
+#include "compat.h"
 #include "conn.h"
 #include "log.h"
 #include "worker.h"
@@ -40,10 +42,10 @@ static void on_connection(uv_stream_t *server, int status) {
     /* libuv already accepted and dropped what it could not hold (EMFILE). */
     l->stats.accept_errors++;
     l->stats.conns[PC_DECISION_DENY][PC_REASON_LIMIT]++;
-    pc_log(PC_LOG_WARN, "listener %s: accept failed: %s", l->cfg->name, uv_strerror(status));
+    pc_log(PC_LOG_WARN, "listener %s: accept failed: %s", l->name, uv_strerror(status));
     return;
   }
-  if (__atomic_load_n(&w->stop_requested, __ATOMIC_ACQUIRE)) return;
+  if (__atomic_load_n(&w->stop_requested, __ATOMIC_ACQUIRE) || l->closed) return;
   if (pc_workers_over_limit(w)) {
     /* Leave the connection with libuv, which stops polling this socket until
      * pc_listener_resume accepts it: the kernel backlog queues the rest. */
@@ -51,32 +53,70 @@ static void on_connection(uv_stream_t *server, int status) {
       l->paused = 1;
       w->npaused++;
       l->stats.accept_pauses++;
-      pc_log(PC_LOG_WARN, "listener %s: max_connections reached, accepting paused", l->cfg->name);
+      pc_log(PC_LOG_WARN, "listener %s: max_connections reached, accepting paused", l->name);
     }
     return;
   }
   pc_conn_accept(l);
 }
 
-int pc_listener_start(pc_listener_t *l, pc_worker_t *w, const pc_listener_cfg_t *cfg, int fd) {
+static void on_closed(uv_handle_t *h) {
+  pc_listener_t *l = h->data;
+  l->closed = 1;
+  pc_listener_unref(l);
+}
+
+pc_listener_t *pc_listener_new(pc_worker_t *w, const pc_listener_cfg_t *cfg, int fd) {
+  pc_listener_t *l = pc_calloc(1, sizeof(*l));
   l->w = w;
   l->cfg = cfg;
-  l->fd = fd;
+  l->name = pc_strdup(cfg->name);
+  l->refs = 1;
   int rc = uv_tcp_init(&w->loop, &l->tcp);
-  if (rc) return rc;
+  if (rc) {
+    close(fd);
+    free(l->name);
+    free(l);
+    pc_log(PC_LOG_ERROR, "listener %s: %s", cfg->name, uv_strerror(rc));
+    return NULL;
+  }
   l->tcp.data = l;
-  if ((rc = uv_tcp_open(&l->tcp, fd)) != 0) return rc;
-  return uv_listen((uv_stream_t *)&l->tcp, 1024, on_connection);
+  rc = uv_tcp_open(&l->tcp, fd);
+  if (rc)
+    close(fd); /* not adopted by the handle */
+  else
+    rc = uv_listen((uv_stream_t *)&l->tcp, 1024, on_connection);
+  if (rc) {
+    pc_log(PC_LOG_ERROR, "listener %s: %s", cfg->name, uv_strerror(rc));
+    uv_close((uv_handle_t *)&l->tcp, on_closed); /* frees l */
+    return NULL;
+  }
+  return l;
 }
 
 void pc_listener_resume(pc_listener_t *l) {
-  if (!l->paused || pc_workers_over_limit(l->w) || uv_is_closing((uv_handle_t *)&l->tcp)) return;
+  if (!l->paused || l->closed || uv_is_closing((uv_handle_t *)&l->tcp) ||
+      pc_workers_over_limit(l->w))
+    return;
   l->paused = 0;
   l->w->npaused--;
-  pc_log(PC_LOG_INFO, "listener %s: accepting again", l->cfg->name);
+  pc_log(PC_LOG_INFO, "listener %s: accepting again", l->name);
   pc_conn_accept(l); /* uv_accept takes the held connection and re-arms polling */
 }
 
-void pc_listener_close(pc_listener_t *l, uv_close_cb close_cb) {
-  if (!uv_is_closing((uv_handle_t *)&l->tcp)) uv_close((uv_handle_t *)&l->tcp, close_cb);
+void pc_listener_close(pc_listener_t *l) {
+  if (l->paused) {
+    l->paused = 0;
+    l->w->npaused--;
+  }
+  if (!uv_is_closing((uv_handle_t *)&l->tcp)) uv_close((uv_handle_t *)&l->tcp, on_closed);
+}
+
+void pc_listener_ref(pc_listener_t *l) { l->refs++; }
+
+void pc_listener_unref(pc_listener_t *l) {
+  if (--l->refs > 0) return;
+  pc_metrics_add(&l->w->retired, &l->stats);
+  free(l->name);
+  free(l);
 }

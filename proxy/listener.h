@@ -3,11 +3,16 @@
  * socket, so the kernel spreads new connections across workers without a
  * shared accept lock.
  *
- * Sockets are bound in the main thread at startup (so a bind error stops
- * startup with the setting named) and adopted by the worker's loop.
- * Accepting pauses while the process is at limits.max_connections: the
+ * Sockets are bound in the main thread (at startup and on reload, so a bind
+ * error is reported before anything changes) and adopted by the worker's
+ * loop. Accepting pauses while the process is at its connection cap: the
  * pending connection stays with libuv, which stops polling the socket until
  * pc_listener_resume accepts it.
+ *
+ * A listener is refcounted: the worker holds one reference and every
+ * connection accepted from it one more, so a listener removed by a reload
+ * stays valid (counters included) until its last connection is gone.
+ * Worker thread only, except pc_listener_bind.
  */
 #ifndef PC_LISTENER_H
 #define PC_LISTENER_H
@@ -22,9 +27,11 @@ struct pc_worker;
 typedef struct pc_listener {
   uv_tcp_t tcp;
   struct pc_worker *w;
-  const pc_listener_cfg_t *cfg; /* borrowed from the worker's generation */
-  int fd;
+  const pc_listener_cfg_t *cfg; /* borrowed from the worker's current generation */
+  char *name;                   /* owned copy: outlives cfg after a reload */
   int paused;
+  int closed;
+  int refs;
   pc_metrics_t stats;
 } pc_listener_t;
 
@@ -33,13 +40,18 @@ typedef struct pc_listener {
 int pc_listener_bind(const pc_config_t *conf, const pc_listener_cfg_t *cfg, char *err,
                      size_t errlen);
 
-/* Adopts fd into w's loop and starts accepting. Worker thread. 0 or libuv error. */
-int pc_listener_start(pc_listener_t *l, struct pc_worker *w, const pc_listener_cfg_t *cfg, int fd);
+/* Creates a listener on w's loop that adopts fd and starts accepting. Returns
+ * it with one reference (the worker's), or NULL after logging why (fd is
+ * closed then). */
+pc_listener_t *pc_listener_new(struct pc_worker *w, const pc_listener_cfg_t *cfg, int fd);
 
-/* Accepts the connection held while paused, if the limit allows now. */
+/* Accepts the connection held while paused, if the cap allows now. */
 void pc_listener_resume(pc_listener_t *l);
 
-/* Stops accepting and closes the socket; close_cb as for uv_close. */
-void pc_listener_close(pc_listener_t *l, uv_close_cb close_cb);
+/* Stops accepting and closes the socket, then drops the worker's reference. */
+void pc_listener_close(pc_listener_t *l);
+
+void pc_listener_ref(pc_listener_t *l);
+void pc_listener_unref(pc_listener_t *l);
 
 #endif

@@ -17,6 +17,7 @@
 #include "conn.h"
 #include "gen.h"
 #include "log.h"
+#include "reload.h"
 #include "stream.h"
 #include "worker.h"
 
@@ -58,9 +59,12 @@ static void fit_descriptors(const pc_config_t *cfg) {
          (unsigned long long)rl.rlim_cur, max_conns, (unsigned long long)need, cap);
 }
 
+static const char *config_path;
+
 static void on_signal(uv_signal_t *h, int signum) {
   if (signum == SIGHUP) {
-    pc_log(PC_LOG_WARN, "SIGHUP: configuration reload is not available in this build; ignored");
+    pc_log(PC_LOG_INFO, "SIGHUP: reloading %s and the certificates", config_path);
+    pc_reload_config();
     return;
   }
   pc_log(PC_LOG_INFO, "%s: shutting down", signum == SIGTERM ? "SIGTERM" : "SIGINT");
@@ -105,8 +109,7 @@ int main(int argc, char **argv) {
   }
   pc_log_init(gen->cfg->log.level, gen->cfg->log.access);
   fit_descriptors(gen->cfg);
-  pc_gen_publish(gen);
-  gen = pc_gen_current();
+  pc_gen_publish(gen); /* the current generation keeps the build's reference */
 
   if (pc_workers_create(gen, err, sizeof(err)) != 0) {
     fprintf(stderr, "portcullis: %s\n", err);
@@ -120,20 +123,19 @@ int main(int argc, char **argv) {
     uv_signal_start(&sigs[i], on_signal, signums[i]);
   }
   if (pc_workers_start() != 0) pc_fatal("cannot start worker threads");
-  if (gen->cfg->identity.watch)
-    pc_log(PC_LOG_WARN, "identity.watch = true: certificate hot reload is not available in this "
-                        "build; restart the sidecar to pick up rotated certificates");
+  config_path = path;
+  pc_reload_start(loop, path);
   pc_log(PC_LOG_INFO, "ready");
   pc_log(PC_LOG_INFO, "identity %s, %d workers, %zu listeners", gen->certs->spiffe_id,
          gen->cfg->workers, gen->cfg->nlisteners);
   uv_run(loop, UV_RUN_DEFAULT);
 
+  pc_reload_stop();
   pc_workers_stop();
   for (int i = 0; i < 3; i++)
     uv_close((uv_handle_t *)&sigs[i], NULL);
   uv_run(loop, UV_RUN_DEFAULT);
   uv_loop_close(loop);
-  pc_gen_unref(gen);
   pc_gen_publish(NULL);
   pc_log(PC_LOG_INFO, "stopped");
   return 0;

@@ -1,6 +1,7 @@
 #include "tls.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <openssl/err.h>
@@ -21,18 +22,8 @@ static pc_reason_t chain_reason(int verr) {
   }
 }
 
-static enum ssl_verify_result_t verify_peer(SSL *ssl, uint8_t *out_alert) {
-  pc_tls_peer_t *pv = SSL_get_ex_data(ssl, peer_idx);
-  STACK_OF(X509) *chain = SSL_get_peer_full_cert_chain(ssl);
-  pc_reason_t r = PC_REASON_NONE;
-  if (!pv) {
-    *out_alert = SSL_AD_INTERNAL_ERROR;
-    return ssl_verify_invalid;
-  }
-  if (!chain || sk_X509_num(chain) == 0) {
-    r = PC_REASON_NO_CERT;
-    goto refuse;
-  }
+pc_reason_t pc_tls_check_chain(pc_tls_peer_t *pv, STACK_OF(X509) * chain) {
+  if (!chain || sk_X509_num(chain) == 0) return PC_REASON_NO_CERT;
   X509 *leaf = sk_X509_value(chain, 0);
   X509_STORE_CTX *xc = X509_STORE_CTX_new();
   if (!xc || !X509_STORE_CTX_init(xc, pv->store, leaf, chain)) pc_fatal("out of memory");
@@ -44,18 +35,23 @@ static enum ssl_verify_result_t verify_peer(SSL *ssl, uint8_t *out_alert) {
   int verr = X509_STORE_CTX_get_error(xc);
   X509_STORE_CTX_free(xc);
   ERR_clear_error();
-  if (ok != 1) {
-    r = chain_reason(verr);
-    goto refuse;
-  }
-  if ((r = pc_identity_check_leaf(leaf)) != PC_REASON_NONE) goto refuse;
+  if (ok != 1) return chain_reason(verr);
+  pc_reason_t r = pc_identity_check_leaf(leaf);
+  if (r != PC_REASON_NONE) return r;
   free(pv->peer_id);
   pv->peer_id = NULL;
-  if ((r = pc_identity_from_cert(leaf, pv->trust_domain, &pv->peer_id)) != PC_REASON_NONE)
-    goto refuse;
-  if ((r = pc_policy_check(pv->policy, pv->peer_id)) != PC_REASON_NONE) goto refuse;
-  return ssl_verify_ok;
-refuse:
+  if ((r = pc_identity_from_cert(leaf, pv->trust_domain, &pv->peer_id)) != PC_REASON_NONE) return r;
+  return pc_policy_check(pv->policy, pv->peer_id);
+}
+
+static enum ssl_verify_result_t verify_peer(SSL *ssl, uint8_t *out_alert) {
+  pc_tls_peer_t *pv = SSL_get_ex_data(ssl, peer_idx);
+  if (!pv) {
+    *out_alert = SSL_AD_INTERNAL_ERROR;
+    return ssl_verify_invalid;
+  }
+  pc_reason_t r = pc_tls_check_chain(pv, SSL_get_peer_full_cert_chain(ssl));
+  if (r == PC_REASON_NONE) return ssl_verify_ok;
   pv->reason = r;
   *out_alert = pc_reason_alert(r) ? pc_reason_alert(r) : SSL_AD_CERTIFICATE_UNKNOWN;
   return ssl_verify_invalid;

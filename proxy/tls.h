@@ -39,6 +39,12 @@ typedef struct {
 SSL_CTX *pc_tls_ctx_new(const pc_config_t *cfg, const pc_certs_t *certs, int is_server, char *err,
                         size_t errlen);
 
+/* The whole peer decision: chain (leaf first) against pv->store within
+ * pv->depth for the peer's role, SVID leaf rules, identity, then pv->policy.
+ * Sets pv->peer_id when an ID could be read (see identity.h). Used by the
+ * verify callback, and again on each reload for established connections. */
+pc_reason_t pc_tls_check_chain(pc_tls_peer_t *pv, STACK_OF(X509) * chain);
+
 /* Creates an SSL from ctx bound to peer for the verify callback. Never NULL. */
 SSL *pc_tls_new(SSL_CTX *ctx, pc_tls_peer_t *peer);
 

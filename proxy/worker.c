@@ -2,6 +2,7 @@
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 
 #include "compat.h"
@@ -11,53 +12,159 @@
 static pc_worker_t *workers;
 static int nworkers;
 static int any_paused; /* set when a worker paused; cleared by the wake-up */
+static uint32_t fd_cap;
+
+static void close_fds(int *fds, size_t n) {
+  for (size_t i = 0; fds && i < n; i++)
+    if (fds[i] >= 0) close(fds[i]);
+}
+
+/* Takes over the pending generation: listeners kept by (name, address) keep
+ * their sockets, added ones start, removed ones stop accepting; established
+ * peers are re-checked against the new generation. */
+static void adopt(pc_worker_t *w) {
+  uv_mutex_lock(&w->lock);
+  pc_gen_t *g = w->pending;
+  int *fds = w->pending_fds;
+  w->pending = NULL;
+  w->pending_fds = NULL;
+  uv_mutex_unlock(&w->lock);
+  if (!g) return;
+  pc_gen_t *old = w->gen;
+  if (!old || old->cfg != g->cfg) {
+    size_t n = g->cfg->nlisteners;
+    pc_listener_t **next = pc_calloc(n, sizeof(*next));
+    for (size_t i = 0; i < n; i++) {
+      const pc_listener_cfg_t *lc = &g->cfg->listeners[i];
+      if (fds[i] >= 0) {
+        next[i] = pc_listener_new(w, lc, fds[i]);
+        continue;
+      }
+      for (size_t j = 0; j < w->nlisteners; j++) {
+        pc_listener_t *l = w->listeners[j];
+        if (l && pc_config_same_listener(l->cfg, lc)) {
+          l->cfg = lc;
+          next[i] = l;
+          w->listeners[j] = NULL;
+          break;
+        }
+      }
+    }
+    for (size_t j = 0; j < w->nlisteners; j++) {
+      if (!w->listeners[j]) continue;
+      pc_log(PC_LOG_INFO, "worker %d: listener %s removed", w->index, w->listeners[j]->name);
+      pc_listener_close(w->listeners[j]);
+    }
+    free(w->listeners);
+    w->listeners = next;
+    w->nlisteners = n;
+  }
+  free(fds);
+  w->gen = g;
+  if (old) {
+    pc_conn_recheck_all(w);
+    pc_gen_unref(old);
+  }
+}
 
 static void on_wake(uv_async_t *a) {
   pc_worker_t *w = a->data;
   if (__atomic_load_n(&w->stop_requested, __ATOMIC_ACQUIRE)) {
     for (size_t i = 0; i < w->nlisteners; i++)
-      pc_listener_close(&w->listeners[i], NULL);
+      if (w->listeners[i]) pc_listener_close(w->listeners[i]);
+    w->nlisteners = 0;
     pc_conn_close_all(w);
     uv_close((uv_handle_t *)&w->wake, NULL);
     return;
   }
+  adopt(w);
   for (size_t i = 0; i < w->nlisteners && w->npaused; i++)
-    pc_listener_resume(&w->listeners[i]);
+    if (w->listeners[i]) pc_listener_resume(w->listeners[i]);
 }
 
 static void run(void *arg) {
   pc_worker_t *w = arg;
-  for (size_t i = 0; i < w->nlisteners; i++) {
-    int rc = pc_listener_start(&w->listeners[i], w, &w->gen->cfg->listeners[i], w->fds[i]);
-    if (rc)
-      pc_log(PC_LOG_ERROR, "worker %d: listener %s: %s", w->index, w->gen->cfg->listeners[i].name,
-             uv_strerror(rc));
-  }
+  adopt(w);
   uv_run(&w->loop, UV_RUN_DEFAULT);
 }
 
+/* Binds, for worker w, a socket for every listener of cfg that w was not
+ * already handed. Returns the fds (-1 = keep) or NULL with err set. */
+static int *bind_added(const pc_worker_t *w, const pc_config_t *cfg, char *err, size_t errlen) {
+  int *fds = pc_malloc((cfg->nlisteners ? cfg->nlisteners : 1) * sizeof(int));
+  for (size_t i = 0; i < cfg->nlisteners; i++) {
+    const pc_listener_cfg_t *lc = &cfg->listeners[i];
+    int kept = 0;
+    for (size_t j = 0; w->handed && j < w->handed->nlisteners && !kept; j++)
+      kept = pc_config_same_listener(&w->handed->listeners[j], lc);
+    fds[i] = kept ? -1 : pc_listener_bind(cfg, lc, err, errlen);
+    if (!kept && fds[i] < 0) {
+      close_fds(fds, i);
+      free(fds);
+      return NULL;
+    }
+  }
+  return fds;
+}
+
+/* Parks g with its sockets in w's pending slot, replacing a generation that
+ * w has not adopted yet (its sockets for listeners g keeps move over). */
+static void hand_over(pc_worker_t *w, pc_gen_t *g, int *fds) {
+  uv_mutex_lock(&w->lock);
+  if (w->pending) {
+    const pc_config_t *pc = w->pending->cfg;
+    for (size_t i = 0; i < g->cfg->nlisteners; i++) {
+      for (size_t j = 0; fds[i] < 0 && j < pc->nlisteners; j++) {
+        if (w->pending_fds[j] >= 0 &&
+            pc_config_same_listener(&pc->listeners[j], &g->cfg->listeners[i])) {
+          fds[i] = w->pending_fds[j];
+          w->pending_fds[j] = -1;
+        }
+      }
+    }
+    close_fds(w->pending_fds, pc->nlisteners);
+    free(w->pending_fds);
+    pc_gen_unref(w->pending);
+  }
+  pc_gen_ref(g);
+  w->pending = g;
+  w->pending_fds = fds;
+  w->handed = g->cfg;
+  uv_mutex_unlock(&w->lock);
+}
+
 int pc_workers_create(pc_gen_t *gen, char *err, size_t errlen) {
-  const pc_config_t *cfg = gen->cfg;
-  nworkers = cfg->workers;
+  nworkers = gen->cfg->workers;
   workers = pc_calloc((size_t)nworkers, sizeof(pc_worker_t));
   for (int i = 0; i < nworkers; i++) {
     pc_worker_t *w = &workers[i];
     w->index = i;
-    w->gen = gen;
-    pc_gen_ref(gen);
-    w->nlisteners = cfg->nlisteners;
-    w->listeners = pc_calloc(cfg->nlisteners, sizeof(pc_listener_t));
-    w->fds = pc_calloc(cfg->nlisteners, sizeof(int));
-    for (size_t j = 0; j < cfg->nlisteners; j++)
-      w->fds[j] = -1;
-    if (uv_loop_init(&w->loop) != 0) pc_fatal("uv_loop_init failed");
+    if (uv_loop_init(&w->loop) != 0 || uv_mutex_init(&w->lock) != 0)
+      pc_fatal("cannot initialise a worker loop");
     uv_async_init(&w->loop, &w->wake, on_wake);
     w->wake.data = w;
-    for (size_t j = 0; j < cfg->nlisteners; j++) {
-      w->fds[j] = pc_listener_bind(cfg, &cfg->listeners[j], err, errlen);
-      if (w->fds[j] < 0) return -1; /* the process exits; the kernel closes the rest */
+  }
+  return pc_workers_publish(gen, err, errlen);
+}
+
+int pc_workers_publish(pc_gen_t *g, char *err, size_t errlen) {
+  int **fds = pc_calloc((size_t)nworkers, sizeof(int *));
+  for (int i = 0; i < nworkers; i++) {
+    fds[i] = bind_added(&workers[i], g->cfg, err, errlen);
+    if (!fds[i]) {
+      for (int j = 0; j < i; j++) {
+        close_fds(fds[j], g->cfg->nlisteners);
+        free(fds[j]);
+      }
+      free(fds);
+      return -1;
     }
   }
+  for (int i = 0; i < nworkers; i++) {
+    hand_over(&workers[i], g, fds[i]);
+    uv_async_send(&workers[i].wake);
+  }
+  free(fds);
   return 0;
 }
 
@@ -79,15 +186,18 @@ void pc_workers_stop(void) {
     uv_thread_join(&w->thread);
     uv_loop_close(&w->loop);
     free(w->listeners);
-    free(w->fds);
     free(w->scratch.obuf);
+    if (w->pending) {
+      close_fds(w->pending_fds, w->pending->cfg->nlisteners);
+      free(w->pending_fds);
+      pc_gen_unref(w->pending);
+    }
+    uv_mutex_destroy(&w->lock);
     pc_gen_unref(w->gen);
   }
   free(workers);
   workers = NULL;
 }
-
-static uint32_t fd_cap;
 
 void pc_workers_set_fd_cap(uint32_t cap) { fd_cap = cap; }
 

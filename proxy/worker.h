@@ -4,9 +4,14 @@
  * connections, counters and scratch buffers; nothing on the per-byte path is
  * shared between workers.
  *
- * Lifecycle (main thread): pc_workers_create binds every socket, then
- * pc_workers_start runs the threads, pc_workers_stop asks them to close
- * everything and joins them.
+ * Generations reach a worker by hand-over: the main thread binds whatever
+ * sockets a new generation adds, parks the generation in the worker's pending
+ * slot and wakes it; the worker adopts it between two loop iterations (new
+ * connections use it from then on, connections in flight keep theirs),
+ * reconciles its listeners and re-checks its established peers.
+ *
+ * Lifecycle (main thread): pc_workers_create, pc_workers_start, any number of
+ * pc_workers_publish, pc_workers_stop.
  */
 #ifndef PC_WORKER_H
 #define PC_WORKER_H
@@ -17,6 +22,7 @@
 
 #include "gen.h"
 #include "listener.h"
+#include "metrics.h"
 #include "stream.h"
 
 struct pc_conn;
@@ -25,24 +31,32 @@ typedef struct pc_worker {
   int index;
   uv_loop_t loop;
   uv_thread_t thread;
-  uv_async_t wake; /* stop request, or a chance to resume paused accepts */
-  pc_gen_t *gen;   /* the generation this worker's listeners were built from */
-  pc_listener_t *listeners;
-  int *fds;
+  uv_async_t wake;           /* hand-over, stop request, or resume paused accepts */
+  pc_gen_t *gen;             /* current generation; worker thread only */
+  pc_listener_t **listeners; /* parallel to gen->cfg->listeners; NULL if one failed */
   size_t nlisteners;
-  struct pc_conn *conns; /* every live connection, for shutdown */
+  struct pc_conn *conns; /* every live connection */
   int stop_requested;
   int npaused;
+  pc_metrics_t retired; /* counters of listeners a reload removed */
   pc_scratch_t scratch;
+  uv_mutex_t lock;           /* guards the three fields below */
+  pc_gen_t *pending;         /* handed over, not adopted yet */
+  int *pending_fds;          /* per pending listener: new socket, or -1 to keep the old */
+  const pc_config_t *handed; /* config of the newest generation handed over (main thread) */
 } pc_worker_t;
 
 /* Creates cfg->workers workers for gen and binds all their sockets. Returns 0,
- * or -1 with one error line in err (nothing is left open then). Takes a
- * reference on gen per worker. */
+ * or -1 with one error line in err. Main thread. */
 int pc_workers_create(pc_gen_t *gen, char *err, size_t errlen);
 
 /* Starts the threads. Returns 0 or a libuv error. */
 int pc_workers_start(void);
+
+/* Hands g to every worker (each takes its own reference). Sockets for
+ * listeners that g adds are bound first: if any cannot be, nothing is handed
+ * over and -1 is returned with one error line in err. Main thread. */
+int pc_workers_publish(pc_gen_t *g, char *err, size_t errlen);
 
 /* Asks every worker to close its listeners and connections, waits for the
  * threads and frees them. */
