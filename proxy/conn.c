@@ -49,6 +49,7 @@ static int active_conns;
 int pc_conn_active(void) { return __atomic_load_n(&active_conns, __ATOMIC_SEQ_CST); }
 
 static pc_stream_t *tls_side(pc_conn_t *c) { return c->inbound ? &c->down : &c->up; }
+static pc_reason_t recheck(pc_conn_t *c, const pc_gen_t *g);
 static pc_stream_t *app_side(pc_conn_t *c) { return c->inbound ? &c->up : &c->down; }
 
 static void on_data(pc_stream_t *s, const char *buf, size_t len);
@@ -304,6 +305,17 @@ static void on_handshake(pc_stream_t *s, int status) {
     c->expire_at = uv_now(c->timer.loop) + (uint64_t)(left_ms > 0 ? left_ms : 0) +
                    c->gen->cfg->limits.revoke_grace_ms;
   }
+  /* A reload published while this handshake was running: the peer must pass
+   * the policy in force now, before the app sees a byte. */
+  if (c->w->gen != c->gen) {
+    pc_reason_t r = recheck(c, c->w->gen);
+    if (r != PC_REASON_NONE) {
+      c->decision = PC_DECISION_DENY;
+      c->reason = r;
+      teardown(c, "refused", c->inbound ? 0 : 1);
+      return;
+    }
+  }
   if (c->inbound) {
     /* Hold any early application data until the app is connected. */
     pc_stream_read_stop(s);
@@ -409,24 +421,31 @@ void pc_conn_close_all(pc_worker_t *w) {
   }
 }
 
+/* Re-runs the peer decision of c against generation g (a newer one than c
+ * started with). PC_REASON_NONE if it passes or g has no listener by c's name. */
+static pc_reason_t recheck(pc_conn_t *c, const pc_gen_t *g) {
+  const pc_listener_cfg_t *lc = pc_config_listener(g->cfg, c->lc->name);
+  if (!lc || lc->direction != c->lc->direction) return PC_REASON_NONE;
+  pc_tls_peer_t pv = {.policy = lc->policy,
+                      .trust_domain = g->cfg->trust_domain,
+                      .store = g->certs->store,
+                      .depth = g->cfg->tls.verify_depth,
+                      .is_server = c->inbound};
+  pc_reason_t r = pc_tls_check_chain(&pv, SSL_get_peer_full_cert_chain(tls_side(c)->ssl));
+  free(pv.peer_id);
+  return r;
+}
+
 void pc_conn_recheck_all(pc_worker_t *w) {
   const pc_gen_t *g = w->gen;
   uint64_t now = uv_now(&w->loop);
   for (pc_conn_t *c = w->conns; c; c = c->next) {
     if (!c->handshaken || c->state == ST_CLOSED || c->state == ST_LINGER) continue;
     /* A removed listener's connections keep running under their generation. */
-    const pc_listener_cfg_t *lc = pc_config_listener(g->cfg, c->lc->name);
-    if (!lc || lc->direction != c->lc->direction) continue;
-    pc_tls_peer_t pv = {.policy = lc->policy,
-                        .trust_domain = g->cfg->trust_domain,
-                        .store = g->certs->store,
-                        .depth = g->cfg->tls.verify_depth,
-                        .is_server = c->inbound};
-    pc_reason_t r = pc_tls_check_chain(&pv, SSL_get_peer_full_cert_chain(tls_side(c)->ssl));
-    free(pv.peer_id);
+    pc_reason_t r = recheck(c, g);
     if (r == PC_REASON_NONE) {
       if (c->revoke_at) {
-        pc_log(PC_LOG_INFO, "listener %s: connection from %s (%s) is allowed again", lc->name,
+        pc_log(PC_LOG_INFO, "listener %s: connection from %s (%s) is allowed again", c->lc->name,
                c->peer.peer_id ? c->peer.peer_id : "?", c->peer_addr);
         c->revoke_at = 0;
       }
@@ -434,9 +453,8 @@ void pc_conn_recheck_all(pc_worker_t *w) {
       c->revoke_at = now + g->cfg->limits.revoke_grace_ms;
       c->revoke_reason = r;
       pc_log(PC_LOG_INFO,
-             "listener %s: connection from %s (%s) fails the new policy (%s); "
-             "closing in %llu ms",
-             lc->name, c->peer.peer_id ? c->peer.peer_id : "?", c->peer_addr, pc_reason_word(r),
+             "listener %s: connection from %s (%s) fails the new policy (%s); closing in %llu ms",
+             c->lc->name, c->peer.peer_id ? c->peer.peer_id : "?", c->peer_addr, pc_reason_word(r),
              (unsigned long long)g->cfg->limits.revoke_grace_ms);
     }
     if (c->state == ST_ESTABLISHED) rearm(c);

@@ -83,7 +83,7 @@ static void schedule_check(uint64_t ms);
 
 /* Re-reads the identity files; publishes a new generation if they changed and
  * are valid. */
-static void check_certs(void) {
+static void check_certs(int from_poll) {
   pc_gen_t *cur = pc_gen_current(), *g = NULL;
   uint8_t d[32];
   char err[1024];
@@ -93,8 +93,11 @@ static void check_certs(void) {
     mismatch_since = 0;
     goto out; /* unchanged (or changed back) */
   }
-  if (readable && have_failed_digest && memcmp(d, failed_digest, sizeof(d)) == 0)
-    goto out; /* this exact content already failed and was reported */
+  /* File events skip content that already failed (one report per bad set);
+   * the poll retries it, since time alone can make a set valid (a
+   * certificate whose notBefore was a little in the future). */
+  if (!from_poll && readable && have_failed_digest && memcmp(d, failed_digest, sizeof(d)) == 0)
+    goto out;
   int rc = pc_gen_rebuild_certs(cur, &g, err, sizeof(err));
   if (rc == PC_CERTS_MISMATCH) {
     uint64_t now = uv_now(loop);
@@ -133,7 +136,7 @@ out:
   pc_gen_unref(cur);
 }
 
-static void on_check_timer(uv_timer_t *t) { check_certs(); }
+static void on_check_timer(uv_timer_t *t) { check_certs(0); }
 
 static void schedule_check(uint64_t ms) { uv_timer_start(&check_timer, on_check_timer, ms, 0); }
 
@@ -147,7 +150,7 @@ static void on_fs_event(uv_fs_event_t *h, const char *name, int events, int stat
 }
 
 static void on_poll_timer(uv_timer_t *t) {
-  check_certs();
+  check_certs(1);
   pc_gen_t *cur = pc_gen_current();
   if (cur) {
     check_expiry(cur);

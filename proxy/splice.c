@@ -51,13 +51,19 @@ void pc_splice_on_eof(pc_splice_t *sp, pc_stream_t *from) {
   check_done(sp);
 }
 
+/* Both peers already finished sending: a failure now (typically our FIN or
+ * close_notify meeting a socket the peer fully closed) loses nothing. */
+static int both_ended(const pc_splice_t *sp) { return sp->eof[0] && sp->eof[1]; }
+
 void pc_splice_on_shutdown(pc_splice_t *sp, pc_stream_t *s, int status) {
   if (status < 0) {
-    finish(sp, 1, status);
+    finish(sp, !both_ended(sp), status);
     return;
   }
   sp->shut[index_of(sp, s)] = 1;
   check_done(sp);
 }
 
-void pc_splice_on_error(pc_splice_t *sp, pc_stream_t *s, int err) { finish(sp, 1, err); }
+void pc_splice_on_error(pc_splice_t *sp, pc_stream_t *s, int err) {
+  finish(sp, !both_ended(sp), err);
+}

@@ -5,8 +5,9 @@
  * side's queue passes PC_STREAM_HIGH_WATER the sending side stops reading,
  * and resumes when the queue drains (stream.h). An EOF on one side becomes a
  * shutdown of the other (TLS close_notify, then FIN) while the other direction
- * keeps flowing; a read or write error resets both. The splice is done when
- * both directions have ended, or at the first error.
+ * keeps flowing; a read or write error resets both, unless both peers had
+ * already finished sending (then nothing is lost and it ends cleanly). The
+ * splice is done when both directions have ended, or at the first error.
  *
  * The owner embeds a pc_splice_t, routes the stream callbacks of its two
  * streams to the pc_splice_on_* functions once both are established, and

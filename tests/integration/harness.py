@@ -47,6 +47,9 @@ REASONS = {
 }
 CLOSES = {"eof", "reset", "idle_timeout", "connect_failed", "shutdown", "error", "refused",
           "timeout", "upstream_refused", "peer_alert"}
+# issue 3 (hot reload): a connection whose peer is no longer allowed after a reload, or whose
+# certificate expired mid-connection, is closed with close "revoked" (SPEC3.md).
+CLOSES.add("revoked")
 
 
 def T(seconds: float) -> float:
@@ -788,6 +791,54 @@ class Sidecar:
     def log_for_app_port(self, port: int, timeout: float = 5.0, start: int = 0) -> dict | None:
         want = addr(port)
         return self.wait_for_log(lambda e: e.get("app") == want, timeout, start)
+
+    # -- reload helpers (issue 3)
+    def write_config(self, cfg: "dict | str") -> str:
+        """Replace the config file atomically (rename) with a dict (rendered) or raw text.
+        Does not signal; see sighup()."""
+        if isinstance(cfg, str):
+            text, lines = cfg, {}
+        else:
+            text, lines = render_config(cfg)
+            self.cfg = cfg
+        tmp = self.conf_path.with_name(self.conf_path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.conf_path)
+        self.lines = lines
+        return text
+
+    def sighup(self) -> None:
+        self.proc.send_signal(signal.SIGHUP)
+
+    def event_count(self) -> int:
+        with self._cv:
+            return len(self.events)
+
+    def events_matching(self, substr: str, start: int = 0) -> list[dict]:
+        with self._cv:
+            return [e for e in self.events[start:] if substr in str(e.get("msg", ""))]
+
+    def wait_for_event(self, pred: "Callable[[dict], bool] | str", timeout: float = 5.0,
+                       start: int = 0) -> dict | None:
+        """First server event (stderr JSON, index >= start) matching pred -- a callable, or a
+        substring of "msg" -- waiting up to timeout (scaled)."""
+        if isinstance(pred, str):
+            sub = pred
+            pred = lambda e: sub in str(e.get("msg", ""))  # noqa: E731
+        deadline = time.monotonic() + T(timeout)
+        with self._cv:
+            while True:
+                for e in self.events[start:]:
+                    if pred(e):
+                        return e
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cv.wait(min(left, 0.1))
+
+    def all_output(self) -> str:
+        with self._cv:
+            return "\n".join(self.stdout_lines + self.stderr_lines)
 
     def rss_kib(self) -> int:
         with open(f"/proc/{self.proc.pid}/status") as f:
