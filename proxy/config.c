@@ -280,6 +280,7 @@ static void parse_groups(ctx_t *c, const config_setting_t *root, pc_config_t *cf
   const config_setting_t *g = member(c, root, "", "admin", CONFIG_TYPE_GROUP, 0);
   if (!(g && check_keys(c, g, "admin", admin_keys, PC_ARRAY_SIZE(admin_keys)))) {
     cfg->admin.listen_str = get_str(c, g, "admin", "listen", 0, "127.0.0.1:15000", &line);
+    cfg->admin.line = line;
     if (cfg->admin.listen_str && pc_config_parse_addr(cfg->admin.listen_str, &cfg->admin.listen))
       fail(c, line, "admin.listen", "\"%s\" is not an address of the form IP:PORT",
            cfg->admin.listen_str);

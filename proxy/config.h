@@ -63,6 +63,7 @@ typedef struct pc_config {
   struct {
     char *listen_str;
     struct sockaddr_storage listen;
+    int line;
   } admin;
   struct {
     pc_log_level_t level;

@@ -35,6 +35,7 @@ typedef struct pc_conn {
   const char *close_how;
   const char *tls_version, *cipher;
   uint64_t start_ns;
+  uint64_t hs_start_ns; /* when our TLS handshake began */
   uint64_t last_active; /* loop time, ms */
   uint64_t revoke_at;   /* loop time at which a re-check's refusal takes effect; 0 = none */
   uint64_t expire_at;   /* loop time: peer certificate's not_after + grace; 0 = none */
@@ -82,10 +83,7 @@ static void write_log(pc_conn_t *c) {
       .duration_ms = (double)(uv_hrtime() - c->start_ns) / 1e6,
   };
   pc_log_access(&rec);
-  pc_metrics_t *m = &c->l->stats;
-  m->conns[c->decision][c->reason]++;
-  m->bytes_from_peer += from_peer;
-  m->bytes_to_peer += to_peer;
+  c->l->stats.conns[c->decision][c->reason]++;
 }
 
 static void on_handle_closed(uv_handle_t *h) {
@@ -229,6 +227,7 @@ static void start_upstream_tls(pc_conn_t *c) {
   arm(c, c->gen->cfg->limits.handshake_timeout_ms, on_handshake_timer);
   SSL *ssl = pc_tls_new(c->gen->client_ctx, &c->peer);
   SSL_set_tlsext_host_name(ssl, c->lc->server_name);
+  c->hs_start_ns = uv_hrtime();
   if (pc_stream_start_tls(&c->up, ssl, 0) != 0) {
     pc_log(PC_LOG_ERROR, "listener %s: cannot start TLS to %s: %s", c->lc->name, c->lc->target_str,
            pc_tls_error_string());
@@ -297,6 +296,7 @@ static void on_handshake(pc_stream_t *s, int status) {
   c->tls_version = SSL_get_version(s->ssl);
   c->cipher = SSL_CIPHER_get_name(SSL_get_current_cipher(s->ssl));
   c->handshaken = 1;
+  pc_metrics_handshake(&c->l->stats, (double)(uv_hrtime() - c->hs_start_ns) / 1e9);
   STACK_OF(X509) *chain = SSL_get_peer_full_cert_chain(s->ssl);
   int days = 0, secs = 0;
   if (chain && sk_X509_num(chain) > 0 &&
@@ -329,6 +329,10 @@ static void on_data(pc_stream_t *s, const char *buf, size_t len) {
   pc_conn_t *c = conn_of(s);
   if (c->state != ST_ESTABLISHED) return;
   c->last_active = uv_now(c->timer.loop);
+  if (s == tls_side(c))
+    c->l->stats.bytes_from_peer += len;
+  else
+    c->l->stats.bytes_to_peer += len;
   pc_splice_on_data(&c->splice, s, buf, len);
 }
 
@@ -402,6 +406,7 @@ int pc_conn_accept(pc_listener_t *l) {
     snprintf(c->app_addr, sizeof(c->app_addr), "%s", c->lc->target_str);
     c->state = ST_HANDSHAKE;
     arm(c, c->gen->cfg->limits.handshake_timeout_ms, on_handshake_timer);
+    c->hs_start_ns = c->start_ns;
     if (pc_stream_start_tls(&c->down, pc_tls_new(c->gen->server_ctx, &c->peer), 1) != 0)
       teardown(c, "error", 1);
   } else {

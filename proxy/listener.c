@@ -45,7 +45,7 @@ static void on_connection(uv_stream_t *server, int status) {
     pc_log(PC_LOG_WARN, "listener %s: accept failed: %s", l->name, uv_strerror(status));
     return;
   }
-  if (__atomic_load_n(&w->stop_requested, __ATOMIC_ACQUIRE) || l->closed) return;
+  if (__atomic_load_n(&w->stop_requested, __ATOMIC_ACQUIRE) || l->closed || l->stopping) return;
   if (pc_workers_over_limit(w)) {
     /* Leave the connection with libuv, which stops polling this socket until
      * pc_listener_resume accepts it: the kernel backlog queues the rest. */
@@ -95,7 +95,7 @@ pc_listener_t *pc_listener_new(pc_worker_t *w, const pc_listener_cfg_t *cfg, int
 }
 
 void pc_listener_resume(pc_listener_t *l) {
-  if (!l->paused || l->closed || uv_is_closing((uv_handle_t *)&l->tcp) ||
+  if (!l->paused || l->closed || l->stopping || uv_is_closing((uv_handle_t *)&l->tcp) ||
       pc_workers_over_limit(l->w))
     return;
   l->paused = 0;
@@ -104,10 +104,34 @@ void pc_listener_resume(pc_listener_t *l) {
   pc_conn_accept(l); /* uv_accept takes the held connection and re-arms polling */
 }
 
-void pc_listener_close(pc_listener_t *l) {
+static void on_stopped(uv_handle_t *h) {
+  pc_listener_t *l = h->data;
+  l->closed = 1;
+  if (l->release_on_close) pc_listener_unref(l);
+}
+
+static void unpause(pc_listener_t *l) {
   if (l->paused) {
     l->paused = 0;
     l->w->npaused--;
+  }
+}
+
+void pc_listener_stop(pc_listener_t *l) {
+  unpause(l);
+  if (l->stopping || uv_is_closing((uv_handle_t *)&l->tcp)) return;
+  l->stopping = 1;
+  uv_close((uv_handle_t *)&l->tcp, on_stopped);
+}
+
+void pc_listener_close(pc_listener_t *l) {
+  unpause(l);
+  if (l->stopping) {
+    if (l->closed)
+      pc_listener_unref(l);
+    else
+      l->release_on_close = 1;
+    return;
   }
   if (!uv_is_closing((uv_handle_t *)&l->tcp)) uv_close((uv_handle_t *)&l->tcp, on_closed);
 }
@@ -116,7 +140,9 @@ void pc_listener_ref(pc_listener_t *l) { l->refs++; }
 
 void pc_listener_unref(pc_listener_t *l) {
   if (--l->refs > 0) return;
+  uv_mutex_lock(&l->w->lock);
   pc_metrics_add(&l->w->retired, &l->stats);
+  uv_mutex_unlock(&l->w->lock);
   free(l->name);
   free(l);
 }

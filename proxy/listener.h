@@ -30,6 +30,8 @@ typedef struct pc_listener {
   const pc_listener_cfg_t *cfg; /* borrowed from the worker's current generation */
   char *name;                   /* owned copy: outlives cfg after a reload */
   int paused;
+  int stopping; /* pc_listener_stop: the socket is (being) closed, the struct stays */
+  int release_on_close;
   int closed;
   int refs;
   pc_metrics_t stats;
@@ -50,6 +52,11 @@ void pc_listener_resume(pc_listener_t *l);
 
 /* Stops accepting and closes the socket, then drops the worker's reference. */
 void pc_listener_close(pc_listener_t *l);
+
+/* Stops accepting and closes the socket (new connections are refused by the
+ * kernel) but keeps the listener, and its counters, for the worker until
+ * pc_listener_close. Used by graceful drain. */
+void pc_listener_stop(pc_listener_t *l);
 
 void pc_listener_ref(pc_listener_t *l);
 void pc_listener_unref(pc_listener_t *l);

@@ -145,6 +145,18 @@ void pc_jbuf_kv_u64(pc_jbuf_t *b, const char *key, uint64_t value) {
   pc_jbuf_printf(b, ":%llu", (unsigned long long)value);
 }
 
+void pc_jbuf_kv_i64(pc_jbuf_t *b, const char *key, int64_t value) {
+  comma(b);
+  pc_jbuf_str(b, key, strlen(key));
+  pc_jbuf_printf(b, ":%lld", (long long)value);
+}
+
+void pc_jbuf_kv_bool(pc_jbuf_t *b, const char *key, int value) {
+  comma(b);
+  pc_jbuf_str(b, key, strlen(key));
+  pc_jbuf_printf(b, ":%s", value ? "true" : "false");
+}
+
 void pc_jbuf_now(pc_jbuf_t *b) {
   struct timespec ts;
   struct tm tm;

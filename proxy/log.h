@@ -45,6 +45,8 @@ void pc_jbuf_str(pc_jbuf_t *b, const char *s, size_t n);
  * unless the buffer ends in '{'. */
 void pc_jbuf_kv_str(pc_jbuf_t *b, const char *key, const char *value);
 void pc_jbuf_kv_u64(pc_jbuf_t *b, const char *key, uint64_t value);
+void pc_jbuf_kv_i64(pc_jbuf_t *b, const char *key, int64_t value);
+void pc_jbuf_kv_bool(pc_jbuf_t *b, const char *key, int value);
 /* Appends an RFC 3339 UTC timestamp with milliseconds for the current time. */
 void pc_jbuf_now(pc_jbuf_t *b);
 

@@ -17,6 +17,7 @@
 #include "conn.h"
 #include "gen.h"
 #include "log.h"
+#include "admin.h"
 #include "reload.h"
 #include "stream.h"
 #include "worker.h"
@@ -60,6 +61,34 @@ static void fit_descriptors(const pc_config_t *cfg) {
 }
 
 static const char *config_path;
+static uv_timer_t drain_deadline, drain_poll;
+static int draining;
+
+static void on_drain_poll(uv_timer_t *t) {
+  if (pc_conn_active() > 0) return;
+  pc_log(PC_LOG_INFO, "drained: no connection left");
+  uv_stop(t->loop);
+}
+
+static void on_drain_deadline(uv_timer_t *t) {
+  pc_log(PC_LOG_INFO, "drain deadline reached: closing %d connections", pc_conn_active());
+  uv_stop(t->loop);
+}
+
+/* SIGTERM: readiness goes false at once, listeners stop accepting, open
+ * connections get limits.drain_timeout_ms. A second SIGTERM or SIGINT: now. */
+static void start_drain(uv_loop_t *loop) {
+  pc_gen_t *g = pc_gen_current();
+  uint64_t ms = g->cfg->limits.drain_timeout_ms;
+  pc_gen_unref(g);
+  draining = 1;
+  pc_admin_set_draining();
+  pc_workers_drain();
+  pc_log(PC_LOG_INFO, "draining: listeners closed, %d open connections get up to %llu ms",
+         pc_conn_active(), (unsigned long long)ms);
+  uv_timer_start(&drain_deadline, on_drain_deadline, ms, 0);
+  uv_timer_start(&drain_poll, on_drain_poll, 0, 50);
+}
 
 static void on_signal(uv_signal_t *h, int signum) {
   if (signum == SIGHUP) {
@@ -67,7 +96,11 @@ static void on_signal(uv_signal_t *h, int signum) {
     pc_reload_config();
     return;
   }
-  pc_log(PC_LOG_INFO, "%s: shutting down", signum == SIGTERM ? "SIGTERM" : "SIGINT");
+  if (signum == SIGTERM && !draining) {
+    start_drain(h->loop);
+    return;
+  }
+  pc_log(PC_LOG_INFO, "%s: exiting now", signum == SIGTERM ? "second SIGTERM" : "SIGINT");
   uv_stop(h->loop);
 }
 
@@ -122,15 +155,32 @@ int main(int argc, char **argv) {
     uv_signal_init(loop, &sigs[i]);
     uv_signal_start(&sigs[i], on_signal, signums[i]);
   }
+  if (pc_admin_start(loop, gen->cfg, err, sizeof(err)) != 0) {
+    fprintf(stderr, "portcullis: %s\n", err);
+    return 1;
+  }
+  uv_timer_init(loop, &drain_deadline);
+  uv_timer_init(loop, &drain_poll);
   if (pc_workers_start() != 0) pc_fatal("cannot start worker threads");
   config_path = path;
   pc_reload_start(loop, path);
-  pc_log(PC_LOG_INFO, "ready");
+  /* "ready" means what /ready says: every worker has adopted its listeners.
+   * The sockets already queue connections, so this wait loses nothing. */
+  const char *why = NULL;
+  for (int i = 0; i < 10000 && !pc_workers_ready(&why); i++)
+    uv_sleep(1);
+  if (!pc_workers_ready(&why))
+    pc_log(PC_LOG_ERROR, "not ready after 10 s: %s", why);
+  else
+    pc_log(PC_LOG_INFO, "ready");
   pc_log(PC_LOG_INFO, "identity %s, %d workers, %zu listeners", gen->certs->spiffe_id,
          gen->cfg->workers, gen->cfg->nlisteners);
   uv_run(loop, UV_RUN_DEFAULT);
 
   pc_reload_stop();
+  pc_admin_stop();
+  uv_close((uv_handle_t *)&drain_deadline, NULL);
+  uv_close((uv_handle_t *)&drain_poll, NULL);
   pc_workers_stop();
   for (int i = 0; i < 3; i++)
     uv_close((uv_handle_t *)&sigs[i], NULL);

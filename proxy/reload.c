@@ -231,6 +231,10 @@ void pc_reload_config(void) {
     pc_log(PC_LOG_WARN, "reload: workers = %d needs a restart; keeping %d worker threads",
            g->cfg->workers, cur->cfg->workers);
   }
+  if (rc == 0 && strcmp(g->cfg->admin.listen_str, cur->cfg->admin.listen_str) != 0)
+    pc_log(PC_LOG_WARN,
+           "reload: admin.listen = \"%s\" needs a restart; the admin server stays on %s",
+           g->cfg->admin.listen_str, cur->cfg->admin.listen_str);
   if (rc == 0 && pc_workers_publish(g, err, sizeof(err)) != 0) rc = -1;
   if (rc != 0) {
     count(PC_RELOAD_CONFIG, 0);

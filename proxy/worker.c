@@ -45,19 +45,31 @@ static void adopt(pc_worker_t *w) {
         if (l && pc_config_same_listener(l->cfg, lc)) {
           l->cfg = lc;
           next[i] = l;
-          w->listeners[j] = NULL;
+          w->listeners[j] = NULL; /* moves to next: not closed below */
           break;
         }
       }
     }
-    for (size_t j = 0; j < w->nlisteners; j++) {
-      if (!w->listeners[j]) continue;
-      pc_log(PC_LOG_INFO, "worker %d: listener %s removed", w->index, w->listeners[j]->name);
-      pc_listener_close(w->listeners[j]);
+    pc_listener_t **prev = w->listeners;
+    size_t nprev = w->nlisteners;
+    int all = 1;
+    for (size_t i = 0; i < n; i++) {
+      if (!next[i])
+        all = 0;
+      else if (w->draining)
+        pc_listener_stop(next[i]);
     }
-    free(w->listeners);
+    uv_mutex_lock(&w->lock);
     w->listeners = next;
     w->nlisteners = n;
+    w->all_bound = all;
+    uv_mutex_unlock(&w->lock);
+    for (size_t j = 0; j < nprev; j++) {
+      if (!prev[j]) continue;
+      pc_log(PC_LOG_INFO, "worker %d: listener %s removed", w->index, prev[j]->name);
+      pc_listener_close(prev[j]);
+    }
+    free(prev);
   }
   free(fds);
   w->gen = g;
@@ -70,12 +82,20 @@ static void adopt(pc_worker_t *w) {
 static void on_wake(uv_async_t *a) {
   pc_worker_t *w = a->data;
   if (__atomic_load_n(&w->stop_requested, __ATOMIC_ACQUIRE)) {
-    for (size_t i = 0; i < w->nlisteners; i++)
-      if (w->listeners[i]) pc_listener_close(w->listeners[i]);
+    uv_mutex_lock(&w->lock);
+    size_t n = w->nlisteners;
     w->nlisteners = 0;
+    uv_mutex_unlock(&w->lock);
+    for (size_t i = 0; i < n; i++)
+      if (w->listeners[i]) pc_listener_close(w->listeners[i]);
     pc_conn_close_all(w);
     uv_close((uv_handle_t *)&w->wake, NULL);
     return;
+  }
+  if (__atomic_load_n(&w->drain_requested, __ATOMIC_ACQUIRE) && !w->draining) {
+    w->draining = 1;
+    for (size_t i = 0; i < w->nlisteners; i++)
+      if (w->listeners[i]) pc_listener_stop(w->listeners[i]);
   }
   adopt(w);
   for (size_t i = 0; i < w->nlisteners && w->npaused; i++)
@@ -216,4 +236,41 @@ void pc_workers_conn_released(void) {
   if (!__atomic_exchange_n(&any_paused, 0, __ATOMIC_SEQ_CST)) return;
   for (int i = 0; i < nworkers; i++)
     uv_async_send(&workers[i].wake);
+}
+
+void pc_workers_drain(void) {
+  for (int i = 0; i < nworkers; i++) {
+    __atomic_store_n(&workers[i].drain_requested, 1, __ATOMIC_RELEASE);
+    uv_async_send(&workers[i].wake);
+  }
+}
+
+void pc_workers_collect(void (*fn)(const pc_listener_t *, const pc_metrics_t *, void *),
+                        void *arg) {
+  for (int i = 0; i < nworkers; i++) {
+    pc_worker_t *w = &workers[i];
+    uv_mutex_lock(&w->lock);
+    for (size_t j = 0; j < w->nlisteners; j++)
+      if (w->listeners[j]) fn(w->listeners[j], NULL, arg);
+    fn(NULL, &w->retired, arg);
+    uv_mutex_unlock(&w->lock);
+  }
+}
+
+int pc_workers_ready(const char **why) {
+  for (int i = 0; i < nworkers; i++) {
+    pc_worker_t *w = &workers[i];
+    uv_mutex_lock(&w->lock);
+    int started = w->listeners != NULL, bound = w->all_bound;
+    uv_mutex_unlock(&w->lock);
+    if (!started) {
+      *why = "starting";
+      return 0;
+    }
+    if (!bound) {
+      *why = "a listener is not bound";
+      return 0;
+    }
+  }
+  return 1;
 }

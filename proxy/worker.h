@@ -37,10 +37,15 @@ typedef struct pc_worker {
   size_t nlisteners;
   struct pc_conn *conns; /* every live connection */
   int stop_requested;
+  int drain_requested;
+  int draining; /* worker thread: listeners stopped */
   int npaused;
   pc_metrics_t retired; /* counters of listeners a reload removed */
   pc_scratch_t scratch;
-  uv_mutex_t lock;           /* guards the three fields below */
+  /* Guards listeners/nlisteners/retired/all_bound for readers on other
+   * threads (only this worker writes them), and the hand-over fields. */
+  uv_mutex_t lock;
+  int all_bound;             /* every listener of the adopted generation is up */
   pc_gen_t *pending;         /* handed over, not adopted yet */
   int *pending_fds;          /* per pending listener: new socket, or -1 to keep the old */
   const pc_config_t *handed; /* config of the newest generation handed over (main thread) */
@@ -61,6 +66,20 @@ int pc_workers_publish(pc_gen_t *g, char *err, size_t errlen);
 /* Asks every worker to close its listeners and connections, waits for the
  * threads and frees them. */
 void pc_workers_stop(void);
+
+/* Graceful drain: every worker stops accepting (listening sockets close, so
+ * new connections are refused); open connections continue. Main thread. */
+void pc_workers_drain(void);
+
+/* Calls fn(l, NULL, arg) for every listener of every worker while holding
+ * that worker's lock (fn must not block), then fn(NULL, retired, arg) with the
+ * counters of listeners a reload removed. Main thread. */
+void pc_workers_collect(void (*fn)(const pc_listener_t *l, const pc_metrics_t *retired, void *arg),
+                        void *arg);
+
+/* 1 if every worker has adopted a generation and bound all its listeners;
+ * else 0 with a short reason in why (static storage). Main thread. */
+int pc_workers_ready(const char **why);
 
 /* Caps live connections below limits.max_connections when the descriptor
  * limit cannot hold that many (each connection needs two). 0 = no extra cap.

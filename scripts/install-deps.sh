@@ -6,7 +6,7 @@ set -euo pipefail
 what=${1:-test}
 build_pkgs=(cmake make gcc pkg-config libc6-dev libuv1-dev android-libboringssl-dev node-llhttp
   libnghttp2-dev libconfig-dev openssl python3)
-test_pkgs=(python3-pytest curl clang-format procps util-linux)
+test_pkgs=(python3-pytest python3-prometheus-client curl clang-format procps util-linux)
 pkgs=("${build_pkgs[@]}")
 [[ $what == test ]] && pkgs+=("${test_pkgs[@]}")
 

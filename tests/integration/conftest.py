@@ -34,6 +34,14 @@ def pytest_configure(config):
 
 
 @pytest.fixture(autouse=True)
+def _mark_logs():
+    """Module-shared sidecars outlive a test: mark where this test's log lines begin."""
+    for sc in list(h.Sidecar.live):
+        sc.mark_test_start()
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _hang_guard():
     """Dump all stacks and exit if one test hangs (every test loop is bounded anyway)."""
     faulthandler.dump_traceback_later(h.T(PER_TEST_HANG_GUARD_S), exit=True)

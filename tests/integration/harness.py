@@ -19,6 +19,7 @@ Every loop in here is bounded in iterations and/or wall-clock time.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -26,6 +27,7 @@ import select
 import signal
 import socket
 import ssl
+import weakref
 import subprocess
 import threading
 import time
@@ -646,10 +648,27 @@ def render_config(cfg: dict) -> tuple[str, dict[str, int]]:
     return "\n".join(out) + "\n", lines
 
 
+# admin.listen values that base_config() / Sidecar chose by themselves (a fresh free port per
+# config). Sidecar.write_config() swaps such a value for the running sidecar's own admin
+# address, so a test that builds a new config for SIGHUP does not move the admin listener.
+_AUTO_ADMIN: set[str] = set()
+
+
+def auto_admin_listen(port: int | None = None) -> str:
+    """A fresh 127.0.0.1:PORT for admin.listen (every sidecar gets its own admin port, so
+    parallel sidecars never collide on the binary's default 127.0.0.1:15000)."""
+    a = addr(port if port is not None else free_port())
+    _AUTO_ADMIN.add(a)
+    return a
+
+
 def base_config(pki: PKI, identity: str = "payments-api", *, workers: int = 2,
                 inbound: Iterable[dict] = (), outbound: Iterable[dict] = (),
                 limits: dict | None = None, tls: dict | None = None,
-                extra: dict | None = None) -> dict:
+                extra: dict | None = None, admin_port: int | None = None) -> dict:
+    """A config dict. admin.listen is always set: to 127.0.0.1:admin_port if given, else to
+    a fresh free port, unless extra={"admin": {"listen": ...}} names one (other keys of
+    extra["admin"] are merged into the admin group)."""
     lim = {
         "max_connections": 10000,
         "handshake_timeout_ms": 5000,
@@ -665,6 +684,11 @@ def base_config(pki: PKI, identity: str = "payments-api", *, workers: int = 2,
     }
     if tls:
         cfg["tls"] = dict(tls)
+    extra = dict(extra or {})
+    admin = dict(extra.pop("admin", None) or {})
+    if "listen" not in admin:
+        admin = {"listen": auto_admin_listen(admin_port), **admin}
+    cfg["admin"] = admin
     cfg["log"] = {"level": "info", "access": True}
     cfg["limits"] = lim
     inbound, outbound = list(inbound), list(outbound)
@@ -675,6 +699,44 @@ def base_config(pki: PKI, identity: str = "payments-api", *, workers: int = 2,
     if extra:
         cfg.update(extra)
     return cfg
+
+
+def admin_port_of(cfg: dict) -> int | None:
+    listen = (cfg.get("admin") or {}).get("listen")
+    if not isinstance(listen, str) or ":" not in listen:
+        return None
+    try:
+        return int(listen.rsplit(":", 1)[1])
+    except ValueError:
+        return None
+
+
+@dataclass
+class AdminResponse:
+    status: int
+    reason: str
+    headers: Any          # http.client.HTTPMessage (case-insensitive .get())
+    body: bytes
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", errors="replace")
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def http_get(port: int, path: str, method: str = "GET", *, timeout: float = 5.0,
+             headers: dict | None = None, body: bytes | None = None) -> AdminResponse:
+    """One HTTP/1.1 request to 127.0.0.1:port with http.client (a new connection each)."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=T(timeout))
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        data = r.read()
+        return AdminResponse(r.status, r.reason, r.headers, data)
+    finally:
+        conn.close()
 
 
 def inbound_listener(name: str, listen_port: int, forward: str,
@@ -696,13 +758,30 @@ class SidecarError(AssertionError):
 
 
 class Sidecar:
+    live: "weakref.WeakSet[Sidecar]" = weakref.WeakSet()
+
     """One running portcullis process with a generated config."""
 
     def __init__(self, workdir: Path, cfg: dict, *, name: str = "sidecar",
                  binary: Path = BIN, ready_timeout: float = 10.0,
-                 cmd_prefix: Iterable[str] = ()):
+                 cmd_prefix: Iterable[str] = (), ready: str = "auto"):
+        """ready: how to tell the sidecar is up -- "event" (the stderr "ready" server event),
+        "http" (GET /ready on the admin listener answers 200), or "auto" (= "http" when
+        log.level is "warn" or "error", which suppress the info-level "ready" event; else
+        "event")."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if admin_port_of(cfg) is None and "listen" not in (cfg.get("admin") or {}):
+            cfg = dict(cfg)
+            cfg["admin"] = {"listen": auto_admin_listen(), **(cfg.get("admin") or {})}
+        self.admin_listen: str | None = (cfg.get("admin") or {}).get("listen")
+        self.admin_port: int | None = admin_port_of(cfg)
+        if ready == "auto":
+            level = (cfg.get("log") or {}).get("level", "info")
+            ready = "http" if level in ("warn", "error") else "event"
+        if ready not in ("event", "http"):
+            raise ValueError(f"ready={ready!r}")
+        self.ready_mode = ready
         self.cfg = cfg
         self.name = name
         self.conf_path = self.workdir / f"{name}.conf"
@@ -725,15 +804,43 @@ class Sidecar:
         self._t_out.start()
         self._t_err.start()
         self.stopped = False
+        # Index of the first access-log entry written during the current test
+        # (see conftest's _mark_logs): port-based lookups start there, so an
+        # ephemeral client port reused from an earlier test's connection to a
+        # module-shared sidecar never matches that older entry.
+        self.test_mark = 0
+        Sidecar.live.add(self)
         deadline = time.monotonic() + T(ready_timeout)
-        while not self._ready.wait(0.05):
+        while not (self._ready.wait(0.05) if ready == "event" else self._http_ready()):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 rc = self.proc.poll()
                 self.kill()
                 self._t_err.join(2)
+                what = "'ready' event" if ready == "event" else "200 from GET /ready"
                 raise SidecarError(
-                    f"{name}: no 'ready' event within {ready_timeout}s (rc={rc})\n"
+                    f"{name}: no {what} within {ready_timeout}s (rc={rc})\n"
                     f"config:\n{text}\nstderr:\n" + "\n".join(self.stderr_lines[-40:]))
+
+    def _http_ready(self) -> bool:
+        if self.admin_port is None:
+            raise SidecarError(f"{self.name}: ready='http' needs admin.listen")
+        try:
+            r = self.admin_get("/ready", timeout=0.5)
+        except (OSError, http.client.HTTPException):
+            time.sleep(0.05)
+            return False
+        if r.status != 200:
+            time.sleep(0.05)
+        return r.status == 200
+
+    # -- admin endpoint (issue 4)
+    def admin_get(self, path: str, method: str = "GET", *, timeout: float = 5.0,
+                  headers: dict | None = None, body: bytes | None = None) -> AdminResponse:
+        """One request to this sidecar's admin listener (http.client, new connection)."""
+        if self.admin_port is None:
+            raise SidecarError(f"{self.name}: no admin.listen in the config")
+        return http_get(self.admin_port, path, method, timeout=timeout, headers=headers,
+                        body=body)
 
     # -- output capture
     def _pump(self, stream, is_stdout: bool):
@@ -784,21 +891,30 @@ class Sidecar:
                     return None
                 self._cv.wait(min(left, 0.1))
 
-    def log_for_peer_port(self, port: int, timeout: float = 5.0, start: int = 0) -> dict | None:
-        want = addr(port)
-        return self.wait_for_log(lambda e: e.get("peer") == want, timeout, start)
+    def mark_test_start(self) -> None:
+        with self._cv:
+            self.test_mark = len(self.log)
 
-    def log_for_app_port(self, port: int, timeout: float = 5.0, start: int = 0) -> dict | None:
+    def log_for_peer_port(self, port: int, timeout: float = 5.0,
+                          start: int | None = None) -> dict | None:
         want = addr(port)
-        return self.wait_for_log(lambda e: e.get("app") == want, timeout, start)
+        return self.wait_for_log(lambda e: e.get("peer") == want, timeout,
+                                 self.test_mark if start is None else start)
+
+    def log_for_app_port(self, port: int, timeout: float = 5.0,
+                         start: int | None = None) -> dict | None:
+        want = addr(port)
+        return self.wait_for_log(lambda e: e.get("app") == want, timeout,
+                                 self.test_mark if start is None else start)
 
     # -- reload helpers (issue 3)
     def write_config(self, cfg: "dict | str") -> str:
         """Replace the config file atomically (rename) with a dict (rendered) or raw text.
         Does not signal; see sighup()."""
         if isinstance(cfg, str):
-            text, lines = cfg, {}
+            text, lines = self._keep_admin_text(cfg), {}
         else:
+            cfg = self._keep_admin(cfg)
             text, lines = render_config(cfg)
             self.cfg = cfg
         tmp = self.conf_path.with_name(self.conf_path.name + ".tmp")
@@ -807,8 +923,47 @@ class Sidecar:
         self.lines = lines
         return text
 
+    def _keep_admin(self, cfg: dict) -> dict:
+        """A config for SIGHUP: an admin.listen the harness picked itself (or none at all)
+        becomes this sidecar's current admin address; one a test set explicitly stays."""
+        listen = (cfg.get("admin") or {}).get("listen")
+        if self.admin_listen is None or listen == self.admin_listen:
+            return cfg
+        if listen is None or listen in _AUTO_ADMIN:
+            cfg = dict(cfg)
+            cfg["admin"] = {**(cfg.get("admin") or {}), "listen": self.admin_listen}
+            return cfg
+        self.admin_listen, self.admin_port = listen, admin_port_of(cfg)
+        return cfg
+
+    def _keep_admin_text(self, text: str) -> str:
+        """Same for raw config text rendered by render_config()."""
+        if self.admin_listen is None:
+            return text
+
+        def sub(m: "re.Match[str]") -> str:
+            return m.group(1) + (self.admin_listen if m.group(2) in _AUTO_ADMIN
+                                 else m.group(2)) + m.group(3)
+        return re.sub(r'(admin = \{\n\s*listen = ")([^"]*)(";)', sub, text, count=1)
+
     def sighup(self) -> None:
         self.proc.send_signal(signal.SIGHUP)
+
+    def signal(self, sig: int) -> None:
+        """Send a signal (e.g. SIGTERM for a drain test) without waiting."""
+        self.proc.send_signal(sig)
+
+    def wait_exit(self, timeout: float) -> int | None:
+        """Wait up to timeout (scaled) for the process to exit by itself; returns the exit
+        code (then output is fully captured and the sidecar counts as stopped) or None."""
+        try:
+            rc = self.proc.wait(T(timeout))
+        except subprocess.TimeoutExpired:
+            return None
+        self.stopped = True
+        self._t_out.join(2)
+        self._t_err.join(2)
+        return rc
 
     def event_count(self) -> int:
         with self._cv:

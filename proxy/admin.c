@@ -1,0 +1,558 @@
+#include "admin.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <llhttp.h>
+#include <openssl/bio.h>
+#include <openssl/bn.h>
+#include <openssl/digest.h>
+#include <openssl/mem.h>
+#include <openssl/x509.h>
+
+#include "compat.h"
+#include "conn.h"
+#include "gen.h"
+#include "identity.h"
+#include "log.h"
+#include "reload.h"
+#include "worker.h"
+
+#define HEAD_LIMIT 8192
+#define REQUEST_TIMEOUT_MS 5000
+
+typedef struct admin_conn {
+  uv_tcp_t tcp;
+  uv_timer_t timer;
+  uv_write_t write_req;
+  uv_shutdown_t shutdown_req;
+  llhttp_t parser;
+  llhttp_settings_t settings;
+  char url[1024];
+  size_t url_len, head_bytes;
+  int url_too_long, headers_done, complete, answered, handles;
+  pc_jbuf_t out;
+  struct admin_conn *prev, *next;
+} admin_conn_t;
+
+static uv_tcp_t server;
+static admin_conn_t *conns; /* open admin connections, closed by pc_admin_stop */
+static int server_open;
+static int draining;
+
+void pc_admin_set_draining(void) { draining = 1; }
+
+/* ---- responses ---------------------------------------------------------- */
+
+static void on_conn_closed(uv_handle_t *h) {
+  admin_conn_t *a = h->data;
+  if (--a->handles > 0) return;
+  if (a->prev)
+    a->prev->next = a->next;
+  else
+    conns = a->next;
+  if (a->next) a->next->prev = a->prev;
+  pc_jbuf_free(&a->out);
+  free(a);
+}
+
+static void close_conn(admin_conn_t *a) {
+  uv_timer_stop(&a->timer);
+  if (!uv_is_closing((uv_handle_t *)&a->timer)) uv_close((uv_handle_t *)&a->timer, on_conn_closed);
+  if (!uv_is_closing((uv_handle_t *)&a->tcp)) uv_close((uv_handle_t *)&a->tcp, on_conn_closed);
+}
+
+static void on_shutdown(uv_shutdown_t *req, int status) { close_conn(req->data); }
+
+static void on_written(uv_write_t *req, int status) {
+  admin_conn_t *a = req->data;
+  a->shutdown_req.data = a;
+  if (status < 0 || uv_shutdown(&a->shutdown_req, (uv_stream_t *)&a->tcp, on_shutdown) != 0)
+    close_conn(a);
+}
+
+static void respond(admin_conn_t *a, int status, const char *reason, const char *ctype,
+                    const char *extra_headers, const char *body, size_t body_len, int head_only) {
+  if (a->answered) return;
+  a->answered = 1;
+  uv_read_stop((uv_stream_t *)&a->tcp);
+  pc_jbuf_t hdr = {0};
+  pc_jbuf_printf(&hdr,
+                 "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
+                 "Cache-Control: no-store\r\nConnection: close\r\n%s\r\n",
+                 status, reason, ctype, body_len, extra_headers ? extra_headers : "");
+  pc_jbuf_raw(&a->out, hdr.data, hdr.len);
+  if (!head_only && body_len) pc_jbuf_raw(&a->out, body, body_len);
+  pc_jbuf_free(&hdr);
+  uv_buf_t b = uv_buf_init(a->out.data, (unsigned)a->out.len);
+  a->write_req.data = a;
+  if (uv_write(&a->write_req, (uv_stream_t *)&a->tcp, &b, 1, on_written) != 0) close_conn(a);
+}
+
+static void respond_text(admin_conn_t *a, int status, const char *reason, const char *body) {
+  respond(a, status, reason, "text/plain; charset=utf-8", NULL, body, strlen(body), 0);
+}
+
+/* ---- /metrics ----------------------------------------------------------- */
+
+typedef struct {
+  char *name;
+  pc_direction_t dir;
+  pc_metrics_t m;
+} series_t;
+
+typedef struct {
+  series_t *v;
+  size_t n;
+} series_set_t;
+
+static void collect_one(const pc_listener_t *l, const pc_metrics_t *retired, void *arg) {
+  series_set_t *set = arg;
+  if (!l) return; /* removed listeners: their series ended with them */
+  for (size_t i = 0; i < set->n; i++) {
+    if (set->v[i].dir == l->cfg->direction && strcmp(set->v[i].name, l->name) == 0) {
+      pc_metrics_add(&set->v[i].m, &l->stats);
+      return;
+    }
+  }
+  set->v = pc_realloc(set->v, (set->n + 1) * sizeof(series_t));
+  series_t *s = &set->v[set->n++];
+  memset(s, 0, sizeof(*s));
+  s->name = pc_strdup(l->name);
+  s->dir = l->cfg->direction;
+  pc_metrics_add(&s->m, &l->stats);
+}
+
+static const char *dir_word(pc_direction_t d) {
+  return d == PC_DIR_INBOUND ? "inbound" : "outbound";
+}
+
+static void help(pc_jbuf_t *b, const char *name, const char *type, const char *text) {
+  pc_jbuf_printf(b, "# HELP portcullis_%s %s\n# TYPE portcullis_%s %s\n", name, text, name, type);
+}
+
+/* Listener names are config strings limited to printable text; escape the
+ * characters the exposition format reserves anyway. */
+static void label_value(pc_jbuf_t *b, const char *v) {
+  for (; *v; v++) {
+    if (*v == '\\' || *v == '"')
+      pc_jbuf_printf(b, "\\%c", *v);
+    else if (*v == '\n')
+      pc_jbuf_raw(b, "\\n", 2);
+    else
+      pc_jbuf_raw(b, v, 1);
+  }
+}
+
+static void lbl(pc_jbuf_t *b, const series_t *s) {
+  pc_jbuf_raw(b, "listener=\"", 10);
+  label_value(b, s->name);
+  pc_jbuf_printf(b, "\",direction=\"%s\"", dir_word(s->dir));
+}
+
+static void render_metrics(pc_jbuf_t *b) {
+  series_set_t set = {0};
+  pc_workers_collect(collect_one, &set);
+  help(b, "connections_total", "counter",
+       "Connections by listener, direction, decision (allow, deny, error) and reason.");
+  for (size_t i = 0; i < set.n; i++)
+    for (int d = 0; d < PC_DECISION_COUNT; d++)
+      for (int r = 0; r < PC_REASON_COUNT; r++) {
+        uint64_t v = set.v[i].m.conns[d][r];
+        if (!v) continue; /* a series appears the first time it happens */
+        pc_jbuf_printf(b, "portcullis_connections_total{");
+        lbl(b, &set.v[i]);
+        pc_jbuf_printf(b, ",decision=\"%s\",reason=\"%s\"} %llu\n",
+                       pc_decision_word((pc_decision_t)d), pc_reason_word((pc_reason_t)r),
+                       (unsigned long long)v);
+      }
+  help(b, "active_connections", "gauge", "Open connections.");
+  for (size_t i = 0; i < set.n; i++) {
+    pc_jbuf_printf(b, "portcullis_active_connections{");
+    lbl(b, &set.v[i]);
+    pc_jbuf_printf(b, "} %lld\n", (long long)set.v[i].m.active);
+  }
+  help(b, "handshake_duration_seconds", "histogram",
+       "Duration of successful TLS handshakes (inbound: from accept).");
+  for (size_t i = 0; i < set.n; i++) {
+    const pc_metrics_t *m = &set.v[i].m;
+    uint64_t cum = 0;
+    for (int k = 0; k <= PC_HS_BUCKETS; k++) {
+      cum += m->hs_buckets[k];
+      pc_jbuf_printf(b, "portcullis_handshake_duration_seconds_bucket{");
+      lbl(b, &set.v[i]);
+      if (k < PC_HS_BUCKETS)
+        pc_jbuf_printf(b, ",le=\"%g\"} %llu\n", pc_hs_bucket_bounds[k], (unsigned long long)cum);
+      else
+        pc_jbuf_printf(b, ",le=\"+Inf\"} %llu\n", (unsigned long long)cum);
+    }
+    pc_jbuf_printf(b, "portcullis_handshake_duration_seconds_sum{");
+    lbl(b, &set.v[i]);
+    pc_jbuf_printf(b, "} %.6f\nportcullis_handshake_duration_seconds_count{", m->hs_sum);
+    lbl(b, &set.v[i]);
+    pc_jbuf_printf(b, "} %llu\n", (unsigned long long)m->hs_count);
+  }
+  help(b, "bytes_total", "counter", "Plaintext bytes moved, by flow (from_peer, to_peer).");
+  for (size_t i = 0; i < set.n; i++) {
+    pc_jbuf_printf(b, "portcullis_bytes_total{");
+    lbl(b, &set.v[i]);
+    pc_jbuf_printf(b, ",flow=\"from_peer\"} %llu\nportcullis_bytes_total{",
+                   (unsigned long long)set.v[i].m.bytes_from_peer);
+    lbl(b, &set.v[i]);
+    pc_jbuf_printf(b, ",flow=\"to_peer\"} %llu\n", (unsigned long long)set.v[i].m.bytes_to_peer);
+  }
+  static const struct {
+    const char *name, *text;
+    size_t off;
+  } counters[] = {
+      {"upstream_connect_failures_total", "Connections to the app or upstream that failed.",
+       offsetof(pc_metrics_t, connect_failures)},
+      {"accept_errors_total", "accept(2) failures (e.g. out of descriptors).",
+       offsetof(pc_metrics_t, accept_errors)},
+      {"accept_paused_total", "Times accepting paused at the connection cap.",
+       offsetof(pc_metrics_t, accept_pauses)},
+  };
+  for (size_t c = 0; c < PC_ARRAY_SIZE(counters); c++) {
+    help(b, counters[c].name, "counter", counters[c].text);
+    for (size_t i = 0; i < set.n; i++) {
+      uint64_t v = *(const uint64_t *)((const char *)&set.v[i].m + counters[c].off);
+      pc_jbuf_printf(b, "portcullis_%s{", counters[c].name);
+      lbl(b, &set.v[i]);
+      pc_jbuf_printf(b, "} %llu\n", (unsigned long long)v);
+    }
+  }
+  for (size_t i = 0; i < set.n; i++)
+    free(set.v[i].name);
+  free(set.v);
+
+  pc_gen_t *g = pc_gen_current();
+  help(b, "certificate_expiry_timestamp_seconds", "gauge",
+       "notAfter of this sidecar's certificate (Unix time).");
+  pc_jbuf_printf(b, "portcullis_certificate_expiry_timestamp_seconds %lld\n",
+                 (long long)(g ? g->certs->not_after : 0));
+  help(b, "config_generation", "gauge", "Generation of config and certificates in use.");
+  pc_jbuf_printf(b, "portcullis_config_generation %llu\n", (unsigned long long)(g ? g->id : 0));
+  if (g) pc_gen_unref(g);
+  pc_reload_stats_t rs;
+  pc_reload_stats(&rs);
+  help(b, "reloads_total", "counter", "Reload attempts by kind (certs, config) and result.");
+  for (int k = 0; k < PC_RELOAD_KINDS; k++) {
+    const char *kind = pc_reload_kind_word((pc_reload_kind_t)k);
+    pc_jbuf_printf(b, "portcullis_reloads_total{kind=\"%s\",result=\"ok\"} %llu\n", kind,
+                   (unsigned long long)rs.ok[k]);
+    pc_jbuf_printf(b, "portcullis_reloads_total{kind=\"%s\",result=\"failed\"} %llu\n", kind,
+                   (unsigned long long)rs.failed[k]);
+  }
+  help(b, "draining", "gauge", "1 while draining after SIGTERM.");
+  pc_jbuf_printf(b, "portcullis_draining %d\n", draining);
+  help(b, "build_info", "gauge", "Build information.");
+  pc_jbuf_printf(b,
+                 "portcullis_build_info{version=\"%s\",tls_library=\"BoringSSL\",libuv=\"%s\"} 1\n",
+                 PC_VERSION, uv_version_string());
+}
+
+/* ---- /config and /certs ------------------------------------------------- */
+
+static void kv_int(pc_jbuf_t *b, const char *k, long long v) { pc_jbuf_kv_i64(b, k, v); }
+
+static void kv_bool(pc_jbuf_t *b, const char *k, int v) { pc_jbuf_kv_bool(b, k, v); }
+
+static void rules_json(pc_jbuf_t *b, const char *key, const pc_policy_t *p) {
+  pc_jbuf_printf(b, ",\"%s\":[", key);
+  for (size_t i = 0; i < pc_policy_count(p); i++) {
+    const char *ns, *sa;
+    pc_policy_rule(p, i, &ns, &sa);
+    pc_jbuf_printf(b, "%s{", i ? "," : "");
+    pc_jbuf_kv_str(b, "namespace", ns);
+    pc_jbuf_kv_str(b, "service_account", sa);
+    pc_jbuf_raw(b, "}", 1);
+  }
+  pc_jbuf_raw(b, "]", 1);
+}
+
+static void render_config(pc_jbuf_t *b, const pc_gen_t *g) {
+  const pc_config_t *c = g->cfg;
+  pc_jbuf_raw(b, "{", 1);
+  kv_int(b, "generation", (long long)g->id);
+  pc_jbuf_kv_str(b, "file", c->file);
+  pc_jbuf_kv_str(b, "trust_domain", c->trust_domain);
+  kv_int(b, "workers", c->workers);
+  /* Paths only: key material and passphrases are never in the config. */
+  pc_jbuf_raw(b, ",\"identity\":{", 13);
+  pc_jbuf_kv_str(b, "cert", c->identity.cert);
+  pc_jbuf_kv_str(b, "key", c->identity.key);
+  pc_jbuf_kv_str(b, "ca", c->identity.ca);
+  pc_jbuf_kv_str(b, "key_passphrase_file", c->identity.key_passphrase_file);
+  kv_bool(b, "watch", c->identity.watch);
+  kv_int(b, "poll_interval_ms", (long long)c->identity.poll_interval_ms);
+  kv_int(b, "expiry_warning_hours", c->identity.expiry_warning_hours);
+  pc_jbuf_raw(b, "},\"tls\":{", 9);
+  pc_jbuf_kv_str(b, "min_version", c->tls.min_version == TLS1_3_VERSION ? "1.3" : "1.2");
+  pc_jbuf_kv_str(b, "ciphers", c->tls.ciphers);
+  pc_jbuf_kv_str(b, "curves", c->tls.curves);
+  kv_int(b, "verify_depth", c->tls.verify_depth);
+  pc_jbuf_raw(b, "},\"admin\":{", 11);
+  pc_jbuf_kv_str(b, "listen", c->admin.listen_str);
+  pc_jbuf_raw(b, "},\"log\":{", 9);
+  static const char *const levels[] = {"debug", "info", "warn", "error"};
+  pc_jbuf_kv_str(b, "level", levels[c->log.level]);
+  kv_bool(b, "access", c->log.access);
+  pc_jbuf_raw(b, "},\"limits\":{", 12);
+  kv_int(b, "max_connections", c->limits.max_connections);
+  kv_int(b, "handshake_timeout_ms", (long long)c->limits.handshake_timeout_ms);
+  kv_int(b, "connect_timeout_ms", (long long)c->limits.connect_timeout_ms);
+  kv_int(b, "idle_timeout_ms", (long long)c->limits.idle_timeout_ms);
+  kv_int(b, "drain_timeout_ms", (long long)c->limits.drain_timeout_ms);
+  kv_int(b, "revoke_grace_ms", (long long)c->limits.revoke_grace_ms);
+  pc_jbuf_raw(b, "}", 1);
+  for (int dir = 0; dir < 2; dir++) {
+    pc_jbuf_printf(b, ",\"%s\":[", dir == 0 ? "inbound" : "outbound");
+    int first = 1;
+    for (size_t i = 0; i < c->nlisteners; i++) {
+      const pc_listener_cfg_t *l = &c->listeners[i];
+      if ((int)l->direction != dir) continue;
+      pc_jbuf_raw(b, first ? "{" : ",{", first ? 1 : 2);
+      first = 0;
+      pc_jbuf_kv_str(b, "name", l->name);
+      pc_jbuf_kv_str(b, "listen", l->listen_str);
+      pc_jbuf_kv_str(b, dir == 0 ? "forward" : "upstream", l->target_str);
+      if (dir == 1) pc_jbuf_kv_str(b, "server_name", l->server_name);
+      pc_jbuf_kv_str(b, "protocol", l->protocol == PC_PROTO_HTTP ? "http" : "tcp");
+      rules_json(b, dir == 0 ? "allow" : "expect", l->policy);
+      pc_jbuf_raw(b, "}", 1);
+    }
+    pc_jbuf_raw(b, "]", 1);
+  }
+  pc_jbuf_raw(b, "}\n", 2);
+}
+
+static void time_json(pc_jbuf_t *b, const char *key, const ASN1_TIME *t) {
+  int days = 0, secs = 0;
+  char buf[32] = "";
+  if (ASN1_TIME_diff(&days, &secs, NULL, t)) {
+    time_t when = time(NULL) + days * 86400L + secs;
+    struct tm tm;
+    gmtime_r(&when, &tm);
+    strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", &tm);
+  }
+  pc_jbuf_kv_str(b, key, buf);
+}
+
+static void name_json(pc_jbuf_t *b, const char *key, X509_NAME *n) {
+  BIO *bio = BIO_new(BIO_s_mem());
+  if (!bio) pc_fatal("out of memory");
+  X509_NAME_print_ex(bio, n, 0, XN_FLAG_RFC2253);
+  const uint8_t *data;
+  size_t len;
+  BIO_mem_contents(bio, &data, &len);
+  char *s = pc_malloc(len + 1);
+  memcpy(s, data, len);
+  s[len] = '\0';
+  pc_jbuf_kv_str(b, key, s);
+  free(s);
+  BIO_free(bio);
+}
+
+static void cert_json(pc_jbuf_t *b, X509 *x, int first) {
+  pc_jbuf_raw(b, first ? "{" : ",{", first ? 1 : 2);
+  /* An empty trust domain never matches, so any well-formed ID comes back as
+   * "wrong trust domain" with the ID filled in: this is a report, not a check. */
+  char *id = NULL;
+  pc_identity_from_cert(x, "", &id);
+  pc_jbuf_kv_str(b, "spiffe_id", id);
+  free(id);
+  name_json(b, "subject", X509_get_subject_name(x));
+  name_json(b, "issuer", X509_get_issuer_name(x));
+  BIGNUM *bn = ASN1_INTEGER_to_BN(X509_get_serialNumber(x), NULL);
+  char *hex = bn ? BN_bn2hex(bn) : NULL;
+  for (char *p = hex; p && *p; p++)
+    if (*p >= 'a' && *p <= 'f') *p = (char)(*p - 'a' + 'A');
+  pc_jbuf_kv_str(b, "serial", hex);
+  OPENSSL_free(hex);
+  BN_free(bn);
+  time_json(b, "not_before", X509_get0_notBefore(x));
+  time_json(b, "not_after", X509_get0_notAfter(x));
+  uint8_t md[EVP_MAX_MD_SIZE];
+  unsigned mdlen = 0;
+  char fp[2 * EVP_MAX_MD_SIZE + 1] = "";
+  if (X509_digest(x, EVP_sha256(), md, &mdlen))
+    for (unsigned i = 0; i < mdlen; i++)
+      snprintf(fp + 2 * i, 3, "%02x", md[i]);
+  pc_jbuf_kv_str(b, "sha256", fp);
+  pc_jbuf_raw(b, "}", 1);
+}
+
+static void render_certs(pc_jbuf_t *b, const pc_gen_t *g) {
+  pc_jbuf_raw(b, "{", 1);
+  kv_int(b, "generation", (long long)g->id);
+  pc_jbuf_raw(b, ",\"identity\":[", 13);
+  cert_json(b, g->certs->leaf, 1);
+  for (size_t i = 0; i < sk_X509_num(g->certs->chain); i++)
+    cert_json(b, sk_X509_value(g->certs->chain, i), 0);
+  pc_jbuf_raw(b, "],\"bundle\":[", 12);
+  for (size_t i = 0; i < sk_X509_num(g->certs->bundle); i++)
+    cert_json(b, sk_X509_value(g->certs->bundle, i), i == 0);
+  pc_jbuf_raw(b, "]}\n", 3);
+}
+
+/* ---- routing ------------------------------------------------------------- */
+
+static void route(admin_conn_t *a) {
+  int method = llhttp_get_method(&a->parser);
+  int head = method == HTTP_HEAD;
+  if (method != HTTP_GET && !head) {
+    respond(a, 405, "Method Not Allowed", "text/plain; charset=utf-8", "Allow: GET, HEAD\r\n",
+            "method not allowed\n", 19, 0);
+    return;
+  }
+  char *q = memchr(a->url, '?', a->url_len);
+  size_t plen = q ? (size_t)(q - a->url) : a->url_len;
+  a->url[plen] = '\0';
+  const char *path = a->url;
+  pc_jbuf_t body = {0};
+  const char *json = "application/json";
+  if (strcmp(path, "/healthz") == 0) {
+    respond(a, 200, "OK", "text/plain; charset=utf-8", NULL, "ok\n", 3, head);
+  } else if (strcmp(path, "/ready") == 0) {
+    const char *why = NULL;
+    pc_gen_t *g = pc_gen_current();
+    if (draining)
+      why = "draining";
+    else if (!g)
+      why = "no certificates loaded";
+    else
+      pc_workers_ready(&why);
+    if (g) pc_gen_unref(g);
+    if (why) {
+      pc_jbuf_printf(&body, "%s\n", why);
+      respond(a, 503, "Service Unavailable", "text/plain; charset=utf-8", NULL, body.data, body.len,
+              head);
+    } else {
+      respond(a, 200, "OK", "text/plain; charset=utf-8", NULL, "ready\n", 6, head);
+    }
+  } else if (strcmp(path, "/metrics") == 0) {
+    render_metrics(&body);
+    respond(a, 200, "OK", "text/plain; version=0.0.4; charset=utf-8", NULL, body.data, body.len,
+            head);
+  } else if (strcmp(path, "/config") == 0 || strcmp(path, "/certs") == 0) {
+    pc_gen_t *g = pc_gen_current();
+    if (!g) {
+      respond_text(a, 503, "Service Unavailable", "starting\n");
+    } else {
+      if (path[2] == 'o')
+        render_config(&body, g);
+      else
+        render_certs(&body, g);
+      pc_gen_unref(g);
+      respond(a, 200, "OK", json, NULL, body.data, body.len, head);
+    }
+  } else {
+    respond_text(a, 404, "Not Found", "not found\n");
+  }
+  pc_jbuf_free(&body);
+}
+
+/* ---- parsing ------------------------------------------------------------ */
+
+static int on_url(llhttp_t *p, const char *at, size_t len) {
+  admin_conn_t *a = p->data;
+  if (a->url_len + len >= sizeof(a->url)) {
+    a->url_too_long = 1;
+    return 0;
+  }
+  memcpy(a->url + a->url_len, at, len);
+  a->url_len += len;
+  return 0;
+}
+
+static int on_message_complete(llhttp_t *p) {
+  admin_conn_t *a = p->data;
+  a->complete = 1;
+  return HPE_PAUSED; /* one request per connection: stop here */
+}
+
+static int on_headers_complete(llhttp_t *p) {
+  admin_conn_t *a = p->data;
+  a->headers_done = 1;
+  return 0;
+}
+
+static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+  static char scratch[4096]; /* main thread only; consumed before the next read */
+  *buf = uv_buf_init(scratch, sizeof(scratch));
+}
+
+static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
+  admin_conn_t *a = st->data;
+  if (a->answered) return;
+  if (nread < 0) {
+    close_conn(a);
+    return;
+  }
+  if (nread == 0) return;
+  a->head_bytes += (size_t)nread;
+  if (!a->headers_done && a->head_bytes > HEAD_LIMIT) {
+    respond_text(a, 431, "Request Header Fields Too Large", "request head too large\n");
+    return;
+  }
+  llhttp_errno_t e = llhttp_execute(&a->parser, buf->base, (size_t)nread);
+  if (a->complete || e == HPE_PAUSED) {
+    if (a->url_too_long)
+      respond_text(a, 414, "URI Too Long", "uri too long\n");
+    else
+      route(a);
+  } else if (e != HPE_OK) {
+    respond_text(a, 400, "Bad Request", "bad request\n");
+  }
+}
+
+static void on_timeout(uv_timer_t *t) {
+  admin_conn_t *a = t->data;
+  respond_text(a, 408, "Request Timeout", "request timeout\n");
+}
+
+static void on_connection(uv_stream_t *srv, int status) {
+  if (status < 0) return;
+  admin_conn_t *a = pc_calloc(1, sizeof(*a));
+  uv_tcp_init(srv->loop, &a->tcp);
+  uv_timer_init(srv->loop, &a->timer);
+  a->tcp.data = a->timer.data = a;
+  a->handles = 2;
+  a->next = conns;
+  if (conns) conns->prev = a;
+  conns = a;
+  if (uv_accept(srv, (uv_stream_t *)&a->tcp) != 0) {
+    close_conn(a);
+    return;
+  }
+  llhttp_settings_init(&a->settings);
+  a->settings.on_url = on_url;
+  a->settings.on_headers_complete = on_headers_complete;
+  a->settings.on_message_complete = on_message_complete;
+  llhttp_init(&a->parser, HTTP_REQUEST, &a->settings);
+  a->parser.data = a;
+  uv_timer_start(&a->timer, on_timeout, REQUEST_TIMEOUT_MS, 0);
+  uv_read_start((uv_stream_t *)&a->tcp, alloc_cb, on_read);
+}
+
+int pc_admin_start(uv_loop_t *loop, const pc_config_t *cfg, char *err, size_t errlen) {
+  uv_tcp_init(loop, &server);
+  server_open = 1;
+  int rc = uv_tcp_bind(&server, (const struct sockaddr *)&cfg->admin.listen, 0);
+  if (rc == 0) rc = uv_listen((uv_stream_t *)&server, 128, on_connection);
+  if (rc) {
+    snprintf(err, errlen, "%s:%d: admin.listen: cannot listen on %s: %s", cfg->file,
+             cfg->admin.line, cfg->admin.listen_str, uv_strerror(rc));
+    return -1;
+  }
+  return 0;
+}
+
+void pc_admin_stop(void) {
+  if (server_open && !uv_is_closing((uv_handle_t *)&server)) uv_close((uv_handle_t *)&server, NULL);
+  server_open = 0;
+  for (admin_conn_t *a = conns; a; a = a->next)
+    close_conn(a);
+}
