@@ -71,6 +71,11 @@ say "payments inbound sidecar: access log"
 cat payments-inbound.access.log
 say "the refusal, as the inbound sidecar logged it"
 grep '"decision":"deny"' payments-inbound.access.log
+say "the same refusal in the inbound sidecar's metrics (admin endpoint 127.0.0.1:18100/metrics)"
+/usr/bin/python3 -c '
+import urllib.request
+text = urllib.request.urlopen("http://127.0.0.1:18100/metrics", timeout=5).read().decode()
+print("\n".join(l for l in text.splitlines() if l.startswith("portcullis_connections_total")))'
 say "evil's outbound sidecar saw the handshake refused by the upstream"
 cat evil-outbound.access.log
 
