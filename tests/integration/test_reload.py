@@ -1377,3 +1377,8 @@ def test_sighup_revokes_connection_whose_handshake_straddles_the_reload(env, pki
                                f"(revoke_grace_ms = {GRACE_MS}); the app echoed {bytes(echoed)!r}")
     e = sc.log_for_peer_port(local_port, timeout=3)
     assert e is not None and e["decision"] == "deny" and e["reason"] == "not_allowed", e
+    # The handshake finished under the new policy, so the refusal happens before the
+    # app is contacted: nothing is echoed and the app never sees a connection.
+    assert e["close"] == "refused", e
+    assert bytes(echoed) == b"", bytes(echoed)
+    assert app.count() == 0, f"the app was contacted ({app.count()} connections)"
