@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # gen-dev-pki.sh OUTDIR [TRUST_DOMAIN]
+# gen-dev-pki.sh --leaf OUTDIR CA_CRT CA_KEY STEM NS SA [TRUST_DOMAIN [NOT_BEFORE NOT_AFTER]]
 #
 # Generates the portcullis development / test PKI into OUTDIR (created if
 # missing): a root CA, an unrelated root CA, good SPIFFE workload certs, an
@@ -12,6 +13,12 @@
 # not-yet-valid certs without faketime.  Every cert gets a random 159-bit
 # serial (-rand_serial).  Keys are EC P-256, unencrypted PKCS#8 PEM, mode 0600.
 #
+# --leaf issues one more workload certificate (OUTDIR/STEM.crt + .key, SPIFFE
+# ID spiffe://TRUST_DOMAIN/ns/NS/sa/SA) signed by an existing CA, the same way
+# the full run issues its workload certs; NOT_BEFORE/NOT_AFTER are
+# GeneralizedTime (YYYYMMDDHHMMSSZ), default now - 1 h .. + 30 days. Tests use
+# it to mint rotations.
+#
 # Re-running into a populated OUTDIR regenerates everything.  Everything is
 # built in a temp dir inside OUTDIR and then renamed into place.
 set -euo pipefail
@@ -19,9 +26,26 @@ set -euo pipefail
 prog=gen-dev-pki
 die() { printf '%s: error: %s\n' "$prog" "$*" >&2; exit 1; }
 
-[[ $# -ge 1 && $# -le 2 ]] || die "usage: $0 OUTDIR [TRUST_DOMAIN]   (default trust domain cluster.local)"
-outdir=$1
-td=${2:-cluster.local}
+mode=pki
+if [[ ${1:-} == --leaf ]]; then
+    mode=leaf
+    shift
+    [[ $# -eq 6 || $# -eq 7 || $# -eq 9 ]] ||
+        die "usage: $0 --leaf OUTDIR CA_CRT CA_KEY STEM NS SA [TRUST_DOMAIN [NOT_BEFORE NOT_AFTER]]"
+    outdir=$1 ca_crt=$2 ca_key=$3 stem=$4 ns=$5 sa=$6 td=${7:-cluster.local}
+    start=${8:-} end=${9:-}
+    for v in "$stem" "$ns" "$sa"; do
+        [[ $v =~ ^[A-Za-z0-9._-]+$ && $v != . && $v != .. ]] || die "invalid name '$v'"
+    done
+    for v in "$start" "$end"; do
+        [[ -z $v || $v =~ ^[0-9]{14}Z$ ]] || die "invalid time '$v' (want YYYYMMDDHHMMSSZ)"
+    done
+    [[ -r $ca_crt && -r $ca_key ]] || die "cannot read CA '$ca_crt' / '$ca_key'"
+else
+    [[ $# -ge 1 && $# -le 2 ]] || die "usage: $0 OUTDIR [TRUST_DOMAIN]   (default trust domain cluster.local)"
+    outdir=$1
+    td=${2:-cluster.local}
+fi
 [[ -n $outdir ]] || die "OUTDIR must not be empty"
 # SPIFFE trust domain charset (also keeps the value safe to embed in configs).
 [[ $td =~ ^[a-z0-9._-]+$ ]] || die "invalid trust domain '$td' (allowed: lowercase letters, digits, '.', '-', '_')"
@@ -138,18 +162,6 @@ leaf_ext() {
     } >"$1"
 }
 
-# --- root CAs -----------------------------------------------------------------
-ca_ext "$tmp/ca.ext"
-newreq ca "/O=portcullis dev/CN=portcullis dev root CA"
-sign ca self "$ca_start" "$ca_end" "$tmp/ca.ext"
-newreq other-ca "/O=portcullis dev/CN=portcullis dev other root CA (untrusted)"
-sign other-ca self "$ca_start" "$ca_end" "$tmp/ca.ext"
-
-# --- intermediate CA + leaf -------------------------------------------------------
-ca_ext "$tmp/int.ext" 0
-newreq int-ca "/O=portcullis dev/CN=portcullis dev intermediate CA"
-sign int-ca ca "$leaf_start" "$ca_end" "$tmp/int.ext"
-
 # --- workload leaves ----------------------------------------------------------------
 both="serverAuth, clientAuth"
 id() { echo "spiffe://$td/ns/$1/sa/$2"; }
@@ -164,6 +176,26 @@ leaf() {
     newreq "$stem" "${8:-$fe_subj}"
     sign "$stem" "$2" "$3" "$4" "$tmp/$stem.ext"
 }
+
+if [[ $mode == leaf ]]; then
+    cp -- "$ca_crt" "$tmp/ca.pem"
+    cp -- "$ca_key" "$tmp/ca.key"
+    leaf "$stem" ca "${start:-$leaf_start}" "${end:-$leaf_end}" \
+        "URI:$(id "$ns" "$sa"), DNS:$sa.$ns.svc" "$both" "" "/O=portcullis dev/CN=$sa.$ns.svc"
+    final=("$stem")
+else
+
+# --- root CAs -----------------------------------------------------------------
+ca_ext "$tmp/ca.ext"
+newreq ca "/O=portcullis dev/CN=portcullis dev root CA"
+sign ca self "$ca_start" "$ca_end" "$tmp/ca.ext"
+newreq other-ca "/O=portcullis dev/CN=portcullis dev other root CA (untrusted)"
+sign other-ca self "$ca_start" "$ca_end" "$tmp/ca.ext"
+
+# --- intermediate CA + leaf -------------------------------------------------------
+ca_ext "$tmp/int.ext" 0
+newreq int-ca "/O=portcullis dev/CN=portcullis dev intermediate CA"
+sign int-ca ca "$leaf_start" "$ca_end" "$tmp/int.ext"
 
 final=(ca other-ca int-ca)
 for w in payments-api web-frontend web-admin jobs-scheduler jobs-worker evil-intruder; do
@@ -205,6 +237,7 @@ leaf bad-malformed-id  ca "$leaf_start" "$leaf_end" "URI:spiffe://$td/ns/web/sa/
 leaf bad-not-spiffe    ca "$leaf_start" "$leaf_end" "URI:https://$td/ns/web/sa/frontend, DNS:$fe_dns" "$both"
 final+=(bad-other-ca bad-self-signed bad-expired bad-not-yet-valid bad-two-uris bad-no-uri
         bad-wrong-td bad-server-only bad-client-only bad-ca-leaf bad-malformed-id bad-not-spiffe)
+fi
 
 # --- install ------------------------------------------------------------------------
 for f in "${final[@]}"; do

@@ -7,11 +7,10 @@
 
 #include <llhttp.h>
 #include <openssl/bio.h>
-#include <openssl/bn.h>
 #include <openssl/digest.h>
-#include <openssl/mem.h>
 #include <openssl/x509.h>
 
+#include "certstore.h"
 #include "compat.h"
 #include "conn.h"
 #include "gen.h"
@@ -108,9 +107,8 @@ typedef struct {
   size_t n;
 } series_set_t;
 
-static void collect_one(const pc_listener_t *l, const pc_metrics_t *retired, void *arg) {
+static void collect_one(const pc_listener_t *l, void *arg) {
   series_set_t *set = arg;
-  if (!l) return; /* removed listeners: their series ended with them */
   for (size_t i = 0; i < set->n; i++) {
     if (set->v[i].dir == l->cfg->direction && strcmp(set->v[i].name, l->name) == 0) {
       pc_metrics_add(&set->v[i].m, &l->stats);
@@ -255,10 +253,6 @@ static void render_metrics(pc_jbuf_t *b) {
 
 /* ---- /config and /certs ------------------------------------------------- */
 
-static void kv_int(pc_jbuf_t *b, const char *k, long long v) { pc_jbuf_kv_i64(b, k, v); }
-
-static void kv_bool(pc_jbuf_t *b, const char *k, int v) { pc_jbuf_kv_bool(b, k, v); }
-
 static void rules_json(pc_jbuf_t *b, const char *key, const pc_policy_t *p) {
   pc_jbuf_printf(b, ",\"%s\":[", key);
   for (size_t i = 0; i < pc_policy_count(p); i++) {
@@ -275,37 +269,37 @@ static void rules_json(pc_jbuf_t *b, const char *key, const pc_policy_t *p) {
 static void render_config(pc_jbuf_t *b, const pc_gen_t *g) {
   const pc_config_t *c = g->cfg;
   pc_jbuf_raw(b, "{", 1);
-  kv_int(b, "generation", (long long)g->id);
+  pc_jbuf_kv_i64(b, "generation", (long long)g->id);
   pc_jbuf_kv_str(b, "file", c->file);
   pc_jbuf_kv_str(b, "trust_domain", c->trust_domain);
-  kv_int(b, "workers", c->workers);
+  pc_jbuf_kv_i64(b, "workers", c->workers);
   /* Paths only: key material and passphrases are never in the config. */
   pc_jbuf_raw(b, ",\"identity\":{", 13);
   pc_jbuf_kv_str(b, "cert", c->identity.cert);
   pc_jbuf_kv_str(b, "key", c->identity.key);
   pc_jbuf_kv_str(b, "ca", c->identity.ca);
   pc_jbuf_kv_str(b, "key_passphrase_file", c->identity.key_passphrase_file);
-  kv_bool(b, "watch", c->identity.watch);
-  kv_int(b, "poll_interval_ms", (long long)c->identity.poll_interval_ms);
-  kv_int(b, "expiry_warning_hours", c->identity.expiry_warning_hours);
+  pc_jbuf_kv_bool(b, "watch", c->identity.watch);
+  pc_jbuf_kv_i64(b, "poll_interval_ms", (long long)c->identity.poll_interval_ms);
+  pc_jbuf_kv_i64(b, "expiry_warning_hours", c->identity.expiry_warning_hours);
   pc_jbuf_raw(b, "},\"tls\":{", 9);
   pc_jbuf_kv_str(b, "min_version", c->tls.min_version == TLS1_3_VERSION ? "1.3" : "1.2");
   pc_jbuf_kv_str(b, "ciphers", c->tls.ciphers);
   pc_jbuf_kv_str(b, "curves", c->tls.curves);
-  kv_int(b, "verify_depth", c->tls.verify_depth);
+  pc_jbuf_kv_i64(b, "verify_depth", c->tls.verify_depth);
   pc_jbuf_raw(b, "},\"admin\":{", 11);
   pc_jbuf_kv_str(b, "listen", c->admin.listen_str);
   pc_jbuf_raw(b, "},\"log\":{", 9);
   static const char *const levels[] = {"debug", "info", "warn", "error"};
   pc_jbuf_kv_str(b, "level", levels[c->log.level]);
-  kv_bool(b, "access", c->log.access);
+  pc_jbuf_kv_bool(b, "access", c->log.access);
   pc_jbuf_raw(b, "},\"limits\":{", 12);
-  kv_int(b, "max_connections", c->limits.max_connections);
-  kv_int(b, "handshake_timeout_ms", (long long)c->limits.handshake_timeout_ms);
-  kv_int(b, "connect_timeout_ms", (long long)c->limits.connect_timeout_ms);
-  kv_int(b, "idle_timeout_ms", (long long)c->limits.idle_timeout_ms);
-  kv_int(b, "drain_timeout_ms", (long long)c->limits.drain_timeout_ms);
-  kv_int(b, "revoke_grace_ms", (long long)c->limits.revoke_grace_ms);
+  pc_jbuf_kv_i64(b, "max_connections", c->limits.max_connections);
+  pc_jbuf_kv_i64(b, "handshake_timeout_ms", (long long)c->limits.handshake_timeout_ms);
+  pc_jbuf_kv_i64(b, "connect_timeout_ms", (long long)c->limits.connect_timeout_ms);
+  pc_jbuf_kv_i64(b, "idle_timeout_ms", (long long)c->limits.idle_timeout_ms);
+  pc_jbuf_kv_i64(b, "drain_timeout_ms", (long long)c->limits.drain_timeout_ms);
+  pc_jbuf_kv_i64(b, "revoke_grace_ms", (long long)c->limits.revoke_grace_ms);
   pc_jbuf_raw(b, "}", 1);
   for (int dir = 0; dir < 2; dir++) {
     pc_jbuf_printf(b, ",\"%s\":[", dir == 0 ? "inbound" : "outbound");
@@ -329,14 +323,9 @@ static void render_config(pc_jbuf_t *b, const pc_gen_t *g) {
 }
 
 static void time_json(pc_jbuf_t *b, const char *key, const ASN1_TIME *t) {
-  int days = 0, secs = 0;
   char buf[32] = "";
-  if (ASN1_TIME_diff(&days, &secs, NULL, t)) {
-    time_t when = time(NULL) + days * 86400L + secs;
-    struct tm tm;
-    gmtime_r(&when, &tm);
-    strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", &tm);
-  }
+  time_t when = pc_certs_time(t);
+  if (when) pc_log_utc(when, buf, sizeof(buf));
   pc_jbuf_kv_str(b, key, buf);
 }
 
@@ -365,13 +354,9 @@ static void cert_json(pc_jbuf_t *b, X509 *x, int first) {
   free(id);
   name_json(b, "subject", X509_get_subject_name(x));
   name_json(b, "issuer", X509_get_issuer_name(x));
-  BIGNUM *bn = ASN1_INTEGER_to_BN(X509_get_serialNumber(x), NULL);
-  char *hex = bn ? BN_bn2hex(bn) : NULL;
-  for (char *p = hex; p && *p; p++)
-    if (*p >= 'a' && *p <= 'f') *p = (char)(*p - 'a' + 'A');
-  pc_jbuf_kv_str(b, "serial", hex);
-  OPENSSL_free(hex);
-  BN_free(bn);
+  char serial[80];
+  pc_certs_serial(x, serial, sizeof(serial));
+  pc_jbuf_kv_str(b, "serial", serial);
   time_json(b, "not_before", X509_get0_notBefore(x));
   time_json(b, "not_after", X509_get0_notAfter(x));
   uint8_t md[EVP_MAX_MD_SIZE];
@@ -386,7 +371,7 @@ static void cert_json(pc_jbuf_t *b, X509 *x, int first) {
 
 static void render_certs(pc_jbuf_t *b, const pc_gen_t *g) {
   pc_jbuf_raw(b, "{", 1);
-  kv_int(b, "generation", (long long)g->id);
+  pc_jbuf_kv_i64(b, "generation", (long long)g->id);
   pc_jbuf_raw(b, ",\"identity\":[", 13);
   cert_json(b, g->certs->leaf, 1);
   for (size_t i = 0; i < sk_X509_num(g->certs->chain); i++)

@@ -143,7 +143,7 @@ int pc_certs_digest(const pc_config_t *cfg, uint8_t out[32]) {
   return 0;
 }
 
-static void format_serial(X509 *x, char *out, size_t n) {
+void pc_certs_serial(X509 *x, char *out, size_t n) {
   BIGNUM *bn = ASN1_INTEGER_to_BN(X509_get_serialNumber(x), NULL);
   char *hex = bn ? BN_bn2hex(bn) : NULL;
   snprintf(out, n, "%s", hex ? hex : "?");
@@ -151,6 +151,23 @@ static void format_serial(X509 *x, char *out, size_t n) {
     if (*p >= 'a' && *p <= 'f') *p = (char)(*p - 'a' + 'A');
   OPENSSL_free(hex);
   BN_free(bn);
+}
+
+int pc_certs_verify_chain(X509_STORE *store, X509 *leaf, STACK_OF(X509) * chain, int as_server,
+                          int depth) {
+  X509_STORE_CTX *xc = X509_STORE_CTX_new();
+  if (!xc || !X509_STORE_CTX_init(xc, store, leaf, chain)) pc_fatal("out of memory");
+  X509_STORE_CTX_set_default(xc, as_server ? "ssl_server" : "ssl_client");
+  X509_VERIFY_PARAM_set_depth(X509_STORE_CTX_get0_param(xc), depth);
+  int verr = X509_verify_cert(xc) == 1 ? X509_V_OK : X509_STORE_CTX_get_error(xc);
+  X509_STORE_CTX_free(xc);
+  ERR_clear_error();
+  return verr;
+}
+
+time_t pc_certs_time(const ASN1_TIME *t) {
+  int days = 0, secs = 0;
+  return ASN1_TIME_diff(&days, &secs, NULL, t) ? time(NULL) + days * 86400L + secs : 0;
 }
 
 int pc_certs_load(const pc_config_t *cfg, pc_certs_t **out, char *err, size_t errlen) {
@@ -176,7 +193,7 @@ int pc_certs_load(const pc_config_t *cfg, pc_certs_t **out, char *err, size_t er
   }
   c->leaf = sk_X509_shift(certs);
   c->chain = certs;
-  format_serial(c->leaf, c->serial, sizeof(c->serial));
+  pc_certs_serial(c->leaf, c->serial, sizeof(c->serial));
 
   BIO *kb = BIO_new_mem_buf(b[F_KEY].data, (int)b[F_KEY].len);
   if (!kb) pc_fatal("out of memory");
@@ -232,26 +249,16 @@ int pc_certs_load(const pc_config_t *cfg, pc_certs_t **out, char *err, size_t er
 
   /* Our own chain must verify for both roles we play: server for inbound,
    * client for outbound; peers would refuse it otherwise. */
-  static const char *const roles[] = {"ssl_server", "ssl_client"};
-  for (size_t i = 0; i < PC_ARRAY_SIZE(roles); i++) {
-    X509_STORE_CTX *xc = X509_STORE_CTX_new();
-    if (!xc || !X509_STORE_CTX_init(xc, c->store, c->leaf, c->chain)) pc_fatal("out of memory");
-    X509_STORE_CTX_set_default(xc, roles[i]);
-    X509_VERIFY_PARAM_set_depth(X509_STORE_CTX_get0_param(xc), cfg->tls.verify_depth);
-    int ok = X509_verify_cert(xc);
-    int verr = X509_STORE_CTX_get_error(xc);
-    X509_STORE_CTX_free(xc);
-    ERR_clear_error();
-    if (ok != 1) {
+  for (int as_server = 1; as_server >= 0; as_server--) {
+    int verr = pc_certs_verify_chain(c->store, c->leaf, c->chain, as_server, cfg->tls.verify_depth);
+    if (verr != X509_V_OK) {
       snprintf(err, errlen, "%s:%d: identity.cert: \"%s\" does not verify against \"%s\" as %s: %s",
                file, cfg->identity.line_cert, cfg->identity.cert, cfg->identity.ca,
-               i == 0 ? "server" : "client", X509_verify_cert_error_string(verr));
+               as_server ? "server" : "client", X509_verify_cert_error_string(verr));
       goto fail;
     }
   }
-  const ASN1_TIME *na = X509_get0_notAfter(c->leaf);
-  int days = 0, secs = 0;
-  c->not_after = ASN1_TIME_diff(&days, &secs, NULL, na) ? time(NULL) + days * 86400L + secs : 0;
+  c->not_after = pc_certs_time(X509_get0_notAfter(c->leaf));
   for (int i = 0; i < F_COUNT; i++)
     blob_free(&b[i]);
   *out = c;

@@ -43,6 +43,20 @@ typedef struct {
  * wiped from memory after use and never written to err. */
 int pc_certs_load(const pc_config_t *cfg, pc_certs_t **out, char *err, size_t errlen);
 
+/* Verifies leaf (with the untrusted chain) against store for a TLS role:
+ * as_server requires a certificate usable by a TLS server, otherwise by a
+ * client; at most depth intermediates. Returns X509_V_OK or the
+ * X509_V_ERR_* code. Any thread (the store is shared read-only). */
+int pc_certs_verify_chain(X509_STORE *store, X509 *leaf, STACK_OF(X509) * chain, int as_server,
+                          int depth);
+
+/* The Unix time an ASN1_TIME denotes, or 0 if it cannot be read. */
+time_t pc_certs_time(const ASN1_TIME *t);
+
+/* x's serial number as uppercase hex without colons (as `openssl x509
+ * -serial` prints it) into out. */
+void pc_certs_serial(X509 *x, char *out, size_t n);
+
 /* SHA-256 over the bytes of the identity files as they are now, without
  * parsing them. Returns 0, or -1 if a file cannot be read. */
 int pc_certs_digest(const pc_config_t *cfg, uint8_t out[32]);

@@ -298,10 +298,11 @@ static void on_handshake(pc_stream_t *s, int status) {
   c->handshaken = 1;
   pc_metrics_handshake(&c->l->stats, (double)(uv_hrtime() - c->hs_start_ns) / 1e9);
   STACK_OF(X509) *chain = SSL_get_peer_full_cert_chain(s->ssl);
-  int days = 0, secs = 0;
-  if (chain && sk_X509_num(chain) > 0 &&
-      ASN1_TIME_diff(&days, &secs, NULL, X509_get0_notAfter(sk_X509_value(chain, 0)))) {
-    int64_t left_ms = ((int64_t)days * 86400 + secs) * 1000;
+  time_t na = chain && sk_X509_num(chain) > 0
+                  ? pc_certs_time(X509_get0_notAfter(sk_X509_value(chain, 0)))
+                  : 0;
+  if (na) {
+    int64_t left_ms = ((int64_t)na - (int64_t)time(NULL)) * 1000;
     c->expire_at = uv_now(c->timer.loop) + (uint64_t)(left_ms > 0 ? left_ms : 0) +
                    c->gen->cfg->limits.revoke_grace_ms;
   }

@@ -140,9 +140,6 @@ void pc_listener_ref(pc_listener_t *l) { l->refs++; }
 
 void pc_listener_unref(pc_listener_t *l) {
   if (--l->refs > 0) return;
-  uv_mutex_lock(&l->w->lock);
-  pc_metrics_add(&l->w->retired, &l->stats);
-  uv_mutex_unlock(&l->w->lock);
   free(l->name);
   free(l);
 }

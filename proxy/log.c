@@ -157,6 +157,12 @@ void pc_jbuf_kv_bool(pc_jbuf_t *b, const char *key, int value) {
   pc_jbuf_printf(b, ":%s", value ? "true" : "false");
 }
 
+void pc_log_utc(time_t t, char *out, size_t n) {
+  struct tm tm;
+  gmtime_r(&t, &tm);
+  strftime(out, n, "%Y-%m-%dT%H:%M:%SZ", &tm);
+}
+
 void pc_jbuf_now(pc_jbuf_t *b) {
   struct timespec ts;
   struct tm tm;

@@ -12,6 +12,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <time.h>
 
 #include "reason.h"
 
@@ -47,6 +48,9 @@ void pc_jbuf_kv_str(pc_jbuf_t *b, const char *key, const char *value);
 void pc_jbuf_kv_u64(pc_jbuf_t *b, const char *key, uint64_t value);
 void pc_jbuf_kv_i64(pc_jbuf_t *b, const char *key, int64_t value);
 void pc_jbuf_kv_bool(pc_jbuf_t *b, const char *key, int value);
+/* Formats t as RFC 3339 UTC without fractions ("2026-01-31T23:59:59Z"). */
+void pc_log_utc(time_t t, char *out, size_t n);
+
 /* Appends an RFC 3339 UTC timestamp with milliseconds for the current time. */
 void pc_jbuf_now(pc_jbuf_t *b);
 

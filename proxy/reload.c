@@ -43,12 +43,6 @@ static void count(pc_reload_kind_t k, int ok) {
   __atomic_store_n(&stats.last_failed, !ok, __ATOMIC_RELAXED);
 }
 
-static void iso_time(time_t t, char *out, size_t n) {
-  struct tm tm;
-  gmtime_r(&t, &tm);
-  strftime(out, n, "%Y-%m-%dT%H:%M:%SZ", &tm);
-}
-
 /* Warns when our own certificate is close to expiry, louder when the last
  * reload failed (the rotation that should replace it is not getting through). */
 static void check_expiry(const pc_gen_t *g) {
@@ -56,7 +50,7 @@ static void check_expiry(const pc_gen_t *g) {
   int64_t left = (int64_t)g->certs->not_after - (int64_t)now;
   if (left > (int64_t)g->cfg->identity.expiry_warning_hours * 3600) return;
   char when[32];
-  iso_time(g->certs->not_after, when, sizeof(when));
+  pc_log_utc(g->certs->not_after, when, sizeof(when));
   pc_log(PC_LOG_WARN, "certificate expires soon: %s serial=%s not_after=%s (in %lld hours)%s",
          g->certs->spiffe_id, g->certs->serial, when, (long long)(left / 3600),
          stats.last_failed ? "; the last reload failed, so nothing is replacing it yet" : "");
@@ -64,7 +58,7 @@ static void check_expiry(const pc_gen_t *g) {
 
 static void log_ok(pc_reload_kind_t k, const pc_gen_t *g) {
   char when[32];
-  iso_time(g->certs->not_after, when, sizeof(when));
+  pc_log_utc(g->certs->not_after, when, sizeof(when));
   pc_log(PC_LOG_INFO, "reload ok: kind=%s generation=%llu serial=%s not_after=%s",
          pc_reload_kind_word(k), (unsigned long long)g->id, g->certs->serial, when);
 }
@@ -186,6 +180,10 @@ static void watch_dir_of(const char *path) {
       free(dir);
       return;
     }
+  }
+  if (nwatches == MAX_WATCHES) { /* cert, key, ca, passphrase: never more */
+    free(dir);
+    return;
   }
   watch_t *w = pc_calloc(1, sizeof(*w));
   w->dir = dir;

@@ -25,17 +25,10 @@ static pc_reason_t chain_reason(int verr) {
 pc_reason_t pc_tls_check_chain(pc_tls_peer_t *pv, STACK_OF(X509) * chain) {
   if (!chain || sk_X509_num(chain) == 0) return PC_REASON_NO_CERT;
   X509 *leaf = sk_X509_value(chain, 0);
-  X509_STORE_CTX *xc = X509_STORE_CTX_new();
-  if (!xc || !X509_STORE_CTX_init(xc, pv->store, leaf, chain)) pc_fatal("out of memory");
   /* Inbound peers are TLS clients and must carry clientAuth; upstreams are
    * servers and must carry serverAuth. */
-  X509_STORE_CTX_set_default(xc, pv->is_server ? "ssl_client" : "ssl_server");
-  X509_VERIFY_PARAM_set_depth(X509_STORE_CTX_get0_param(xc), pv->depth);
-  int ok = X509_verify_cert(xc);
-  int verr = X509_STORE_CTX_get_error(xc);
-  X509_STORE_CTX_free(xc);
-  ERR_clear_error();
-  if (ok != 1) return chain_reason(verr);
+  int verr = pc_certs_verify_chain(pv->store, leaf, chain, !pv->is_server, pv->depth);
+  if (verr != X509_V_OK) return chain_reason(verr);
   pc_reason_t r = pc_identity_check_leaf(leaf);
   if (r != PC_REASON_NONE) return r;
   free(pv->peer_id);

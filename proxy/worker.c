@@ -245,14 +245,12 @@ void pc_workers_drain(void) {
   }
 }
 
-void pc_workers_collect(void (*fn)(const pc_listener_t *, const pc_metrics_t *, void *),
-                        void *arg) {
+void pc_workers_collect(void (*fn)(const pc_listener_t *, void *), void *arg) {
   for (int i = 0; i < nworkers; i++) {
     pc_worker_t *w = &workers[i];
     uv_mutex_lock(&w->lock);
     for (size_t j = 0; j < w->nlisteners; j++)
-      if (w->listeners[j]) fn(w->listeners[j], NULL, arg);
-    fn(NULL, &w->retired, arg);
+      if (w->listeners[j]) fn(w->listeners[j], arg);
     uv_mutex_unlock(&w->lock);
   }
 }

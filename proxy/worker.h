@@ -22,7 +22,6 @@
 
 #include "gen.h"
 #include "listener.h"
-#include "metrics.h"
 #include "stream.h"
 
 struct pc_conn;
@@ -40,9 +39,8 @@ typedef struct pc_worker {
   int drain_requested;
   int draining; /* worker thread: listeners stopped */
   int npaused;
-  pc_metrics_t retired; /* counters of listeners a reload removed */
   pc_scratch_t scratch;
-  /* Guards listeners/nlisteners/retired/all_bound for readers on other
+  /* Guards listeners/nlisteners/all_bound for readers on other
    * threads (only this worker writes them), and the hand-over fields. */
   uv_mutex_t lock;
   int all_bound;             /* every listener of the adopted generation is up */
@@ -71,11 +69,10 @@ void pc_workers_stop(void);
  * new connections are refused); open connections continue. Main thread. */
 void pc_workers_drain(void);
 
-/* Calls fn(l, NULL, arg) for every listener of every worker while holding
- * that worker's lock (fn must not block), then fn(NULL, retired, arg) with the
- * counters of listeners a reload removed. Main thread. */
-void pc_workers_collect(void (*fn)(const pc_listener_t *l, const pc_metrics_t *retired, void *arg),
-                        void *arg);
+/* Calls fn(l, arg) for every listener of every worker while holding that
+ * worker's lock (fn must not block). A listener removed by a reload is no
+ * longer visited: its counters end with it. Main thread. */
+void pc_workers_collect(void (*fn)(const pc_listener_t *l, void *arg), void *arg);
 
 /* 1 if every worker has adopted a generation and bound all its listeners;
  * else 0 with a short reason in why (static storage). Main thread. */

@@ -877,19 +877,25 @@ class Sidecar:
         with self._cv:
             return list(self.log)
 
-    def wait_for_log(self, pred: Callable[[dict], bool], timeout: float = 5.0,
-                     start: int = 0) -> dict | None:
-        """First access-log entry (index >= start) matching pred, waiting up to timeout."""
+    def _wait_in(self, entries: list[dict], pred: Callable[[dict], bool], timeout: float,
+                 start: int) -> dict | None:
+        """First entry of entries (index >= start) matching pred, waiting up to timeout
+        for the capture threads to append more."""
         deadline = time.monotonic() + T(timeout)
         with self._cv:
             while True:
-                for e in self.log[start:]:
+                for e in entries[start:]:
                     if pred(e):
                         return e
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return None
                 self._cv.wait(min(left, 0.1))
+
+    def wait_for_log(self, pred: Callable[[dict], bool], timeout: float = 5.0,
+                     start: int = 0) -> dict | None:
+        """First access-log entry (index >= start) matching pred, waiting up to timeout."""
+        return self._wait_in(self.log, pred, timeout, start)
 
     def mark_test_start(self) -> None:
         with self._cv:
@@ -980,16 +986,7 @@ class Sidecar:
         if isinstance(pred, str):
             sub = pred
             pred = lambda e: sub in str(e.get("msg", ""))  # noqa: E731
-        deadline = time.monotonic() + T(timeout)
-        with self._cv:
-            while True:
-                for e in self.events[start:]:
-                    if pred(e):
-                        return e
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                self._cv.wait(min(left, 0.1))
+        return self._wait_in(self.events, pred, timeout, start)
 
     def all_output(self) -> str:
         with self._cv:
@@ -1072,6 +1069,20 @@ def check_access_entry(e: dict) -> None:
     assert isinstance(e["bytes_from_peer"], int) and e["bytes_from_peer"] >= 0, e
     assert isinstance(e["bytes_to_peer"], int) and e["bytes_to_peer"] >= 0, e
     assert isinstance(e["duration_ms"], (int, float)) and e["duration_ms"] >= 0, e
+
+
+def encrypt_key(src: str, out: Path, passphrase: str) -> Path:
+    """Writes src (a PEM private key) to out as encrypted PKCS#8 (AES-256-CBC, PBKDF2),
+    the at-rest form identity.key_passphrase_file unlocks. Returns out."""
+    passfile = out.with_name(out.name + ".openssl-pass")
+    passfile.write_text(passphrase + "\n")
+    r = subprocess.run(["openssl", "pkcs8", "-topk8", "-v2", "aes-256-cbc", "-in", src,
+                        "-out", str(out), "-passout", f"file:{passfile}"],
+                       capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    passfile.unlink()
+    if r.returncode != 0:
+        raise RuntimeError(f"openssl pkcs8 failed: {r.stderr}")
+    return out
 
 
 def run_binary(*args: str, timeout: float = 20.0) -> subprocess.CompletedProcess:

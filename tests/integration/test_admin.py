@@ -702,11 +702,7 @@ def test_metrics_reloads_and_generation(env, pki, tmp_path):
 
 def test_config_endpoint_and_no_secrets_anywhere(env, pki, tmp_path):
     secret = "pc-AdminPass-" + os.urandom(8).hex()
-    opass = tmp_path / "openssl-pass"
-    opass.write_text(secret + "\n")
-    enc = tmp_path / "payments-api.enc.key"
-    _run(["openssl", "pkcs8", "-topk8", "-v2", "aes-256-cbc", "-in", pki.key("payments-api"),
-          "-out", str(enc), "-passout", f"file:{opass}"])
+    enc = h.encrypt_key(pki.key("payments-api"), tmp_path / "payments-api.enc.key", secret)
     passfile = tmp_path / "key.pass"
     passfile.write_text(secret + "\n")
 

@@ -79,8 +79,9 @@ def test_half_close_client_shuts_write_still_gets_reply(env):
     assert rec.eof and rec.bytes_in == len(data) and rec.sha256_in == h.sha256(data)
 
 
-def test_half_close_app_shuts_write_first(env):
-    greeting = b"server-first-then-eof\n"
+def _greet_then_sink(greeting: bytes):
+    """An app that sends greeting, half-closes (FIN) at once, then records everything
+    the client still sends until the client's own EOF (the other half of a half-close)."""
 
     def handler(sock, rec):
         sock.sendall(greeting)
@@ -95,7 +96,13 @@ def test_half_close_app_shuts_write_first(env):
             rec.bytes_in += len(b)
             rec.data += b
 
-    app = env.app("handler", handler=handler)
+    return handler
+
+
+def test_half_close_app_shuts_write_first(env):
+    greeting = b"server-first-then-eof\n"
+
+    app = env.app("handler", handler=_greet_then_sink(greeting))
     ch = _chain(env, app)
     late = b"client-writes-after-eof:" + h.pattern_bytes(300 * 1024, seed=10)
     s = socket.create_connection((h.HOST, ch.out_port), timeout=h.T(10))
@@ -579,19 +586,7 @@ def test_tls_half_close_client_close_notify_still_gets_reply(env):
 def test_tls_half_close_app_first_client_can_still_send(env):
     greeting = b"tls-server-first-then-eof\n"
 
-    def handler(sock, rec):
-        sock.sendall(greeting)
-        sock.shutdown(socket.SHUT_WR)
-        sock.settimeout(h.T(10))
-        while len(rec.data) < 1 << 20:
-            b = sock.recv(65536)
-            if not b:
-                rec.eof = True
-                return
-            rec.bytes_in += len(b)
-            rec.data += b
-
-    app = env.app("handler", handler=handler)
+    app = env.app("handler", handler=_greet_then_sink(greeting))
     sc, port = _inbound_one(env, app)
     late = b"tls-client-writes-after-eof:" + h.pattern_bytes(100 * 1024, seed=13)
     c = h.BioTLSClient(port, _ctx(env.pki))

@@ -501,3 +501,38 @@ def test_invalid_trust_domain_rejected(tmp_path):
     assert p.returncode != 0
     assert "trust domain" in p.stderr
     assert not out.exists()
+
+
+# --- --leaf: one more workload certificate from an existing CA --------------------
+
+def test_leaf_mode_issues_a_workload_cert_from_an_existing_ca(pki, tmp_path):
+    out = tmp_path / "extra"
+    p = subprocess.run([str(SCRIPT), "--leaf", str(out), str(pki / "ca.crt"),
+                        str(pki / "ca.key"), "rot1", "payments", "api", TD,
+                        "20260101000000Z", "20300101000000Z"],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    assert {x.name for x in out.iterdir()} == {"rot1.crt", "rot1.key"}
+    crt = out / "rot1.crt"
+    assert uris(crt) == [f"spiffe://{TD}/ns/payments/sa/api"]
+    assert field(crt, "-startdate") == "Jan  1 00:00:00 2026 GMT"
+    assert field(crt, "-enddate") == "Jan  1 00:00:00 2030 GMT"
+    assert field(crt, "-serial") != field(pki / "payments-api.crt", "-serial")
+    assert pubkey_of_key(out / "rot1.key") == pubkey_of_cert(crt)
+    v = run(["openssl", "verify", "-purpose", "sslserver", "-CAfile", str(pki / "ca.crt"),
+             str(crt)], check=False)
+    assert v.returncode == 0, v.stdout + v.stderr
+    assert stat.S_IMODE((out / "rot1.key").stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("args", [
+    ["--leaf", "out"],                                                   # too few
+    ["--leaf", "out", "ca.crt", "ca.key", "x", "web", "../a"],           # bad name
+    ["--leaf", "out", "ca.crt", "ca.key", "x", "web", "a", TD, "2026", "2030"],  # bad times
+])
+def test_leaf_mode_usage_errors(args, tmp_path):
+    p = subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=30,
+                       cwd=tmp_path)
+    assert p.returncode != 0
+    assert "usage" in p.stderr.lower() or "invalid" in p.stderr.lower(), p.stderr
+    assert not (tmp_path / "out" / "x.crt").exists()

@@ -45,40 +45,6 @@ GRACE_MS = 1000
 
 # ===================================================================== certificate minting
 
-_CNF = """[ req ]
-distinguished_name = req_dn
-prompt             = no
-[ req_dn ]
-CN = unused
-[ ca ]
-default_ca = dev_ca
-[ dev_ca ]
-dir            = {dir}
-database       = $dir/index.txt
-new_certs_dir  = $dir/newcerts
-serial         = $dir/serial
-unique_subject = no
-default_md     = sha256
-policy         = dev_policy
-preserve       = yes
-email_in_dn    = no
-copy_extensions = none
-[ dev_policy ]
-organizationName       = optional
-organizationalUnitName = optional
-commonName             = supplied
-"""
-
-_LEAF_EXT = """[ ext ]
-basicConstraints = critical, CA:FALSE
-keyUsage = critical, digitalSignature
-extendedKeyUsage = serverAuth, clientAuth
-subjectAltName = {san}
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid
-"""
-
-
 def gtime(epoch: float) -> str:
     """GeneralizedTime string as `openssl ca -startdate/-enddate` takes it."""
     return time.strftime("%Y%m%d%H%M%SZ", time.gmtime(int(epoch)))
@@ -94,16 +60,12 @@ def _run(cmd: list[str], timeout: float = 30.0) -> subprocess.CompletedProcess:
 
 
 class Minter:
-    """Issues SPIFFE leaf certificates signed by one CA (ca.crt/ca.key of a dev PKI dir),
-    the same way certs/gen-dev-pki.sh does (`openssl ca`, random serial, P-256 key)."""
+    """Issues SPIFFE leaf certificates signed by one CA (ca.crt/ca.key of a dev PKI dir)
+    with `certs/gen-dev-pki.sh --leaf` (random serial, P-256 key, the script's extensions)."""
 
     def __init__(self, workdir: Path, ca_crt: str, ca_key: str):
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "newcerts").mkdir(exist_ok=True)
-        (self.dir / "index.txt").write_text("")
-        self.cnf = self.dir / "openssl.cnf"
-        self.cnf.write_text(_CNF.format(dir=self.dir))
         self.ca_crt, self.ca_key = ca_crt, ca_key
         self.n = 0
 
@@ -114,19 +76,9 @@ class Minter:
         start = now - 3600 if start is None else start
         end = now + 30 * 86400 if end is None else end
         self.n += 1
-        ext = self.dir / f"{stem}.ext"
-        ext.write_text(_LEAF_EXT.format(san=f"URI:{h.spiffe(ns, sa, td)}, DNS:{sa}.{ns}.svc"))
-        key, csr, crt = (self.dir / f"{stem}.key", self.dir / f"{stem}.csr",
-                         self.dir / f"{stem}.crt")
-        _run(["openssl", "req", "-config", str(self.cnf), "-new", "-newkey", "ec",
-              "-pkeyopt", "ec_paramgen_curve:P-256", "-pkeyopt", "ec_param_enc:named_curve",
-              "-noenc", "-sha256", "-keyout", str(key), "-subj",
-              f"/O=portcullis dev/CN={sa}.{ns}.svc", "-out", str(csr)])
-        _run(["openssl", "ca", "-config", str(self.cnf), "-batch", "-notext", "-rand_serial",
-              "-md", "sha256", "-cert", self.ca_crt, "-keyfile", self.ca_key,
-              "-startdate", gtime(start), "-enddate", gtime(end),
-              "-extfile", str(ext), "-extensions", "ext", "-in", str(csr), "-out", str(crt)])
-        return str(crt), str(key)
+        _run(["bash", str(h.PKI_SCRIPT), "--leaf", str(self.dir), self.ca_crt, self.ca_key,
+              stem, ns, sa, td, gtime(start), gtime(end)])
+        return str(self.dir / f"{stem}.crt"), str(self.dir / f"{stem}.key")
 
 
 # ===================================================================== serials
@@ -998,11 +950,7 @@ def test_sighup_adds_and_removes_listeners(env, pki):
 def test_encrypted_key_with_passphrase_file(env, pki, tmp_path):
     secret = "pc-Passphrase-" + os.urandom(6).hex()
     wrong = "pc-WrongPass-" + os.urandom(6).hex()
-    ossl_pass = tmp_path / "openssl-pass"
-    ossl_pass.write_text(secret + "\n")
-    enc = tmp_path / "payments-api.enc.key"
-    _run(["openssl", "pkcs8", "-topk8", "-v2", "aes-256-cbc", "-in", pki.key("payments-api"),
-          "-out", str(enc), "-passout", f"file:{ossl_pass}"])
+    enc = h.encrypt_key(pki.key("payments-api"), tmp_path / "payments-api.enc.key", secret)
     assert "BEGIN ENCRYPTED PRIVATE KEY" in enc.read_text()
     good_pass = tmp_path / "pass"
     good_pass.write_text(secret + "\r\n")           # trailing CR/LF is stripped
