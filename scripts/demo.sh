@@ -7,8 +7,8 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 bash scripts/install-deps.sh build
-cmake -S . -B build -DBUILD_TESTING=OFF >/dev/null
-cmake --build build -j"$(nproc)" >/dev/null
+cmake -S . -B build >/dev/null
+cmake --build build --target portcullis -j"$(nproc)" >/dev/null
 bin=$root/build/portcullis
 demo=$root/build/demo
 rm -rf "$demo" && mkdir -p "$demo"

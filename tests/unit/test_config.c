@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <openssl/ssl.h>
@@ -133,6 +134,37 @@ static int load_text(const char *text, pc_config_t **cfg, char *err, size_t errl
   write_file(conf_path, text);
   err[0] = '\0';
   return pc_config_load(conf_path, cfg, err, errlen);
+}
+
+/* Loads conf_path in a child process that cannot bypass file permissions
+ * (as root it switches to nobody first). Returns the load's result and copies
+ * its error line into err; -2 if the child could not run. */
+static int load_unprivileged(char *err, size_t errlen) {
+  int fds[2];
+  if (pipe(fds) != 0) return -2;
+  pid_t pid = fork();
+  if (pid < 0) return -2;
+  if (pid == 0) {
+    close(fds[0]);
+    if (geteuid() == 0 && (setgid(65534) != 0 || setuid(65534) != 0)) _exit(3);
+    char e[512] = "";
+    pc_config_t *c = NULL;
+    int r = pc_config_load(conf_path, &c, e, sizeof(e));
+    pc_config_free(c);
+    if (write(fds[1], e, strlen(e)) < 0) _exit(4);
+    _exit(r == 0 ? 0 : 1);
+  }
+  close(fds[1]);
+  size_t n = 0;
+  ssize_t k;
+  while (n + 1 < errlen && (k = read(fds[0], err + n, errlen - 1 - n)) > 0)
+    n += (size_t)k;
+  err[n] = '\0';
+  close(fds[0]);
+  int status = 0;
+  if (waitpid(pid, &status, 0) != pid || !WIFEXITED(status)) return -2;
+  int code = WEXITSTATUS(status);
+  return code == 0 ? 0 : code == 1 ? -1 : -2;
 }
 
 typedef struct {
@@ -585,17 +617,24 @@ static void test_other_failures(void) {
   snprintf(want, sizeof(want), "%s:0: identity: required setting is missing", conf_path);
   CHECK_STR_CONTAINS(err, want);
 
-  /* A file that exists but cannot be read (root reads anything: skip). */
-  if (geteuid() != 0) {
+  /* A file that exists but cannot be read. Root reads anything (and CI runs
+   * as root), so the load runs in a child that first drops to nobody. */
+  {
     char locked[256];
     snprintf(locked, sizeof(locked), "%s/tls.crt", dir);
-    chmod(locked, 0);
     char *g = good_text();
-    CHECK_INT_EQ(load_text(g, &cfg, err, sizeof(err)), -1);
+    write_file(conf_path, g);
+    chmod(locked, 0);
+    chmod(dir, 0755);
+    chmod(conf_path, 0644);
+    char child_err[512] = "";
+    int rc = load_unprivileged(child_err, sizeof(child_err));
+    CHECK_INT_EQ(rc, -1);
     snprintf(want, sizeof(want), "%s:6: identity.cert: cannot read \"%s\": Permission denied",
              conf_path, locked);
-    CHECK_STR_CONTAINS(err, want);
+    CHECK_STR_CONTAINS(child_err, want);
     chmod(locked, 0644);
+    chmod(dir, 0700);
     free(g);
   }
 
