@@ -99,6 +99,7 @@ static void respond_text(admin_conn_t *a, int status, const char *reason, const 
 typedef struct {
   char *name;
   pc_direction_t dir;
+  int http; /* protocol = "http" */
   pc_metrics_t m;
 } series_t;
 
@@ -120,6 +121,7 @@ static void collect_one(const pc_listener_t *l, void *arg) {
   memset(s, 0, sizeof(*s));
   s->name = pc_strdup(l->name);
   s->dir = l->cfg->direction;
+  s->http = l->cfg->protocol == PC_PROTO_HTTP;
   pc_metrics_add(&s->m, &l->stats);
 }
 
@@ -150,6 +152,25 @@ static void lbl(pc_jbuf_t *b, const series_t *s) {
   pc_jbuf_printf(b, "\",direction=\"%s\"", dir_word(s->dir));
 }
 
+static void histogram(pc_jbuf_t *b, const char *name, const series_t *s, const pc_hist_t *h,
+                      const pc_hist_bounds_t *hb) {
+  uint64_t cum = 0;
+  for (int k = 0; k <= hb->n; k++) {
+    cum += h->buckets[k];
+    pc_jbuf_printf(b, "portcullis_%s_bucket{", name);
+    lbl(b, s);
+    if (k < hb->n)
+      pc_jbuf_printf(b, ",le=\"%g\"} %llu\n", hb->bounds[k], (unsigned long long)cum);
+    else
+      pc_jbuf_printf(b, ",le=\"+Inf\"} %llu\n", (unsigned long long)cum);
+  }
+  pc_jbuf_printf(b, "portcullis_%s_sum{", name);
+  lbl(b, s);
+  pc_jbuf_printf(b, "} %.6f\nportcullis_%s_count{", h->sum, name);
+  lbl(b, s);
+  pc_jbuf_printf(b, "} %llu\n", (unsigned long long)h->count);
+}
+
 static void render_metrics(pc_jbuf_t *b) {
   series_set_t set = {0};
   pc_workers_collect(collect_one, &set);
@@ -174,24 +195,28 @@ static void render_metrics(pc_jbuf_t *b) {
   }
   help(b, "handshake_duration_seconds", "histogram",
        "Duration of successful TLS handshakes (inbound: from accept).");
-  for (size_t i = 0; i < set.n; i++) {
-    const pc_metrics_t *m = &set.v[i].m;
-    uint64_t cum = 0;
-    for (int k = 0; k <= PC_HS_BUCKETS; k++) {
-      cum += m->hs_buckets[k];
-      pc_jbuf_printf(b, "portcullis_handshake_duration_seconds_bucket{");
-      lbl(b, &set.v[i]);
-      if (k < PC_HS_BUCKETS)
-        pc_jbuf_printf(b, ",le=\"%g\"} %llu\n", pc_hs_bucket_bounds[k], (unsigned long long)cum);
-      else
-        pc_jbuf_printf(b, ",le=\"+Inf\"} %llu\n", (unsigned long long)cum);
-    }
-    pc_jbuf_printf(b, "portcullis_handshake_duration_seconds_sum{");
-    lbl(b, &set.v[i]);
-    pc_jbuf_printf(b, "} %.6f\nportcullis_handshake_duration_seconds_count{", m->hs_sum);
-    lbl(b, &set.v[i]);
-    pc_jbuf_printf(b, "} %llu\n", (unsigned long long)m->hs_count);
-  }
+  for (size_t i = 0; i < set.n; i++)
+    histogram(b, "handshake_duration_seconds", &set.v[i], &set.v[i].m.handshake, &pc_hs_bounds);
+  help(b, "http_requests_total", "counter",
+       "HTTP mode: answered requests by status class, decision and reason.");
+  for (size_t i = 0; i < set.n; i++)
+    for (int k = 1; k < PC_HTTP_CLASSES; k++)
+      for (int d = 0; d < PC_DECISION_COUNT; d++)
+        for (int r = 0; r < PC_REASON_COUNT; r++) {
+          uint64_t v = set.v[i].m.requests[k][d][r];
+          if (!v) continue;
+          pc_jbuf_printf(b, "portcullis_http_requests_total{");
+          lbl(b, &set.v[i]);
+          pc_jbuf_printf(b, ",class=\"%dxx\",decision=\"%s\",reason=\"%s\"} %llu\n", k,
+                         pc_decision_word((pc_decision_t)d), pc_reason_word((pc_reason_t)r),
+                         (unsigned long long)v);
+        }
+  help(b, "http_request_duration_seconds", "histogram",
+       "HTTP mode: from the first byte of a request to the end of its response.");
+  for (size_t i = 0; i < set.n; i++)
+    if (set.v[i].http)
+      histogram(b, "http_request_duration_seconds", &set.v[i], &set.v[i].m.request,
+                &pc_request_bounds);
   help(b, "bytes_total", "counter", "Plaintext bytes moved, by flow (from_peer, to_peer).");
   for (size_t i = 0; i < set.n; i++) {
     pc_jbuf_printf(b, "portcullis_bytes_total{");
@@ -211,6 +236,10 @@ static void render_metrics(pc_jbuf_t *b) {
        offsetof(pc_metrics_t, accept_errors)},
       {"accept_paused_total", "Times accepting paused at the connection cap.",
        offsetof(pc_metrics_t, accept_pauses)},
+      {"http_upstream_connects_total", "HTTP mode: new connections opened to the app or upstream.",
+       offsetof(pc_metrics_t, upstream_connects)},
+      {"http_upstream_reuses_total", "HTTP mode: requests sent over a pooled connection.",
+       offsetof(pc_metrics_t, upstream_reuses)},
   };
   for (size_t c = 0; c < PC_ARRAY_SIZE(counters); c++) {
     help(b, counters[c].name, "counter", counters[c].text);
@@ -253,6 +282,15 @@ static void render_metrics(pc_jbuf_t *b) {
 
 /* ---- /config and /certs ------------------------------------------------- */
 
+static void strings_json(pc_jbuf_t *b, const char *key, const char *const *v, size_t n) {
+  pc_jbuf_printf(b, ",\"%s\":[", key);
+  for (size_t i = 0; i < n; i++) {
+    if (i) pc_jbuf_raw(b, ",", 1);
+    pc_jbuf_str(b, v[i], strlen(v[i]));
+  }
+  pc_jbuf_raw(b, "]", 1);
+}
+
 static void rules_json(pc_jbuf_t *b, const char *key, const pc_policy_t *p) {
   pc_jbuf_printf(b, ",\"%s\":[", key);
   for (size_t i = 0; i < pc_policy_count(p); i++) {
@@ -261,6 +299,11 @@ static void rules_json(pc_jbuf_t *b, const char *key, const pc_policy_t *p) {
     pc_jbuf_printf(b, "%s{", i ? "," : "");
     pc_jbuf_kv_str(b, "namespace", ns);
     pc_jbuf_kv_str(b, "service_account", sa);
+    const char *const *methods, *const *paths;
+    size_t nm, np;
+    pc_policy_rule_http(p, i, &methods, &nm, &paths, &np);
+    if (methods) strings_json(b, "methods", methods, nm);
+    if (paths) strings_json(b, "paths", paths, np);
     pc_jbuf_raw(b, "}", 1);
   }
   pc_jbuf_raw(b, "]", 1);
@@ -300,6 +343,14 @@ static void render_config(pc_jbuf_t *b, const pc_gen_t *g) {
   pc_jbuf_kv_i64(b, "idle_timeout_ms", (long long)c->limits.idle_timeout_ms);
   pc_jbuf_kv_i64(b, "drain_timeout_ms", (long long)c->limits.drain_timeout_ms);
   pc_jbuf_kv_i64(b, "revoke_grace_ms", (long long)c->limits.revoke_grace_ms);
+  pc_jbuf_raw(b, "},\"http\":{", 10);
+  pc_jbuf_kv_i64(b, "max_request_line", c->http.max_request_line);
+  pc_jbuf_kv_i64(b, "max_header_bytes", c->http.max_header_bytes);
+  pc_jbuf_kv_i64(b, "max_headers", c->http.max_headers);
+  pc_jbuf_kv_i64(b, "request_timeout_ms", (long long)c->http.request_timeout_ms);
+  pc_jbuf_kv_i64(b, "response_timeout_ms", (long long)c->http.response_timeout_ms);
+  pc_jbuf_kv_i64(b, "pool_max_idle", c->http.pool_max_idle);
+  pc_jbuf_kv_i64(b, "pool_idle_timeout_ms", (long long)c->http.pool_idle_timeout_ms);
   pc_jbuf_raw(b, "}", 1);
   for (int dir = 0; dir < 2; dir++) {
     pc_jbuf_printf(b, ",\"%s\":[", dir == 0 ? "inbound" : "outbound");

@@ -276,6 +276,9 @@ static void parse_groups(ctx_t *c, const config_setting_t *root, pc_config_t *cf
   static const char *const limit_keys[] = {"max_connections",    "handshake_timeout_ms",
                                            "connect_timeout_ms", "idle_timeout_ms",
                                            "drain_timeout_ms",   "revoke_grace_ms"};
+  static const char *const http_keys[] = {
+      "max_request_line",    "max_header_bytes", "max_headers",         "request_timeout_ms",
+      "response_timeout_ms", "pool_max_idle",    "pool_idle_timeout_ms"};
   int line;
   const config_setting_t *g = member(c, root, "", "admin", CONFIG_TYPE_GROUP, 0);
   if (!(g && check_keys(c, g, "admin", admin_keys, PC_ARRAY_SIZE(admin_keys)))) {
@@ -310,12 +313,81 @@ static void parse_groups(ctx_t *c, const config_setting_t *root, pc_config_t *cf
     cfg->limits.revoke_grace_ms =
         (uint64_t)get_int(c, g, "limits", "revoke_grace_ms", 10000, 0, day);
   }
+  g = member(c, root, "", "http", CONFIG_TYPE_GROUP, 0);
+  if (!(g && check_keys(c, g, "http", http_keys, PC_ARRAY_SIZE(http_keys)))) {
+    const long long day = 86400000LL;
+    cfg->http.max_request_line =
+        (uint32_t)get_int(c, g, "http", "max_request_line", 8192, 64, 1 << 20);
+    cfg->http.max_header_bytes =
+        (uint32_t)get_int(c, g, "http", "max_header_bytes", 65536, 256, 1 << 24);
+    cfg->http.max_headers = (uint32_t)get_int(c, g, "http", "max_headers", 100, 1, 10000);
+    cfg->http.request_timeout_ms =
+        (uint64_t)get_int(c, g, "http", "request_timeout_ms", 10000, 1, day);
+    cfg->http.response_timeout_ms =
+        (uint64_t)get_int(c, g, "http", "response_timeout_ms", 30000, 1, day);
+    cfg->http.pool_max_idle = (uint32_t)get_int(c, g, "http", "pool_max_idle", 64, 0, 100000);
+    cfg->http.pool_idle_timeout_ms =
+        (uint64_t)get_int(c, g, "http", "pool_idle_timeout_ms", 30000, 1, day);
+  }
 }
 
-/* allow / expect: a list of { namespace; service_account? } groups. */
+static int method_ok(const char *m) {
+  if (!*m) return 0;
+  for (; *m; m++)
+    if (!((*m >= 'A' && *m <= 'Z') || *m == '-' || *m == '_')) return 0;
+  return 1;
+}
+
+static int path_ok(const char *p) {
+  if (p[0] != '/') return 0;
+  for (; *p; p++)
+    if (*p <= ' ' || *p == '?' || *p == '#' || *p == 0x7f) return 0;
+  return 1;
+}
+
+/* An allow entry's `methods` or `paths`: a non-empty list of strings, each
+ * passing ok. Returns the strings (NULL when the key is absent). */
+static char **parse_strings(ctx_t *c, const config_setting_t *e, const char *epath, const char *key,
+                            int (*ok)(const char *), const char *what, int allowed, size_t *n) {
+  char sp[340];
+  snprintf(sp, sizeof(sp), "%s.%s", epath, key);
+  *n = 0;
+  const config_setting_t *s = config_setting_get_member(e, key);
+  if (!s) return NULL;
+  if (!allowed) {
+    fail(c, line_of(s), sp, "only an inbound listener with protocol = \"http\" can narrow by %s",
+         key);
+    return NULL;
+  }
+  int t = config_setting_type(s), len = config_setting_length(s);
+  if ((t != CONFIG_TYPE_LIST && t != CONFIG_TYPE_ARRAY) || len == 0) {
+    fail(c, line_of(s), sp, "expected a non-empty list of strings");
+    return NULL;
+  }
+  char **v = pc_calloc((size_t)len, sizeof(char *));
+  for (int i = 0; i < len && !c->failed; i++) {
+    const config_setting_t *x = config_setting_get_elem(s, (unsigned)i);
+    const char *str =
+        config_setting_type(x) == CONFIG_TYPE_STRING ? config_setting_get_string(x) : NULL;
+    if (!str || !ok(str))
+      fail(c, line_of(x), sp, "entry %d is not %s", i, what);
+    else
+      v[(*n)++] = pc_strdup(str);
+  }
+  return v;
+}
+
+static void free_strings(char **v, size_t n) {
+  for (size_t i = 0; i < n; i++)
+    free(v[i]);
+  free(v);
+}
+
+/* allow / expect: a list of { namespace; service_account?; methods?; paths? }
+ * groups (methods and paths only on inbound HTTP listeners). */
 static pc_policy_t *parse_rules(ctx_t *c, const config_setting_t *lg, const char *lpath,
-                                const char *key, int required) {
-  static const char *const keys[] = {"namespace", "service_account"};
+                                const char *key, int required, int http_rules) {
+  static const char *const keys[] = {"namespace", "service_account", "methods", "paths"};
   char path[256], epath[300];
   join(path, sizeof(path), lpath, key);
   const config_setting_t *list = member(c, lg, lpath, key, CONFIG_TYPE_LIST, required);
@@ -342,6 +414,16 @@ static pc_policy_t *parse_rules(ctx_t *c, const config_setting_t *lg, const char
     } else if (ns) {
       pc_policy_add(p, ns, sa);
     }
+    size_t nm = 0, np = 0;
+    char **methods = parse_strings(c, e, epath, "methods", method_ok,
+                                   "an upper-case method name such as \"GET\"", http_rules, &nm);
+    char **paths =
+        parse_strings(c, e, epath, "paths", path_ok,
+                      "a path prefix starting with \"/\" (no spaces, '?' or '#')", http_rules, &np);
+    if (!c->failed && (methods || paths))
+      pc_policy_narrow(p, (const char *const *)methods, nm, (const char *const *)paths, np);
+    free_strings(methods, nm);
+    free_strings(paths, np);
     free(ns);
     free(sa);
   }
@@ -386,12 +468,11 @@ static void parse_listener(ctx_t *c, const config_setting_t *e, const char *path
   char *proto = get_str(c, e, path, "protocol", 0, "tcp", &line);
   if (proto && strcmp(proto, "tcp") == 0) {
     l->protocol = PC_PROTO_TCP;
+  } else if (proto && strcmp(proto, "http") == 0) {
+    l->protocol = PC_PROTO_HTTP;
   } else if (proto) {
     snprintf(sp, sizeof(sp), "%s.protocol", path);
-    if (strcmp(proto, "http") == 0)
-      fail(c, line, sp, "\"http\" (L7 mode) is not available in this build; use \"tcp\"");
-    else
-      fail(c, line, sp, "\"%s\" is not one of \"tcp\", \"http\"", proto);
+    fail(c, line, sp, "\"%s\" is not one of \"tcp\", \"http\"", proto);
   }
   free(proto);
   if (!in) {
@@ -401,7 +482,8 @@ static void parse_listener(ctx_t *c, const config_setting_t *e, const char *path
       fail(c, line, sp, "must not be empty");
     }
   }
-  l->policy = parse_rules(c, e, path, in ? "allow" : "expect", !in);
+  l->policy =
+      parse_rules(c, e, path, in ? "allow" : "expect", !in, in && l->protocol == PC_PROTO_HTTP);
   if (!in && !c->failed && pc_policy_count(l->policy) == 0) {
     snprintf(sp, sizeof(sp), "%s.expect", path);
     fail(c, line_of(config_setting_get_member(e, "expect")), sp,
@@ -453,8 +535,9 @@ static void parse_listeners(ctx_t *c, const config_setting_t *root, pc_config_t 
 }
 
 int pc_config_load(const char *path, pc_config_t **out, char *err, size_t errlen) {
-  static const char *const top_keys[] = {"trust_domain", "workers", "identity", "tls",     "admin",
-                                         "log",          "limits",  "inbound",  "outbound"};
+  static const char *const top_keys[] = {"trust_domain", "workers", "identity", "tls",
+                                         "admin",        "log",     "limits",   "http",
+                                         "inbound",      "outbound"};
   ctx_t c = {.file = path, .err = err, .errlen = errlen};
   config_t lc;
   config_init(&lc);

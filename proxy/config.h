@@ -74,6 +74,13 @@ typedef struct pc_config {
     uint64_t handshake_timeout_ms, connect_timeout_ms, idle_timeout_ms, drain_timeout_ms;
     uint64_t revoke_grace_ms;
   } limits;
+  struct { /* HTTP mode (protocol = "http") */
+    uint32_t max_request_line, max_header_bytes, max_headers;
+    uint64_t request_timeout_ms;  /* request head complete within: else 408 */
+    uint64_t response_timeout_ms; /* response head after the request was sent: else 504 */
+    uint32_t pool_max_idle;       /* idle upstream connections per listener and worker */
+    uint64_t pool_idle_timeout_ms;
+  } http;
   pc_listener_cfg_t *listeners;
   size_t nlisteners;
 } pc_config_t;

@@ -6,6 +6,7 @@
 #include <openssl/err.h>
 
 #include "compat.h"
+#include "l7.h"
 #include "log.h"
 #include "splice.h"
 #include "tls.h"
@@ -26,6 +27,7 @@ typedef struct pc_conn {
   pc_gen_t *gen;
   pc_tls_peer_t peer;
   pc_splice_t splice;
+  pc_l7_t *l7; /* protocol = "http": the HTTP handler, in place of the splice */
   state_t state;
   int handles; /* open libuv handles; the last close frees the connection */
   int inbound;
@@ -66,6 +68,9 @@ static const pc_stream_cbs_t stream_cbs = {on_data,  on_eof,      on_error,
 static void write_log(pc_conn_t *c) {
   if (c->logged) return;
   c->logged = 1;
+  c->l->stats.conns[c->decision][c->reason]++;
+  /* HTTP mode logs each request; a connection line only for a refusal. */
+  if (c->l7 && c->decision == PC_DECISION_ALLOW) return;
   uint64_t from_peer = c->splice.bytes[0], to_peer = c->splice.bytes[1];
   pc_access_rec_t rec = {
       .listener = c->lc->name,
@@ -83,7 +88,6 @@ static void write_log(pc_conn_t *c) {
       .duration_ms = (double)(uv_hrtime() - c->start_ns) / 1e6,
   };
   pc_log_access(&rec);
-  c->l->stats.conns[c->decision][c->reason]++;
 }
 
 static void on_handle_closed(uv_handle_t *h) {
@@ -91,6 +95,7 @@ static void on_handle_closed(uv_handle_t *h) {
   if (--c->handles > 0) return;
   pc_stream_release(&c->down);
   pc_stream_release(&c->up);
+  pc_l7_free(c->l7);
   free(c->peer.peer_id);
   if (c->prev)
     c->prev->next = c->next;
@@ -113,6 +118,7 @@ static void teardown(pc_conn_t *c, const char *how, int reset) {
   write_log(c);
   uv_timer_stop(&c->timer);
   uv_close((uv_handle_t *)&c->timer, on_handle_closed);
+  if (c->l7) c->handles += pc_l7_close(c->l7, on_handle_closed, c);
   pc_stream_close(&c->down, reset, on_handle_closed);
   if (c->up.initialised) pc_stream_close(&c->up, reset, on_handle_closed);
 }
@@ -173,12 +179,28 @@ static void on_splice_done(pc_splice_t *sp, int reset, int err) {
   teardown(c, reset ? (err == PC_STREAM_ETLS ? describe_tls_end(c) : "reset") : "eof", reset);
 }
 
+static void on_l7_done(void *arg, const char *how, int reset) { teardown(arg, how, reset); }
+
 static void establish(pc_conn_t *c) {
   c->state = ST_ESTABLISHED;
   c->decision = PC_DECISION_ALLOW;
   c->last_active = uv_now(c->timer.loop);
   rearm(c);
-  pc_splice_start(&c->splice, tls_side(c), app_side(c), on_splice_done);
+  if (c->lc->protocol != PC_PROTO_HTTP) {
+    pc_splice_start(&c->splice, tls_side(c), app_side(c), on_splice_done);
+    return;
+  }
+  pc_l7_env_t env = {.w = c->w,
+                     .l = c->l,
+                     .gen = c->gen,
+                     .lc = c->lc,
+                     .peer_addr = c->peer_addr,
+                     .app_addr = c->app_addr,
+                     .peer_id = c->peer.peer_id,
+                     .tls_version = c->tls_version,
+                     .cipher = c->cipher,
+                     .last_active = &c->last_active};
+  c->l7 = pc_l7_start(&c->down, &env, on_l7_done, c);
 }
 
 /* Ends a connection whose peer was refused during the handshake: the alert is
@@ -296,7 +318,8 @@ static void on_handshake(pc_stream_t *s, int status) {
   c->tls_version = SSL_get_version(s->ssl);
   c->cipher = SSL_CIPHER_get_name(SSL_get_current_cipher(s->ssl));
   c->handshaken = 1;
-  pc_metrics_handshake(&c->l->stats, (double)(uv_hrtime() - c->hs_start_ns) / 1e9);
+  pc_hist_observe(&c->l->stats.handshake, &pc_hs_bounds,
+                  (double)(uv_hrtime() - c->hs_start_ns) / 1e9);
   STACK_OF(X509) *chain = SSL_get_peer_full_cert_chain(s->ssl);
   time_t na = chain && sk_X509_num(chain) > 0
                   ? pc_certs_time(X509_get0_notAfter(sk_X509_value(chain, 0)))
@@ -317,18 +340,22 @@ static void on_handshake(pc_stream_t *s, int status) {
       return;
     }
   }
-  if (c->inbound) {
+  if (c->inbound && c->lc->protocol != PC_PROTO_HTTP) {
     /* Hold any early application data until the app is connected. */
     pc_stream_read_stop(s);
     start_connect(c);
   } else {
-    establish(c);
+    establish(c); /* HTTP mode connects per request, from a pool */
   }
 }
 
 static void on_data(pc_stream_t *s, const char *buf, size_t len) {
   pc_conn_t *c = conn_of(s);
   if (c->state != ST_ESTABLISHED) return;
+  if (c->l7) {
+    pc_l7_on_data(c->l7, buf, len);
+    return;
+  }
   c->last_active = uv_now(c->timer.loop);
   if (s == tls_side(c))
     c->l->stats.bytes_from_peer += len;
@@ -339,7 +366,9 @@ static void on_data(pc_stream_t *s, const char *buf, size_t len) {
 
 static void on_eof(pc_stream_t *s) {
   pc_conn_t *c = conn_of(s);
-  if (c->state == ST_ESTABLISHED)
+  if (c->state == ST_ESTABLISHED && c->l7)
+    pc_l7_on_eof(c->l7);
+  else if (c->state == ST_ESTABLISHED)
     pc_splice_on_eof(&c->splice, s);
   else if (c->state == ST_LINGER)
     teardown(c, NULL, 0);
@@ -349,7 +378,9 @@ static void on_eof(pc_stream_t *s) {
 
 static void on_error(pc_stream_t *s, int err) {
   pc_conn_t *c = conn_of(s);
-  if (c->state == ST_ESTABLISHED) {
+  if (c->state == ST_ESTABLISHED && c->l7) {
+    pc_l7_on_error(c->l7, err);
+  } else if (c->state == ST_ESTABLISHED) {
     pc_splice_on_error(&c->splice, s, err);
   } else {
     if (c->decision == PC_DECISION_ALLOW && c->state != ST_LINGER) c->decision = PC_DECISION_ERROR;
@@ -359,12 +390,18 @@ static void on_error(pc_stream_t *s, int err) {
 
 static void on_drain(pc_stream_t *s) {
   pc_conn_t *c = conn_of(s);
-  if (c->state == ST_ESTABLISHED) pc_splice_on_drain(&c->splice, s);
+  if (c->state == ST_ESTABLISHED && c->l7)
+    pc_l7_on_drain(c->l7);
+  else if (c->state == ST_ESTABLISHED)
+    pc_splice_on_drain(&c->splice, s);
 }
 
 static void on_shutdown(pc_stream_t *s, int status) {
   pc_conn_t *c = conn_of(s);
-  if (c->state == ST_ESTABLISHED) pc_splice_on_shutdown(&c->splice, s, status);
+  if (c->state == ST_ESTABLISHED && c->l7)
+    pc_l7_on_shutdown(c->l7, status);
+  else if (c->state == ST_ESTABLISHED)
+    pc_splice_on_shutdown(&c->splice, s, status);
 }
 
 int pc_conn_accept(pc_listener_t *l) {
@@ -402,6 +439,7 @@ int pc_conn_accept(pc_listener_t *l) {
   c->peer.depth = c->gen->cfg->tls.verify_depth;
   c->peer.policy = c->lc->policy;
   c->peer.is_server = c->inbound;
+  c->peer.cache_tag = c->gen->id;
   if (c->inbound) {
     pc_stream_addr(&c->down, 1, c->peer_addr, sizeof(c->peer_addr));
     snprintf(c->app_addr, sizeof(c->app_addr), "%s", c->lc->target_str);
@@ -413,7 +451,10 @@ int pc_conn_accept(pc_listener_t *l) {
   } else {
     snprintf(c->peer_addr, sizeof(c->peer_addr), "%s", c->lc->target_str);
     pc_stream_addr(&c->down, 1, c->app_addr, sizeof(c->app_addr));
-    start_connect(c);
+    if (c->lc->protocol == PC_PROTO_HTTP)
+      establish(c);
+    else
+      start_connect(c);
   }
   return 0;
 }

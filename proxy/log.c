@@ -226,3 +226,40 @@ void pc_log_access(const pc_access_rec_t *r) {
   emit(STDOUT_FILENO, &b);
   pc_jbuf_free(&b);
 }
+
+void pc_log_request(const pc_request_rec_t *r) {
+  if (!access_on) return;
+  pc_jbuf_t b = {0};
+  pc_jbuf_raw(&b, "{\"time\":", 8);
+  pc_jbuf_now(&b);
+  pc_jbuf_kv_str(&b, "listener", r->listener);
+  pc_jbuf_kv_str(&b, "direction", r->direction);
+  pc_jbuf_kv_str(&b, "peer", r->peer);
+  pc_jbuf_kv_str(&b, "app", r->app);
+  pc_jbuf_kv_str(&b, "peer_id", r->peer_id);
+  pc_jbuf_raw(&b, ",\"method\":", 10);
+  if (r->method)
+    pc_jbuf_str(&b, r->method, r->method_len);
+  else
+    pc_jbuf_raw(&b, "null", 4);
+  pc_jbuf_raw(&b, ",\"path\":", 8);
+  if (r->path)
+    pc_jbuf_str(&b, r->path, r->path_len);
+  else
+    pc_jbuf_raw(&b, "null", 4);
+  pc_jbuf_kv_i64(&b, "status", r->status);
+  pc_jbuf_kv_str(&b, "decision", r->decision);
+  pc_jbuf_kv_str(&b, "reason", r->reason == PC_REASON_NONE ? NULL : pc_reason_word(r->reason));
+  pc_jbuf_kv_u64(&b, "request_bytes", r->request_bytes);
+  pc_jbuf_kv_u64(&b, "response_bytes", r->response_bytes);
+  pc_jbuf_printf(&b, ",\"duration_ms\":%.3f", r->duration_ms);
+  if (r->upstream_ms >= 0)
+    pc_jbuf_printf(&b, ",\"upstream_ms\":%.3f", r->upstream_ms);
+  else
+    pc_jbuf_raw(&b, ",\"upstream_ms\":null", 19);
+  pc_jbuf_kv_str(&b, "tls_version", r->tls_version);
+  pc_jbuf_kv_str(&b, "cipher", r->cipher);
+  pc_jbuf_raw(&b, "}", 1);
+  emit(STDOUT_FILENO, &b);
+  pc_jbuf_free(&b);
+}

@@ -72,4 +72,21 @@ typedef struct {
 /* Writes rec as one JSON line on stdout, unless access logging is off. */
 void pc_log_access(const pc_access_rec_t *rec);
 
+/* One access-log record for an HTTP request (protocol = "http"). */
+typedef struct {
+  const char *listener, *direction, *peer, *app, *peer_id;
+  const char *method, *path; /* NULL when no request line was read */
+  size_t method_len, path_len;
+  int status; /* sent to the client; 0 if none was */
+  const char *decision;
+  pc_reason_t reason;
+  uint64_t request_bytes, response_bytes; /* body bytes (tunnels: bytes each way) */
+  double duration_ms;
+  double upstream_ms; /* request sent -> response head; < 0: the upstream was not involved */
+  const char *tls_version, *cipher;
+} pc_request_rec_t;
+
+/* Writes rec as one JSON line on stdout, unless access logging is off. */
+void pc_log_request(const pc_request_rec_t *rec);
+
 #endif

@@ -1,17 +1,19 @@
 #include "metrics.h"
 
-/* Loopback handshakes take well under a millisecond; 5 s covers the default
- * handshake timeout's neighbourhood. */
-const double pc_hs_bucket_bounds[PC_HS_BUCKETS] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-                                                   0.1,    0.25,  0.5,    1,     2.5,  5};
+/* Loopback handshakes and requests take well under a millisecond; 5 s
+ * covers the default handshake timeout's neighbourhood, 30 s the default
+ * response timeout. */
+static const double bounds[PC_HIST_MAX] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                           0.25,   0.5,   1,      2.5,   5,    10,    30};
+const pc_hist_bounds_t pc_hs_bounds = {bounds, 13}, pc_request_bounds = {bounds, 15};
 
-void pc_metrics_handshake(pc_metrics_t *m, double seconds) {
+void pc_hist_observe(pc_hist_t *h, const pc_hist_bounds_t *b, double seconds) {
   int i = 0;
-  while (i < PC_HS_BUCKETS && seconds > pc_hs_bucket_bounds[i])
+  while (i < b->n && seconds > b->bounds[i])
     i++;
-  m->hs_buckets[i]++;
-  m->hs_count++;
-  m->hs_sum += seconds;
+  h->buckets[i]++;
+  h->count++;
+  h->sum += seconds;
 }
 
 const char *pc_decision_word(pc_decision_t d) {
@@ -20,6 +22,15 @@ const char *pc_decision_word(pc_decision_t d) {
 }
 
 #define LOAD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
+
+static void hist_add(pc_hist_t *dst, const pc_hist_t *src) {
+  for (int i = 0; i <= PC_HIST_MAX; i++)
+    dst->buckets[i] += LOAD(src->buckets[i]);
+  dst->count += LOAD(src->count);
+  double sum;
+  __atomic_load(&src->sum, &sum, __ATOMIC_RELAXED);
+  dst->sum += sum;
+}
 
 void pc_metrics_add(pc_metrics_t *dst, const pc_metrics_t *src) {
   for (int d = 0; d < PC_DECISION_COUNT; d++)
@@ -31,10 +42,12 @@ void pc_metrics_add(pc_metrics_t *dst, const pc_metrics_t *src) {
   dst->accept_errors += LOAD(src->accept_errors);
   dst->accept_pauses += LOAD(src->accept_pauses);
   dst->active += LOAD(src->active);
-  for (int i = 0; i <= PC_HS_BUCKETS; i++)
-    dst->hs_buckets[i] += LOAD(src->hs_buckets[i]);
-  dst->hs_count += LOAD(src->hs_count);
-  double sum;
-  __atomic_load(&src->hs_sum, &sum, __ATOMIC_RELAXED);
-  dst->hs_sum += sum;
+  hist_add(&dst->handshake, &src->handshake);
+  hist_add(&dst->request, &src->request);
+  for (int k = 0; k < PC_HTTP_CLASSES; k++)
+    for (int d = 0; d < PC_DECISION_COUNT; d++)
+      for (int r = 0; r < PC_REASON_COUNT; r++)
+        dst->requests[k][d][r] += LOAD(src->requests[k][d][r]);
+  dst->upstream_connects += LOAD(src->upstream_connects);
+  dst->upstream_reuses += LOAD(src->upstream_reuses);
 }

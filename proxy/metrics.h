@@ -20,17 +20,33 @@ typedef enum {
   PC_DECISION_COUNT
 } pc_decision_t;
 
-/* Upper bounds (seconds) of the handshake-duration histogram buckets; +Inf
- * is implied. */
-#define PC_HS_BUCKETS 13
-extern const double pc_hs_bucket_bounds[PC_HS_BUCKETS];
+/* Upper bounds (seconds) of the duration histograms' buckets; +Inf is
+ * implied. Handshakes: 0.5 ms .. 5 s; HTTP requests add 10 s and 30 s (the
+ * default response timeout). */
+#define PC_HIST_MAX 15
+typedef struct {
+  const double *bounds;
+  int n;
+} pc_hist_bounds_t;
+extern const pc_hist_bounds_t pc_hs_bounds, pc_request_bounds;
+
+typedef struct {
+  uint64_t buckets[PC_HIST_MAX + 1]; /* non-cumulative; [n] = +Inf */
+  uint64_t count;
+  double sum;
+} pc_hist_t;
+
+/* HTTP status classes 1xx..5xx are indexed 1..5; 0 is unused. */
+#define PC_HTTP_CLASSES 6
 
 typedef struct {
   uint64_t conns[PC_DECISION_COUNT][PC_REASON_COUNT]; /* closed or refused connections */
-  uint64_t hs_buckets[PC_HS_BUCKETS + 1];             /* non-cumulative; last = +Inf */
-  uint64_t hs_count;
-  double hs_sum;
+  pc_hist_t handshake;                                /* successful handshakes */
   uint64_t bytes_from_peer, bytes_to_peer;
+  /* HTTP mode: answered requests by status class, decision and reason */
+  uint64_t requests[PC_HTTP_CLASSES][PC_DECISION_COUNT][PC_REASON_COUNT];
+  pc_hist_t request; /* request durations */
+  uint64_t upstream_connects, upstream_reuses;
   uint64_t connect_failures; /* forward / upstream could not be reached */
   uint64_t accept_errors;    /* accept(2) failed, e.g. out of descriptors */
   uint64_t accept_pauses;    /* times accepting paused at max_connections */
@@ -43,8 +59,8 @@ const char *pc_decision_word(pc_decision_t d);
 /* Adds src into dst (relaxed reads of a live worker's counters). */
 void pc_metrics_add(pc_metrics_t *dst, const pc_metrics_t *src);
 
-/* Records one successful handshake that took seconds. Owning worker only. */
-void pc_metrics_handshake(pc_metrics_t *m, double seconds);
+/* Records one observation of seconds. Owning worker only. */
+void pc_hist_observe(pc_hist_t *h, const pc_hist_bounds_t *b, double seconds);
 
 /* Appends the Prometheus text exposition of every metric to out. Main thread
  * (reads the workers' counters; see worker.h pc_workers_collect). */

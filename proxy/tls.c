@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include <openssl/err.h>
+#include <openssl/sha.h>
 #include <openssl/x509v3.h>
 
 #include "compat.h"
@@ -22,7 +23,8 @@ static pc_reason_t chain_reason(int verr) {
   }
 }
 
-pc_reason_t pc_tls_check_chain(pc_tls_peer_t *pv, STACK_OF(X509) * chain) {
+/* Chain, SVID leaf rules and identity: everything but the policy. */
+static pc_reason_t check_identity(pc_tls_peer_t *pv, STACK_OF(X509) * chain) {
   if (!chain || sk_X509_num(chain) == 0) return PC_REASON_NO_CERT;
   X509 *leaf = sk_X509_value(chain, 0);
   /* Inbound peers are TLS clients and must carry clientAuth; upstreams are
@@ -33,8 +35,88 @@ pc_reason_t pc_tls_check_chain(pc_tls_peer_t *pv, STACK_OF(X509) * chain) {
   if (r != PC_REASON_NONE) return r;
   free(pv->peer_id);
   pv->peer_id = NULL;
-  if ((r = pc_identity_from_cert(leaf, pv->trust_domain, &pv->peer_id)) != PC_REASON_NONE) return r;
-  return pc_policy_check(pv->policy, pv->peer_id);
+  return pc_identity_from_cert(leaf, pv->trust_domain, &pv->peer_id);
+}
+
+pc_reason_t pc_tls_check_chain(pc_tls_peer_t *pv, STACK_OF(X509) * chain) {
+  pc_reason_t r = check_identity(pv, chain);
+  return r != PC_REASON_NONE ? r : pc_policy_check(pv->policy, pv->peer_id);
+}
+
+/* ---- verified-chain cache ------------------------------------------------
+ * Chain verification costs a signature check per link; a peer that comes
+ * back (a client opening connection after connection) presents the same
+ * bytes. Each worker thread remembers chains that passed everything but the
+ * policy, keyed by SHA-256 over the chain's DER and the inputs of the check
+ * (generation, role, depth), and reuses the result while every certificate of
+ * the chain is within its validity period. The policy is always checked
+ * afresh; failures are never cached. A new generation (bundle, trust domain,
+ * depth) misses by construction. */
+
+#define CACHE_SLOTS 1024
+
+typedef struct {
+  uint8_t key[SHA256_DIGEST_LENGTH];
+  time_t not_before, not_after; /* intersection of the chain's validity */
+  char *peer_id;                /* NULL: empty slot */
+} cache_ent_t;
+
+static _Thread_local cache_ent_t *cache;
+
+static int cache_key(SSL *ssl, const pc_tls_peer_t *pv, uint8_t key[SHA256_DIGEST_LENGTH]) {
+  const STACK_OF(CRYPTO_BUFFER) *certs = SSL_get0_peer_certificates(ssl);
+  if (!certs || sk_CRYPTO_BUFFER_num(certs) == 0 || pv->cache_tag == 0) return 0;
+  SHA256_CTX h;
+  SHA256_Init(&h);
+  uint64_t params[3] = {pv->cache_tag, (uint64_t)pv->is_server, (uint64_t)pv->depth};
+  SHA256_Update(&h, params, sizeof(params));
+  for (size_t i = 0; i < sk_CRYPTO_BUFFER_num(certs); i++) {
+    const CRYPTO_BUFFER *b = sk_CRYPTO_BUFFER_value(certs, i);
+    uint64_t n = CRYPTO_BUFFER_len(b);
+    SHA256_Update(&h, &n, sizeof(n));
+    SHA256_Update(&h, CRYPTO_BUFFER_data(b), CRYPTO_BUFFER_len(b));
+  }
+  SHA256_Final(key, &h);
+  return 1;
+}
+
+static cache_ent_t *cache_slot(const uint8_t *key) {
+  if (!cache) cache = pc_calloc(CACHE_SLOTS, sizeof(*cache));
+  uint32_t i;
+  memcpy(&i, key, sizeof(i));
+  return &cache[i % CACHE_SLOTS];
+}
+
+static void cache_put(const uint8_t *key, STACK_OF(X509) * chain, const char *peer_id) {
+  cache_ent_t *e = cache_slot(key);
+  time_t nb = 0, na = 0;
+  for (size_t i = 0; i < sk_X509_num(chain); i++) {
+    time_t b = pc_certs_time(X509_get0_notBefore(sk_X509_value(chain, i)));
+    time_t a = pc_certs_time(X509_get0_notAfter(sk_X509_value(chain, i)));
+    if (!b || !a) return;
+    if (b > nb) nb = b;
+    if (!na || a < na) na = a;
+  }
+  free(e->peer_id);
+  memcpy(e->key, key, SHA256_DIGEST_LENGTH);
+  e->not_before = nb;
+  e->not_after = na;
+  e->peer_id = pc_strdup(peer_id);
+}
+
+static const char *cache_get(const uint8_t *key) {
+  cache_ent_t *e = cache_slot(key);
+  if (!e->peer_id || memcmp(e->key, key, SHA256_DIGEST_LENGTH) != 0) return NULL;
+  time_t now = time(NULL);
+  return now >= e->not_before && now < e->not_after ? e->peer_id : NULL;
+}
+
+void pc_tls_thread_done(void) {
+  if (!cache) return;
+  for (size_t i = 0; i < CACHE_SLOTS; i++)
+    free(cache[i].peer_id);
+  free(cache);
+  cache = NULL;
 }
 
 static enum ssl_verify_result_t verify_peer(SSL *ssl, uint8_t *out_alert) {
@@ -43,7 +125,20 @@ static enum ssl_verify_result_t verify_peer(SSL *ssl, uint8_t *out_alert) {
     *out_alert = SSL_AD_INTERNAL_ERROR;
     return ssl_verify_invalid;
   }
-  pc_reason_t r = pc_tls_check_chain(pv, SSL_get_peer_full_cert_chain(ssl));
+  uint8_t key[SHA256_DIGEST_LENGTH];
+  int keyed = cache_key(ssl, pv, key);
+  const char *known = keyed ? cache_get(key) : NULL;
+  pc_reason_t r;
+  if (known) {
+    free(pv->peer_id);
+    pv->peer_id = pc_strdup(known);
+    r = PC_REASON_NONE;
+  } else {
+    STACK_OF(X509) *chain = SSL_get_peer_full_cert_chain(ssl);
+    r = check_identity(pv, chain);
+    if (r == PC_REASON_NONE && keyed) cache_put(key, chain, pv->peer_id);
+  }
+  if (r == PC_REASON_NONE) r = pc_policy_check(pv->policy, pv->peer_id);
   if (r == PC_REASON_NONE) return ssl_verify_ok;
   pv->reason = r;
   *out_alert = pc_reason_alert(r) ? pc_reason_alert(r) : SSL_AD_CERTIFICATE_UNKNOWN;

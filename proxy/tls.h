@@ -28,6 +28,7 @@ typedef struct {
   X509_STORE *store;
   int depth;
   int is_server;
+  uint64_t cache_tag; /* the generation's id: keys the verified-chain cache (0: no cache) */
   pc_reason_t reason; /* out: why the peer was refused, PC_REASON_NONE if not */
   char *peer_id;      /* out: the peer's SPIFFE ID (malloc'd) once parsed; the
                          connection frees it */
@@ -44,6 +45,10 @@ SSL_CTX *pc_tls_ctx_new(const pc_config_t *cfg, const pc_certs_t *certs, int is_
  * Sets pv->peer_id when an ID could be read (see identity.h). Used by the
  * verify callback, and again on each reload for established connections. */
 pc_reason_t pc_tls_check_chain(pc_tls_peer_t *pv, STACK_OF(X509) * chain);
+
+/* Frees this thread's verified-chain cache (see tls.c). Worker threads call
+ * it before they exit. */
+void pc_tls_thread_done(void);
 
 /* Creates an SSL from ctx bound to peer for the verify callback. Never NULL. */
 SSL *pc_tls_new(SSL_CTX *ctx, pc_tls_peer_t *peer);

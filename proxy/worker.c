@@ -7,6 +7,8 @@
 
 #include "compat.h"
 #include "conn.h"
+#include "pool.h"
+#include "tls.h"
 #include "log.h"
 
 static pc_worker_t *workers;
@@ -75,6 +77,7 @@ static void adopt(pc_worker_t *w) {
   w->gen = g;
   if (old) {
     pc_conn_recheck_all(w);
+    pc_pool_sweep(w);
     pc_gen_unref(old);
   }
 }
@@ -89,6 +92,7 @@ static void on_wake(uv_async_t *a) {
     for (size_t i = 0; i < n; i++)
       if (w->listeners[i]) pc_listener_close(w->listeners[i]);
     pc_conn_close_all(w);
+    pc_pool_close_all(w);
     uv_close((uv_handle_t *)&w->wake, NULL);
     return;
   }
@@ -106,6 +110,7 @@ static void run(void *arg) {
   pc_worker_t *w = arg;
   adopt(w);
   uv_run(&w->loop, UV_RUN_DEFAULT);
+  pc_tls_thread_done();
 }
 
 /* Binds, for worker w, a socket for every listener of cfg that w was not

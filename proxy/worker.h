@@ -35,6 +35,7 @@ typedef struct pc_worker {
   pc_listener_t **listeners; /* parallel to gen->cfg->listeners; NULL if one failed */
   size_t nlisteners;
   struct pc_conn *conns; /* every live connection */
+  struct pc_pool *pools; /* HTTP mode: upstream connection pools (pool.h) */
   int stop_requested;
   int drain_requested;
   int draining; /* worker thread: listeners stopped */

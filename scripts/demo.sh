@@ -53,8 +53,9 @@ PY
 
 say "starting the demo app (plaintext, 127.0.0.1:18080)"
 /usr/bin/python3 "$root/scripts/demo_app.py" 18080 & pids+=($!)
+/usr/bin/python3 "$root/scripts/demo_app.py" --http 18081 & pids+=($!)
 
-say "starting sidecars: payments inbound :18443, web outbound :18001, evil outbound :18002"
+say "starting sidecars: payments inbound :18443 (tcp) + :18444 (http), web outbound :18001 (tcp) + :18003 (http), evil outbound :18002"
 for name in payments-inbound web-outbound evil-outbound; do
   "$bin" -c "$name.conf" >"$name.access.log" 2>"$name.server.log" & pids+=($!)
 done
@@ -67,15 +68,33 @@ say "evil/intruder -> payments (not on the allow-list)"
 call 18002 "charge order 666"
 sleep 0.2
 
+say "HTTP mode: web/frontend GETs /charges/42 through its outbound sidecar (allowed: GET under /charges)"
+http_call() { # $1 = method, $2 = url
+  /usr/bin/python3 - "$1" "$2" <<'PY'
+import sys, urllib.request, urllib.error
+req = urllib.request.Request(sys.argv[2], method=sys.argv[1])
+try:
+    with urllib.request.urlopen(req, timeout=5) as r:
+        print(f"  {r.status}: {r.read().decode().strip()}")
+except urllib.error.HTTPError as e:
+    print(f"  {e.code}: {e.read().decode().strip()}")
+PY
+}
+http_call GET http://127.0.0.1:18003/charges/42
+say "HTTP mode: the same caller tries DELETE /charges/42 (the allow entry says GET only)"
+http_call DELETE http://127.0.0.1:18003/charges/42
+sleep 0.2
+
 say "payments inbound sidecar: access log"
 cat payments-inbound.access.log
-say "the refusal, as the inbound sidecar logged it"
+say "the refusals, as the inbound sidecar logged them"
 grep '"decision":"deny"' payments-inbound.access.log
-say "the same refusal in the inbound sidecar's metrics (admin endpoint 127.0.0.1:18100/metrics)"
+say "the same refusals in the inbound sidecar's metrics (admin endpoint 127.0.0.1:18100/metrics)"
 /usr/bin/python3 -c '
 import urllib.request
 text = urllib.request.urlopen("http://127.0.0.1:18100/metrics", timeout=5).read().decode()
-print("\n".join(l for l in text.splitlines() if l.startswith("portcullis_connections_total")))'
+print("\n".join(l for l in text.splitlines()
+                if l.startswith(("portcullis_connections_total", "portcullis_http_requests_total"))))'
 say "evil's outbound sidecar saw the handshake refused by the upstream"
 cat evil-outbound.access.log
 

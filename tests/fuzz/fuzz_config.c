@@ -47,10 +47,15 @@ static void check_snapshot(const pc_config_t *cfg) {
   ASSERT(cfg->tls.verify_depth >= 1 && cfg->tls.verify_depth <= 16);
   ASSERT(cfg->limits.max_connections >= 1);
   ASSERT(cfg->nlisteners >= 1);
+  ASSERT(cfg->http.max_request_line >= 64 && cfg->http.max_request_line <= 1u << 20);
+  ASSERT(cfg->http.max_header_bytes >= 256 && cfg->http.max_header_bytes <= 1u << 24);
+  ASSERT(cfg->http.max_headers >= 1 && cfg->http.max_headers <= 10000);
+  ASSERT(cfg->http.request_timeout_ms >= 1 && cfg->http.response_timeout_ms >= 1);
+  ASSERT(cfg->http.pool_idle_timeout_ms >= 1 && cfg->http.pool_max_idle <= 100000);
   for (size_t i = 0; i < cfg->nlisteners; i++) {
     const pc_listener_cfg_t *l = &cfg->listeners[i];
     ASSERT(l->name && *l->name && l->listen_str && l->target_str && l->policy);
-    ASSERT(l->protocol == PC_PROTO_TCP);
+    ASSERT(l->protocol == PC_PROTO_TCP || l->protocol == PC_PROTO_HTTP);
     ASSERT(l->direction == PC_DIR_INBOUND || (l->server_name && *l->server_name));
     ASSERT(l->direction == PC_DIR_INBOUND || pc_policy_count(l->policy) > 0);
     struct sockaddr_storage ss;
@@ -61,6 +66,23 @@ static void check_snapshot(const pc_config_t *cfg) {
       pc_policy_rule(l->policy, j, &ns, &sa);
       ASSERT(ns && pc_spiffe_valid_segment(ns, strlen(ns)));
       ASSERT(!sa || pc_spiffe_valid_segment(sa, strlen(sa)));
+      /* Narrowing only on inbound HTTP listeners, never by an empty list. */
+      const char *const *ms, *const *ps;
+      size_t nm, np;
+      pc_policy_rule_http(l->policy, j, &ms, &nm, &ps, &np);
+      if (ms || ps) ASSERT(l->direction == PC_DIR_INBOUND && l->protocol == PC_PROTO_HTTP);
+      ASSERT(!ms || nm > 0);
+      ASSERT(!ps || np > 0);
+      for (size_t k = 0; ms && k < nm; k++) {
+        ASSERT(ms[k][0]);
+        for (const char *c = ms[k]; *c; c++)
+          ASSERT((*c >= 'A' && *c <= 'Z') || *c == '-' || *c == '_');
+      }
+      for (size_t k = 0; ps && k < np; k++) {
+        ASSERT(ps[k][0] == '/');
+        for (const unsigned char *c = (const unsigned char *)ps[k]; *c; c++)
+          ASSERT(*c > ' ' && *c != '?' && *c != '#' && *c != 0x7f);
+      }
     }
     for (size_t j = 0; j < i; j++)
       ASSERT(strcmp(l->name, cfg->listeners[j].name) != 0);

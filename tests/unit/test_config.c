@@ -381,12 +381,133 @@ static const bad_case_t bad_cases[] = {
     /* Protocols. */
     {"    protocol = \"tcp\";\n    allow", "    protocol = \"udp\";\n    allow",
      "inbound[0].protocol", "\"udp\"", "\"udp\" is not one of \"tcp\", \"http\""},
-    {"    protocol = \"tcp\";\n    allow", "    protocol = \"http\";\n    allow",
-     "inbound[0].protocol", "\"http\"", "\"http\" (L7 mode) is not available in this build"},
-    {"    protocol = \"tcp\";\n  }", "    protocol = \"http\";\n  }", "outbound[0].protocol",
-     "\"http\"", "is not available in this build"},
+    {"    protocol = \"tcp\";\n    allow", "    protocol = \"\";\n    allow", "inbound[0].protocol",
+     "protocol = \"\"", "\"\" is not one of \"tcp\", \"http\""},
+    {"    protocol = \"tcp\";\n  }", "    protocol = \"https\";\n  }", "outbound[0].protocol",
+     "\"https\"", "\"https\" is not one of \"tcp\", \"http\""},
+    {"    protocol = \"tcp\";\n  }", "    protocol = 1;\n  }", "outbound[0].protocol",
+     "protocol = 1", "expected a string, got an integer"},
     {"    protocol = \"tcp\";\n    allow", "    protocol = \"TCP\";\n    allow",
      "inbound[0].protocol", "\"TCP\"", "is not one of"},
+
+/* The http group (HTTP mode limits and timeouts). */
+#define HTTP_GROUP(body) "http = { " body " };\nlimits = {"
+    {"limits = {", HTTP_GROUP("max_headers = 100; foo = 1;"), "http.foo", "foo = 1",
+     "unknown setting"},
+    {"limits = {", HTTP_GROUP("max_header_byte = 1000;"), "http.max_header_byte", "max_header_byte",
+     "unknown setting"},
+    {"limits = {", "http = 5;\nlimits = {", "http", "http = 5", "expected a group, got an integer"},
+    {"limits = {", "http = ( );\nlimits = {", "http", "http = ( )", "expected a group, got a list"},
+    {"limits = {", HTTP_GROUP("max_headers = \"100\";"), "http.max_headers", "max_headers",
+     "expected an integer, got a string"},
+    {"limits = {", HTTP_GROUP("request_timeout_ms = 1.5;"), "http.request_timeout_ms",
+     "request_timeout_ms", "expected an integer, got a number"},
+    {"limits = {", HTTP_GROUP("max_request_line = 63;"), "http.max_request_line",
+     "max_request_line", "must be between 64 and 1048576"},
+    {"limits = {", HTTP_GROUP("max_request_line = 1048577;"), "http.max_request_line",
+     "max_request_line", "must be between 64 and 1048576"},
+    {"limits = {", HTTP_GROUP("max_header_bytes = 255;"), "http.max_header_bytes",
+     "max_header_bytes", "must be between 256 and 16777216"},
+    {"limits = {", HTTP_GROUP("max_header_bytes = 16777217;"), "http.max_header_bytes",
+     "max_header_bytes", "must be between 256 and 16777216"},
+    {"limits = {", HTTP_GROUP("max_headers = 0;"), "http.max_headers", "max_headers",
+     "must be between 1 and 10000"},
+    {"limits = {", HTTP_GROUP("max_headers = 10001;"), "http.max_headers", "max_headers",
+     "must be between 1 and 10000"},
+    {"limits = {", HTTP_GROUP("request_timeout_ms = 0;"), "http.request_timeout_ms",
+     "request_timeout_ms", "must be between 1 and 86400000"},
+    {"limits = {", HTTP_GROUP("response_timeout_ms = 86400001;"), "http.response_timeout_ms",
+     "response_timeout_ms", "must be between 1 and 86400000"},
+    {"limits = {", HTTP_GROUP("response_timeout_ms = -1;"), "http.response_timeout_ms",
+     "response_timeout_ms", "must be between 1 and 86400000"},
+    {"limits = {", HTTP_GROUP("pool_max_idle = -1;"), "http.pool_max_idle", "pool_max_idle",
+     "must be between 0 and 100000"},
+    {"limits = {", HTTP_GROUP("pool_max_idle = 100001;"), "http.pool_max_idle", "pool_max_idle",
+     "must be between 0 and 100000"},
+    {"limits = {", HTTP_GROUP("pool_idle_timeout_ms = 0;"), "http.pool_idle_timeout_ms",
+     "pool_idle_timeout_ms", "must be between 1 and 86400000"},
+    {"limits = {", HTTP_GROUP("pool_idle_timeout_ms = 100000000000L;"), "http.pool_idle_timeout_ms",
+     "pool_idle_timeout_ms", "must be between 1 and 86400000"},
+    /* The http group is top-level only. */
+    {"drain_timeout_ms = 20000;", "drain_timeout_ms = 20000;\n  max_headers = 5;",
+     "limits.max_headers", "max_headers = 5", "unknown setting"},
+#undef HTTP_GROUP
+
+    /* methods / paths: only in the allow list of an inbound "http" listener. */
+    {"{ namespace = \"web\"; }", "{ namespace = \"web\"; methods = [ \"GET\" ]; }",
+     "inbound[0].allow[0].methods",
+     "methods =", "only an inbound listener with protocol = \"http\" can narrow by methods"},
+    {"{ namespace = \"web\"; }", "{ namespace = \"web\";\n      paths = [ \"/api\" ]; }",
+     "inbound[0].allow[0].paths",
+     "paths =", "only an inbound listener with protocol = \"http\" can narrow by paths"},
+    /* No protocol setting means "tcp". */
+    {"    protocol = \"tcp\";\n    allow = ( { namespace = \"web\"; },",
+     "    allow = ( { namespace = \"web\"; methods = [ \"GET\" ]; },",
+     "inbound[0].allow[0].methods",
+     "methods =", "only an inbound listener with protocol = \"http\" can narrow by methods"},
+    {"service_account = \"scheduler\"; }",
+     "service_account = \"scheduler\";\n                methods = [ \"GET\" ]; }",
+     "inbound[0].allow[1].methods",
+     "methods =", "only an inbound listener with protocol = \"http\" can narrow by methods"},
+    {"expect = ( { namespace = \"payments\"; service_account = \"api\"; } );",
+     "expect = ( { namespace = \"payments\"; service_account = \"api\";\n"
+     "               methods = [ \"GET\" ]; } );",
+     "outbound[0].expect[0].methods",
+     "methods =", "only an inbound listener with protocol = \"http\" can narrow by methods"},
+    {"expect = ( { namespace = \"payments\"; service_account = \"api\"; } );\n"
+     "    protocol = \"tcp\";",
+     "expect = ( { namespace = \"payments\"; service_account = \"api\";\n"
+     "               paths = [ \"/x\" ]; } );\n    protocol = \"http\";",
+     "outbound[0].expect[0].paths",
+     "paths =", "only an inbound listener with protocol = \"http\" can narrow by paths"},
+/* Bad method and path values on an http listener. */
+#define HTTP_WEB(entry)                                                                            \
+  "    protocol = \"tcp\";\n    allow = ( { namespace = \"web\"; },",                              \
+      "    protocol = \"http\";\n    allow = ( { namespace = \"web\"; " entry " },"
+#define BAD_METHOD "an upper-case method name such as \"GET\""
+#define BAD_PATH "a path prefix starting with \"/\" (no spaces, '?' or '#')"
+    {HTTP_WEB("methods = [ \"get\" ];"), "inbound[0].allow[0].methods",
+     "methods =", "entry 0 is not " BAD_METHOD},
+    {HTTP_WEB("methods = [ \"\" ];"), "inbound[0].allow[0].methods",
+     "methods =", "entry 0 is not " BAD_METHOD},
+    {HTTP_WEB("methods = [ \"GET\", \"Post\" ];"), "inbound[0].allow[0].methods",
+     "methods =", "entry 1 is not " BAD_METHOD},
+    {HTTP_WEB("methods = [ \"GET \" ];"), "inbound[0].allow[0].methods",
+     "methods =", "entry 0 is not " BAD_METHOD},
+    {HTTP_WEB("methods = ( \"GET\", 1 );"), "inbound[0].allow[0].methods",
+     "methods =", "entry 1 is not " BAD_METHOD},
+    {HTTP_WEB("methods = [ ];"), "inbound[0].allow[0].methods",
+     "methods =", "expected a non-empty list of strings"},
+    {HTTP_WEB("methods = ( );"), "inbound[0].allow[0].methods",
+     "methods =", "expected a non-empty list of strings"},
+    {HTTP_WEB("methods = \"GET\";"), "inbound[0].allow[0].methods",
+     "methods =", "expected a non-empty list of strings"},
+    {HTTP_WEB("paths = [ \"api\" ];"), "inbound[0].allow[0].paths",
+     "paths =", "entry 0 is not " BAD_PATH},
+    {HTTP_WEB("paths = [ \"/a b\" ];"), "inbound[0].allow[0].paths",
+     "paths =", "entry 0 is not " BAD_PATH},
+    {HTTP_WEB("paths = [ \"/a?b\" ];"), "inbound[0].allow[0].paths",
+     "paths =", "entry 0 is not " BAD_PATH},
+    {HTTP_WEB("paths = [ \"/a#b\" ];"), "inbound[0].allow[0].paths",
+     "paths =", "entry 0 is not " BAD_PATH},
+    {HTTP_WEB("paths = [ \"\" ];"), "inbound[0].allow[0].paths",
+     "paths =", "entry 0 is not " BAD_PATH},
+    {HTTP_WEB("paths = [ \"/ok\", \"/a\\tb\" ];"), "inbound[0].allow[0].paths",
+     "paths =", "entry 1 is not " BAD_PATH},
+    {HTTP_WEB("paths = [ ];"), "inbound[0].allow[0].paths",
+     "paths =", "expected a non-empty list of strings"},
+    {HTTP_WEB("paths = { a = \"/x\"; };"), "inbound[0].allow[0].paths",
+     "paths =", "expected a non-empty list of strings"},
+    {HTTP_WEB("methods = [ \"GET\" ]; paths = [ \"x\" ];"), "inbound[0].allow[0].paths",
+     "paths =", "entry 0 is not " BAD_PATH},
+    {HTTP_WEB("method = [ \"GET\" ];"), "inbound[0].allow[0].method",
+     "method =", "unknown setting"},
+    /* An entry on its own line names that line. */
+    {HTTP_WEB("paths = [ \"/ok\",\n        \"bad\" ];"), "inbound[0].allow[0].paths", "\"bad\"",
+     "entry 1 is not " BAD_PATH},
+#undef HTTP_WEB
+#undef BAD_METHOD
+#undef BAD_PATH
 
     /* Outbound needs an expectation. */
     {"expect = ( { namespace = \"payments\"; service_account = \"api\"; } );", "expect = ( );",
@@ -546,6 +667,13 @@ static void test_minimal(void) {
   CHECK_INT_EQ(cfg->limits.connect_timeout_ms, 5000);
   CHECK_INT_EQ(cfg->limits.idle_timeout_ms, 300000);
   CHECK_INT_EQ(cfg->limits.drain_timeout_ms, 20000);
+  CHECK_INT_EQ(cfg->http.max_request_line, 8192);
+  CHECK_INT_EQ(cfg->http.max_header_bytes, 65536);
+  CHECK_INT_EQ(cfg->http.max_headers, 100);
+  CHECK_INT_EQ(cfg->http.request_timeout_ms, 10000);
+  CHECK_INT_EQ(cfg->http.response_timeout_ms, 30000);
+  CHECK_INT_EQ(cfg->http.pool_max_idle, 64);
+  CHECK_INT_EQ(cfg->http.pool_idle_timeout_ms, 30000);
   CHECK_INT_EQ(cfg->nlisteners, 1);
   if (cfg->nlisteners == 1) {
     CHECK_INT_EQ(cfg->listeners[0].listen.ss_family, AF_INET6);
@@ -583,6 +711,175 @@ static void test_minimal(void) {
   CHECK_INT_EQ(cfg->nlisteners, 1);
   if (cfg->nlisteners == 1) CHECK_INT_EQ(cfg->listeners[0].direction, PC_DIR_OUTBOUND);
   pc_config_free(cfg);
+}
+
+/* Reads back rule i's narrowing lists as one comma-joined string each. */
+static void rule_http_str(const pc_policy_t *p, size_t i, char *methods, char *paths, size_t n) {
+  const char *const *ms, *const *ps;
+  size_t nm, np;
+  pc_policy_rule_http(p, i, &ms, &nm, &ps, &np);
+  snprintf(methods, n, "%s", ms ? "" : "(any)");
+  snprintf(paths, n, "%s", ps ? "" : "(any)");
+  for (size_t j = 0; ms && j < nm; j++)
+    snprintf(methods + strlen(methods), n - strlen(methods), "%s%s", j ? "," : "", ms[j]);
+  for (size_t j = 0; ps && j < np; j++)
+    snprintf(paths + strlen(paths), n - strlen(paths), "%s%s", j ? "," : "", ps[j]);
+}
+
+/* HTTP mode: the http group and narrowing allow entries. */
+static void test_http(void) {
+  char *good = good_text();
+  pc_config_t *cfg = NULL;
+  char err[1024];
+
+  /* No http group: the defaults; protocol = "http" on both directions. */
+  char *t1 = replace_all(good, "    protocol = \"tcp\";\n", "    protocol = \"http\";\n");
+  int rc = load_text(t1, &cfg, err, sizeof(err));
+  CHECK_MSG(rc == 0, "http listeners failed: %s", err);
+  free(t1);
+  if (rc == 0 && cfg) {
+    CHECK_INT_EQ(cfg->http.max_request_line, 8192);
+    CHECK_INT_EQ(cfg->http.max_header_bytes, 65536);
+    CHECK_INT_EQ(cfg->http.max_headers, 100);
+    CHECK_INT_EQ(cfg->http.request_timeout_ms, 10000);
+    CHECK_INT_EQ(cfg->http.response_timeout_ms, 30000);
+    CHECK_INT_EQ(cfg->http.pool_max_idle, 64);
+    CHECK_INT_EQ(cfg->http.pool_idle_timeout_ms, 30000);
+    CHECK_INT_EQ(cfg->nlisteners, 2);
+    if (cfg->nlisteners == 2) {
+      CHECK_INT_EQ(cfg->listeners[0].protocol, PC_PROTO_HTTP);
+      CHECK_INT_EQ(cfg->listeners[1].protocol, PC_PROTO_HTTP);
+      CHECK_INT_EQ(cfg->listeners[1].direction, PC_DIR_OUTBOUND);
+    }
+    pc_config_free(cfg);
+  }
+
+  /* Every value set; methods and paths on an inbound http listener. */
+  char *t2 = replace_all(good, "limits = {",
+                         "http = {\n"
+                         "  max_request_line = 4096;\n"
+                         "  max_header_bytes = 32768;\n"
+                         "  max_headers = 50;\n"
+                         "  request_timeout_ms = 5000;\n"
+                         "  response_timeout_ms = 60000;\n"
+                         "  pool_max_idle = 0;\n"
+                         "  pool_idle_timeout_ms = 1234;\n"
+                         "};\n"
+                         "limits = {");
+  char *t3 =
+      replace_all(t2,
+                  "    protocol = \"tcp\";\n"
+                  "    allow = ( { namespace = \"web\"; },\n"
+                  "              { namespace = \"jobs\"; service_account = \"scheduler\"; } );",
+                  "    protocol = \"http\";\n"
+                  "    allow = ( { namespace = \"web\"; methods = [ \"GET\", \"HEAD\" ];\n"
+                  "                paths = [ \"/public\", \"/api/\" ]; },\n"
+                  "              { namespace = \"jobs\"; service_account = \"scheduler\"; },\n"
+                  "              { namespace = \"ops\"; methods = ( \"POST\", \"M-SEARCH\", "
+                  "\"X_Y\" ); },\n"
+                  "              { namespace = \"cdn\"; paths = [ \"/\", \"/%7Euser/~x\" ]; } );");
+  rc = load_text(t3, &cfg, err, sizeof(err));
+  CHECK_MSG(rc == 0, "http config failed: %s", err);
+  free(t2);
+  free(t3);
+  if (rc == 0 && cfg) {
+    CHECK_INT_EQ(cfg->http.max_request_line, 4096);
+    CHECK_INT_EQ(cfg->http.max_header_bytes, 32768);
+    CHECK_INT_EQ(cfg->http.max_headers, 50);
+    CHECK_INT_EQ(cfg->http.request_timeout_ms, 5000);
+    CHECK_INT_EQ(cfg->http.response_timeout_ms, 60000);
+    CHECK_INT_EQ(cfg->http.pool_max_idle, 0);
+    CHECK_INT_EQ(cfg->http.pool_idle_timeout_ms, 1234);
+    const pc_listener_cfg_t *in = pc_config_listener(cfg, "api");
+    CHECK(in != NULL);
+    if (in) {
+      CHECK_INT_EQ(in->protocol, PC_PROTO_HTTP);
+      CHECK_INT_EQ(pc_policy_count(in->policy), 4);
+      char m[256], ps[256];
+      if (pc_policy_count(in->policy) == 4) {
+        rule_http_str(in->policy, 0, m, ps, sizeof(m));
+        CHECK_STR_EQ(m, "GET,HEAD");
+        CHECK_STR_EQ(ps, "/public,/api/");
+        rule_http_str(in->policy, 1, m, ps, sizeof(m));
+        CHECK_STR_EQ(m, "(any)");
+        CHECK_STR_EQ(ps, "(any)");
+        rule_http_str(in->policy, 2, m, ps, sizeof(m));
+        CHECK_STR_EQ(m, "POST,M-SEARCH,X_Y");
+        CHECK_STR_EQ(ps, "(any)");
+        rule_http_str(in->policy, 3, m, ps, sizeof(m));
+        CHECK_STR_EQ(m, "(any)");
+        CHECK_STR_EQ(ps, "/,/%7Euser/~x");
+      }
+      const pc_policy_t *p = in->policy;
+      CHECK_INT_EQ(pc_policy_check_request(p, "spiffe://cluster.local/ns/web/sa/x", "GET", 3,
+                                           "/public/a", 9),
+                   PC_REASON_NONE);
+      CHECK_INT_EQ(pc_policy_check_request(p, "spiffe://cluster.local/ns/web/sa/x", "POST", 4,
+                                           "/public/a", 9),
+                   PC_REASON_NOT_ALLOWED);
+      CHECK_INT_EQ(
+          pc_policy_check_request(p, "spiffe://cluster.local/ns/web/sa/x", "GET", 3, "/api", 4),
+          PC_REASON_NOT_ALLOWED);
+      CHECK_INT_EQ(pc_policy_check_request(p, "spiffe://cluster.local/ns/jobs/sa/scheduler",
+                                           "DELETE", 6, "/anything", 9),
+                   PC_REASON_NONE);
+      CHECK_INT_EQ(
+          pc_policy_check_request(p, "spiffe://cluster.local/ns/ops/sa/x", "POST", 4, "/x", 2),
+          PC_REASON_NONE);
+      CHECK_INT_EQ(
+          pc_policy_check_request(p, "spiffe://cluster.local/ns/ops/sa/x", "GET", 3, "/x", 2),
+          PC_REASON_NOT_ALLOWED);
+      CHECK_INT_EQ(pc_policy_check(p, "spiffe://cluster.local/ns/web/sa/x"), PC_REASON_NONE);
+      CHECK_INT_EQ(pc_policy_check(p, "spiffe://cluster.local/ns/ops/sa/x"), PC_REASON_NONE);
+    }
+    pc_config_free(cfg);
+  }
+
+  /* The bounds themselves are accepted; an empty group is all defaults. */
+  static const char *const groups[] = {
+      "http = { max_request_line = 64; max_header_bytes = 256; max_headers = 1;\n"
+      "  request_timeout_ms = 1; response_timeout_ms = 1; pool_max_idle = 0;\n"
+      "  pool_idle_timeout_ms = 1; };\nlimits = {",
+      "http = { max_request_line = 1048576; max_header_bytes = 16777216; max_headers = 10000;\n"
+      "  request_timeout_ms = 86400000; response_timeout_ms = 86400000L;\n"
+      "  pool_max_idle = 100000; pool_idle_timeout_ms = 86400000; };\nlimits = {",
+      "http = { };\nlimits = {",
+  };
+  static const uint64_t want[][7] = {
+      {64, 256, 1, 1, 1, 0, 1},
+      {1048576, 16777216, 10000, 86400000, 86400000, 100000, 86400000},
+      {8192, 65536, 100, 10000, 30000, 64, 30000},
+  };
+  for (size_t i = 0; i < sizeof(groups) / sizeof(groups[0]); i++) {
+    char *t = replace_all(good, "limits = {", groups[i]);
+    rc = load_text(t, &cfg, err, sizeof(err));
+    CHECK_MSG(rc == 0, "http group %zu failed: %s", i, err);
+    free(t);
+    if (rc != 0 || !cfg) continue;
+    CHECK_INT_EQ(cfg->http.max_request_line, want[i][0]);
+    CHECK_INT_EQ(cfg->http.max_header_bytes, want[i][1]);
+    CHECK_INT_EQ(cfg->http.max_headers, want[i][2]);
+    CHECK_INT_EQ(cfg->http.request_timeout_ms, want[i][3]);
+    CHECK_INT_EQ(cfg->http.response_timeout_ms, want[i][4]);
+    CHECK_INT_EQ(cfg->http.pool_max_idle, want[i][5]);
+    CHECK_INT_EQ(cfg->http.pool_idle_timeout_ms, want[i][6]);
+    pc_config_free(cfg);
+  }
+
+  /* A tcp listener without narrowing keeps open rules. */
+  rc = load_text(good, &cfg, err, sizeof(err));
+  CHECK_MSG(rc == 0, "good config failed: %s", err);
+  if (rc == 0 && cfg) {
+    const pc_listener_cfg_t *in = pc_config_listener(cfg, "api");
+    if (in && pc_policy_count(in->policy) > 0) {
+      char m[64], ps[64];
+      rule_http_str(in->policy, 0, m, ps, sizeof(m));
+      CHECK_STR_EQ(m, "(any)");
+      CHECK_STR_EQ(ps, "(any)");
+    }
+    pc_config_free(cfg);
+  }
+  free(good);
 }
 
 static void test_other_failures(void) {
@@ -775,6 +1072,7 @@ int main(int argc, char **argv) {
 
   test_good();
   test_minimal();
+  test_http();
   for (size_t i = 0; i < sizeof(bad_cases) / sizeof(bad_cases[0]); i++)
     run_bad_case(i, &bad_cases[i]);
   test_other_failures();

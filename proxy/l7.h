@@ -1,0 +1,77 @@
+/*
+ * l7.h - HTTP/1.1 proxying for one client connection (protocol = "http").
+ *
+ * Inbound: peer --mTLS--> [down] portcullis --pooled plaintext--> app.
+ * Outbound: app --plain--> [down] portcullis --pooled mTLS--> upstream.
+ *
+ * Requests are parsed strictly (h1.h) and handled one at a time: a pipelined
+ * request waits, unread, until the previous response is complete, so answers
+ * go out in order and a request is never parsed against a stale state. For
+ * each request the current generation's listener decides (a reload applies
+ * to the next request on a keep-alive connection): inbound, the peer's
+ * identity against the allow entries' methods and paths (403 otherwise);
+ * then an upstream connection is borrowed from the worker's pool (pool.h) and
+ * the head is forwarded without hop-by-hop fields, inbound with the peer's
+ * identity in x-forwarded-client-cert (any copy from the peer dropped).
+ * Bodies stream both ways under the stream watermarks; chunked bodies are
+ * re-chunked, trailers dropped. A 101 to an Upgrade request, or a 2xx to
+ * CONNECT, turns the connection into an L4 splice.
+ *
+ * Every answered request writes one access-log line and counts in the
+ * listener's request metrics; errors the sidecar answers itself carry a JSON
+ * body naming the reason (400/431/408 for bad or slow requests, 403 for the
+ * allow list, 502/503/504 for the upstream).
+ *
+ * The connection (conn.c) owns the pc_l7_t and routes its client stream's
+ * callbacks to pc_l7_on_*; l7 asks for the connection's end through on_done
+ * exactly once. Loop thread only.
+ */
+#ifndef PC_L7_H
+#define PC_L7_H
+
+#include <stdint.h>
+
+#include "gen.h"
+#include "listener.h"
+#include "stream.h"
+#include "worker.h"
+
+typedef struct pc_l7 pc_l7_t;
+
+/* What the connection lends to its HTTP handler; everything must outlive it. */
+typedef struct {
+  pc_worker_t *w;
+  pc_listener_t *l;            /* counters */
+  pc_gen_t *gen;               /* the connection's generation */
+  const pc_listener_cfg_t *lc; /* its listener config in that generation */
+  const char *peer_addr;       /* access log "peer" */
+  const char *app_addr;        /* access log "app" */
+  const char *peer_id;         /* inbound: the verified peer's SPIFFE ID */
+  const char *tls_version;     /* inbound: the client side's TLS */
+  const char *cipher;          /* inbound */
+  uint64_t *last_active;       /* loop time of the last byte either way */
+} pc_l7_env_t;
+
+/* Creates the handler for down (established: TLS done inbound, accepted
+ * outbound) and starts reading requests. on_done(arg, how, reset) asks the
+ * connection to end ("eof", "reset", "timeout", ...); it fires once, never
+ * from inside pc_l7_start. Returns the handler, owned by the connection. */
+pc_l7_t *pc_l7_start(pc_stream_t *down, const pc_l7_env_t *env,
+                     void (*on_done)(void *arg, const char *how, int reset), void *arg);
+
+void pc_l7_on_data(pc_l7_t *x, const char *buf, size_t len);
+void pc_l7_on_eof(pc_l7_t *x);
+void pc_l7_on_error(pc_l7_t *x, int err);
+void pc_l7_on_drain(pc_l7_t *x);
+void pc_l7_on_shutdown(pc_l7_t *x, int status);
+
+/* The connection is ending: closes the upstream connection in use and the
+ * handler's timer (close_cb fires for it, with the handle's data set to
+ * data). Returns the number of handles closed (for the connection's count).
+ * No callback into the connection fires afterwards. */
+int pc_l7_close(pc_l7_t *x, uv_close_cb close_cb, void *data);
+
+/* Frees the handler; call once every handle pc_l7_close closed is closed. */
+void pc_l7_free(pc_l7_t *x);
+
+#endif

@@ -1,0 +1,94 @@
+/*
+ * pool.h - per-worker pools of keep-alive connections for HTTP mode: to the
+ * local app (inbound listeners, plaintext) or to the upstream sidecar
+ * (outbound listeners, mTLS with the upstream checked against `expect`).
+ *
+ * A pool belongs to one worker, one listener and one generation: requests
+ * decided under a generation only reuse connections made under it, so a
+ * reload never lets a request ride a connection whose peer was verified
+ * against an older bundle or expect list. After a worker adopts a new
+ * generation, pc_pool_sweep closes the older pools' idle connections; busy
+ * ones are closed when they come back.
+ *
+ * A borrowed connection's stream reports to the borrower's callbacks (its
+ * owner pointer is the borrower's); an idle one is watched by the pool, and
+ * any byte, EOF or error from it closes it (an app must not answer what was
+ * not asked). Loop thread of the owning worker only.
+ */
+#ifndef PC_POOL_H
+#define PC_POOL_H
+
+#include <stdint.h>
+
+#include "config.h"
+#include "gen.h"
+#include "metrics.h"
+#include "stream.h"
+#include "tls.h"
+
+struct pc_worker;
+typedef struct pc_pool pc_pool_t;
+typedef struct pc_upconn pc_upconn_t;
+
+/* A connection attempt ended. status 0: up is ready and lent to the
+ * borrower. Otherwise up is closing (readable during the callback only:
+ * up->peer.reason is set when our verify callback refused the upstream) and
+ * status is the HTTP status to answer with: 503 (cannot connect), 502 (TLS
+ * failed or the upstream's identity was refused; reason says why), 504 (TLS
+ * handshake timed out); detail is static text. */
+typedef void (*pc_upconn_ready_cb)(void *user, pc_upconn_t *up, int status, pc_reason_t reason,
+                                   const char *detail);
+
+struct pc_upconn {
+  pc_stream_t s;      /* lent: s.cbs and s.owner are the borrower's */
+  pc_tls_peer_t peer; /* outbound: peer.peer_id is the upstream's SPIFFE ID */
+  uint64_t served;    /* requests completed over it before this one */
+  /* private */
+  uv_timer_t timer;
+  uv_connect_t req;
+  pc_pool_t *pool;
+  pc_metrics_t *stats;
+  pc_upconn_ready_cb on_ready;
+  void *user;
+  const pc_stream_cbs_t *user_cbs;
+  void *user_owner;
+  int state, handles, fail_status;
+  pc_reason_t fail_reason;
+  const char *fail_detail;
+  uint64_t hs_start;
+  pc_upconn_t *prev, *next;
+};
+
+/* The pool of worker w for listener lc of generation g (created on first
+ * use; it holds a reference on g). Never NULL. */
+pc_pool_t *pc_pool_for(struct pc_worker *w, pc_gen_t *g, const pc_listener_cfg_t *lc);
+
+/* Lends a connection to a borrower whose stream callbacks are cbs with owner.
+ * If an idle one is available it is returned with *ready = 1 and nothing else
+ * fires. Otherwise a new one is started, *ready = 0, and on_ready(user, ...)
+ * fires exactly once later (never from inside this call) unless the borrower
+ * releases it first. stats counts connects, reuses and failures; it must stay
+ * valid until on_ready fired or the connection was released. */
+pc_upconn_t *pc_pool_acquire(pc_pool_t *p, pc_metrics_t *stats, const pc_stream_cbs_t *cbs,
+                             void *owner, pc_upconn_ready_cb on_ready, void *user, int *ready);
+
+/* pc_pool_release modes. */
+#define PC_POOL_KEEP 1   /* the exchange ended cleanly, both sides keep-alive */
+#define PC_POOL_CLOSE 0  /* close with FIN */
+#define PC_POOL_ABORT -1 /* close with RST: the app must not take a cut-off request as whole */
+
+/* Gives up back. PC_POOL_KEEP keeps it idle if its generation is still
+ * current and the pool has room; otherwise, and with the other modes, it is
+ * closed. A connection still being made is abandoned (its on_ready never
+ * fires). The borrower must not touch up afterwards. */
+void pc_pool_release(pc_upconn_t *up, int how);
+
+/* After w adopted a new generation: closes idle connections of pools made
+ * under older generations and frees pools with nothing left. */
+void pc_pool_sweep(struct pc_worker *w);
+
+/* Closes every idle connection and frees every empty pool of w (worker stop;
+ * lent connections are closed by their borrowers' teardown). */
+void pc_pool_close_all(struct pc_worker *w);
+
+#endif
