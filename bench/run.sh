@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# bench/run.sh - the side-by-side benchmark in one command (see bench/README.md):
+# installs what it needs from Debian, builds portcullis and the bench tools in
+# release mode, then runs bench/run.py. Results land in bench/results/.
+#
+#   bash bench/run.sh                                   # full run, ~20-25 min on 2 cores
+#   BENCH_QUICK=1 bash bench/run.sh                     # smoke run, ~3 min
+#   BENCH_ROWS=portcullis-tcp,haproxy-tcp bash bench/run.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+build=${BENCH_BUILD_DIR:-$root/build-release}
+export BENCH_BUILD_DIR=$build
+
+# --- packages (Debian only) -------------------------------------------------------
+bash scripts/install-deps.sh build
+pkgs=(haproxy nginx libnginx-mod-stream hitch python3-matplotlib procps)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  sudo=""
+  [[ $(id -u) -ne 0 ]] && sudo=sudo
+  echo "bench: installing ${missing[*]}" >&2
+  $sudo apt-get -o DPkg::Lock::Timeout=600 update -qq
+  # The packaged services must not start (they would take ports 80/443);
+  # a policy-rc.d saying 101 is how Debian spells that.
+  made_policy=""
+  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null
+    $sudo chmod 755 /usr/sbin/policy-rc.d
+    made_policy=1
+  fi
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+    --no-install-recommends "${missing[@]}" >/dev/null
+  [[ -n $made_policy ]] && $sudo rm -f /usr/sbin/policy-rc.d
+fi
+
+# --- build (release, its own directory) -------------------------------------------
+cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DBUILD_TESTING=OFF >/dev/null
+cmake --build "$build" -j"$(nproc)" --target portcullis pc-loadgen pc-backend >/dev/null
+
+# --- descriptors: 10,000 idle connections need ~20,000 in the proxy ---------------
+ulimit -Hn 65536 2>/dev/null || true
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+exec /usr/bin/python3 bench/run.py "$@"
