@@ -16,6 +16,8 @@
 /* A request that met only stale pooled connections is retried at most this
  * often. */
 #define MAX_RETRIES 3
+/* Client bytes kept, unparsed, while a request is in flight. */
+#define KEEP_MAX (64 * 1024)
 
 typedef enum {
   X_HEAD,    /* waiting for (the rest of) a request head */
@@ -44,6 +46,7 @@ struct pc_l7 {
   pc_upconn_t *up;
   pc_jbuf_t head_out; /* request head for the upstream, kept for a retry */
   pc_jbuf_t out;      /* scratch for heads and chunks going out */
+  pc_jbuf_t dq, uq;   /* small writes collected for the client / upstream (put) */
   int retries;
   unsigned broken : 2, head_started : 1, up_ready : 1, req_done : 1, res_head : 1, res_any : 1,
       close_after : 1, out_chunked : 1, down_bp : 1, up_bp : 1, timer_on : 1, in_process : 1,
@@ -70,6 +73,7 @@ static const pc_stream_cbs_t up_cbs = {up_on_data,  up_on_eof,      up_on_error,
                                        up_on_drain, up_on_shutdown, up_on_handshake};
 
 static void process(pc_l7_t *x);
+static int flush_queue(pc_l7_t *x, pc_stream_t *to);
 static void begin_request(pc_l7_t *x);
 
 static void touch(pc_l7_t *x) { *x->env.last_active = uv_now(x->timer.loop); }
@@ -143,6 +147,8 @@ static void log_request(pc_l7_t *x, int status, pc_decision_t d, pc_reason_t r) 
 static void end_request(pc_l7_t *x, int how) {
   if (x->up) {
     pc_upconn_t *up = x->up;
+    if (how == PC_POOL_KEEP && x->up_ready) flush_queue(x, &up->s);
+    x->uq.len = 0;
     x->up = NULL;
     pc_pool_release(up, how);
   }
@@ -168,14 +174,40 @@ static void end_request(pc_l7_t *x, int how) {
 
 /* ---- closing ------------------------------------------------------------ */
 
+/* Small writes in one callback (a response head, a short body, the last
+ * chunk) are collected per side and sent as one write (one TLS record, one
+ * syscall) when the callback ends (settle). Bigger ones go at once, after
+ * what is collected. */
+#define COLLECT_MAX (16 * 1024)
+
+static int send_now(pc_l7_t *x, pc_stream_t *to, const char *data, size_t len) {
+  if (pc_stream_write(to, data, len) == 0) return 0;
+  x->broken = to == x->down ? 1 : 2;
+  return -1;
+}
+
+static pc_jbuf_t *queue_of(pc_l7_t *x, pc_stream_t *to) { return to == x->down ? &x->dq : &x->uq; }
+
+static int flush_queue(pc_l7_t *x, pc_stream_t *to) {
+  pc_jbuf_t *q = queue_of(x, to);
+  if (!q->len) return 0;
+  size_t n = q->len;
+  q->len = 0;
+  return x->broken ? -1 : send_now(x, to, q->data, n);
+}
+
 /* Writes to one side. A failed write (the peer reset) is remembered and
  * acted on by check_broken once the current callback unwinds: ending the
  * connection from inside a parser callback would pull state from under it. */
 static int put(pc_l7_t *x, pc_stream_t *to, const char *data, size_t len) {
   if (x->broken) return -1;
-  if (pc_stream_write(to, data, len) == 0) return 0;
-  x->broken = to == x->down ? 1 : 2;
-  return -1;
+  pc_jbuf_t *q = queue_of(x, to);
+  if (q->len + len <= COLLECT_MAX) {
+    pc_jbuf_raw(q, data, len);
+    return 0;
+  }
+  if (flush_queue(x, to) != 0) return -1;
+  return send_now(x, to, data, len);
 }
 
 static void upstream_failed(pc_l7_t *x, const char *detail);
@@ -193,6 +225,15 @@ static int check_broken(pc_l7_t *x) {
   return 1;
 }
 
+/* End of every callback into this module: send what was collected, then act
+ * on a failed write. */
+static void settle(pc_l7_t *x) {
+  if (x->state == X_DONE) return;
+  flush_queue(x, x->down);
+  if (x->up && x->up_ready) flush_queue(x, &x->up->s);
+  check_broken(x);
+}
+
 static void on_linger_timer(uv_timer_t *t) { finish(t->data, "eof", 0); }
 
 /* Sends everything queued, then close_notify and FIN, and drops the client's
@@ -200,6 +241,7 @@ static void on_linger_timer(uv_timer_t *t) { finish(t->data, "eof", 0); }
  * the answer. The connection ends when the client has closed too, or
  * LINGER_MS after our FIN. */
 static void close_gently(pc_l7_t *x) {
+  flush_queue(x, x->down);
   x->state = X_CLOSING;
   disarm(x);
   x->peer_done = pc_stream_discard(x->down);
@@ -251,7 +293,7 @@ static void on_res_body(void *user, const char *data, size_t len) {
 
 /* ---- requests ----------------------------------------------------------- */
 
-static void on_timer(uv_timer_t *t) {
+static void timer_fired(uv_timer_t *t) {
   pc_l7_t *x = t->data;
   x->timer_on = 0;
   if (x->state == X_HEAD)
@@ -260,6 +302,12 @@ static void on_timer(uv_timer_t *t) {
   else if (x->state == X_REQUEST && !x->res_head)
     reply_error(x, 504, PC_DECISION_ERROR, PC_REASON_TIMEOUT, "the upstream did not answer in time",
                 0);
+}
+
+static void on_timer(uv_timer_t *t) {
+  pc_l7_t *x = t->data;
+  timer_fired(t);
+  settle(x);
 }
 
 /* Can client bytes be parsed now? Not while the upstream is not ready, nor
@@ -323,10 +371,14 @@ static void keep_input(pc_l7_t *x, const char *buf, size_t len) {
 /* Reads from the client only while its bytes can be parsed. */
 static void sync_down(pc_l7_t *x) {
   if (x->state != X_HEAD && x->state != X_REQUEST) return;
-  if (blocked(x) || x->in_len > 0)
-    pc_stream_read_stop(x->down);
-  else
+  /* While a request waits, the client may go on sending (pipelining); up
+   * to KEEP_MAX is kept rather than stopping and restarting the read for
+   * every request (two epoll_ctl calls each). */
+  int want = !x->down_bp && x->in_len < KEEP_MAX;
+  if (want && !x->down->reading)
     pc_stream_read_start(x->down);
+  else if (!want && x->down->reading)
+    pc_stream_read_stop(x->down);
 }
 
 /* Parses kept client bytes as far as possible, then reads on. */
@@ -342,7 +394,6 @@ static void process(pc_l7_t *x) {
   }
   x->in_process = 0;
   sync_down(x);
-  check_broken(x);
 }
 
 static void up_ready(pc_l7_t *x) {
@@ -354,7 +405,7 @@ static void up_ready(pc_l7_t *x) {
     arm(x, x->env.gen->cfg->http.response_timeout_ms, on_timer);
 }
 
-static void on_up_ready(void *user, pc_upconn_t *up, int status, pc_reason_t reason,
+static void up_ready_cb(void *user, pc_upconn_t *up, int status, pc_reason_t reason,
                         const char *detail) {
   pc_l7_t *x = user;
   if (status != 0) {
@@ -365,6 +416,12 @@ static void on_up_ready(void *user, pc_upconn_t *up, int status, pc_reason_t rea
   }
   up_ready(x);
   process(x);
+}
+
+static void on_up_ready(void *user, pc_upconn_t *up, int status, pc_reason_t reason,
+                        const char *detail) {
+  up_ready_cb(user, up, status, reason, detail);
+  settle(user);
 }
 
 static void acquire(pc_l7_t *x) {
@@ -444,6 +501,8 @@ static void start_tunnel(pc_l7_t *x, const char *rest, size_t rest_len) {
     x->req_bytes += x->in_len;
     x->in_len = 0;
   }
+  flush_queue(x, x->down);
+  flush_queue(x, &x->up->s);
   pc_splice_start(&x->splice, x->down, &x->up->s, on_splice_done);
 }
 
@@ -550,6 +609,7 @@ static void upstream_failed(pc_l7_t *x, const char *detail) {
     pc_upconn_t *old = x->up;
     x->up = NULL;
     x->up_ready = 0;
+    x->uq.len = 0;
     x->retries++;
     disarm(x);
     pc_pool_release(old, PC_POOL_CLOSE);
@@ -566,7 +626,7 @@ static void up_data(pc_l7_t *x, pc_stream_t *s, const char *buf, size_t len);
 static void up_on_data(pc_stream_t *s, const char *buf, size_t len) {
   pc_l7_t *x = of_up(s);
   up_data(x, s, buf, len);
-  check_broken(x);
+  settle(x);
 }
 
 static void up_data(pc_l7_t *x, pc_stream_t *s, const char *buf, size_t len) {
@@ -597,13 +657,13 @@ static void up_data(pc_l7_t *x, pc_stream_t *s, const char *buf, size_t len) {
       return;
     }
   }
-  if (pc_stream_queued(x->down) > PC_STREAM_HIGH_WATER) {
+  if (pc_stream_queued(x->down) + x->dq.len > PC_STREAM_HIGH_WATER) {
     x->up_bp = 1;
     pc_stream_read_stop(s);
   }
 }
 
-static void up_on_eof(pc_stream_t *s) {
+static void up_eof(pc_stream_t *s) {
   pc_l7_t *x = of_up(s);
   if (x->state == X_TUNNEL) {
     pc_splice_on_eof(&x->splice, s);
@@ -617,7 +677,13 @@ static void up_on_eof(pc_stream_t *s) {
   upstream_failed(x, "the upstream closed the connection before the response ended");
 }
 
-static void up_on_error(pc_stream_t *s, int err) {
+static void up_on_eof(pc_stream_t *s) {
+  pc_l7_t *x = of_up(s);
+  up_eof(s);
+  settle(x);
+}
+
+static void up_error(pc_stream_t *s, int err) {
   pc_l7_t *x = of_up(s);
   if (x->state == X_TUNNEL) {
     pc_splice_on_error(&x->splice, s, err);
@@ -631,7 +697,13 @@ static void up_on_error(pc_stream_t *s, int err) {
                          : "the upstream connection failed");
 }
 
-static void up_on_drain(pc_stream_t *s) {
+static void up_on_error(pc_stream_t *s, int err) {
+  pc_l7_t *x = of_up(s);
+  up_error(s, err);
+  settle(x);
+}
+
+static void up_drain(pc_stream_t *s) {
   pc_l7_t *x = of_up(s);
   if (x->state == X_TUNNEL) {
     pc_splice_on_drain(&x->splice, s);
@@ -639,6 +711,12 @@ static void up_on_drain(pc_stream_t *s) {
     x->down_bp = 0;
     process(x);
   }
+}
+
+static void up_on_drain(pc_stream_t *s) {
+  pc_l7_t *x = of_up(s);
+  up_drain(s);
+  settle(x);
 }
 
 static void up_on_shutdown(pc_stream_t *s, int status) {
@@ -652,7 +730,7 @@ static void down_data(pc_l7_t *x, const char *buf, size_t len);
 
 void pc_l7_on_data(pc_l7_t *x, const char *buf, size_t len) {
   down_data(x, buf, len);
-  check_broken(x);
+  settle(x);
 }
 
 static void down_data(pc_l7_t *x, const char *buf, size_t len) {
@@ -801,5 +879,7 @@ void pc_l7_free(pc_l7_t *x) {
   free(x->path);
   pc_jbuf_free(&x->head_out);
   pc_jbuf_free(&x->out);
+  pc_jbuf_free(&x->dq);
+  pc_jbuf_free(&x->uq);
   free(x);
 }

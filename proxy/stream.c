@@ -194,11 +194,20 @@ static void tls_pump(pc_stream_t *s) {
     }
   }
   while (!s->handshaking && s->reading && !s->closing && !s->eof_sent) {
-    int n = SSL_read(s->ssl, s->scratch->pbuf, (int)sizeof(s->scratch->pbuf));
-    if (n > 0) {
+    /* Decrypt as many records as fit before handing them on: one on_data,
+     * and so one write on the other side, per read rather than per 16 KiB
+     * record. */
+    size_t got = 0;
+    int n = 0;
+    while (got < sizeof(s->scratch->pbuf)) {
+      n = SSL_read(s->ssl, s->scratch->pbuf + got, (int)(sizeof(s->scratch->pbuf) - got));
+      if (n <= 0) break;
+      got += (size_t)n;
+    }
+    if (got > 0) {
       if (flush_out(s) < 0) break;
-      s->cbs->on_data(s, s->scratch->pbuf, (size_t)n);
-      continue;
+      s->cbs->on_data(s, s->scratch->pbuf, got);
+      continue; /* the loop asks BoringSSL again, and meets the end or error below */
     }
     int err = SSL_get_error(s->ssl, n);
     flush_out(s);

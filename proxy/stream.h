@@ -36,7 +36,7 @@
  * within one callback: nothing may keep a pointer into it across loop turns. */
 typedef struct {
   char rbuf[PC_STREAM_READ_SIZE]; /* socket reads land here */
-  char pbuf[16 * 1024];           /* SSL_read decrypts into here */
+  char pbuf[64 * 1024];           /* SSL_read decrypts into here, several records at a time */
   char *obuf;                     /* BoringSSL output collects here */
   size_t olen, ocap;
 } pc_scratch_t;
