@@ -25,6 +25,8 @@ Environment knobs (defaults in brackets):
   BENCH_QUIET_MAX         CPUs other processes may use during a run before it is repeated [0.25]
   BENCH_QUIET_BUDGET      total seconds the suite may wait for a quiet machine [900]
   BENCH_RETRIES           total repetitions the suite may redo because they were disturbed [20]
+  BENCH_WORKLOADS=a,b     only these workloads: keepalive, fixedrate, connrate, bulk_down,
+                          bulk_up, memory [all]
 """
 
 import datetime
@@ -76,6 +78,7 @@ def env_num(name, default, cast=float):
 
 
 QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0")
+WORKLOADS = ("keepalive", "fixedrate", "connrate", "bulk_down", "bulk_up", "memory")
 CFG = {
     "quick": QUICK,
     "reps": env_num("BENCH_REPS", 1 if QUICK else 3, int),
@@ -94,6 +97,8 @@ CFG = {
     "quiet_max": env_num("BENCH_QUIET_MAX", 0.25),
     "quiet_budget_s": env_num("BENCH_QUIET_BUDGET", 900.0),
     "retry_budget": env_num("BENCH_RETRIES", 20, int),
+    "workloads": [x.strip() for x in os.environ.get("BENCH_WORKLOADS", ",".join(WORKLOADS))
+                  .split(",") if x.strip()],
 }
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 T_START = time.time()
@@ -969,6 +974,9 @@ def main():
     unknown = [r for r in wanted if r not in ROW_NAMES]
     if unknown:
         sys.exit(f"bench: unknown rows {unknown}; rows are {', '.join(ROW_NAMES)}")
+    bad = [w for w in CFG["workloads"] if w not in WORKLOADS]
+    if bad:
+        sys.exit(f"bench: unknown workloads {bad}; workloads are {', '.join(WORKLOADS)}")
     rows = [r for r in ROW_NAMES if not wanted or r in wanted]
 
     notes = []
@@ -1022,6 +1030,8 @@ def main():
         active.append(r)
 
     def phase(name, fn, reps):
+        if name not in CFG["workloads"]:
+            return
         for r in active:
             s = Setup(env, r)
             try:
@@ -1069,7 +1079,7 @@ def main():
         phase("connrate", w_connrate, reps)
         phase("bulk_down", lambda s, i: w_bulk(s, i, False), reps)
         phase("bulk_up", lambda s, i: w_bulk(s, i, True), reps)
-        for r in active:
+        for r in active if "memory" in CFG["workloads"] else []:
             for i in range(reps):
                 wait_quiet(f"memory {r}")
                 res = w_memory(env, r, i, idle_counts)
@@ -1097,7 +1107,8 @@ def main():
     log(f"done in {data['wall_s'] / 60:.1f} min: {RESULTS}/results.md")
     with open(os.path.join(RESULTS, "results.md")) as f:
         print(f.read())
-    failed = [r for r in active if summaries[r].get("ka_rps") is None]
+    failed = [r for r in active if "keepalive" in CFG["workloads"]
+              and summaries[r].get("ka_rps") is None]
     return 1 if failed or data.get("interrupted") else 0
 
 
