@@ -320,10 +320,7 @@ static void on_handshake(pc_stream_t *s, int status) {
   c->handshaken = 1;
   pc_hist_observe(&c->l->stats.handshake, &pc_hs_bounds,
                   (double)(uv_hrtime() - c->hs_start_ns) / 1e9);
-  STACK_OF(X509) *chain = SSL_get_peer_full_cert_chain(s->ssl);
-  time_t na = chain && sk_X509_num(chain) > 0
-                  ? pc_certs_time(X509_get0_notAfter(sk_X509_value(chain, 0)))
-                  : 0;
+  time_t na = c->peer.not_after;
   if (na) {
     int64_t left_ms = ((int64_t)na - (int64_t)time(NULL)) * 1000;
     c->expire_at = uv_now(c->timer.loop) + (uint64_t)(left_ms > 0 ? left_ms : 0) +
@@ -478,7 +475,7 @@ static pc_reason_t recheck(pc_conn_t *c, const pc_gen_t *g) {
                       .store = g->certs->store,
                       .depth = g->cfg->tls.verify_depth,
                       .is_server = c->inbound};
-  pc_reason_t r = pc_tls_check_chain(&pv, SSL_get_peer_full_cert_chain(tls_side(c)->ssl));
+  pc_reason_t r = pc_tls_recheck(&pv, tls_side(c)->ssl);
   free(pv.peer_id);
   return r;
 }

@@ -809,18 +809,8 @@ void pc_l7_on_shutdown(pc_l7_t *x, int status) {
 
 /* "x-forwarded-client-cert: By=<us>;Hash=<sha256 of the peer's leaf>;URI=<peer>" */
 static char *make_xfcc(pc_stream_t *down, const pc_l7_env_t *env) {
-  X509 *leaf = SSL_get_peer_certificate(down->ssl);
-  if (!leaf || !env->peer_id) {
-    X509_free(leaf);
-    return NULL;
-  }
-  uint8_t *der = NULL;
-  int n = i2d_X509(leaf, &der);
-  X509_free(leaf);
-  if (n <= 0) return NULL;
   uint8_t md[SHA256_DIGEST_LENGTH];
-  SHA256(der, (size_t)n, md);
-  OPENSSL_free(der);
+  if (!env->peer_id || pc_tls_peer_leaf_sha256(down->ssl, md) != 0) return NULL;
   char hex[2 * SHA256_DIGEST_LENGTH + 1];
   for (int i = 0; i < SHA256_DIGEST_LENGTH; i++)
     snprintf(hex + 2 * i, 3, "%02x", md[i]);

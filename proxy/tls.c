@@ -38,9 +38,42 @@ static pc_reason_t check_identity(pc_tls_peer_t *pv, STACK_OF(X509) * chain) {
   return pc_identity_from_cert(leaf, pv->trust_domain, &pv->peer_id);
 }
 
-pc_reason_t pc_tls_check_chain(pc_tls_peer_t *pv, STACK_OF(X509) * chain) {
+/* The peer's chain as parsed certificates, built from the DER BoringSSL kept
+ * (TLS_with_buffers_method parses nothing itself). NULL if there is none.
+ * The caller frees it with sk_X509_pop_free(chain, X509_free). */
+static STACK_OF(X509) * peer_chain(const SSL *ssl) {
+  const STACK_OF(CRYPTO_BUFFER) *certs = SSL_get0_peer_certificates(ssl);
+  if (!certs || sk_CRYPTO_BUFFER_num(certs) == 0) return NULL;
+  STACK_OF(X509) *chain = sk_X509_new_null();
+  if (!chain) pc_fatal("out of memory");
+  for (size_t i = 0; i < sk_CRYPTO_BUFFER_num(certs); i++) {
+    X509 *x = X509_parse_from_buffer(sk_CRYPTO_BUFFER_value(certs, i));
+    if (!x) break; /* unparsable: the shorter chain fails verification */
+    if (!sk_X509_push(chain, x)) pc_fatal("out of memory");
+  }
+  return chain;
+}
+
+static time_t leaf_not_after(STACK_OF(X509) * chain) {
+  return chain && sk_X509_num(chain) > 0
+             ? pc_certs_time(X509_get0_notAfter(sk_X509_value(chain, 0)))
+             : 0;
+}
+
+pc_reason_t pc_tls_recheck(pc_tls_peer_t *pv, const SSL *ssl) {
+  STACK_OF(X509) *chain = peer_chain(ssl);
   pc_reason_t r = check_identity(pv, chain);
+  if (r == PC_REASON_NONE) pv->not_after = leaf_not_after(chain);
+  sk_X509_pop_free(chain, X509_free);
   return r != PC_REASON_NONE ? r : pc_policy_check(pv->policy, pv->peer_id);
+}
+
+int pc_tls_peer_leaf_sha256(const SSL *ssl, uint8_t out[SHA256_DIGEST_LENGTH]) {
+  const STACK_OF(CRYPTO_BUFFER) *certs = SSL_get0_peer_certificates(ssl);
+  if (!certs || sk_CRYPTO_BUFFER_num(certs) == 0) return -1;
+  const CRYPTO_BUFFER *leaf = sk_CRYPTO_BUFFER_value(certs, 0);
+  SHA256(CRYPTO_BUFFER_data(leaf), CRYPTO_BUFFER_len(leaf), out);
+  return 0;
 }
 
 /* ---- verified-chain cache ------------------------------------------------
@@ -58,7 +91,8 @@ pc_reason_t pc_tls_check_chain(pc_tls_peer_t *pv, STACK_OF(X509) * chain) {
 typedef struct {
   uint8_t key[SHA256_DIGEST_LENGTH];
   time_t not_before, not_after; /* intersection of the chain's validity */
-  char *peer_id;                /* NULL: empty slot */
+  time_t leaf_not_after;
+  char *peer_id; /* NULL: empty slot */
 } cache_ent_t;
 
 static _Thread_local cache_ent_t *cache;
@@ -101,14 +135,15 @@ static void cache_put(const uint8_t *key, STACK_OF(X509) * chain, const char *pe
   memcpy(e->key, key, SHA256_DIGEST_LENGTH);
   e->not_before = nb;
   e->not_after = na;
+  e->leaf_not_after = leaf_not_after(chain);
   e->peer_id = pc_strdup(peer_id);
 }
 
-static const char *cache_get(const uint8_t *key) {
+static const cache_ent_t *cache_get(const uint8_t *key) {
   cache_ent_t *e = cache_slot(key);
   if (!e->peer_id || memcmp(e->key, key, SHA256_DIGEST_LENGTH) != 0) return NULL;
   time_t now = time(NULL);
-  return now >= e->not_before && now < e->not_after ? e->peer_id : NULL;
+  return now >= e->not_before && now < e->not_after ? e : NULL;
 }
 
 void pc_tls_thread_done(void) {
@@ -127,16 +162,21 @@ static enum ssl_verify_result_t verify_peer(SSL *ssl, uint8_t *out_alert) {
   }
   uint8_t key[SHA256_DIGEST_LENGTH];
   int keyed = cache_key(ssl, pv, key);
-  const char *known = keyed ? cache_get(key) : NULL;
+  const cache_ent_t *known = keyed ? cache_get(key) : NULL;
   pc_reason_t r;
   if (known) {
     free(pv->peer_id);
-    pv->peer_id = pc_strdup(known);
+    pv->peer_id = pc_strdup(known->peer_id);
+    pv->not_after = known->leaf_not_after;
     r = PC_REASON_NONE;
   } else {
-    STACK_OF(X509) *chain = SSL_get_peer_full_cert_chain(ssl);
+    STACK_OF(X509) *chain = peer_chain(ssl);
     r = check_identity(pv, chain);
-    if (r == PC_REASON_NONE && keyed) cache_put(key, chain, pv->peer_id);
+    if (r == PC_REASON_NONE) {
+      pv->not_after = leaf_not_after(chain);
+      if (keyed) cache_put(key, chain, pv->peer_id);
+    }
+    sk_X509_pop_free(chain, X509_free);
   }
   if (r == PC_REASON_NONE) r = pc_policy_check(pv->policy, pv->peer_id);
   if (r == PC_REASON_NONE) return ssl_verify_ok;
@@ -145,14 +185,45 @@ static enum ssl_verify_result_t verify_peer(SSL *ssl, uint8_t *out_alert) {
   return ssl_verify_invalid;
 }
 
+static CRYPTO_BUFFER *der_buffer(X509 *x, CRYPTO_BUFFER_POOL *pool) {
+  uint8_t *der = NULL;
+  int n = i2d_X509(x, &der);
+  if (n <= 0) pc_fatal("out of memory");
+  CRYPTO_BUFFER *b = CRYPTO_BUFFER_new(der, (size_t)n, pool);
+  OPENSSL_free(der);
+  if (!b) pc_fatal("out of memory");
+  return b;
+}
+
+/* Our leaf and intermediates, as DER, with the key. */
+static int use_chain_and_key(SSL_CTX *ctx, const pc_certs_t *certs, CRYPTO_BUFFER_POOL *pool) {
+  size_t n = 1 + sk_X509_num(certs->chain);
+  CRYPTO_BUFFER **bufs = pc_calloc(n, sizeof(*bufs));
+  bufs[0] = der_buffer(certs->leaf, pool);
+  for (size_t i = 1; i < n; i++)
+    bufs[i] = der_buffer(sk_X509_value(certs->chain, i - 1), pool);
+  int ok = SSL_CTX_set_chain_and_key(ctx, bufs, n, certs->key, NULL);
+  for (size_t i = 0; i < n; i++)
+    CRYPTO_BUFFER_free(bufs[i]);
+  free(bufs);
+  return ok;
+}
+
 SSL_CTX *pc_tls_ctx_new(const pc_config_t *cfg, const pc_certs_t *certs, int is_server, char *err,
                         size_t errlen) {
   if (peer_idx < 0) {
     /* Called first from the main thread before any worker exists. */
     peer_idx = SSL_get_ex_new_index(0, NULL, NULL, NULL, NULL);
   }
-  SSL_CTX *ctx = SSL_CTX_new(TLS_method());
-  if (!ctx) pc_fatal("out of memory");
+  /* Buffers only: BoringSSL keeps the peer's certificates as DER, shared
+   * through one pool by every connection that sees the same certificate,
+   * instead of a parsed X509 copy per connection (about 4 KiB each). The
+   * verify callback parses them only when the chain is not in the cache. */
+  static CRYPTO_BUFFER_POOL *pool;
+  if (!pool) pool = CRYPTO_BUFFER_POOL_new(); /* for the life of the process */
+  SSL_CTX *ctx = SSL_CTX_new(TLS_with_buffers_method());
+  if (!ctx || !pool) pc_fatal("out of memory");
+  SSL_CTX_set0_buffer_pool(ctx, pool);
   SSL_CTX_set_min_proto_version(ctx, (uint16_t)cfg->tls.min_version);
   SSL_CTX_set_max_proto_version(ctx, TLS1_3_VERSION);
   if (!SSL_CTX_set_strict_cipher_list(ctx, cfg->tls.ciphers)) {
@@ -171,13 +242,10 @@ SSL_CTX *pc_tls_ctx_new(const pc_config_t *cfg, const pc_certs_t *certs, int is_
   SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
   SSL_CTX_set_num_tickets(ctx, 0);
   SSL_CTX_set_mode(ctx, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
-  if (!SSL_CTX_use_certificate(ctx, certs->leaf) || !SSL_CTX_use_PrivateKey(ctx, certs->key)) {
+  if (!use_chain_and_key(ctx, certs, pool)) {
     snprintf(err, errlen, "%s:%d: identity.cert: cannot use certificate/key: %s", cfg->file,
              cfg->identity.line_cert, pc_tls_error_string());
     goto fail;
-  }
-  for (size_t i = 0; i < sk_X509_num(certs->chain); i++) {
-    if (!SSL_CTX_add1_chain_cert(ctx, sk_X509_value(certs->chain, i))) pc_fatal("out of memory");
   }
   SSL_CTX_set_custom_verify(
       ctx, is_server ? SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT : SSL_VERIFY_PEER,
@@ -194,6 +262,10 @@ SSL *pc_tls_new(SSL_CTX *ctx, pc_tls_peer_t *peer) {
   SSL *ssl = SSL_new(ctx);
   if (!ssl) pc_fatal("out of memory");
   SSL_set_ex_data(ssl, peer_idx, peer);
+  /* Nothing reads the handshake configuration (our chain, the cipher and
+   * group lists, verify settings) once the handshake is done; BoringSSL
+   * frees its copy then instead of keeping it for the connection's life. */
+  SSL_set_shed_handshake_config(ssl, 1);
   return ssl;
 }
 

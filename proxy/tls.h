@@ -12,6 +12,8 @@
 #ifndef PC_TLS_H
 #define PC_TLS_H
 
+#include <time.h>
+
 #include <openssl/ssl.h>
 
 #include "certstore.h"
@@ -32,19 +34,29 @@ typedef struct {
   pc_reason_t reason; /* out: why the peer was refused, PC_REASON_NONE if not */
   char *peer_id;      /* out: the peer's SPIFFE ID (malloc'd) once parsed; the
                          connection frees it */
+  time_t not_after;   /* out: the peer leaf's notAfter once it passed (0: unknown) */
 } pc_tls_peer_t;
 
 /* Builds the server (inbound) or client (outbound) context for cfg and certs.
+ * Contexts keep certificates as DER only (TLS_with_buffers_method): X509-based
+ * SSL functions (SSL_get_peer_certificate and the like) return nothing on
+ * their connections; use the functions here.
  * Returns the context (caller owns one reference) or NULL with one line in
  * err naming the setting. */
 SSL_CTX *pc_tls_ctx_new(const pc_config_t *cfg, const pc_certs_t *certs, int is_server, char *err,
                         size_t errlen);
 
-/* The whole peer decision: chain (leaf first) against pv->store within
- * pv->depth for the peer's role, SVID leaf rules, identity, then pv->policy.
- * Sets pv->peer_id when an ID could be read (see identity.h). Used by the
- * verify callback, and again on each reload for established connections. */
-pc_reason_t pc_tls_check_chain(pc_tls_peer_t *pv, STACK_OF(X509) * chain);
+/* The whole peer decision for the chain ssl's peer presented (leaf first):
+ * the chain against pv->store within pv->depth for the peer's role, SVID leaf
+ * rules, identity, then pv->policy. Sets pv->peer_id when an ID could be read
+ * (see identity.h) and pv->not_after when the chain passed. The verify
+ * callback makes the same decision (through the verified-chain cache); this
+ * is for established connections after a reload. Never cached. */
+pc_reason_t pc_tls_recheck(pc_tls_peer_t *pv, const SSL *ssl);
+
+/* SHA-256 over the DER of the peer's leaf certificate into out. Returns 0, or
+ * -1 if the peer sent none. */
+int pc_tls_peer_leaf_sha256(const SSL *ssl, uint8_t out[32]);
 
 /* Frees this thread's verified-chain cache (see tls.c). Worker threads call
  * it before they exit. */

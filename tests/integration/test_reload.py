@@ -1024,37 +1024,44 @@ def test_encrypted_key_with_passphrase_file(env, pki, tmp_path):
 def test_peer_cert_expiring_mid_connection_is_revoked(env, pki, minter):
     app = env.app("echo")
     port = h.free_port()
-    sc = env.sidecar(inbound_cfg(pki, port, app.addr), name="expiry")
+    cfg = inbound_cfg(pki, port, app.addr)
+    cfg["workers"] = 1  # one verified-chain cache, so the second connection hits it
+    sc = env.sidecar(cfg, name="expiry")
     crt, key = minter.leaf("short-web-frontend", "web", "frontend", end=time.time() + 5)
     not_after = cert_not_after(crt)
     left = not_after - time.time()
     # Minting takes well under a second; a slow mint must fail loudly, not skip.
     assert left >= 2, f"minting took too long ({left:.1f}s left on the cert)"
     ctx = ctx_from(crt, key, pki.ca)
-    s = h.tls_connect(port, ctx)
-    local_port = s.getsockname()[1]
-    s.sendall(b"early\n")
-    assert h.recv_exact(s, 6) == b"early\n"
+    # The second connection presents the same chain: its verdict, expiry
+    # included, comes from the verified-chain cache and must hold just as well.
+    socks = [h.tls_connect(port, ctx) for _ in range(2)]
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.sendall(b"early\n")
+        assert h.recv_exact(s, 6) == b"early\n"
     # still served just before not_after + grace
     time.sleep(max(0.0, not_after + GRACE_MS / 1000 - 0.5 - time.time()))
-    s.sendall(b"late!\n")
-    assert h.recv_exact(s, 6) == b"late!\n", "closed before not_after + revoke_grace_ms"
-    s.settimeout(h.T(6))
-    try:
-        for _ in range(100):
-            if not s.recv(4096):
-                break
-    except (ssl.SSLError, OSError):
-        pass
-    closed_at = time.time()
-    s.close()
-    e = sc.log_for_peer_port(local_port, timeout=3)
-    assert e is not None, "no access-log line for the expired peer's connection"
-    assert (e["decision"], e["close"], e["reason"]) == ("deny", "revoked", "expired"), e
-    h.check_access_entry(e)
-    delay = closed_at - not_after
-    assert GRACE_MS / 1000 - 0.2 <= delay <= GRACE_MS / 1000 + 3.5, \
-        f"closed {delay:.2f}s after not_after (grace {GRACE_MS} ms)"
+    for s in socks:
+        s.sendall(b"late!\n")
+        assert h.recv_exact(s, 6) == b"late!\n", "closed before not_after + revoke_grace_ms"
+    for s, local_port in zip(socks, ports):
+        s.settimeout(h.T(6))
+        try:
+            for _ in range(100):
+                if not s.recv(4096):
+                    break
+        except (ssl.SSLError, OSError):
+            pass
+        closed_at = time.time()
+        s.close()
+        e = sc.log_for_peer_port(local_port, timeout=3)
+        assert e is not None, "no access-log line for the expired peer's connection"
+        assert (e["decision"], e["close"], e["reason"]) == ("deny", "revoked", "expired"), e
+        h.check_access_entry(e)
+        delay = closed_at - not_after
+        assert GRACE_MS / 1000 - 0.2 <= delay <= GRACE_MS / 1000 + 3.5, \
+            f"closed {delay:.2f}s after not_after (grace {GRACE_MS} ms)"
 
 
 # ===================================================================== 10. own expiry warning
