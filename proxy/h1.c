@@ -84,6 +84,13 @@ void pc_h1_reset(pc_h1_parser_t *p) {
   p->ll.data = p;
 }
 
+void pc_h1_trim(pc_h1_parser_t *p) {
+  if (p->phase != PH_HEAD || p->head_len != 0) return;
+  pc_h1_free(p);
+  p->head_cap = 0;
+  p->fcap = 0;
+}
+
 void pc_h1_free(pc_h1_parser_t *p) {
   free(p->head);
   free(p->msg.fields);

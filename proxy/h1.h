@@ -148,6 +148,11 @@ void pc_h1_error_response(pc_jbuf_t *out, int status, const char *reason, const 
 /* The standard reason phrase of status ("Unknown" if not one we send). */
 const char *pc_h1_phrase(int status);
 
+/* Between messages (nothing of the next one has arrived), frees the head and
+ * field buffers; they are allocated again when a message comes. Keeps an idle
+ * keep-alive connection small. Does nothing mid-message. */
+void pc_h1_trim(pc_h1_parser_t *p);
+
 void pc_h1_free(pc_h1_parser_t *p);
 
 #endif

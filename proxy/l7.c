@@ -231,7 +231,19 @@ static void settle(pc_l7_t *x) {
   if (x->state == X_DONE) return;
   flush_queue(x, x->down);
   if (x->up && x->up_ready) flush_queue(x, &x->up->s);
-  check_broken(x);
+  if (check_broken(x)) return;
+  /* Between requests a keep-alive connection holds no buffers: thousands
+   * of idle clients cost their TLS state and this struct, not their last
+   * request's head and scratch. (malloc's per-thread cache makes getting
+   * them back for the next request cheap.) */
+  if (x->state == X_HEAD && !x->up && x->in_len == 0 && !x->head_started) {
+    pc_h1_trim(&x->req);
+    pc_h1_trim(&x->res);
+    pc_jbuf_free(&x->head_out);
+    pc_jbuf_free(&x->out);
+    pc_jbuf_free(&x->dq);
+    pc_jbuf_free(&x->uq);
+  }
 }
 
 static void on_linger_timer(uv_timer_t *t) { finish(t->data, "eof", 0); }
