@@ -272,6 +272,10 @@ static void render_metrics(pc_jbuf_t *b) {
     pc_jbuf_printf(b, "portcullis_reloads_total{kind=\"%s\",result=\"failed\"} %llu\n", kind,
                    (unsigned long long)rs.failed[k]);
   }
+  help(b, "log_lines_dropped_total", "counter",
+       "Log lines (access and server) dropped because stdout or stderr did not keep up.");
+  pc_jbuf_printf(b, "portcullis_log_lines_dropped_total %llu\n",
+                 (unsigned long long)pc_log_dropped());
   help(b, "draining", "gauge", "1 while draining after SIGTERM.");
   pc_jbuf_printf(b, "portcullis_draining %d\n", draining);
   help(b, "build_info", "gauge", "Build information.");

@@ -272,7 +272,7 @@ static void parse_tls(ctx_t *c, const config_setting_t *root, pc_config_t *cfg) 
 
 static void parse_groups(ctx_t *c, const config_setting_t *root, pc_config_t *cfg) {
   static const char *const admin_keys[] = {"listen"};
-  static const char *const log_keys[] = {"level", "access"};
+  static const char *const log_keys[] = {"level", "access", "buffer_bytes"};
   static const char *const limit_keys[] = {"max_connections",    "handshake_timeout_ms",
                                            "connect_timeout_ms", "idle_timeout_ms",
                                            "drain_timeout_ms",   "revoke_grace_ms"};
@@ -296,6 +296,8 @@ static void parse_groups(ctx_t *c, const config_setting_t *root, pc_config_t *cf
       fail(c, line, "log.level", "\"%s\" is not one of debug, info, warn, error", lvl);
     free(lvl);
     cfg->log.access = get_bool(c, g, "log", "access", 1);
+    cfg->log.buffer_bytes =
+        (size_t)get_int(c, g, "log", "buffer_bytes", 16 << 20, 64 << 10, 1LL << 30);
   }
   g = member(c, root, "", "limits", CONFIG_TYPE_GROUP, 0);
   if (!(g && check_keys(c, g, "limits", limit_keys, PC_ARRAY_SIZE(limit_keys)))) {

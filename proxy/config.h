@@ -68,6 +68,7 @@ typedef struct pc_config {
   struct {
     pc_log_level_t level;
     int access;
+    size_t buffer_bytes; /* log lines waiting for the writer before more are dropped */
   } log;
   struct {
     uint32_t max_connections;

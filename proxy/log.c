@@ -172,17 +172,116 @@ void pc_jbuf_now(pc_jbuf_t *b) {
                  tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000);
 }
 
+static void write_all(int fd, const char *data, size_t len) {
+  size_t off = 0;
+  while (off < len) {
+    ssize_t n = write(fd, data + off, len - off);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return; /* a closed log pipe must not take the proxy down */
+    }
+    off += (size_t)n;
+  }
+}
+
+/* ---- the writer thread ---------------------------------------------------
+ * Once started, lines are appended to an in-memory queue per stream under
+ * write_lock (a memcpy, never a syscall) and one thread writes them out, in
+ * batches when they come faster than one write. A worker therefore never
+ * waits for a slow or stalled stdout pipe; past log.buffer_bytes waiting
+ * lines are dropped and counted instead. Since only the writer writes while
+ * it runs, lines never interleave even when a batch exceeds PIPE_BUF. */
+
+static struct {
+  pthread_t thread;
+  pthread_cond_t wake;
+  int running, stop;
+  pc_jbuf_t q[2]; /* [0] stdout, [1] stderr */
+  size_t max;     /* bytes that may wait */
+  uint64_t dropped;
+} wr = {.wake = PTHREAD_COND_INITIALIZER, .max = 16u << 20};
+
+void pc_log_set_buffer(size_t bytes) {
+  pthread_mutex_lock(&write_lock);
+  wr.max = bytes;
+  pthread_mutex_unlock(&write_lock);
+}
+
+static void *writer_main(void *arg) {
+  (void)arg;
+  pc_jbuf_t mine[2] = {{0}, {0}};
+  pthread_mutex_lock(&write_lock);
+  for (;;) {
+    while (wr.q[0].len + wr.q[1].len == 0 && !wr.stop)
+      pthread_cond_wait(&wr.wake, &write_lock);
+    if (wr.q[0].len + wr.q[1].len == 0) break; /* stopping, and nothing is left */
+    for (int i = 0; i < 2; i++) {
+      pc_jbuf_t t = wr.q[i];
+      wr.q[i] = mine[i];
+      mine[i] = t;
+    }
+    pthread_mutex_unlock(&write_lock);
+    for (int i = 0; i < 2; i++) {
+      write_all(i ? STDERR_FILENO : STDOUT_FILENO, mine[i].data, mine[i].len);
+      mine[i].len = 0;
+      if (mine[i].cap > (1u << 20)) pc_jbuf_free(&mine[i]); /* after a burst */
+    }
+    pthread_mutex_lock(&write_lock);
+  }
+  pthread_mutex_unlock(&write_lock);
+  pc_jbuf_free(&mine[0]);
+  pc_jbuf_free(&mine[1]);
+  return NULL;
+}
+
+void pc_log_start_writer(void) {
+  pthread_mutex_lock(&write_lock);
+  static int hooked;
+  if (!wr.running) {
+    wr.stop = 0;
+    if (pthread_create(&wr.thread, NULL, writer_main, NULL) != 0)
+      pc_fatal("cannot start the log writer");
+    wr.running = 1;
+  }
+  pthread_mutex_unlock(&write_lock);
+  /* Early returns from main (a failed start) still write what was queued. */
+  if (!hooked++) atexit(pc_log_stop_writer);
+}
+
+void pc_log_stop_writer(void) {
+  pthread_mutex_lock(&write_lock);
+  if (!wr.running) {
+    pthread_mutex_unlock(&write_lock);
+    return;
+  }
+  wr.stop = 1;
+  pthread_cond_signal(&wr.wake);
+  pthread_mutex_unlock(&write_lock);
+  pthread_join(wr.thread, NULL);
+  pthread_mutex_lock(&write_lock);
+  wr.running = 0;
+  pc_jbuf_free(&wr.q[0]);
+  pc_jbuf_free(&wr.q[1]);
+  pthread_mutex_unlock(&write_lock);
+}
+
+uint64_t pc_log_dropped(void) {
+  pthread_mutex_lock(&write_lock);
+  uint64_t n = wr.dropped;
+  pthread_mutex_unlock(&write_lock);
+  return n;
+}
+
 static void emit(int fd, pc_jbuf_t *b) {
   pc_jbuf_raw(b, "\n", 1);
   pthread_mutex_lock(&write_lock);
-  size_t off = 0;
-  while (off < b->len) {
-    ssize_t n = write(fd, b->data + off, b->len - off);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      break; /* a closed log pipe must not take the proxy down */
-    }
-    off += (size_t)n;
+  if (!wr.running) {
+    write_all(fd, b->data, b->len);
+  } else if (wr.q[0].len + wr.q[1].len + b->len > wr.max) {
+    wr.dropped++;
+  } else {
+    if (wr.q[0].len + wr.q[1].len == 0) pthread_cond_signal(&wr.wake);
+    pc_jbuf_raw(&wr.q[fd == STDERR_FILENO], b->data, b->len);
   }
   pthread_mutex_unlock(&write_lock);
 }

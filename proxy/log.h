@@ -2,9 +2,12 @@
  * log.h - server events (JSON lines on stderr) and the per-connection access
  * log (JSON lines on stdout).
  *
- * Every line is built in memory and handed to the kernel with a single
- * write(2) under a mutex, so lines from different worker threads never
- * interleave. Any thread may call any function here after pc_log_init().
+ * Every line is built in memory first. Until pc_log_start_writer, each is
+ * handed to the kernel with one write(2) under a mutex; after it, lines are
+ * queued and a writer thread writes them, so a slow log pipe never stalls a
+ * worker (lines beyond pc_log_set_buffer's limit are dropped and counted). Either way
+ * lines from different threads never interleave. Any thread may call any
+ * function here after pc_log_init().
  */
 #ifndef PC_LOG_H
 #define PC_LOG_H
@@ -21,6 +24,21 @@ typedef enum { PC_LOG_DEBUG, PC_LOG_INFO, PC_LOG_WARN, PC_LOG_ERROR } pc_log_lev
 /* Sets the minimum level of server events and whether access lines are
  * written. Safe to call again (e.g. after a reload). */
 void pc_log_init(pc_log_level_t min_level, int access_enabled);
+
+/* How many bytes of lines may wait for the writer before further lines are
+ * dropped (default 16 MiB). Safe to call again (e.g. after a reload). */
+void pc_log_set_buffer(size_t bytes);
+
+/* Starts the writer thread (main thread, once the config is known). */
+void pc_log_start_writer(void);
+
+/* Writes out everything queued and stops the writer; later lines are written
+ * directly again. Main thread, after the workers have stopped. Idempotent. */
+void pc_log_stop_writer(void);
+
+/* Lines dropped because the writer's queue was full (stdout or stderr not
+ * keeping up). */
+uint64_t pc_log_dropped(void);
 
 /* Parses "debug" | "info" | "warn" | "error". Returns 0, or -1 if unknown. */
 int pc_log_level_parse(const char *s, pc_log_level_t *out);

@@ -141,6 +141,8 @@ int main(int argc, char **argv) {
     return 0;
   }
   pc_log_init(gen->cfg->log.level, gen->cfg->log.access);
+  pc_log_set_buffer(gen->cfg->log.buffer_bytes);
+  pc_log_start_writer();
   fit_descriptors(gen->cfg);
   pc_gen_publish(gen); /* the current generation keeps the build's reference */
 
@@ -188,5 +190,6 @@ int main(int argc, char **argv) {
   uv_loop_close(loop);
   pc_gen_publish(NULL);
   pc_log(PC_LOG_INFO, "stopped");
+  pc_log_stop_writer();
   return 0;
 }

@@ -244,6 +244,7 @@ void pc_reload_config(void) {
   pc_gen_ref(g);
   pc_gen_publish(g);
   pc_log_init(g->cfg->log.level, g->cfg->log.access);
+  pc_log_set_buffer(g->cfg->log.buffer_bytes);
   count(PC_RELOAD_CONFIG, 1);
   have_failed_digest = 0;
   mismatch_since = 0;

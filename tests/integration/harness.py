@@ -794,6 +794,8 @@ class Sidecar:
         self.bad_stdout: list[str] = []    # stdout lines that are not JSON objects
         self._cv = threading.Condition()
         self._ready = threading.Event()
+        self._stdout_open = threading.Event()  # cleared: stop reading stdout (a stalled pipe)
+        self._stdout_open.set()
         self.proc = subprocess.Popen([*cmd_prefix, str(binary), "-c", str(self.conf_path)],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE)
@@ -843,8 +845,21 @@ class Sidecar:
                         body=body)
 
     # -- output capture
+    def pause_stdout(self):
+        """Stops reading the sidecar's stdout, as a stalled log collector would: once the
+        pipe's buffer is full, the sidecar's writes to it block."""
+        self._stdout_open.clear()
+
+    def resume_stdout(self):
+        self._stdout_open.set()
+
     def _pump(self, stream, is_stdout: bool):
-        for raw in iter(stream.readline, b""):
+        while True:
+            if is_stdout:
+                self._stdout_open.wait()
+            raw = stream.readline()
+            if not raw:
+                break
             line = raw.decode("utf-8", errors="replace").rstrip("\n")
             obj = None
             try:
@@ -1012,6 +1027,7 @@ class Sidecar:
         if self.stopped:
             return self.proc.returncode
         self.stopped = True
+        self.resume_stdout()  # a paused reader would hold the exit's final log writes
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:

@@ -444,6 +444,8 @@ def test_metrics_basics_and_inbound_traffic(env, pki):
     # generation, draining, own-cert expiry
     assert m.one("portcullis_config_generation")[1] == 1
     assert m.one("portcullis_draining")[1] == 0
+    assert m.one("portcullis_log_lines_dropped_total")[1] == 0
+    assert m.families["portcullis_log_lines_dropped"].type == "counter"
     want_exp = openssl_facts(pki.crt("payments-api"))["not_after"]
     assert m.one("portcullis_certificate_expiry_timestamp_seconds")[1] == want_exp
     # all four reload series present (and zero)

@@ -512,6 +512,44 @@ def test_download_backpressure_bounded_memory(env, pki):
         assert r.status == 200 and r.json()["body_sha256"] == h.sha256(data)
 
 
+def test_stalled_access_log_never_holds_up_requests(env, pki):
+    """The log collector stops reading stdout. Requests are still answered at once; lines
+    beyond log.buffer_bytes are dropped and counted; once stdout is read again every line
+    that was kept arrives whole and in order."""
+    app = hk.HttpApp()
+    env.apps.append(app)
+    port = h.free_port()
+    cfg = h.base_config(pki, "payments-api", workers=1, inbound=[
+        h.inbound_listener("api", port, app.addr, [{"namespace": "web"}], protocol="http")])
+    cfg["log"] = {"level": "warn", "access": True, "buffer_bytes": 65536}
+    sc = env.sidecar(cfg, name="http-stalled-log")
+    assert hk.scrape(sc).get("portcullis_log_lines_dropped_total") == 0
+    sc.pause_stdout()
+    n = 1500  # about 600 KiB of access log: the pipe (64 KiB) and the buffer fill early
+    with HttpConn.tls(port, h.client_context(pki, "web-frontend")) as c:
+        for i in range(n):
+            c.send(req("GET", f"/seq/{i}"))
+            r = c.read_response(timeout=10)
+            assert r.status == 200, f"request {i}: {r.status}"
+    assert app.nreq() >= n
+    dropped = int(hk.scrape(sc).get("portcullis_log_lines_dropped_total"))
+    assert 0 < dropped < n, f"{dropped} of {n} lines dropped behind a stalled stdout"
+    sc.resume_stdout()
+
+    def kept():
+        return [e for e in sc.access_log() if (e.get("path") or "").startswith("/seq/")]
+
+    deadline = time.monotonic() + h.T(10)
+    while len(kept()) + dropped < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    got = kept()
+    assert len(got) + dropped == n, f"{len(got)} lines arrived, {dropped} dropped, of {n}"
+    assert not sc.bad_stdout, f"cut or garbled lines: {sc.bad_stdout[:2]}"
+    seq = [int(e["path"].rsplit("/", 1)[1]) for e in got]
+    assert seq == sorted(seq) and len(set(seq)) == len(seq), "lines out of order or repeated"
+    assert all(e["status"] == 200 and e["decision"] == "allow" for e in got)
+
+
 def test_expect_100_continue(hin):
     data = h.pattern_bytes(2 * MIB, seed=13)
     n0 = hin.app.nreq()

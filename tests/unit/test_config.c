@@ -250,6 +250,8 @@ static const bad_case_t bad_cases[] = {
      "tls.verify_depth", "verify_depth", "must be between 1 and 16"},
     {"level = \"warn\";", "level = \"verbose\";", "log.level",
      "level =", "\"verbose\" is not one of debug, info, warn, error"},
+    {"access = false;", "access = false; buffer_bytes = 1000;", "log.buffer_bytes", "buffer_bytes",
+     "must be between 65536 and 1073741824"},
 
     /* Reload settings (issue 3). */
     {"watch = true;", "watch = true;\n  poll_interval_ms = 10;", "identity.poll_interval_ms",
@@ -662,6 +664,7 @@ static void test_minimal(void) {
   CHECK_STR_EQ(cfg->admin.listen_str, "127.0.0.1:15000");
   CHECK_INT_EQ(cfg->log.level, PC_LOG_INFO);
   CHECK_INT_EQ(cfg->log.access, 1);
+  CHECK_INT_EQ(cfg->log.buffer_bytes, 16 << 20);
   CHECK_INT_EQ(cfg->limits.max_connections, 10000);
   CHECK_INT_EQ(cfg->limits.handshake_timeout_ms, 10000);
   CHECK_INT_EQ(cfg->limits.connect_timeout_ms, 5000);

@@ -1,7 +1,9 @@
 /*
  * test_log.c - JSON building: string escaping of arbitrary (peer-controlled)
- * bytes, key/value helpers, and whole access-log and event lines.
+ * bytes, key/value helpers, whole access-log and event lines, and the writer
+ * thread against a stalled stdout.
  */
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -310,6 +312,96 @@ static void test_lines(void) {
   free(out);
 }
 
+/* --- the writer thread ------------------------------------------------------ */
+
+typedef struct {
+  int fd;
+  char *data;
+  size_t len, cap;
+} sink_t;
+
+static void *drain_pipe(void *arg) {
+  sink_t *k = arg;
+  char buf[65536];
+  ssize_t n;
+  while ((n = read(k->fd, buf, sizeof(buf))) > 0) {
+    if (k->len + (size_t)n > k->cap) {
+      k->cap = (k->len + (size_t)n) * 2;
+      k->data = realloc(k->data, k->cap);
+    }
+    memcpy(k->data + k->len, buf, (size_t)n);
+    k->len += (size_t)n;
+  }
+  return NULL;
+}
+
+/* stdout is a pipe nobody reads: the writer blocks on it, yet logging
+ * returns at once; past the queue limit lines are dropped and counted; once
+ * the pipe is read, every line not dropped arrives whole and in order. */
+static void test_writer_stalled_stdout(void) {
+  enum { LINES = 80000 }; /* about 24 MB of lines: more than the 16 MiB queue */
+  int p[2];
+  CHECK(pipe(p) == 0);
+  fflush(NULL);
+  int saved = dup(STDOUT_FILENO);
+  dup2(p[1], STDOUT_FILENO);
+  close(p[1]);
+  pc_log_init(PC_LOG_INFO, 1);
+  pc_log_start_writer();
+  pc_access_rec_t rec = {.listener = "api",
+                         .direction = "inbound",
+                         .peer = "10.0.0.1:5555",
+                         .app = "127.0.0.1:8080",
+                         .peer_id = "spiffe://td/ns/web/sa/frontend",
+                         .decision = "allow",
+                         .close = "eof",
+                         .tls_version = "TLSv1.3",
+                         .cipher = "TLS_AES_128_GCM_SHA256",
+                         .duration_ms = 1.0};
+  for (uint64_t i = 0; i < LINES; i++) {
+    rec.bytes_from_peer = i;
+    pc_log_access(&rec);
+  }
+  uint64_t dropped = pc_log_dropped();
+  CHECK_MSG(dropped > 0, "no line dropped with %d lines queued behind a stalled pipe", LINES);
+  CHECK_MSG(dropped < LINES, "every line dropped");
+  sink_t k = {.fd = p[0]};
+  pthread_t reader;
+  CHECK(pthread_create(&reader, NULL, drain_pipe, &k) == 0);
+  pc_log_stop_writer();
+  dup2(saved, STDOUT_FILENO); /* the pipe's last write end closes: the reader sees EOF */
+  close(saved);
+  pthread_join(reader, NULL);
+  close(p[0]);
+  size_t lines = 0;
+  int64_t last = -1;
+  int ordered = 1, valid = 1;
+  for (size_t off = 0; off < k.len;) {
+    char *nl = memchr(k.data + off, '\n', k.len - off);
+    if (!nl) {
+      valid = 0;
+      break;
+    }
+    size_t n = (size_t)(nl - (k.data + off));
+    if (!json_valid(k.data + off, n)) valid = 0;
+    const char *f = memmem(k.data + off, n, "\"bytes_from_peer\":", 18);
+    int64_t v = f ? strtoll(f + 18, NULL, 10) : -1;
+    if (v <= last) ordered = 0;
+    last = v;
+    lines++;
+    off += n + 1;
+  }
+  CHECK_MSG(valid, "a line written by the writer is cut or not JSON");
+  CHECK_MSG(ordered, "lines arrived out of order");
+  CHECK_INT_EQ(lines + dropped, LINES);
+  free(k.data);
+  /* After the writer stopped, lines are written directly again. */
+  size_t n = 0;
+  char *out = capture(STDOUT_FILENO, log_access_hostile, &n);
+  CHECK(out != NULL && n > 0 && out[n - 1] == '\n');
+  free(out);
+}
+
 int main(int argc, char **argv) {
   (void)argc;
   (void)argv;
@@ -324,5 +416,6 @@ int main(int argc, char **argv) {
   test_kv();
   test_level_parse();
   test_lines();
+  test_writer_stalled_stdout();
   return CHECK_DONE("test_log");
 }
