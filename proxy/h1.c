@@ -658,15 +658,29 @@ static int hop_by_hop(const pc_h1_msg_t *m, const pc_h1_field_t *f, unsigned fla
   return !name_is(f, "host") && listed_in_connection(m, f);
 }
 
+/* Appends v in decimal: heads are written per request, printf is the
+ * slowest thing in them. */
+static void put_u64(pc_jbuf_t *out, uint64_t v) {
+  char buf[20];
+  size_t i = sizeof(buf);
+  do {
+    buf[--i] = (char)('0' + v % 10);
+    v /= 10;
+  } while (v);
+  pc_jbuf_raw(out, buf + i, sizeof(buf) - i);
+}
+
 void pc_h1_write_head(const pc_h1_parser_t *p, pc_jbuf_t *out, unsigned flags, const char *extra) {
   const pc_h1_msg_t *m = &p->msg;
   if (p->is_request) {
     pc_jbuf_raw(out, m->method_str, m->method_len);
     pc_jbuf_raw(out, " ", 1);
     pc_jbuf_raw(out, m->target, m->target_len);
-    pc_jbuf_printf(out, " HTTP/1.%d\r\n", m->minor);
+    pc_jbuf_raw(out, m->minor ? " HTTP/1.1\r\n" : " HTTP/1.0\r\n", 11);
   } else {
-    pc_jbuf_printf(out, "HTTP/1.1 %d ", m->status);
+    pc_jbuf_raw(out, "HTTP/1.1 ", 9);
+    put_u64(out, (uint64_t)m->status);
+    pc_jbuf_raw(out, " ", 1);
     pc_jbuf_raw(out, m->phrase ? m->phrase : "", m->phrase ? m->phrase_len : 0);
     pc_jbuf_raw(out, "\r\n", 2);
   }
@@ -674,8 +688,11 @@ void pc_h1_write_head(const pc_h1_parser_t *p, pc_jbuf_t *out, unsigned flags, c
     const pc_h1_field_t *f = &m->fields[i];
     if (!hop_by_hop(m, f, flags)) put_field(out, f->name, f->name_len, f->value, f->value_len);
   }
-  if (flags & PC_H1_OUT_LENGTH)
-    pc_jbuf_printf(out, "content-length: %llu\r\n", (unsigned long long)m->length);
+  if (flags & PC_H1_OUT_LENGTH) {
+    pc_jbuf_raw(out, "content-length: ", 16);
+    put_u64(out, m->length);
+    pc_jbuf_raw(out, "\r\n", 2);
+  }
   if (flags & PC_H1_OUT_CHUNKED) pc_jbuf_raw(out, "transfer-encoding: chunked\r\n", 28);
   if (flags & PC_H1_OUT_UPGRADE)
     pc_jbuf_raw(out, "connection: upgrade\r\n", 21);
