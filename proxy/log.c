@@ -303,16 +303,22 @@ void pc_log(pc_log_level_t lvl, const char *fmt, ...) {
   pc_jbuf_free(&b);
 }
 
+/* The fields every access line starts with, connection or request. */
+static void access_head(pc_jbuf_t *b, const char *listener, const char *direction, const char *peer,
+                        const char *app, const char *peer_id) {
+  pc_jbuf_raw(b, "{\"time\":", 8);
+  pc_jbuf_now(b);
+  pc_jbuf_kv_str(b, "listener", listener);
+  pc_jbuf_kv_str(b, "direction", direction);
+  pc_jbuf_kv_str(b, "peer", peer);
+  pc_jbuf_kv_str(b, "app", app);
+  pc_jbuf_kv_str(b, "peer_id", peer_id);
+}
+
 void pc_log_access(const pc_access_rec_t *r) {
   if (!access_on) return;
   pc_jbuf_t b = {0};
-  pc_jbuf_raw(&b, "{\"time\":", 8);
-  pc_jbuf_now(&b);
-  pc_jbuf_kv_str(&b, "listener", r->listener);
-  pc_jbuf_kv_str(&b, "direction", r->direction);
-  pc_jbuf_kv_str(&b, "peer", r->peer);
-  pc_jbuf_kv_str(&b, "app", r->app);
-  pc_jbuf_kv_str(&b, "peer_id", r->peer_id);
+  access_head(&b, r->listener, r->direction, r->peer, r->app, r->peer_id);
   pc_jbuf_kv_str(&b, "decision", r->decision);
   pc_jbuf_kv_str(&b, "reason", r->reason == PC_REASON_NONE ? NULL : pc_reason_word(r->reason));
   pc_jbuf_kv_str(&b, "close", r->close);
@@ -329,13 +335,7 @@ void pc_log_access(const pc_access_rec_t *r) {
 void pc_log_request(const pc_request_rec_t *r) {
   if (!access_on) return;
   pc_jbuf_t b = {0};
-  pc_jbuf_raw(&b, "{\"time\":", 8);
-  pc_jbuf_now(&b);
-  pc_jbuf_kv_str(&b, "listener", r->listener);
-  pc_jbuf_kv_str(&b, "direction", r->direction);
-  pc_jbuf_kv_str(&b, "peer", r->peer);
-  pc_jbuf_kv_str(&b, "app", r->app);
-  pc_jbuf_kv_str(&b, "peer_id", r->peer_id);
+  access_head(&b, r->listener, r->direction, r->peer, r->app, r->peer_id);
   pc_jbuf_raw(&b, ",\"method\":", 10);
   if (r->method)
     pc_jbuf_str(&b, r->method, r->method_len);
