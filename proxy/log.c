@@ -192,6 +192,8 @@ static void write_all(int fd, const char *data, size_t len) {
  * lines are dropped and counted instead. Since only the writer writes while
  * it runs, lines never interleave even when a batch exceeds PIPE_BUF. */
 
+#define STOP_WAIT_S 2
+
 static struct {
   pthread_t thread;
   pthread_cond_t wake;
@@ -250,14 +252,19 @@ void pc_log_start_writer(void) {
 
 void pc_log_stop_writer(void) {
   pthread_mutex_lock(&write_lock);
-  if (!wr.running) {
+  if (!wr.running || wr.stop) { /* not running, or a stop already gave up on it */
     pthread_mutex_unlock(&write_lock);
     return;
   }
   wr.stop = 1;
   pthread_cond_signal(&wr.wake);
   pthread_mutex_unlock(&write_lock);
-  pthread_join(wr.thread, NULL);
+  /* A log pipe nobody reads must not keep the process from exiting: after
+   * STOP_WAIT_S the rest is abandoned (the writer stays blocked in write). */
+  struct timespec until;
+  clock_gettime(CLOCK_REALTIME, &until);
+  until.tv_sec += STOP_WAIT_S;
+  if (pthread_timedjoin_np(wr.thread, NULL, &until) != 0) return;
   pthread_mutex_lock(&write_lock);
   wr.running = 0;
   pc_jbuf_free(&wr.q[0]);

@@ -33,7 +33,9 @@ void pc_log_set_buffer(size_t bytes);
 void pc_log_start_writer(void);
 
 /* Writes out everything queued and stops the writer; later lines are written
- * directly again. Main thread, after the workers have stopped. Idempotent. */
+ * directly again. Waits at most 2 s: if stdout is stalled, what is still
+ * queued then is abandoned so that the process can exit. Main thread, after
+ * the workers have stopped. Idempotent. */
 void pc_log_stop_writer(void);
 
 /* Lines dropped because the writer's queue was full (stdout or stderr not

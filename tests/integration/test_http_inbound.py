@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import signal
 import socket
 import ssl
 import subprocess
@@ -548,6 +549,33 @@ def test_stalled_access_log_never_holds_up_requests(env, pki):
     seq = [int(e["path"].rsplit("/", 1)[1]) for e in got]
     assert seq == sorted(seq) and len(set(seq)) == len(seq), "lines out of order or repeated"
     assert all(e["status"] == 200 and e["decision"] == "allow" for e in got)
+
+
+def test_sigterm_exits_with_stdout_stalled(env, pki):
+    """SIGTERM while the log collector is not reading stdout: the sidecar still exits (0),
+    giving up the log lines it cannot write instead of waiting forever."""
+    app = hk.HttpApp()
+    env.apps.append(app)
+    port = h.free_port()
+    cfg = h.base_config(pki, "payments-api", workers=1, inbound=[
+        h.inbound_listener("api", port, app.addr, [{"namespace": "web"}], protocol="http")])
+    cfg["log"] = {"level": "warn", "access": True, "buffer_bytes": 65536}
+    sc = env.sidecar(cfg, name="http-stalled-exit")
+    sc.pause_stdout()
+    with HttpConn.tls(port, h.client_context(pki, "web-frontend")) as c:
+        for i in range(600):  # more than the pipe holds: the writer is blocked in write
+            c.send(req("GET", f"/seq/{i}"))
+            assert c.read_response(timeout=10).status == 200
+    assert hk.scrape(sc).get("portcullis_log_lines_dropped_total") > 0
+    sc.proc.send_signal(signal.SIGTERM)
+    try:
+        rc = sc.proc.wait(h.T(15))
+    except subprocess.TimeoutExpired:
+        rc = None
+    finally:
+        sc.resume_stdout()
+    assert rc == 0, "the sidecar did not exit with its stdout stalled"
+    sc.stop()
 
 
 def test_expect_100_continue(hin):
