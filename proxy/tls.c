@@ -38,34 +38,53 @@ static pc_reason_t check_identity(pc_tls_peer_t *pv, STACK_OF(X509) * chain) {
   return pc_identity_from_cert(leaf, pv->trust_domain, &pv->peer_id);
 }
 
-/* The peer's chain as parsed certificates, built from the DER BoringSSL kept
- * (TLS_with_buffers_method parses nothing itself). NULL if there is none.
- * The caller frees it with sk_X509_pop_free(chain, X509_free). */
-static STACK_OF(X509) * peer_chain(const SSL *ssl) {
-  const STACK_OF(CRYPTO_BUFFER) *certs = SSL_get0_peer_certificates(ssl);
-  if (!certs || sk_CRYPTO_BUFFER_num(certs) == 0) return NULL;
-  STACK_OF(X509) *chain = sk_X509_new_null();
-  if (!chain) pc_fatal("out of memory");
-  for (size_t i = 0; i < sk_CRYPTO_BUFFER_num(certs); i++) {
-    X509 *x = X509_parse_from_buffer(sk_CRYPTO_BUFFER_value(certs, i));
-    if (!x) break; /* unparsable: the shorter chain fails verification */
-    if (!sk_X509_push(chain, x)) pc_fatal("out of memory");
-  }
-  return chain;
-}
-
 static time_t leaf_not_after(STACK_OF(X509) * chain) {
   return chain && sk_X509_num(chain) > 0
              ? pc_certs_time(X509_get0_notAfter(sk_X509_value(chain, 0)))
              : 0;
 }
 
+/* The peer's chain as parsed certificates, built from the DER BoringSSL kept
+ * (TLS_with_buffers_method parses nothing itself). NULL if there is none;
+ * *malformed is set if a certificate does not parse. The caller frees it
+ * with sk_X509_pop_free(chain, X509_free). */
+static STACK_OF(X509) * peer_chain(const SSL *ssl, int *malformed) {
+  *malformed = 0;
+  const STACK_OF(CRYPTO_BUFFER) *certs = SSL_get0_peer_certificates(ssl);
+  if (!certs || sk_CRYPTO_BUFFER_num(certs) == 0) return NULL;
+  STACK_OF(X509) *chain = sk_X509_new_null();
+  if (!chain) pc_fatal("out of memory");
+  for (size_t i = 0; i < sk_CRYPTO_BUFFER_num(certs); i++) {
+    X509 *x = X509_parse_from_buffer(sk_CRYPTO_BUFFER_value(certs, i));
+    if (!x) {
+      *malformed = 1;
+      break;
+    }
+    if (!sk_X509_push(chain, x)) pc_fatal("out of memory");
+  }
+  return chain;
+}
+
+/* check_identity on the peer's chain as BoringSSL holds it. */
+static pc_reason_t check_peer(pc_tls_peer_t *pv, const SSL *ssl, time_t *leaf_na,
+                              STACK_OF(X509) * *kept) {
+  int malformed;
+  STACK_OF(X509) *chain = peer_chain(ssl, &malformed);
+  pc_reason_t r = malformed ? PC_REASON_BAD_CHAIN : check_identity(pv, chain);
+  *leaf_na = r == PC_REASON_NONE ? leaf_not_after(chain) : 0;
+  if (kept && r == PC_REASON_NONE)
+    *kept = chain;
+  else
+    sk_X509_pop_free(chain, X509_free);
+  return r;
+}
+
 pc_reason_t pc_tls_recheck(pc_tls_peer_t *pv, const SSL *ssl) {
-  STACK_OF(X509) *chain = peer_chain(ssl);
-  pc_reason_t r = check_identity(pv, chain);
-  if (r == PC_REASON_NONE) pv->not_after = leaf_not_after(chain);
-  sk_X509_pop_free(chain, X509_free);
-  return r != PC_REASON_NONE ? r : pc_policy_check(pv->policy, pv->peer_id);
+  time_t na;
+  pc_reason_t r = check_peer(pv, ssl, &na, NULL);
+  if (r != PC_REASON_NONE) return r;
+  pv->not_after = na;
+  return pc_policy_check(pv->policy, pv->peer_id);
 }
 
 int pc_tls_peer_leaf_sha256(const SSL *ssl, uint8_t out[SHA256_DIGEST_LENGTH]) {
@@ -170,12 +189,9 @@ static enum ssl_verify_result_t verify_peer(SSL *ssl, uint8_t *out_alert) {
     pv->not_after = known->leaf_not_after;
     r = PC_REASON_NONE;
   } else {
-    STACK_OF(X509) *chain = peer_chain(ssl);
-    r = check_identity(pv, chain);
-    if (r == PC_REASON_NONE) {
-      pv->not_after = leaf_not_after(chain);
-      if (keyed) cache_put(key, chain, pv->peer_id);
-    }
+    STACK_OF(X509) *chain = NULL;
+    r = check_peer(pv, ssl, &pv->not_after, &chain);
+    if (chain && keyed) cache_put(key, chain, pv->peer_id);
     sk_X509_pop_free(chain, X509_free);
   }
   if (r == PC_REASON_NONE) r = pc_policy_check(pv->policy, pv->peer_id);
