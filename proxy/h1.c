@@ -4,6 +4,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include "bufcache.h"
 #include "compat.h"
 
 enum { PH_HEAD, PH_BODY, PH_DONE, PH_ERROR };
@@ -86,9 +87,13 @@ void pc_h1_reset(pc_h1_parser_t *p) {
 
 void pc_h1_trim(pc_h1_parser_t *p) {
   if (p->phase != PH_HEAD || p->head_len != 0) return;
-  pc_h1_free(p);
+  pc_bufcache_put(p->head, p->head_cap);
+  pc_bufcache_put(p->msg.fields, p->fbytes);
+  p->head = NULL;
+  p->msg.fields = NULL;
   p->head_cap = 0;
   p->fcap = 0;
+  p->fbytes = 0;
 }
 
 void pc_h1_free(pc_h1_parser_t *p) {
@@ -135,8 +140,13 @@ static int on_field(llhttp_t *ll, const char *at, size_t n) {
     return 0;
   }
   if (p->msg.nfields == p->fcap) {
-    p->fcap = p->fcap ? p->fcap * 2 : 16;
-    p->msg.fields = pc_realloc(p->msg.fields, p->fcap * sizeof(*p->msg.fields));
+    if (p->fcap == 0) {
+      p->msg.fields = pc_bufcache_get(16 * sizeof(*p->msg.fields), &p->fbytes);
+    } else {
+      p->fbytes *= 2;
+      p->msg.fields = pc_realloc(p->msg.fields, p->fbytes);
+    }
+    p->fcap = p->fbytes / sizeof(*p->msg.fields);
   }
   pc_h1_field_t *f = &p->msg.fields[p->msg.nfields++];
   f->name = at;
@@ -572,8 +582,12 @@ static int collect_head(pc_h1_parser_t *p, const char *buf, size_t len, size_t *
     }
     p->prev = c;
     if (p->head_len == p->head_cap) {
-      p->head_cap = p->head_cap ? p->head_cap * 2 : 1024;
-      p->head = pc_realloc(p->head, p->head_cap);
+      if (p->head_cap == 0) {
+        p->head = pc_bufcache_get(1024, &p->head_cap);
+      } else {
+        p->head_cap *= 2;
+        p->head = pc_realloc(p->head, p->head_cap);
+      }
     }
     p->head[p->head_len++] = c;
     if (p->head_len > lim->max_head) return fail(p, 431, "request head too large");

@@ -88,7 +88,7 @@ typedef struct pc_h1_parser {
   size_t head_len, head_cap, line_start;
   uint32_t lines;
   char prev;
-  size_t fcap;
+  size_t fcap, fbytes;             /* field table: entries, bytes */
   int head_done;                   /* llhttp finished the head (later fields are trailers) */
   uint32_t trailers;               /* trailer fields seen (dropped, but limited) */
   int ck_state, ck_digits, ck_ext; /* chunked framing check (h1.c scan_chunks) */
@@ -148,9 +148,10 @@ void pc_h1_error_response(pc_jbuf_t *out, int status, const char *reason, const 
 /* The standard reason phrase of status ("Unknown" if not one we send). */
 const char *pc_h1_phrase(int status);
 
-/* Between messages (nothing of the next one has arrived), frees the head and
- * field buffers; they are allocated again when a message comes. Keeps an idle
- * keep-alive connection small. Does nothing mid-message. */
+/* Between messages (nothing of the next one has arrived), gives the head and
+ * field buffers back to this thread's buffer cache (bufcache.h); they are
+ * taken again when a message comes. Keeps an idle keep-alive connection
+ * small. Does nothing mid-message. */
 void pc_h1_trim(pc_h1_parser_t *p);
 
 void pc_h1_free(pc_h1_parser_t *p);

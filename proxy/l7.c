@@ -234,15 +234,15 @@ static void settle(pc_l7_t *x) {
   if (check_broken(x)) return;
   /* Between requests a keep-alive connection holds no buffers: thousands
    * of idle clients cost their TLS state and this struct, not their last
-   * request's head and scratch. (malloc's per-thread cache makes getting
-   * them back for the next request cheap.) */
+   * request's head and scratch. The buffers go to the worker's buffer
+   * cache, where the next request on any connection finds them. */
   if (x->state == X_HEAD && !x->up && x->in_len == 0 && !x->head_started) {
     pc_h1_trim(&x->req);
     pc_h1_trim(&x->res);
-    pc_jbuf_free(&x->head_out);
-    pc_jbuf_free(&x->out);
-    pc_jbuf_free(&x->dq);
-    pc_jbuf_free(&x->uq);
+    pc_jbuf_release(&x->head_out);
+    pc_jbuf_release(&x->out);
+    pc_jbuf_release(&x->dq);
+    pc_jbuf_release(&x->uq);
   }
 }
 

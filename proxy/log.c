@@ -9,6 +9,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bufcache.h"
 #include "compat.h"
 
 static pc_log_level_t min_level = PC_LOG_INFO;
@@ -61,9 +62,14 @@ int pc_log_level_parse(const char *s, pc_log_level_t *out) {
 }
 
 static void reserve(pc_jbuf_t *b, size_t extra) {
-  if (b->len + extra + 1 <= b->cap) return;
-  size_t cap = b->cap ? b->cap : 256;
-  while (cap < b->len + extra + 1)
+  size_t need = b->len + extra + 1;
+  if (need <= b->cap) return;
+  if (b->cap == 0) {
+    b->data = pc_bufcache_get(need, &b->cap);
+    return;
+  }
+  size_t cap = b->cap;
+  while (cap < need)
     cap *= 2;
   b->data = pc_realloc(b->data, cap);
   b->cap = cap;
@@ -71,6 +77,11 @@ static void reserve(pc_jbuf_t *b, size_t extra) {
 
 void pc_jbuf_free(pc_jbuf_t *b) {
   free(b->data);
+  memset(b, 0, sizeof(*b));
+}
+
+void pc_jbuf_release(pc_jbuf_t *b) {
+  pc_bufcache_put(b->data, b->cap);
   memset(b, 0, sizeof(*b));
 }
 
@@ -367,5 +378,5 @@ void pc_log_request(const pc_request_rec_t *r) {
   pc_jbuf_kv_str(&b, "cipher", r->cipher);
   pc_jbuf_raw(&b, "}", 1);
   emit(STDOUT_FILENO, &b);
-  pc_jbuf_free(&b);
+  pc_jbuf_release(&b);
 }

@@ -50,13 +50,16 @@ int pc_log_level_parse(const char *s, pc_log_level_t *out);
 void pc_log(pc_log_level_t lvl, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 /* A growable byte buffer with JSON helpers. Zero-initialise to use; free with
- * pc_jbuf_free. Allocation failure aborts. */
+ * pc_jbuf_free, or give the storage to this thread's buffer cache with
+ * pc_jbuf_release (bufcache.h: hot paths whose thread drains it at exit). The
+ * first append takes a buffer from that cache. Allocation failure aborts. */
 typedef struct {
   char *data;
   size_t len, cap;
 } pc_jbuf_t;
 
 void pc_jbuf_free(pc_jbuf_t *b);
+void pc_jbuf_release(pc_jbuf_t *b);
 void pc_jbuf_raw(pc_jbuf_t *b, const char *s, size_t n);
 void pc_jbuf_printf(pc_jbuf_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Appends s as a quoted JSON string; bytes outside printable ASCII, quotes and

@@ -5,6 +5,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "bufcache.h"
 #include "compat.h"
 #include "conn.h"
 #include "pool.h"
@@ -111,6 +112,7 @@ static void run(void *arg) {
   adopt(w);
   uv_run(&w->loop, UV_RUN_DEFAULT);
   pc_tls_thread_done();
+  pc_bufcache_drain();
 }
 
 /* Binds, for worker w, a socket for every listener of cfg that w was not

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include "bufcache.h"
 #include "check.h"
 #include "h1.h"
 #include "log.h"
@@ -546,16 +547,21 @@ static void test_request_fields(void) {
   pc_h1_trim(&h.p);
   CHECK(h.p.head != NULL && m->fields != NULL);
   expect_field(m, "accept", "*/*");
-  /* Reset, then trim between messages: the buffers go, and the next
-   * message on the same parser allocates them again. */
+  /* Reset, then trim between messages: the buffers go to this thread's
+   * cache, and the next message on the same parser takes them back. */
   pc_h1_reset(&h.p);
   CHECK(!pc_h1_complete(&h.p));
+  size_t cached = pc_bufcache_cached();
+  void *old_head = h.p.head, *old_fields = m->fields;
   pc_h1_trim(&h.p);
   CHECK(h.p.head == NULL && m->fields == NULL);
+  CHECK_INT_EQ(pc_bufcache_cached(), cached + 2);
   static const char post[] = "POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\n"
                              "Expect: 100-Continue\r\n\r\n";
   CHECK_INT_EQ(pc_h1_feed(&h.p, post, 10, &used), PC_H1_MORE);
-  pc_h1_trim(&h.p); /* a head in progress is kept */
+  CHECK_INT_EQ(pc_bufcache_cached(), cached + 1);
+  CHECK(h.p.head == old_head || h.p.head == (void *)old_fields); /* reused, not new */
+  pc_h1_trim(&h.p);                                              /* a head in progress is kept */
   CHECK(h.p.head != NULL);
   CHECK_INT_EQ(pc_h1_feed(&h.p, post + 10, sizeof(post) - 11, &used), PC_H1_HEAD);
   CHECK_INT_EQ(used, sizeof(post) - 11);
@@ -1297,5 +1303,6 @@ int main(int argc, char **argv) {
   test_write_head_connection_host();
   test_error_response();
   test_pipeline_reuse();
+  pc_bufcache_drain();
   return CHECK_DONE("test_h1");
 }

@@ -9,6 +9,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "bufcache.h"
 #include "check.h"
 #include "log.h"
 #include "reason.h"
@@ -402,6 +403,59 @@ static void test_writer_stalled_stdout(void) {
   free(out);
 }
 
+/* The per-thread buffer cache behind pc_jbuf_release and pc_h1_trim: bounded
+ * in count and in buffer size, most recently given back first. */
+static void test_bufcache(void) {
+  pc_bufcache_drain();
+  CHECK_INT_EQ(pc_bufcache_cached(), 0);
+  size_t cap = 0;
+  void *a = pc_bufcache_get(100, &cap);
+  CHECK_INT_EQ(cap, PC_BUFCACHE_SIZE);
+  memset(a, 'a', cap); /* all of it is ours (ASan checks) */
+  pc_bufcache_put(a, cap);
+  CHECK_INT_EQ(pc_bufcache_cached(), 1);
+  CHECK(pc_bufcache_get(PC_BUFCACHE_SIZE, &cap) == a);
+  CHECK_INT_EQ(pc_bufcache_cached(), 0);
+  /* A request larger than a cached buffer gets its own, and a buffer of any
+   * other size is freed when given back. */
+  void *big = pc_bufcache_get(PC_BUFCACHE_SIZE + 1, &cap);
+  CHECK_INT_EQ(cap, PC_BUFCACHE_SIZE + 1);
+  pc_bufcache_put(big, cap);
+  CHECK_INT_EQ(pc_bufcache_cached(), 0);
+  pc_bufcache_put(a, PC_BUFCACHE_SIZE);
+  pc_bufcache_put(NULL, PC_BUFCACHE_SIZE);
+  CHECK_INT_EQ(pc_bufcache_cached(), 1);
+  /* Never more than PC_BUFCACHE_MAX, whatever is given back. */
+  for (int i = 0; i < PC_BUFCACHE_MAX + 5; i++)
+    pc_bufcache_put(malloc(PC_BUFCACHE_SIZE), PC_BUFCACHE_SIZE);
+  CHECK_INT_EQ(pc_bufcache_cached(), PC_BUFCACHE_MAX);
+  pc_bufcache_drain();
+  CHECK_INT_EQ(pc_bufcache_cached(), 0);
+
+  /* A jbuf takes its first buffer from the cache and can give it back; one
+   * that grew past the cached size is freed instead. */
+  pc_jbuf_t b = {0};
+  pc_jbuf_raw(&b, "x", 1);
+  CHECK_INT_EQ(b.cap, PC_BUFCACHE_SIZE);
+  void *first = b.data;
+  pc_jbuf_release(&b);
+  CHECK(b.data == NULL && b.len == 0 && b.cap == 0);
+  CHECK_INT_EQ(pc_bufcache_cached(), 1);
+  pc_jbuf_raw(&b, "y", 1);
+  CHECK(b.data == first);
+  CHECK_INT_EQ(pc_bufcache_cached(), 0);
+  char chunk[PC_BUFCACHE_SIZE];
+  memset(chunk, 'z', sizeof(chunk));
+  pc_jbuf_raw(&b, chunk, sizeof(chunk));
+  CHECK(b.cap > PC_BUFCACHE_SIZE);
+  CHECK_INT_EQ(b.len, PC_BUFCACHE_SIZE + 1);
+  CHECK(b.data[0] == 'y' && b.data[b.len - 1] == 'z' && b.data[b.len] == '\0');
+  pc_jbuf_release(&b);
+  CHECK_INT_EQ(pc_bufcache_cached(), 0);
+  pc_jbuf_release(&b); /* empty: nothing to give back */
+  CHECK_INT_EQ(pc_bufcache_cached(), 0);
+}
+
 int main(int argc, char **argv) {
   (void)argc;
   (void)argv;
@@ -417,5 +471,7 @@ int main(int argc, char **argv) {
   test_level_parse();
   test_lines();
   test_writer_stalled_stdout();
+  test_bufcache();
+  pc_bufcache_drain();
   return CHECK_DONE("test_log");
 }
