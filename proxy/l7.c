@@ -33,7 +33,9 @@ struct pc_l7 {
   int inbound;
   void (*on_done)(void *, const char *, int);
   void *arg;
-  uv_timer_t timer;
+  uv_timer_t timer; /* lazy: see arm() */
+  uv_timer_cb timer_cb;
+  uint64_t due; /* loop time (ms) at which timer_cb runs, while timer_on */
   pc_h1_limits_t lim;
   pc_h1_parser_t req, res;
   xstate_t state;
@@ -85,15 +87,32 @@ static void finish(pc_l7_t *x, const char *how, int reset) {
   x->on_done(x->arg, how, reset);
 }
 
-static void arm(pc_l7_t *x, uint64_t ms, uv_timer_cb cb) {
-  x->timer_on = 1;
-  uv_timer_start(&x->timer, cb, ms, 0);
+/* The connection's one timer is lazy. Every request disarms and arms it
+ * twice, and restarting a libuv timer is a heap removal and insertion each
+ * time; so arm() records the deadline and (re)starts the libuv timer only when
+ * it would fire too late, a fire before the deadline starts it again for the
+ * rest, and a fire while disarmed does nothing. */
+static void timer_tick(uv_timer_t *t) {
+  pc_l7_t *x = t->data;
+  if (!x->timer_on) return;
+  uint64_t now = uv_now(t->loop);
+  if (now < x->due) {
+    uv_timer_start(t, timer_tick, x->due - now, 0);
+    return;
+  }
+  x->timer_on = 0;
+  x->timer_cb(t);
 }
 
-static void disarm(pc_l7_t *x) {
-  x->timer_on = 0;
-  uv_timer_stop(&x->timer);
+static void arm(pc_l7_t *x, uint64_t ms, uv_timer_cb cb) {
+  x->timer_on = 1;
+  x->timer_cb = cb;
+  x->due = uv_now(x->timer.loop) + ms;
+  if (!uv_is_active((uv_handle_t *)&x->timer) || uv_timer_get_due_in(&x->timer) > ms)
+    uv_timer_start(&x->timer, timer_tick, ms, 0);
 }
+
+static void disarm(pc_l7_t *x) { x->timer_on = 0; }
 
 static const char *peer_id_of(const pc_l7_t *x) {
   /* outbound: the upstream of the request in flight */
@@ -307,7 +326,6 @@ static void on_res_body(void *user, const char *data, size_t len) {
 
 static void timer_fired(uv_timer_t *t) {
   pc_l7_t *x = t->data;
-  x->timer_on = 0;
   if (x->state == X_HEAD)
     reply_error(x, 408, PC_DECISION_DENY, PC_REASON_TIMEOUT,
                 "the request head did not arrive in time", 0);

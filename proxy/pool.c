@@ -95,7 +95,10 @@ static void close_up(pc_upconn_t *up, int reset) {
 
 static void lend(pc_upconn_t *up) {
   up->state = UP_LENT;
-  uv_timer_stop(&up->timer);
+  /* An idle timer is left to lapse (on_idle_timer): stopping it here and
+   * starting it again on release would cost two timer-heap updates per
+   * request. */
+  if (!up->idle_timer) uv_timer_stop(&up->timer);
   up->s.cbs = up->user_cbs;
   up->s.owner = up->user_owner;
 }
@@ -139,7 +142,16 @@ static void on_attempt_timer(uv_timer_t *t) {
     finish_attempt(up, 504, PC_REASON_TIMEOUT, "TLS handshake with the upstream timed out");
 }
 
-static void on_idle_timer(uv_timer_t *t) { close_up(t->data, 0); }
+static void on_idle_timer(uv_timer_t *t) {
+  pc_upconn_t *up = t->data;
+  if (up->state != UP_IDLE) return; /* lent since: released again, it restarts */
+  uint64_t now = uv_now(t->loop), timeout = up->pool->gen->cfg->http.pool_idle_timeout_ms;
+  if (now - up->idle_since < timeout) {
+    uv_timer_start(t, on_idle_timer, timeout - (now - up->idle_since), 0);
+    return;
+  }
+  close_up(up, 0);
+}
 
 static void on_handshake(pc_stream_t *s, int status) {
   pc_upconn_t *up = s->owner;
@@ -250,7 +262,11 @@ void pc_pool_release(pc_upconn_t *up, int how) {
   if (p->idle) p->idle->prev = up;
   p->idle = up;
   p->nidle++;
-  uv_timer_start(&up->timer, on_idle_timer, p->gen->cfg->http.pool_idle_timeout_ms, 0);
+  up->idle_since = uv_now(&p->w->loop);
+  if (!up->idle_timer || !uv_is_active((uv_handle_t *)&up->timer)) {
+    up->idle_timer = 1;
+    uv_timer_start(&up->timer, on_idle_timer, p->gen->cfg->http.pool_idle_timeout_ms, 0);
+  }
   pc_stream_read_start(&up->s);
 }
 

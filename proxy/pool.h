@@ -56,6 +56,8 @@ struct pc_upconn {
   pc_reason_t fail_reason;
   const char *fail_detail;
   uint64_t hs_start;
+  uint64_t idle_since; /* loop time (ms) it last went idle */
+  int idle_timer;      /* the timer, if active, is the (lazy) idle timer */
   pc_upconn_t *prev, *next;
 };
 
