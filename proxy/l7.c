@@ -847,8 +847,10 @@ static char *make_xfcc(pc_stream_t *down, const pc_l7_env_t *env) {
   pc_jbuf_t b = {0};
   pc_jbuf_printf(&b, "x-forwarded-client-cert: By=%s;Hash=%s;URI=%s\r\n",
                  env->gen->certs->spiffe_id, hex, env->peer_id);
-  pc_jbuf_raw(&b, "", 1);
-  return b.data;
+  /* Kept for the connection's life: sized to fit, not a cached 2 KiB buffer. */
+  char *xfcc = pc_strdup(b.data);
+  pc_jbuf_release(&b);
+  return xfcc;
 }
 
 pc_l7_t *pc_l7_start(pc_stream_t *down, const pc_l7_env_t *env,
