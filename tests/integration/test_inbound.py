@@ -3,6 +3,7 @@ no session resumption. Real binary, real TLS clients (Python ssl, openssl s_clie
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import ssl
@@ -12,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 import harness as h
+import httpkit as hk
 
 TLS12 = ssl.TLSVersion.TLSv1_2
 TLS13 = ssl.TLSVersion.TLSv1_3
@@ -175,6 +177,41 @@ def test_missing_intermediate_refused(inb, tmp_path):
     e = inb.sc.log_for_peer_port(r.local_port)
     assert e is not None and e["decision"] == "deny" and e["reason"] == "bad_chain", e
     assert inb.app.count() == before
+
+
+def _unparsable_copy(pem: str) -> str:
+    """pem's first certificate with its version field set to 4 (INTEGER 3): OpenSSL still
+    loads and sends it, BoringSSL's X509 parser refuses it (only v1-v3 exist)."""
+    body = pem.split("-----BEGIN CERTIFICATE-----")[1].split("-----END CERTIFICATE-----")[0]
+    der = bytearray(base64.b64decode("".join(body.split())))
+    at = der.find(bytes([0xA0, 0x03, 0x02, 0x01, 0x02]))  # tbs [0] EXPLICIT { INTEGER 2 }
+    assert 0 < at < 16, "version field not found where a v3 certificate has it"
+    der[at + 4] = 0x03
+    return ssl.DER_cert_to_PEM_cert(bytes(der))
+
+
+def test_unparsable_chain_cert_refused(inb, tmp_path):
+    """A certificate in the client's chain that does not parse refuses the peer as bad_chain,
+    even when the rest of the chain verifies without it: BoringSSL (buffers only) hands the
+    verify callback the DER, and nothing is skipped. Log, metric, and nothing at the app."""
+    pem = open(inb.pki.crt("web-viaint")).read()  # leaf + int-ca: verifies on its own
+    crt = tmp_path / "viaint-plus-broken.crt"
+    crt.write_text(pem + _unparsable_copy(open(inb.pki.crt("int-ca")).read()))
+    ctx = h.client_context(inb.pki, None, max_version=TLS13)
+    ctx.load_cert_chain(str(crt), inb.pki.key("web-viaint"))
+    lab = {"listener": "api", "direction": "inbound", "decision": "deny", "reason": "bad_chain"}
+    before, app_before = hk.scrape(inb.sc).get("portcullis_connections_total", **lab), \
+        inb.app.count()
+    r = h.attempt_tls(inb.port, ctx)
+    if not isinstance(r, h.Refusal):
+        r.close()
+        pytest.fail("a chain with an unparsable certificate was served")
+    assert r.kind == "ssl" and r.got_data == b"", r
+    e = inb.sc.log_for_peer_port(r.local_port, timeout=5)
+    assert e is not None and e["decision"] == "deny" and e["reason"] == "bad_chain", e
+    hk.wait_metric(inb.sc, "portcullis_connections_total", lambda v: v == before + 1, **lab)
+    time.sleep(0.2 * h.SCALE)  # give a (buggy) forward connect a chance to show up
+    assert inb.app.count() == app_before, "the app was contacted"
 
 
 @pytest.mark.parametrize("stem,reason", [
