@@ -140,7 +140,7 @@ static cache_ent_t *cache_slot(const uint8_t *key) {
   return &cache[i % CACHE_SLOTS];
 }
 
-static void cache_put(const uint8_t *key, STACK_OF(X509) * chain, const char *peer_id) {
+static void cache_put(const uint8_t *key, STACK_OF(X509) * chain, const pc_tls_peer_t *pv) {
   cache_ent_t *e = cache_slot(key);
   time_t nb = 0, na = 0;
   for (size_t i = 0; i < sk_X509_num(chain); i++) {
@@ -154,8 +154,8 @@ static void cache_put(const uint8_t *key, STACK_OF(X509) * chain, const char *pe
   memcpy(e->key, key, SHA256_DIGEST_LENGTH);
   e->not_before = nb;
   e->not_after = na;
-  e->leaf_not_after = leaf_not_after(chain);
-  e->peer_id = pc_strdup(peer_id);
+  e->leaf_not_after = pv->not_after; /* check_peer read it already */
+  e->peer_id = pc_strdup(pv->peer_id);
 }
 
 static const cache_ent_t *cache_get(const uint8_t *key) {
@@ -191,7 +191,7 @@ static enum ssl_verify_result_t verify_peer(SSL *ssl, uint8_t *out_alert) {
   } else {
     STACK_OF(X509) *chain = NULL;
     r = check_peer(pv, ssl, &pv->not_after, &chain);
-    if (chain && keyed) cache_put(key, chain, pv->peer_id);
+    if (chain && keyed) cache_put(key, chain, pv);
     sk_X509_pop_free(chain, X509_free);
   }
   if (r == PC_REASON_NONE) r = pc_policy_check(pv->policy, pv->peer_id);
