@@ -513,17 +513,23 @@ def test_download_backpressure_bounded_memory(env, pki):
         assert r.status == 200 and r.json()["body_sha256"] == h.sha256(data)
 
 
-def test_stalled_access_log_never_holds_up_requests(env, pki):
-    """The log collector stops reading stdout. Requests are still answered at once; lines
-    beyond log.buffer_bytes are dropped and counted; once stdout is read again every line
-    that was kept arrives whole and in order."""
+def _small_log_buffer_sidecar(env, pki, name):
+    """One worker, an HTTP inbound listener in front of a fresh app, access log on, and a
+    64 KiB log.buffer_bytes. Returns (sidecar, app, port)."""
     app = hk.HttpApp()
     env.apps.append(app)
     port = h.free_port()
     cfg = h.base_config(pki, "payments-api", workers=1, inbound=[
         h.inbound_listener("api", port, app.addr, [{"namespace": "web"}], protocol="http")])
     cfg["log"] = {"level": "warn", "access": True, "buffer_bytes": 65536}
-    sc = env.sidecar(cfg, name="http-stalled-log")
+    return env.sidecar(cfg, name=name), app, port
+
+
+def test_stalled_access_log_never_holds_up_requests(env, pki):
+    """The log collector stops reading stdout. Requests are still answered at once; lines
+    beyond log.buffer_bytes are dropped and counted; once stdout is read again every line
+    that was kept arrives whole and in order."""
+    sc, app, port = _small_log_buffer_sidecar(env, pki, "http-stalled-log")
     assert hk.scrape(sc).get("portcullis_log_lines_dropped_total") == 0
     sc.pause_stdout()
     n = 1500  # about 600 KiB of access log: the pipe (64 KiB) and the buffer fill early
@@ -554,13 +560,7 @@ def test_stalled_access_log_never_holds_up_requests(env, pki):
 def test_sigterm_exits_with_stdout_stalled(env, pki):
     """SIGTERM while the log collector is not reading stdout: the sidecar still exits (0),
     giving up the log lines it cannot write instead of waiting forever."""
-    app = hk.HttpApp()
-    env.apps.append(app)
-    port = h.free_port()
-    cfg = h.base_config(pki, "payments-api", workers=1, inbound=[
-        h.inbound_listener("api", port, app.addr, [{"namespace": "web"}], protocol="http")])
-    cfg["log"] = {"level": "warn", "access": True, "buffer_bytes": 65536}
-    sc = env.sidecar(cfg, name="http-stalled-exit")
+    sc, _, port = _small_log_buffer_sidecar(env, pki, "http-stalled-exit")
     sc.pause_stdout()
     with HttpConn.tls(port, h.client_context(pki, "web-frontend")) as c:
         for i in range(600):  # more than the pipe holds: the writer is blocked in write
