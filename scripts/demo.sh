@@ -33,6 +33,15 @@ wait_ready() { # $1 = stderr log of a sidecar
   exit 1
 }
 
+wait_port() { # $1 = a port on 127.0.0.1 that must accept connections
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "demo: nothing is listening on 127.0.0.1:$1" >&2
+  exit 1
+}
+
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 call() { # $1 = port, $2 = message; prints the answer or the failure
   /usr/bin/python3 - "$1" "$2" <<'PY'
@@ -54,6 +63,8 @@ PY
 say "starting the demo app (plaintext, 127.0.0.1:18080)"
 /usr/bin/python3 "$root/scripts/demo_app.py" 18080 & pids+=($!)
 /usr/bin/python3 "$root/scripts/demo_app.py" --http 18081 & pids+=($!)
+wait_port 18080
+wait_port 18081
 
 say "starting sidecars: payments inbound :18443 (tcp) + :18444 (http), web outbound :18001 (tcp) + :18003 (http), evil outbound :18002"
 for name in payments-inbound web-outbound evil-outbound; do
