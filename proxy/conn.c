@@ -6,6 +6,7 @@
 #include <openssl/err.h>
 
 #include "compat.h"
+#include "deadline.h"
 #include "l7.h"
 #include "log.h"
 #include "splice.h"
@@ -39,6 +40,7 @@ typedef struct pc_conn {
   uint64_t start_ns;
   uint64_t hs_start_ns; /* when our TLS handshake began */
   uint64_t last_active; /* loop time, ms */
+  uint8_t rechecked;    /* the timer's deadline expired once (deadline.h) */
   uint64_t revoke_at;   /* loop time at which a re-check's refusal takes effect; 0 = none */
   uint64_t expire_at;   /* loop time: peer certificate's not_after + grace; 0 = none */
   pc_reason_t revoke_reason;
@@ -123,7 +125,10 @@ static void teardown(pc_conn_t *c, const char *how, int reset) {
   if (c->up.initialised) pc_stream_close(&c->up, reset, on_handle_closed);
 }
 
-static void arm(pc_conn_t *c, uint64_t ms, uv_timer_cb cb) { uv_timer_start(&c->timer, cb, ms, 0); }
+static void arm(pc_conn_t *c, uint64_t ms, uv_timer_cb cb) {
+  c->rechecked = 0;
+  uv_timer_start(&c->timer, cb, ms, 0);
+}
 
 /* A peer that a reload no longer allows, or whose certificate expired, loses
  * its connection once the grace period is over. */
@@ -154,9 +159,10 @@ static void on_established_timer(uv_timer_t *t) {
     revoke_conn(c, c->revoke_reason);
   else if (c->expire_at && now >= c->expire_at)
     revoke_conn(c, PC_REASON_EXPIRED);
-  else if (now - c->last_active >= c->gen->cfg->limits.idle_timeout_ms)
-    teardown(c, "idle_timeout", 0);
-  else
+  else if (now - c->last_active >= c->gen->cfg->limits.idle_timeout_ms) {
+    if (!pc_deadline_recheck(t, on_established_timer, &c->rechecked))
+      teardown(c, "idle_timeout", 0);
+  } else
     rearm(c);
 }
 
@@ -225,6 +231,7 @@ static void refuse(pc_conn_t *c, pc_decision_t d, pc_reason_t r) {
 
 static void on_handshake_timer(uv_timer_t *t) {
   pc_conn_t *c = t->data;
+  if (pc_deadline_recheck(t, on_handshake_timer, &c->rechecked)) return;
   if (c->inbound) {
     c->decision = PC_DECISION_DENY;
     c->reason = PC_REASON_TIMEOUT;
@@ -238,6 +245,7 @@ static void on_handshake_timer(uv_timer_t *t) {
 
 static void on_connect_timer(uv_timer_t *t) {
   pc_conn_t *c = t->data;
+  if (pc_deadline_recheck(t, on_connect_timer, &c->rechecked)) return;
   c->decision = PC_DECISION_ERROR;
   c->reason = PC_REASON_TIMEOUT;
   c->l->stats.connect_failures++;

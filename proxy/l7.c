@@ -6,6 +6,7 @@
 #include <openssl/sha.h>
 
 #include "compat.h"
+#include "deadline.h"
 #include "h1.h"
 #include "log.h"
 #include "pool.h"
@@ -35,7 +36,8 @@ struct pc_l7 {
   void *arg;
   uv_timer_t timer; /* lazy: see arm() */
   uv_timer_cb timer_cb;
-  uint64_t due; /* loop time (ms) at which timer_cb runs, while timer_on */
+  uint64_t due;      /* loop time (ms) at which timer_cb runs, while timer_on */
+  uint8_t rechecked; /* the deadline expired once (deadline.h) */
   pc_h1_limits_t lim;
   pc_h1_parser_t req, res;
   xstate_t state;
@@ -100,12 +102,14 @@ static void timer_tick(uv_timer_t *t) {
     uv_timer_start(t, timer_tick, x->due - now, 0);
     return;
   }
+  if (pc_deadline_recheck(t, timer_tick, &x->rechecked)) return;
   x->timer_on = 0;
   x->timer_cb(t);
 }
 
 static void arm(pc_l7_t *x, uint64_t ms, uv_timer_cb cb) {
   x->timer_on = 1;
+  x->rechecked = 0;
   x->timer_cb = cb;
   x->due = uv_now(x->timer.loop) + ms;
   if (!uv_is_active((uv_handle_t *)&x->timer) || uv_timer_get_due_in(&x->timer) > ms)

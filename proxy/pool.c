@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "compat.h"
+#include "deadline.h"
 #include "log.h"
 #include "worker.h"
 
@@ -133,6 +134,7 @@ static void fail_later(pc_upconn_t *up, int status, pc_reason_t reason, const ch
 
 static void on_attempt_timer(uv_timer_t *t) {
   pc_upconn_t *up = t->data;
+  if (pc_deadline_recheck(t, on_attempt_timer, &up->rechecked)) return;
   const char *what = up->state == UP_CONNECTING ? "connect" : "TLS handshake";
   pc_log(PC_LOG_WARN, "listener %s: %s to %s timed out", up->pool->lc->name, what,
          up->pool->lc->target_str);
@@ -188,6 +190,7 @@ static void on_connect(uv_connect_t *req, int status) {
     return;
   }
   up->state = UP_HANDSHAKE;
+  up->rechecked = 0;
   uv_timer_start(&up->timer, on_attempt_timer, p->gen->cfg->limits.handshake_timeout_ms, 0);
   up->peer = (pc_tls_peer_t){.policy = p->lc->policy,
                              .trust_domain = p->gen->cfg->trust_domain,
@@ -239,6 +242,7 @@ pc_upconn_t *pc_pool_acquire(pc_pool_t *p, pc_metrics_t *stats, const pc_stream_
            uv_strerror(rc));
     fail_later(up, 503, PC_REASON_NONE, "cannot connect to the upstream");
   } else {
+    up->rechecked = 0;
     uv_timer_start(&up->timer, on_attempt_timer, p->gen->cfg->limits.connect_timeout_ms, 0);
   }
   return up;

@@ -58,6 +58,7 @@ struct pc_upconn {
   uint64_t hs_start;
   uint64_t idle_since; /* loop time (ms) it last went idle */
   int idle_timer;      /* the timer, if active, is the (lazy) idle timer */
+  uint8_t rechecked;   /* the connect/handshake deadline expired once (deadline.h) */
   pc_upconn_t *prev, *next;
 };
 
