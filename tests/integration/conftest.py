@@ -33,6 +33,35 @@ def pytest_configure(config):
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    item._pc_first_sidecar = len(h.Sidecar.created)
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report names every sidecar it involved (started during the test, or
+    shared and still running), with its config and log paths and the last log lines."""
+    outcome = yield
+    rep = outcome.get_result()
+    if not rep.failed:
+        return
+    first = getattr(item, "_pc_first_sidecar", 0)
+    seen, parts = set(), []
+    for ref in h.Sidecar.created[first:]:
+        sc = ref()
+        if sc is not None and id(sc) not in seen:
+            seen.add(id(sc))
+            parts.append(sc.failure_report())
+    for sc in list(h.Sidecar.live):
+        if id(sc) not in seen:
+            seen.add(id(sc))
+            parts.append(sc.failure_report())
+    if parts:
+        rep.sections.append(("portcullis sidecars", "\n\n".join(parts)))
+
+
 @pytest.fixture(autouse=True)
 def _mark_logs():
     """Module-shared sidecars outlive a test: mark where this test's log lines begin."""

@@ -3,7 +3,7 @@
 Everything here talks to the REAL binary over real sockets on 127.0.0.1:
 no mocks.  Pieces:
 
-* free_port()            -- a TCP port on 127.0.0.1 that nobody listens on (yet)
+* free_port()            -- a TCP port on 127.0.0.1 outside the ephemeral range, free
 * AppServer              -- threaded plaintext "local app" (echo / sink / source / hold /
                             custom handler) that records every accepted connection
 * TLSUpstream            -- threaded TLS server standing in for a peer sidecar
@@ -29,6 +29,7 @@ import socket
 import ssl
 import weakref
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -42,6 +43,9 @@ TRUST_DOMAIN = "cluster.local"
 # Multiply every timeout by this (e.g. 3 for ASan/valgrind builds).
 SCALE = float(os.environ.get("PORTCULLIS_TIMEOUT_SCALE", "1"))
 HOST = "127.0.0.1"
+# A deadline in a sidecar config that its test is not about: far beyond anything CPU load or a
+# sanitizer build can stretch a handshake, a connect or an app's answer to.
+GENEROUS_MS = 60000
 
 REASONS = {
     "no_cert", "bad_chain", "expired", "no_spiffe_id", "wrong_trust_domain",
@@ -65,24 +69,16 @@ def spiffe(ns: str, sa: str, td: str = TRUST_DOMAIN) -> str:
 
 # --------------------------------------------------------------------------- ports
 
-_port_lock = threading.Lock()
-_handed_out: set[int] = set()
+sys.path.insert(0, str(REPO / "scripts"))
+import portalloc  # noqa: E402
 
 
 def free_port() -> int:
-    """A port on 127.0.0.1 that is currently free and not handed out before in this run."""
-    with _port_lock:
-        for _ in range(200):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            try:
-                s.bind((HOST, 0))
-                port = s.getsockname()[1]
-            finally:
-                s.close()
-            if port not in _handed_out:
-                _handed_out.add(port)
-                return port
-    raise RuntimeError("could not find a free port in 200 tries")
+    """A port on 127.0.0.1 that is free now and that nothing else can take before the
+    sidecar binds it: it lies outside the kernel's ephemeral range, so no port-0 bind or
+    outgoing connection gets it, and no other caller in this run is handed it again
+    (scripts/portalloc.py)."""
+    return portalloc.take_port()
 
 
 def addr(port: int) -> str:
@@ -669,11 +665,14 @@ def base_config(pki: PKI, identity: str = "payments-api", *, workers: int = 2,
     """A config dict. admin.listen is always set: to 127.0.0.1:admin_port if given, else to
     a fresh free port, unless extra={"admin": {"listen": ...}} names one (other keys of
     extra["admin"] are merged into the admin group)."""
+    # Deadlines a test does not set are generous: a loaded machine or a sanitizer build must
+    # never make them fire. A test of one deadline sets that one (small) itself. The drain
+    # deadline stays short: it only bounds how long teardown waits for open connections.
     lim = {
         "max_connections": 10000,
-        "handshake_timeout_ms": 5000,
-        "connect_timeout_ms": 2000,
-        "idle_timeout_ms": 60000,
+        "handshake_timeout_ms": GENEROUS_MS,
+        "connect_timeout_ms": GENEROUS_MS,
+        "idle_timeout_ms": 10 * GENEROUS_MS,
         "drain_timeout_ms": 1000,
     }
     lim.update(limits or {})
@@ -696,6 +695,9 @@ def base_config(pki: PKI, identity: str = "payments-api", *, workers: int = 2,
         cfg["inbound"] = inbound
     if outbound:
         cfg["outbound"] = outbound
+    # The HTTP deadlines too (a module that tests them sets its own in extra["http"]).
+    cfg["http"] = {"request_timeout_ms": GENEROUS_MS, "response_timeout_ms": GENEROUS_MS,
+                   **(extra.pop("http", None) or {})}
     if extra:
         cfg.update(extra)
     return cfg
@@ -759,6 +761,7 @@ class SidecarError(AssertionError):
 
 class Sidecar:
     live: "weakref.WeakSet[Sidecar]" = weakref.WeakSet()
+    created: "list[weakref.ref[Sidecar]]" = []   # every sidecar started, in order (reports)
 
     """One running portcullis process with a generated config."""
 
@@ -787,6 +790,12 @@ class Sidecar:
         self.conf_path = self.workdir / f"{name}.conf"
         text, self.lines = render_config(cfg)
         self.conf_path.write_text(text)
+        # Everything the sidecar prints also goes to files beside its config, so a failed
+        # test can name them (conftest adds their paths and tails to the failure report).
+        self.stdout_path = self.workdir / f"{name}.access.log"
+        self.stderr_path = self.workdir / f"{name}.server.log"
+        self._files = {True: open(self.stdout_path, "w", buffering=1),
+                       False: open(self.stderr_path, "w", buffering=1)}
         self.stdout_lines: list[str] = []
         self.stderr_lines: list[str] = []
         self.log: list[dict] = []          # parsed access log (stdout)
@@ -812,6 +821,7 @@ class Sidecar:
         # module-shared sidecar never matches that older entry.
         self.test_mark = 0
         Sidecar.live.add(self)
+        Sidecar.created.append(weakref.ref(self))
         deadline = time.monotonic() + T(ready_timeout)
         while not (self._ready.wait(0.05) if ready == "event" else self._http_ready()):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -861,6 +871,10 @@ class Sidecar:
             if not raw:
                 break
             line = raw.decode("utf-8", errors="replace").rstrip("\n")
+            try:
+                self._files[is_stdout].write(line + "\n")
+            except (OSError, ValueError):
+                pass
             obj = None
             try:
                 obj = json.loads(line)
@@ -883,6 +897,7 @@ class Sidecar:
                             self._ready.set()
                 self._cv.notify_all()
         stream.close()
+        self._files[is_stdout].close()
 
     @property
     def pid(self) -> int:
@@ -1006,6 +1021,23 @@ class Sidecar:
     def all_output(self) -> str:
         with self._cv:
             return "\n".join(self.stdout_lines + self.stderr_lines)
+
+    def failure_report(self, tail: int = 25) -> str:
+        """Where this sidecar's config and logs are, and their last lines: appended to the
+        report of a failed test so that CI output can be read without a rerun."""
+        state = "running" if self.alive() else f"exited rc={self.proc.returncode}"
+        with self._cv:
+            err = self.stderr_lines[-tail:]
+            out = self.stdout_lines[-10:]
+        return "\n".join([
+            f"sidecar {self.name} (pid {self.proc.pid}, {state})",
+            f"  config:     {self.conf_path}",
+            f"  access log: {self.stdout_path} ({len(self.stdout_lines)} lines)",
+            f"  server log: {self.stderr_path} ({len(self.stderr_lines)} lines)",
+            f"  last {len(err)} server-log lines:",
+            *("    " + ln for ln in err),
+            f"  last {len(out)} access-log lines:",
+            *("    " + ln for ln in out)])
 
     def rss_kib(self) -> int:
         with open(f"/proc/{self.proc.pid}/status") as f:
