@@ -46,6 +46,9 @@ HOST = "127.0.0.1"
 # A deadline in a sidecar config that its test is not about: far beyond anything CPU load or a
 # sanitizer build can stretch a handshake, a connect or an app's answer to.
 GENEROUS_MS = 60000
+# How long the harness waits by default for something that should happen (a log line, a
+# handshake, an admin answer): a bound for when it never does, not an expectation of speed.
+WAIT_S = 15.0
 
 REASONS = {
     "no_cert", "bad_chain", "expired", "no_spiffe_id", "wrong_trust_domain",
@@ -179,7 +182,7 @@ class AppServer:
         with self._lock:
             return len(self.conns)
 
-    def wait_conns(self, n: int, timeout: float = 5.0) -> bool:
+    def wait_conns(self, n: int, timeout: float = WAIT_S) -> bool:
         return bool(wait_until(lambda: self.count() >= n, T(timeout)))
 
     def _accept_loop(self) -> None:
@@ -332,7 +335,7 @@ def client_context(pki: PKI, stem: str | None, *, min_version=ssl.TLSVersion.TLS
     return ctx
 
 
-def tls_connect(port: int, ctx: ssl.SSLContext, *, timeout: float = 5.0,
+def tls_connect(port: int, ctx: ssl.SSLContext, *, timeout: float = WAIT_S,
                 session: ssl.SSLSession | None = None,
                 server_hostname: str | None = "api.payments.svc") -> ssl.SSLSocket:
     """Connect + complete the handshake (client's view). Caller closes."""
@@ -358,7 +361,7 @@ class Refusal:
 
 
 def attempt_tls(port: int, ctx: ssl.SSLContext, *, probe: bytes = b"ping\n",
-                timeout: float = 5.0) -> Refusal | ssl.SSLSocket:
+                timeout: float = WAIT_S) -> Refusal | ssl.SSLSocket:
     """Try a TLS connection the way a careful client does (TLS 1.3 trap: read after the
     handshake to see the post-handshake alert). Returns the open socket if the server
     actually served the connection (app bytes came back), else a Refusal.
@@ -728,7 +731,7 @@ class AdminResponse:
         return json.loads(self.body)
 
 
-def http_get(port: int, path: str, method: str = "GET", *, timeout: float = 5.0,
+def http_get(port: int, path: str, method: str = "GET", *, timeout: float = WAIT_S,
              headers: dict | None = None, body: bytes | None = None) -> AdminResponse:
     """One HTTP/1.1 request to 127.0.0.1:port with http.client (a new connection each)."""
     conn = http.client.HTTPConnection(HOST, port, timeout=T(timeout))
@@ -766,7 +769,7 @@ class Sidecar:
     """One running portcullis process with a generated config."""
 
     def __init__(self, workdir: Path, cfg: dict, *, name: str = "sidecar",
-                 binary: Path = BIN, ready_timeout: float = 10.0,
+                 binary: Path = BIN, ready_timeout: float = 2 * WAIT_S,
                  cmd_prefix: Iterable[str] = (), ready: str = "auto"):
         """ready: how to tell the sidecar is up -- "event" (the stderr "ready" server event),
         "http" (GET /ready on the admin listener answers 200), or "auto" (= "http" when
@@ -846,7 +849,7 @@ class Sidecar:
         return r.status == 200
 
     # -- admin endpoint (issue 4)
-    def admin_get(self, path: str, method: str = "GET", *, timeout: float = 5.0,
+    def admin_get(self, path: str, method: str = "GET", *, timeout: float = WAIT_S,
                   headers: dict | None = None, body: bytes | None = None) -> AdminResponse:
         """One request to this sidecar's admin listener (http.client, new connection)."""
         if self.admin_port is None:
@@ -922,7 +925,7 @@ class Sidecar:
                     return None
                 self._cv.wait(min(left, 0.1))
 
-    def wait_for_log(self, pred: Callable[[dict], bool], timeout: float = 5.0,
+    def wait_for_log(self, pred: Callable[[dict], bool], timeout: float = WAIT_S,
                      start: int = 0) -> dict | None:
         """First access-log entry (index >= start) matching pred, waiting up to timeout."""
         return self._wait_in(self.log, pred, timeout, start)
@@ -931,13 +934,13 @@ class Sidecar:
         with self._cv:
             self.test_mark = len(self.log)
 
-    def log_for_peer_port(self, port: int, timeout: float = 5.0,
+    def log_for_peer_port(self, port: int, timeout: float = WAIT_S,
                           start: int | None = None) -> dict | None:
         want = addr(port)
         return self.wait_for_log(lambda e: e.get("peer") == want, timeout,
                                  self.test_mark if start is None else start)
 
-    def log_for_app_port(self, port: int, timeout: float = 5.0,
+    def log_for_app_port(self, port: int, timeout: float = WAIT_S,
                          start: int | None = None) -> dict | None:
         want = addr(port)
         return self.wait_for_log(lambda e: e.get("app") == want, timeout,
@@ -1009,7 +1012,7 @@ class Sidecar:
         with self._cv:
             return [e for e in self.events[start:] if substr in str(e.get("msg", ""))]
 
-    def wait_for_event(self, pred: "Callable[[dict], bool] | str", timeout: float = 5.0,
+    def wait_for_event(self, pred: "Callable[[dict], bool] | str", timeout: float = WAIT_S,
                        start: int = 0) -> dict | None:
         """First server event (stderr JSON, index >= start) matching pred -- a callable, or a
         substring of "msg" -- waiting up to timeout (scaled)."""
