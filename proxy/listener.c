@@ -46,6 +46,7 @@ static void on_connection(uv_stream_t *server, int status) {
     return;
   }
   if (__atomic_load_n(&w->stop_requested, __ATOMIC_ACQUIRE) || l->closed || l->stopping) return;
+  if (pc_worker_check_drain(w)) return;
   if (pc_workers_over_limit(w)) {
     /* Leave the connection with libuv, which stops polling this socket until
      * pc_listener_resume accepts it: the kernel backlog queues the rest. */

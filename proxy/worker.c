@@ -83,6 +83,16 @@ static void adopt(pc_worker_t *w) {
   }
 }
 
+int pc_worker_check_drain(pc_worker_t *w) {
+  if (!__atomic_load_n(&w->drain_requested, __ATOMIC_ACQUIRE)) return 0;
+  if (!w->draining) {
+    w->draining = 1;
+    for (size_t i = 0; i < w->nlisteners; i++)
+      if (w->listeners[i]) pc_listener_stop(w->listeners[i]);
+  }
+  return 1;
+}
+
 static void on_wake(uv_async_t *a) {
   pc_worker_t *w = a->data;
   if (__atomic_load_n(&w->stop_requested, __ATOMIC_ACQUIRE)) {
@@ -97,11 +107,7 @@ static void on_wake(uv_async_t *a) {
     uv_close((uv_handle_t *)&w->wake, NULL);
     return;
   }
-  if (__atomic_load_n(&w->drain_requested, __ATOMIC_ACQUIRE) && !w->draining) {
-    w->draining = 1;
-    for (size_t i = 0; i < w->nlisteners; i++)
-      if (w->listeners[i]) pc_listener_stop(w->listeners[i]);
-  }
+  pc_worker_check_drain(w);
   adopt(w);
   for (size_t i = 0; i < w->nlisteners && w->npaused; i++)
     if (w->listeners[i]) pc_listener_resume(w->listeners[i]);

@@ -70,6 +70,12 @@ void pc_workers_stop(void);
  * new connections are refused); open connections continue. Main thread. */
 void pc_workers_drain(void);
 
+/* Worker thread: if a drain was requested, stops w's listeners now (once)
+ * and returns 1. The wake-up that pc_workers_drain sends may be handled after
+ * a connection that arrived later; a listener calls this before it accepts,
+ * so nothing that connects after the drain began is served. */
+int pc_worker_check_drain(pc_worker_t *w);
+
 /* Calls fn(l, arg) for every listener of every worker while holding that
  * worker's lock (fn must not block). A listener removed by a reload is no
  * longer visited: its counters end with it. Main thread. */
