@@ -77,6 +77,16 @@ class _Closed(Exception):
     """The peer closed (or the server is stopping) in the middle of something."""
 
 
+GATE_TIMEOUT_S = 30.0
+
+
+@dataclass
+class _Gate:
+    arrived: int = 0
+    opened_at: float | None = None
+    event: threading.Event = field(default_factory=threading.Event)
+
+
 @dataclass
 class HConn:
     id: int
@@ -92,6 +102,7 @@ class HConn:
     error: str | None = None
     raw: bytearray = field(default_factory=bytearray)  # first 64 KiB received, for messages
     done: threading.Event = field(default_factory=threading.Event)
+    closed_at: float | None = None   # time.monotonic() when the app closed it (set before done)
     tunnel_bytes: int = 0
 
 
@@ -237,6 +248,10 @@ class HttpApp:
                                     no-status, nul), then keeps the connection open
       /truncate?n=N&send=M          Content-Length N but only M body bytes, then closes
       /closeafter?ms=N              a normal keep-alive answer, then closes after N ms
+      /gate?key=K&n=N               holds the request until N requests with key K have
+                                    arrived (each on its own connection, as each is held),
+                                    then /echo; 500 if that does not happen within
+                                    GATE_TIMEOUT_S (scaled). gate_opened(K) = when it opened
     HEAD gets the headers of the GET answer without a body.
     Every response carries x-app-conn (connection id) and x-app-seq (request number on it).
     """
@@ -249,6 +264,7 @@ class HttpApp:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._socks: list[socket.socket] = []
+        self._gates: dict[str, _Gate] = {}
         self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.lsock.bind((h.HOST, 0))
@@ -288,8 +304,29 @@ class HttpApp:
         with self._lock:
             return list(self.conns[n:])
 
-    def wait_reqs(self, n: int, timeout: float = 5.0) -> bool:
+    def wait_reqs(self, n: int, timeout: float = 10.0) -> bool:
         return bool(h.wait_until(lambda: self.nreq() >= n, h.T(timeout)))
+
+    def closed(self) -> int:
+        """How many of its connections the app has seen end."""
+        with self._lock:
+            return sum(c.done.is_set() for c in self.conns)
+
+    def gate_opened(self, key: str) -> float | None:
+        """time.monotonic() at which /gate?key=key opened (None: not yet)."""
+        with self._lock:
+            g = self._gates.get(key)
+        return g.opened_at if g is not None else None
+
+    def _gate(self, key: str, n: int) -> bool:
+        """Count one arrival at gate key; wait (bounded) until n have arrived."""
+        with self._lock:
+            g = self._gates.setdefault(key, _Gate())
+            g.arrived += 1
+            if g.arrived >= n and g.opened_at is None:
+                g.opened_at = time.monotonic()
+                g.event.set()
+        return g.event.wait(h.T(GATE_TIMEOUT_S))
 
     # -- server
     def _accept_loop(self) -> None:
@@ -350,6 +387,7 @@ class HttpApp:
                 s.close()
             except OSError:
                 pass
+            rec.closed_at = time.monotonic()
             rec.done.set()
 
     def _one_request(self, s: socket.socket, rd: _Reader, rec: HConn) -> bool:
@@ -493,6 +531,9 @@ class HttpApp:
             return False
         if path == "/sleep":
             time.sleep(int(q.get("ms", "0")) / 1000)
+        if path == "/gate" and not self._gate(q.get("key", ""), int(q.get("n", "1"))):
+            self._send(s, rec, self._response(500, b"gate timeout", base, True, head_only))
+            return False
         if path == "/close":
             close = True
         summary = self.summary(req)
@@ -600,6 +641,28 @@ def tls_server_context(pki: h.PKI, stem: str) -> ssl.SSLContext:
     ctx.load_verify_locations(pki.ca)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
+
+
+def _tcp_states(local_port: int, remote_port: int) -> list[str]:
+    """Kernel TCP states (hex, /proc/net/tcp) of 127.0.0.1:local_port -> 127.0.0.1:remote_port."""
+    want = (f"0100007F:{local_port:04X}", f"0100007F:{remote_port:04X}")
+    out = []
+    with open("/proc/net/tcp") as f:
+        next(f, None)
+        for line in f:
+            parts = line.split()
+            if len(parts) > 3 and (parts[1], parts[2]) == want:
+                out.append(parts[3])
+    return out
+
+
+def wait_other_end_closed(app: "HttpApp", conn_id: int, timeout: float = 10.0) -> bool:
+    """After the app closed its connection conn_id, wait (bounded, scaled) until the other end
+    (the sidecar) has closed its socket too, i.e. the sidecar noticed: its end of the
+    connection is no longer ESTABLISHED or CLOSE_WAIT in the kernel's table."""
+    local_port = app.conns[conn_id].peer[1]
+    return bool(h.wait_until(
+        lambda: not set(_tcp_states(local_port, app.port)) & {"01", "08"}, h.T(timeout)))
 
 
 # =========================================================================== client
@@ -714,7 +777,7 @@ class HttpConn:
             del self.buf[:take]
             n -= take
 
-    def read_response(self, method: str = "GET", timeout: float = 10.0,
+    def read_response(self, method: str = "GET", timeout: float = 20.0,
                       keep_limit: int = 8 << 20, stop_at_1xx: bool = False) -> Resp:
         """Read one response (following 1xx interim ones unless stop_at_1xx).
         Raises PeerClosed if the connection ends before a status line."""
@@ -928,11 +991,11 @@ def scrape(sc: h.Sidecar) -> Metrics:
 
 
 def wait_metric(sc: h.Sidecar, name: str, pred: Callable[[float], bool],
-                timeout: float = 3.0, **labels) -> Metrics:
+                timeout: float = 10.0, **labels) -> Metrics:
     """Scrape until pred(value) (bounded); asserts it."""
     deadline = time.monotonic() + h.T(timeout)
     m = scrape(sc)
-    for _ in range(300):
+    for _ in range(2000):
         if pred(m.get(name, **labels)) or time.monotonic() > deadline:
             break
         time.sleep(0.05)
@@ -996,7 +1059,7 @@ def before(sc: h.Sidecar, app: Any) -> Before:
 
 def find_request_line(sc: h.Sidecar, *, start: int, peer: str | None = None,
                       app: str | None = None, status: int | None = None,
-                      timeout: float = 5.0) -> dict | None:
+                      timeout: float = 10.0) -> dict | None:
     """The first per-request access-log line (it has a "status" key) for this client."""
     def pred(e: dict) -> bool:
         if "status" not in e:
@@ -1033,7 +1096,8 @@ def assert_refused(sc: h.Sidecar, r: Resp | None, b: Before, *, status: int, rea
     else:
         assert r.closes, f"a {status} must carry connection: close: {r.head!r}"
         if conn is not None:
-            assert conn.closed_by_peer(3.0), f"connection not closed after the {status}"
+            assert conn.closed_by_peer(10.0), \
+                f"connection still open {h.T(10.0):.0f}s after the {status} (expected: closed)"
     # the app saw nothing
     if app_untouched:
         time.sleep(0.15 * h.SCALE)
@@ -1076,7 +1140,7 @@ def assert_refused(sc: h.Sidecar, r: Resp | None, b: Before, *, status: int, rea
     return e
 
 
-def exchange(conn: HttpConn, data: bytes, method: str = "GET", timeout: float = 10.0
+def exchange(conn: HttpConn, data: bytes, method: str = "GET", timeout: float = 20.0
              ) -> Resp | None:
     """Send raw bytes (tolerating an early close) and read one response; None if the
     connection ended without any response."""

@@ -31,7 +31,7 @@ def http_config(pki: h.PKI) -> dict:
 def test_check_good_http_config(tmp_path, pki, portcullis_bin):
     p, _ = write(tmp_path, http_config(pki))
     r = check(p)
-    assert r.returncode == 0, r.stderr + p.read_text()
+    assert r.returncode == 0, f"expected exit 0, got {r.returncode}: {r.stderr}\n{p.read_text()}"
 
 
 def _mut_set(path_parts, value):
@@ -83,11 +83,13 @@ def test_check_rejects_http_settings(tmp_path, pki, portcullis_bin, mutate, sett
     mutate(cfg)
     p, lines = write(tmp_path, cfg)
     r = check(p)
-    assert r.returncode == 1, f"exit {r.returncode}, stderr: {r.stderr}\n{p.read_text()}"
+    assert r.returncode == 1, \
+        f"expected exit 1, got {r.returncode}, stderr: {r.stderr}\n{p.read_text()}"
     m = re.search(r"^portcullis: " + re.escape(str(p)) + r":(\d+): " + re.escape(setting)
                   + r": \S.*$", r.stderr, re.M)
     assert m, f"stderr does not name {p}:LINE: {setting}:\n{r.stderr}\n{p.read_text()}"
     line = int(m.group(1))
     if setting in lines:
         # the setting itself, or (for a bad list entry) a line inside it
-        assert line == lines[setting], (line, lines[setting], r.stderr)
+        assert line == lines[setting], \
+            f"{setting}: expected line {lines[setting]}, reported line {line}:\n{r.stderr}"

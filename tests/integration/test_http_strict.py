@@ -2,7 +2,12 @@
 README "HTTP mode"). Every malformed request is sent over a real mTLS connection as raw
 bytes; each refusal is checked for its status, JSON reason word, access-log line, metric
 counter, connection close, and that NOTHING reached the app (no connection, no bytes).
-Positive controls next to the refusals prove the same listener serves the valid forms."""
+Positive controls next to the refusals prove the same listener serves the valid forms.
+
+The parsing and limit tests run on sidecars whose deadlines are all generous
+(harness.base_config): a loaded machine never turns a parsing test into a 408/504. The tests
+of http.request_timeout_ms (408) and http.response_timeout_ms (504) each have a sidecar of
+their own (fixtures st_req / st_resp) where only the deadline under test is short."""
 
 from __future__ import annotations
 
@@ -18,6 +23,10 @@ from httpkit import HttpConn
 
 REQ_TIMEOUT_MS = 1000
 RESP_TIMEOUT_MS = 1500
+# A deadline test's upper bound: far above the deadline under test (so CPU load cannot push a
+# correct sidecar past it), far below the generous deadlines (60 s, harness.GENEROUS_MS) that
+# would answer if the tested one never fired.
+LATE_S = 10
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +35,14 @@ def st(module_env):
     app, small_app = hk.HttpApp(name="strict"), hk.HttpApp(name="small")
     module_env.apps += [app, small_app]
     port, small_port, dead_port = h.free_port(), h.free_port(), h.free_port()
+    # every deadline generous (base_config): only st_req / st_resp test the HTTP ones
     sc = module_env.sidecar(h.base_config(
         pki, "payments-api", workers=1,
         inbound=[h.inbound_listener("strict", port, app.addr, [{"namespace": "web"}],
                                     protocol="http"),
                  h.inbound_listener("deadapp", dead_port, h.addr(h.free_port()),
-                                    [{"namespace": "web"}], protocol="http")],
-        extra={"http": {"request_timeout_ms": REQ_TIMEOUT_MS,
-                        "response_timeout_ms": RESP_TIMEOUT_MS}}), name="http-strict")
+                                    [{"namespace": "web"}], protocol="http")]),
+        name="http-strict")
     small = module_env.sidecar(h.base_config(
         pki, "payments-api", workers=1,
         inbound=[h.inbound_listener("small", small_port, small_app.addr,
@@ -46,8 +55,43 @@ def st(module_env):
                            ctx=h.client_context(pki, "web-frontend"))
 
 
+def _deadline_sidecar(module_env, st, name: str, http: dict) -> SimpleNamespace:
+    """A sidecar with one listener "strict" in front of st.app whose only short deadline is
+    the one in http."""
+    port = h.free_port()
+    sc = module_env.sidecar(h.base_config(
+        module_env.pki, "payments-api", workers=1,
+        inbound=[h.inbound_listener("strict", port, st.app.addr, [{"namespace": "web"}],
+                                    protocol="http")],
+        extra={"http": http}), name=name)
+    return SimpleNamespace(sc=sc, app=st.app, port=port, ctx=st.ctx)
+
+
+@pytest.fixture(scope="module")
+def st_req(module_env, st):
+    """http.request_timeout_ms = REQ_TIMEOUT_MS, every other deadline generous."""
+    return _deadline_sidecar(module_env, st, "http-strict-408",
+                             {"request_timeout_ms": REQ_TIMEOUT_MS})
+
+
+@pytest.fixture(scope="module")
+def st_resp(module_env, st):
+    """http.response_timeout_ms = RESP_TIMEOUT_MS, every other deadline generous."""
+    return _deadline_sidecar(module_env, st, "http-strict-504",
+                             {"response_timeout_ms": RESP_TIMEOUT_MS})
+
+
 def _conn(st, small: bool = False) -> HttpConn:
     return HttpConn.tls(st.small_port if small else st.port, st.ctx)
+
+
+def _assert_fired(what: str, dt: float, deadline_s: float) -> None:
+    """dt (seconds from a moment no later than the start of the deadline under test to the
+    answer) shows that this deadline answered: not before it (the sidecar cannot fire
+    early), and long before the generous deadlines that would answer otherwise."""
+    lo, hi = deadline_s * 0.8, h.T(deadline_s + LATE_S)
+    assert lo <= dt <= hi, \
+        f"{what} after {dt:.2f}s: expected {lo:.2f}..{hi:.2f}s (deadline {deadline_s}s)"
 
 
 def _refused(st, raw: bytes, status: int, reason: str, *, small: bool = False,
@@ -71,7 +115,8 @@ def _served(st, raw: bytes, method: str, target: str, *, small: bool = False,
     got = app.reqs_since(n0)
     assert len(got) == 1, [(x.method, x.target) for x in got]
     assert (got[0].method, got[0].target) == (method, target)
-    assert got[0].complete and got[0].body_sha256 == h.sha256(body)
+    assert (got[0].complete, got[0].body_sha256) == (True, h.sha256(body)), \
+        (got[0].body_len, got[0].error)
     return got[0]
 
 
@@ -206,19 +251,21 @@ def test_bad_chunk_syntax(st, body):
     b = hk.before(st.sc, st.app)
     head = b"POST /upload HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n"
     with _conn(st) as c:
-        r = hk.exchange(c, head + body, "POST", timeout=5)
+        r = hk.exchange(c, head + body, "POST")
         if r is not None:
             hk.assert_refused(st.sc, r, b, status=400, reason="protocol", listener="strict",
                               app=st.app, conn=c, app_untouched=False)
         else:
             e = st.sc.wait_for_log(lambda x: x.get("peer") == c.peer_addr and "status" in x,
-                                   timeout=5, start=b.log_start)
-            assert e is not None and e["reason"] == "protocol", e
+                                   timeout=10, start=b.log_start)
+            assert e is not None and e["reason"] == "protocol", \
+                f"expected a log line with reason protocol for {c.peer_addr}, got {e}"
+    # absence window: a body wrongly forwarded after the refusal would arrive in this time
     time.sleep(0.3 * h.SCALE)
     new = st.app.reqs_since(b.app_snap[1])
     assert all(not x.complete for x in new), [(x.target, x.body_len, x.error) for x in new]
     for x in new:
-        assert st.app.conns[x.conn].done.wait(h.T(3)), \
+        assert st.app.conns[x.conn].done.wait(h.T(10)), \
             "app connection with a half-forwarded body was not closed"
     # and the next client is served correctly
     _served(st, b"GET /echo?after-bad-chunk HTTP/1.1\r\n" + H + b"\r\n", "GET",
@@ -271,37 +318,42 @@ def test_configured_small_limits(st):
 # --------------------------------------------------------------------- 408 slowloris
 
 def _timed_408(st, c: HttpConn, b: hk.Before, t0: float) -> None:
-    r = c.read_response(timeout=REQ_TIMEOUT_MS / 1000 + 5)
+    r = c.read_response(timeout=REQ_TIMEOUT_MS / 1000 + LATE_S + 5)
     dt = time.monotonic() - t0
-    lo = REQ_TIMEOUT_MS / 1000 * 0.8
-    hi = h.T(REQ_TIMEOUT_MS / 1000 + 2)
-    assert lo <= dt <= hi, f"408 after {dt:.2f}s (want {lo}..{hi})"
+    _assert_fired("408", dt, REQ_TIMEOUT_MS / 1000)
     hk.assert_refused(st.sc, r, b, status=408, reason="timeout", listener="strict",
                       app=st.app, conn=c)
 
 
-def test_slowloris_half_head(st):
-    b = hk.before(st.sc, st.app)
-    with _conn(st) as c:
-        t0 = time.monotonic()
+def _conn_ready(st) -> tuple[HttpConn, float]:
+    """A connection and a time no later than the sidecar's "connection ready" (the end of
+    its handshake), from which the first request's deadline runs."""
+    t0 = time.monotonic()
+    return _conn(st), t0
+
+
+def test_slowloris_half_head(st_req):
+    b = hk.before(st_req.sc, st_req.app)
+    c, t0 = _conn_ready(st_req)
+    with c:
         c.send(b"GET /echo HTTP/1.1\r\n" + H + b"X-Slow: 1\r\n")
-        _timed_408(st, c, b, t0)
+        _timed_408(st_req, c, b, t0)
 
 
-def test_slowloris_nothing_sent(st):
-    b = hk.before(st.sc, st.app)
-    with _conn(st) as c:
-        t0 = time.monotonic()
-        _timed_408(st, c, b, t0)
+def test_slowloris_nothing_sent(st_req):
+    b = hk.before(st_req.sc, st_req.app)
+    c, t0 = _conn_ready(st_req)
+    with c:
+        _timed_408(st_req, c, b, t0)
 
 
-def test_slowloris_trickle(st):
+def test_slowloris_trickle(st_req):
     """One byte every 150 ms keeps the connection busy but the head never completes in
     time: the deadline is absolute, not an idle timeout."""
-    b = hk.before(st.sc, st.app)
+    b = hk.before(st_req.sc, st_req.app)
     data = b"GET /echo HTTP/1.1\r\n" + H + b"X-Slow: " + b"s" * 100
-    with _conn(st) as c:
-        t0 = time.monotonic()
+    c, t0 = _conn_ready(st_req)
+    with c:
         for i in range(40):                      # at most 40 bytes / ~6 s of trickling
             if time.monotonic() - t0 > REQ_TIMEOUT_MS / 1000 * 3:
                 break
@@ -319,38 +371,40 @@ def test_slowloris_trickle(st):
             else:
                 c.eof = True
             break
-        _timed_408(st, c, b, t0)
+        _timed_408(st_req, c, b, t0)
 
 
-def test_keepalive_idle_then_request_is_fine_then_slow_second_head_408(st):
+def test_keepalive_idle_then_request_is_fine_then_slow_second_head_408(st_req):
     """Later requests: the clock starts at the head's first byte, so an idle keep-alive
     connection is not 408'd; a second head that stalls is."""
-    n0 = st.app.nreq()
-    with _conn(st) as c:
+    n0 = st_req.app.nreq()
+    with _conn(st_req) as c:
         c.send(b"GET /echo?one HTTP/1.1\r\n" + H + b"\r\n")
-        assert c.read_response().status == 200
-        time.sleep(REQ_TIMEOUT_MS / 1000 * 1.6)
+        r = c.read_response()
+        assert r.status == 200, r.head
+        time.sleep(REQ_TIMEOUT_MS / 1000 * 1.6)  # idle for longer than the deadline
         c.send(b"GET /echo?two HTTP/1.1\r\n" + H + b"\r\n")
         r = c.read_response()
         assert r.status == 200, r.head
         assert r.json()["target"] == "/echo?two"
-        assert st.app.nreq() == n0 + 2
-        b = hk.before(st.sc, st.app)
+        assert st_req.app.nreq() == n0 + 2, \
+            [x.target for x in st_req.app.reqs_since(n0)]
+        b = hk.before(st_req.sc, st_req.app)
         t0 = time.monotonic()
         c.send(b"GET /echo?three HTTP/1.1\r\n" + H)
-        _timed_408(st, c, b, t0)
+        _timed_408(st_req, c, b, t0)
 
 
-def test_slow_body_is_not_a_slowloris(st):
+def test_slow_body_is_not_a_slowloris(st_req):
     """request_timeout_ms covers the head only: a body trickling in for 2x that is fine."""
     body = b"0123456789" * 100
-    with _conn(st) as c:
+    with _conn(st_req) as c:
         c.send(b"POST /upload?slow-body HTTP/1.1\r\n" + H + b"Content-Length: 1000\r\n\r\n")
         for i in range(10):
-            time.sleep(REQ_TIMEOUT_MS / 1000 / 5)
+            time.sleep(REQ_TIMEOUT_MS / 1000 / 5)  # the trickle under test
             c.send(body[i * 100:(i + 1) * 100])
         r = c.read_response()
-        assert r.status == 200, r.head
+        assert r.status == 200, (r.head, r.body)
         assert r.json()["body_sha256"] == h.sha256(body)
 
 
@@ -364,27 +418,27 @@ def test_inbound_app_down_503(st):
                           conn=c, method="GET", path="/x")
 
 
-def test_inbound_app_silent_504(st):
-    b = hk.before(st.sc, st.app)
-    with _conn(st) as c:
+def test_inbound_app_silent_504(st_resp):
+    b = hk.before(st_resp.sc, st_resp.app)
+    with _conn(st_resp) as c:
         t0 = time.monotonic()
         r = hk.exchange(c, b"GET /silent HTTP/1.1\r\n" + H + b"\r\n",
-                        timeout=RESP_TIMEOUT_MS / 1000 + 10)
+                        timeout=RESP_TIMEOUT_MS / 1000 + LATE_S + 5)
         dt = time.monotonic() - t0
-        hk.assert_refused(st.sc, r, b, status=504, reason="timeout", listener="strict",
-                          app=st.app, conn=c, method="GET", path="/silent",
+        hk.assert_refused(st_resp.sc, r, b, status=504, reason="timeout", listener="strict",
+                          app=st_resp.app, conn=c, method="GET", path="/silent",
                           app_untouched=False)
-    assert RESP_TIMEOUT_MS / 1000 * 0.8 <= dt <= h.T(RESP_TIMEOUT_MS / 1000 + 2), dt
-    rq = st.app.reqs_since(b.app_snap[1])
+    _assert_fired("504", dt, RESP_TIMEOUT_MS / 1000)
+    rq = st_resp.app.reqs_since(b.app_snap[1])
     assert [x.target for x in rq] == ["/silent"]
-    assert st.app.conns[rq[0].conn].done.wait(h.T(3)), \
+    assert st_resp.app.conns[rq[0].conn].done.wait(h.T(10)), \
         "the app connection of a timed-out request was not closed"
 
 
-def test_zz_strict_sidecars_healthy(st):
-    for sc in (st.sc, st.small):
+def test_zz_strict_sidecars_healthy(st, st_req, st_resp):
+    for sc in (st.sc, st.small, st_req.sc, st_resp.sc):
         sc.assert_alive()
-        assert not sc.bad_stdout
+        assert not sc.bad_stdout, f"{sc.name}: non-JSON stdout lines {sc.bad_stdout[:3]}"
         for e in sc.access_log():
             if "status" in e:
                 hk.check_http_entry(e)
