@@ -430,27 +430,63 @@ def recv_until_eof(s: socket.socket, timeout: float = 10.0, limit: int = 1 << 30
     return bytes(buf)
 
 
-def openssl_s_client(port: int, *args: str, timeout: float = 10.0, stdin_hold: float = 0.0,
-                     stdin_data: bytes = b"") -> subprocess.CompletedProcess:
-    """Run `openssl s_client -connect 127.0.0.1:port ARGS`. stdin is a pipe kept open for
-    stdin_hold seconds (so session tickets / alerts can arrive), then closed."""
+def openssl_s_client(port: int, *args: str, stdin_data: bytes,
+                     until: Callable[[str], bool] = lambda out: False,
+                     timeout: float = 20.0) -> subprocess.CompletedProcess:
+    """`openssl s_client -connect 127.0.0.1:port ARGS`, fed stdin_data. Its stdin stays open
+    until until(stdout + stderr so far) holds (e.g. the echo of stdin_data came back, so any
+    session ticket or alert sent before it has arrived too) or s_client exits by itself (a
+    refused handshake), at most timeout (scaled) s; then stdin is closed (s_client then ends
+    the session) and the whole output collected. (A fixed hold time would be outlasted by a
+    loaded machine before the handshake is even done.)"""
     cmd = ["openssl", "s_client", "-connect", addr(port), *args]
     p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE)
+    chunks: dict[int, list[bytes]] = {1: [], 2: []}
+    lock = threading.Lock()
+
+    def pump(stream, key: int) -> None:
+        fd = stream.fileno()
+        while True:
+            b = os.read(fd, 65536)
+            if not b:
+                return
+            with lock:
+                chunks[key].append(b)
+
+    def text(key: int) -> str:
+        with lock:
+            return b"".join(chunks[key]).decode(errors="replace")
+
+    readers = [threading.Thread(target=pump, args=(p.stdout, 1), daemon=True),
+               threading.Thread(target=pump, args=(p.stderr, 2), daemon=True)]
+    for t in readers:
+        t.start()
     try:
-        if stdin_data:
+        try:
             p.stdin.write(stdin_data)
             p.stdin.flush()
-        if stdin_hold:
-            time.sleep(stdin_hold)
-        p.stdin.close()
-        p.stdin = None  # communicate() must not touch the closed pipe
-        out, err = p.communicate(timeout=T(timeout))
-    except subprocess.TimeoutExpired:
-        p.kill()
-        out, err = p.communicate(timeout=5)
-    return subprocess.CompletedProcess(cmd, p.returncode, out.decode(errors="replace"),
-                                       err.decode(errors="replace"))
+        except BrokenPipeError:
+            pass      # s_client already gone (refused): its output says why
+        wait_until(lambda: p.poll() is not None or until(text(1) + text(2)), T(timeout))
+        try:
+            p.stdin.close()
+        except BrokenPipeError:
+            pass
+        try:
+            p.wait(T(timeout))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(5)
+        for t in readers:
+            t.join(5)
+        for f in (p.stdout, p.stderr):
+            f.close()
+    return subprocess.CompletedProcess(cmd, p.returncode, text(1), text(2))
 
 
 # --------------------------------------------------------------------------- TLS upstream
@@ -698,8 +734,10 @@ def base_config(pki: PKI, identity: str = "payments-api", *, workers: int = 2,
         cfg["inbound"] = inbound
     if outbound:
         cfg["outbound"] = outbound
-    # The HTTP deadlines too (a module that tests them sets its own in extra["http"]).
+    # The HTTP deadlines too, the pool's idle one included (tests count pooled connections);
+    # a module that tests one sets its own in extra["http"].
     cfg["http"] = {"request_timeout_ms": GENEROUS_MS, "response_timeout_ms": GENEROUS_MS,
+                   "pool_idle_timeout_ms": 10 * GENEROUS_MS,
                    **(extra.pop("http", None) or {})}
     if extra:
         cfg.update(extra)
