@@ -122,12 +122,16 @@ def sh(cmd, **kw):
         return ""
 
 
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import portalloc  # noqa: E402
+
+
 def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    """A free port on 127.0.0.1 that nothing else can take before the process under test
+    binds it: outside the kernel's ephemeral range (no port-0 bind or outgoing connection --
+    the load generator's thousands of them included -- gets it), never handed out twice in
+    this run (scripts/portalloc.py)."""
+    return portalloc.take_port()
 
 
 def wait_port(port, timeout=10.0):

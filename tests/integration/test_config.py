@@ -45,6 +45,18 @@ def good_config(pki: h.PKI) -> dict:
     }
 
 
+def free_ports(cfg: dict) -> dict:
+    """cfg with every address the binary would bind (listeners, admin) on a free port: for
+    the tests that start the binary, so that a run that wrongly got as far as binding
+    collides with nothing (the fixed 25xxx ports of good_config() lie in the range the
+    harness allocates from, see scripts/portalloc.py)."""
+    for lst in cfg.get("inbound", []) + cfg.get("outbound", []):
+        lst["listen"] = h.addr(h.free_port())
+    if "admin" in cfg:
+        cfg["admin"]["listen"] = h.addr(h.free_port())
+    return cfg
+
+
 def write(tmp_path: Path, cfg: dict, name: str = "test.conf") -> tuple[Path, dict]:
     text, lines = h.render_config(cfg)
     p = tmp_path / name
@@ -60,16 +72,16 @@ def check(path: Path) -> "subprocess.CompletedProcess":
 
 def test_version(portcullis_bin):
     r = h.run_binary("--version")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, f"expected exit 0, got {r.returncode}: {r.stderr}"
     first = r.stdout.strip().splitlines()[0]
     assert re.match(r"^portcullis \d+\.\d+\.\d+ \(.*BoringSSL.*libuv \d+\.\d+\.\d+.*\)", first), \
-        first
+        f"expected 'portcullis X.Y.Z (... BoringSSL ... libuv X.Y.Z ...)', got {first!r}"
 
 
 def test_check_good_config(tmp_path, pki, portcullis_bin):
     p, _ = write(tmp_path, good_config(pki))
     r = check(p)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, f"expected exit 0, got {r.returncode}: {r.stderr}"
 
 
 @pytest.mark.parametrize("variant", ["tls13-only", "empty-allow", "workers0", "minimal"])
@@ -88,16 +100,19 @@ def test_check_good_variants(tmp_path, pki, portcullis_bin, variant):
         del cfg["inbound"][0]["protocol"]
     p, _ = write(tmp_path, cfg)
     r = check(p)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, f"{variant}: expected exit 0, got {r.returncode}: {r.stderr}"
 
 
 def test_check_does_not_bind_or_run(tmp_path, pki, portcullis_bin):
-    """--check must exit promptly even though the listen ports could be bound."""
-    cfg = good_config(pki)
-    cfg["inbound"][0]["listen"] = h.addr(h.free_port())
+    """--check must exit (rather than serve) even though every listen port could be bound;
+    the timeout is only a hang bound: a binary that started serving would never exit."""
+    cfg = free_ports(good_config(pki))
     p, _ = write(tmp_path, cfg)
-    r = h.run_binary("--check", "-c", str(p), timeout=10)
-    assert r.returncode == 0
+    try:
+        r = h.run_binary("--check", "-c", str(p), timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("expected --check to exit with 0, it kept running (serving?)")
+    assert r.returncode == 0, f"expected exit 0, got {r.returncode}: {r.stderr}"
 
 
 # ------------------------------------------------------------------ bad
@@ -205,7 +220,8 @@ def test_check_rejects(tmp_path, pki, portcullis_bin, mutate, setting, alts):
     mutate(cfg, tmp_path, pki)
     p, lines = write(tmp_path, cfg)
     r = check(p)
-    assert r.returncode == 1, f"exit {r.returncode}, stderr: {r.stderr}\nconfig:\n{p.read_text()}"
+    assert r.returncode == 1, \
+        f"expected exit 1, got {r.returncode}, stderr: {r.stderr}\nconfig:\n{p.read_text()}"
     names = (setting, *alts)
     pat = re.compile(r"^portcullis: " + re.escape(str(p)) + r":(\d+): ("
                      + "|".join(re.escape(n) for n in names) + r"): \S.*$", re.M)
@@ -234,9 +250,10 @@ def test_check_rejects_missing_required(tmp_path, pki, portcullis_bin, key, sett
     del obj[parts[-1]]
     p, _ = write(tmp_path, cfg)
     r = check(p)
-    assert r.returncode == 1, r.stderr
+    assert r.returncode == 1, f"expected exit 1, got {r.returncode}: {r.stderr}"
     assert re.search(r"^portcullis: " + re.escape(str(p)) + r":\d+: " + re.escape(setting)
-                     + r": \S", r.stderr, re.M), r.stderr
+                     + r": \S", r.stderr, re.M), \
+        f"expected 'portcullis: {p}:LINE: {setting}: msg', stderr is:\n{r.stderr}"
 
 
 def test_syntax_error_names_line(tmp_path, pki, portcullis_bin):
@@ -248,23 +265,28 @@ def test_syntax_error_names_line(tmp_path, pki, portcullis_bin):
     p = tmp_path / "syntax.conf"
     p.write_text("\n".join(rows) + "\n")
     r = check(p)
-    assert r.returncode == 1
+    assert r.returncode == 1, f"expected exit 1, got {r.returncode}: {r.stderr}"
     m = re.search(r"^portcullis: " + re.escape(str(p)) + r":(\d+): ", r.stderr, re.M)
-    assert m, r.stderr
-    assert int(m.group(1)) in (bad_line, bad_line + 1), r.stderr
+    assert m, f"expected 'portcullis: {p}:LINE: ...', stderr is:\n{r.stderr}"
+    assert int(m.group(1)) in (bad_line, bad_line + 1), \
+        f"expected line {bad_line} or {bad_line + 1}, stderr is:\n{r.stderr}"
 
 
 def test_missing_config_file(tmp_path, portcullis_bin):
     p = tmp_path / "does-not-exist.conf"
     r = check(p)
-    assert r.returncode == 1
-    assert str(p) in r.stderr, r.stderr
+    assert r.returncode == 1, f"expected exit 1, got {r.returncode}: {r.stderr}"
+    assert str(p) in r.stderr, f"expected the error to name {p}, stderr is:\n{r.stderr}"
 
 
 def test_run_mode_rejects_bad_config_too(tmp_path, pki, portcullis_bin):
-    cfg = good_config(pki)
+    cfg = free_ports(good_config(pki))
     cfg["tls"]["min_version"] = "1.1"
     p, lines = write(tmp_path, cfg)
-    r = h.run_binary("-c", str(p), timeout=10)
-    assert r.returncode == 1, r.stderr
-    assert f"{p}:{lines['tls.min_version']}: tls.min_version:" in r.stderr, r.stderr
+    try:
+        r = h.run_binary("-c", str(p), timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("expected the binary to refuse the bad config with exit 1, it kept running")
+    assert r.returncode == 1, f"expected exit 1, got {r.returncode}: {r.stderr}"
+    want = f"{p}:{lines['tls.min_version']}: tls.min_version:"
+    assert want in r.stderr, f"expected {want!r} in stderr:\n{r.stderr}"

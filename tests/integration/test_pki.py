@@ -13,7 +13,6 @@ import os
 import re
 import stat
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -36,7 +35,9 @@ ALL_STEMS = CAS + GOOD + CHAINED + BAD
 SERVER_AUTH = "TLS Web Server Authentication"
 CLIENT_AUTH = "TLS Web Client Authentication"
 
-OPENSSL_TIMEOUT = 20
+# Hang bounds (not performance thresholds: how fast the generator is belongs in bench/).
+OPENSSL_TIMEOUT = 60
+GEN_TIMEOUT = 50      # twice in one test: within the per-test hang guard (120 s)
 
 
 # ----------------------------------------------------------------- helpers --
@@ -52,7 +53,7 @@ def run(args, check=True, **kw):
 
 def gen(outdir, *extra):
     return subprocess.run([str(SCRIPT), str(outdir), *extra],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=GEN_TIMEOUT)
 
 
 def pem_blocks(path):
@@ -198,11 +199,8 @@ def now():
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     out = tmp_path_factory.mktemp("pki") / "out"   # does not exist yet
-    t0 = time.monotonic()
     p = gen(out)
-    elapsed = time.monotonic() - t0
     assert p.returncode == 0, f"generator failed:\n{p.stdout}\n{p.stderr}"
-    assert elapsed < 10, f"generator too slow: {elapsed:.1f}s"
     lines = p.stdout.splitlines()
     assert len(lines) == 1, f"expected one summary line, got: {p.stdout!r}"
     assert p.stderr == "", f"unexpected stderr: {p.stderr!r}"
@@ -212,10 +210,11 @@ def pki(tmp_path_factory):
 # ------------------------------------------------------------------- tests --
 
 def test_script_is_executable_bash_strict():
-    assert os.access(SCRIPT, os.X_OK)
+    assert os.access(SCRIPT, os.X_OK), f"expected {SCRIPT} to be executable"
     head = SCRIPT.read_text().splitlines()
-    assert "bash" in head[0]
-    assert any(ln.strip() == "set -euo pipefail" for ln in head)
+    assert "bash" in head[0], f"expected a bash shebang, the first line is {head[0]!r}"
+    assert any(ln.strip() == "set -euo pipefail" for ln in head), \
+        "expected a 'set -euo pipefail' line"
 
 
 def test_exact_file_set(pki):
@@ -230,8 +229,9 @@ def test_key_format_mode_and_match(pki, stem):
     text = key.read_text()
     assert text.startswith("-----BEGIN PRIVATE KEY-----"), \
         f"{stem}.key is not unencrypted PKCS#8 PEM"
-    assert "ENCRYPTED" not in text
-    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert "ENCRYPTED" not in text, f"expected {stem}.key unencrypted, it is encrypted"
+    mode = stat.S_IMODE(key.stat().st_mode)
+    assert mode == 0o600, f"expected {stem}.key mode 0600, got {mode:04o}"
     info = run(["openssl", "pkey", "-in", str(key), "-noout", "-text"]).stdout
     assert "prime256v1" in info or "P-256" in info, f"{stem}.key is not P-256"
     # key matches the (first = leaf) cert in the file
@@ -243,7 +243,8 @@ def test_key_format_mode_and_match(pki, stem):
 def test_sha256_ecdsa_signatures(pki, stem):
     for pem in pem_blocks(pki / f"{stem}.crt"):
         txt = run(["openssl", "x509", "-noout", "-text"], input=pem).stdout
-        assert "ecdsa-with-SHA256" in txt
+        assert "ecdsa-with-SHA256" in txt, \
+            f"{stem}.crt: expected an ecdsa-with-SHA256 signature:\n{txt}"
 
 
 def test_serials_distinct(pki):
@@ -256,7 +257,8 @@ def test_serials_distinct(pki):
     assert len(serials) == len(ALL_STEMS) + 12
     assert len(set(serials)) == len(serials), "duplicate serial numbers"
     # random, not sequential: big numbers
-    assert all(int(s, 16) > 2**64 for s in serials)
+    small = [s for s in serials if int(s, 16) <= 2**64]
+    assert not small, f"expected random serials above 2**64, saw {small}"
 
 
 # --- CAs ----------------------------------------------------------------------
@@ -474,12 +476,11 @@ def test_custom_trust_domain_and_rerun(tmp_path):
     assert uris(out / "web-frontend.crt") == ["spiffe://example.org/ns/web/sa/frontend"]
     assert uris(out / "bad-wrong-td.crt") == ["spiffe://evil.example/ns/web/sa/frontend"]
     serial1 = field(out / "ca.crt", "-serial")
-    # re-running into a populated dir works, is quick and leaves a consistent set
-    t0 = time.monotonic()
+    # re-running into a populated dir works and leaves a consistent set
     p = gen(out, "example.org")
     assert p.returncode == 0, p.stderr
-    assert time.monotonic() - t0 < 10
-    assert field(out / "ca.crt", "-serial") != serial1, "expected regeneration"
+    assert field(out / "ca.crt", "-serial") != serial1, \
+        f"expected regeneration (a new CA serial), still {serial1}"
     assert {x.name for x in out.iterdir()} == \
         {f"{s}.{e}" for s in ALL_STEMS for e in ("crt", "key")}
     assert pubkey_of_key(out / "web-frontend.key") == \

@@ -2,7 +2,8 @@
 clients (see /tmp/pc/SPEC3.md for the contract).
 
   1. Kubernetes secret volume (..data symlink swap) rotated every second for 20 s under
-     load: no failed handshake, long streams intact, every new serial served within ~2 s.
+     load: no failed handshake, long streams intact, every new serial served soon after its
+     swap (by the watch; the bound only tells it from the 60 s poll).
   2. In-place rewrite (cert, then key 300 ms later): never a mismatched pair served.
   3. Invalid rotations keep the last good generation serving.
   4. CA roll with an overlapping bundle; dropping the old CA revokes its peers.
@@ -18,8 +19,11 @@ clients (see /tmp/pc/SPEC3.md for the contract).
      (the watch follows), TLS settings / forward address on SIGHUP, outbound `expect`
      change revoking an upstream, a handshake straddling a policy reload.
 
-Every loop is bounded in count and time. RELOAD_DEBUG=1 (with -s) prints each sidecar's
-server events after every test.
+Every loop is bounded in count and time. Waits are for events (a server event, an
+access-log line, a served serial), never fixed sleeps, except where the sleep is the test
+condition (e.g. "nothing happens past the grace"). Upper bounds on wall-clock times only tell
+"as designed" from "never / something else fired", and are scaled (h.T). RELOAD_DEBUG=1
+(with -s) prints each sidecar's server events after every test.
 """
 
 from __future__ import annotations
@@ -40,7 +44,20 @@ import pytest
 
 import harness as h
 
-GRACE_MS = 1000
+# limits.revoke_grace_ms of the revocation tests: the value they test, so they set it; scaled
+# like every timeout, so that "still served inside the grace" keeps its margin on a slow build.
+GRACE_MS = int(round(h.T(2.0) * 1000))
+GRACE_S = GRACE_MS / 1000
+# How long a designed event may take on a loaded machine before the test calls it "never
+# happened" (scaled where used). The alternatives these bounds rule out are far later: the
+# default 60 s identity poll, the 600 s idle timeout, or nothing at all.
+EVENT_WAIT = 20.0
+# Slack on a wall-clock upper bound (scaled): anything below it is "as designed".
+SLACK = 10.0
+# Socket timeout of a test's own TLS clients (scaled): a hang bound, never a deadline under test.
+IO_TIMEOUT = 30.0
+# The retry window for a certificate whose key does not match (README: 200 ms for 2 s).
+MISMATCH_WINDOW_S = 2.0
 
 
 # ===================================================================== certificate minting
@@ -134,6 +151,11 @@ def cert_not_after(pem_path: str) -> float:
     return ssl.cert_time_to_seconds(d["notAfter"])
 
 
+def cert_not_before(pem_path: str) -> float:
+    d = ssl._ssl._test_decode_cert(pem_path)  # noqa: SLF001 (stdlib test helper)
+    return ssl.cert_time_to_seconds(d["notBefore"])
+
+
 # ===================================================================== secret volume
 
 class SecretVolume:
@@ -205,7 +227,7 @@ def ctx_from(crt: str | None, key: str | None, cafile: str) -> ssl.SSLContext:
 
 
 def echo_once(port: int, ctx: ssl.SSLContext, payload: bytes = b"ping\n",
-              timeout: float = 5.0) -> str:
+              timeout: float = IO_TIMEOUT) -> str:
     """New TLS connection + one echo round trip. Returns the served leaf's serial.
     Raises on any failure."""
     s = h.tls_connect(port, ctx, timeout=timeout)
@@ -214,7 +236,7 @@ def echo_once(port: int, ctx: ssl.SSLContext, payload: bytes = b"ping\n",
         s.sendall(payload)
         got = h.recv_exact(s, len(payload), timeout=timeout)
         if got != payload:
-            raise AssertionError(f"echo mismatch: {got!r} != {payload!r}")
+            raise AssertionError(f"echo mismatch: sent {payload!r}, got back {got!r}")
         return serial
     finally:
         s.close()
@@ -233,8 +255,15 @@ def served_serial(port: int, ctx: ssl.SSLContext) -> str:
     return echo_once(port, ctx)
 
 
-def wait_serial(port: int, ctx: ssl.SSLContext, want: str, timeout: float) -> tuple[bool, str]:
-    """Poll with new connections until the served serial is `want`. (ok, last serial)."""
+def connect(port: int, ctx: ssl.SSLContext) -> ssl.SSLSocket:
+    """A TLS connection the test holds open (its socket timeout is only a hang bound)."""
+    return h.tls_connect(port, ctx, timeout=IO_TIMEOUT)
+
+
+def wait_serial(port: int, ctx: ssl.SSLContext, want: str,
+                timeout: float = EVENT_WAIT) -> tuple[bool, str]:
+    """Poll with new connections until the served serial is `want`, up to timeout (scaled).
+    (ok, last serial)."""
     deadline = time.monotonic() + h.T(timeout)
     last = ""
     for _ in range(2000):
@@ -248,21 +277,82 @@ def wait_serial(port: int, ctx: ssl.SSLContext, want: str, timeout: float) -> tu
 def expect_refused(sc: h.Sidecar, port: int, ctx: ssl.SSLContext, reason: str,
                    start: int = 0) -> dict:
     """A new connection is refused (never served) with access-log reason `reason`."""
-    r = h.attempt_tls(port, ctx)
+    r = h.attempt_tls(port, ctx, timeout=IO_TIMEOUT)
     if isinstance(r, ssl.SSLSocket):
         r.close()
-        raise AssertionError(f"connection was served; expected a refusal ({reason})")
-    e = sc.log_for_peer_port(r.local_port, timeout=5, start=start)
-    assert e is not None, f"no access-log line for refused client port {r.local_port}"
-    assert e["decision"] == "deny" and e["reason"] == reason, e
+        raise AssertionError(f"expected a refusal ({reason}), but the connection was served")
+    e = sc.log_for_peer_port(r.local_port, timeout=EVENT_WAIT, start=start)
+    assert e is not None, (f"expected an access-log line (deny, {reason}) for the refused client "
+                           f"port {r.local_port} within {h.T(EVENT_WAIT):.0f}s, saw none "
+                           f"(client saw {r})")
+    assert e["decision"] == "deny" and e["reason"] == reason, \
+        f"expected decision deny, reason {reason!r}; access log says {e}"
     return e
 
 
+def served(port: int, ctx: ssl.SSLContext) -> "bool | h.Refusal":
+    """True if a new connection is served (the echo app answers), else the Refusal."""
+    r = h.attempt_tls(port, ctx, timeout=IO_TIMEOUT)
+    if isinstance(r, ssl.SSLSocket):
+        r.close()
+        return True
+    return r
+
+
 def expect_served(port: int, ctx: ssl.SSLContext) -> None:
-    r = h.attempt_tls(port, ctx)
-    if not isinstance(r, ssl.SSLSocket):
-        raise AssertionError(f"expected the connection to be served, got {r}")
-    r.close()
+    r = served(port, ctx)
+    assert r is True, f"expected the connection to be served, it was refused: {r}"
+
+
+def wait_served(port: int, ctx: ssl.SSLContext, what: str, timeout: float = EVENT_WAIT) -> None:
+    """New connections are served within timeout (scaled): for a positive change that a reload
+    event announces, since workers adopt a published generation asynchronously."""
+    last: list = [None]
+
+    def ok():
+        last[0] = served(port, ctx)
+        return last[0] is True
+    assert h.wait_until(ok, h.T(timeout), interval=0.05), \
+        f"{what}: expected new connections to be served within {h.T(timeout):.0f}s; " \
+        f"the last one was refused: {last[0]}"
+
+
+def wait_closed(s: socket.socket, timeout: float) -> tuple[bool, float]:
+    """Reads (and discards) from s until the peer closes it -- EOF, reset or a TLS error --
+    or timeout seconds (already scaled by the caller) pass. Returns (closed,
+    time.monotonic() when that was seen)."""
+    end = time.monotonic() + timeout
+    for _ in range(100000):
+        left = end - time.monotonic()
+        if left <= 0:
+            break
+        s.settimeout(left)
+        try:
+            b = s.recv(65536)
+        except (socket.timeout, TimeoutError):
+            break
+        except (ssl.SSLError, OSError):
+            return True, time.monotonic()
+        if not b:
+            return True, time.monotonic()
+    return False, time.monotonic()
+
+
+def check_revoked_in_time(what: str, closed: bool, t_closed: float, since: str = "the reload",
+                          tol: float = 0.15) -> None:
+    """A revocation closed the connection revoke_grace_ms after `since`, t_closed seconds
+    after it: not before the grace (the client only sees a close after it happened, so load
+    cannot make this early), and not so late that something else than the revocation (or
+    nothing) closed it."""
+    upper = GRACE_S + h.T(SLACK)
+    assert closed, (f"{what}: expected the connection to be closed {GRACE_S:.1f}s "
+                    f"(revoke_grace_ms) after {since}, it was still open after "
+                    f"{t_closed:.1f}s")
+    assert t_closed >= GRACE_S - tol, (f"{what}: expected the close no earlier than "
+                                       f"revoke_grace_ms = {GRACE_MS} ms after {since}, "
+                                       f"saw it after {t_closed:.2f}s")
+    assert t_closed <= upper, (f"{what}: expected the close about {GRACE_S:.1f}s after "
+                               f"{since} (at most {upper:.1f}s), saw it after {t_closed:.2f}s")
 
 
 # ===================================================================== load generators
@@ -280,7 +370,7 @@ class Connector(threading.Thread):
     Alternates TLS 1.3 / TLS 1.2 when `alternate` is set."""
 
     def __init__(self, port: int, ctx13: ssl.SSLContext, ctx12: ssl.SSLContext | None = None,
-                 pause: float = 0.02, max_conns: int = 3000, max_time: float = 60.0):
+                 pause: float = 0.02, max_conns: int = 3000, max_time: float = 100.0):
         super().__init__(daemon=True, name=f"connector-{port}")
         self.port, self.ctx13, self.ctx12 = port, ctx13, ctx12
         self.pause, self.max_conns, self.max_time = pause, max_conns, h.T(max_time)
@@ -305,10 +395,26 @@ class Connector(threading.Thread):
     def failures(self) -> list[ConnRecord]:
         return [r for r in self.records if r.error]
 
+    def count(self) -> int:
+        return len(self.records)
+
+    def saw(self, serial: str, since: float = 0.0) -> ConnRecord | None:
+        """The first connection started at or after `since` that was served `serial`."""
+        for r in list(self.records):
+            if r.t0 >= since and r.serial == serial:
+                return r
+        return None
+
+    def wait_count(self, n: int, timeout: float = 60.0) -> bool:
+        """Keep going until n connections were made (a count, not a rate), or timeout (scaled)
+        passes, or the connector stopped by itself."""
+        return bool(h.wait_until(lambda: self.count() >= n or not self.is_alive(),
+                                 h.T(timeout), interval=0.05)) and self.count() >= n
+
     def finish(self):
         self.stop_ev.set()
-        self.join(h.T(15))
-        assert not self.is_alive(), "connector thread did not stop"
+        self.join(h.T(3 * IO_TIMEOUT + 5))   # one connection in flight finishes first
+        assert not self.is_alive(), "expected the connector thread to stop, it is still running"
 
 
 class Stream(threading.Thread):
@@ -317,9 +423,9 @@ class Stream(threading.Thread):
     CHUNK = 16 * 1024
 
     def __init__(self, port: int, ctx: ssl.SSLContext, seed: int, pause: float = 0.02,
-                 max_rounds: int = 20000, max_time: float = 60.0):
+                 max_rounds: int = 20000, max_time: float = 100.0):
         super().__init__(daemon=True, name=f"stream-{seed}")
-        self.sock = h.tls_connect(port, ctx, timeout=10)
+        self.sock = connect(port, ctx)
         self.local_port = self.sock.getsockname()[1]
         self.seed, self.pause = seed, pause
         self.max_rounds, self.max_time = max_rounds, h.T(max_time)
@@ -343,7 +449,7 @@ class Stream(threading.Thread):
                 self.sock.sendall(chunk)
                 self.sent += len(chunk)
                 self.sent_hash.update(chunk)
-                got = h.recv_exact(self.sock, len(chunk), timeout=10)
+                got = h.recv_exact(self.sock, len(chunk), timeout=IO_TIMEOUT)
                 self.received += len(got)
                 self.recv_hash.update(got)
                 if got != chunk:
@@ -356,8 +462,8 @@ class Stream(threading.Thread):
 
     def finish(self) -> None:
         self.stop_ev.set()
-        self.join(h.T(20))
-        assert not self.is_alive(), f"stream {self.seed} did not stop"
+        self.join(h.T(2 * IO_TIMEOUT + 5))   # one round trip in flight finishes first
+        assert not self.is_alive(), f"expected stream {self.seed} to stop, it is still running"
         try:
             self.sock.close()
         except OSError:
@@ -371,27 +477,47 @@ def start_streams(port: int, ctx: ssl.SSLContext, n: int, seed0: int = 100) -> l
     return streams
 
 
-def check_streams(streams: list[Stream], app: h.AppServer, min_rounds: int) -> None:
+def check_streams(streams: list[Stream], app: h.AppServer, min_rounds: int,
+                  after: list[int] | None = None) -> None:
+    """Each stream did at least min_rounds round trips (and, if `after` holds each stream's
+    count at some moment, at least one more since then), without an error; the app saw every
+    byte. The streams run on until that is so (bounded): a count, not a rate."""
+    after = after or [0] * len(streams)
+
+    def enough():
+        return all(s.error or not s.is_alive() or (s.rounds >= min_rounds and s.rounds > a)
+                   for s, a in zip(streams, after))
+    h.wait_until(enough, h.T(60), interval=0.05)
     for s in streams:
         s.finish()
     problems = [f"stream {s.seed}: {s.error}" for s in streams if s.error]
-    assert not problems, "long streams broke:\n" + "\n".join(problems)
-    for s in streams:
-        assert s.rounds >= min_rounds, f"stream {s.seed} only did {s.rounds} round trips"
-        assert s.received == s.sent and s.recv_hash.digest() == s.sent_hash.digest()
+    assert not problems, "expected the long streams to run undisturbed; they broke:\n" + \
+        "\n".join(problems)
+    for s, a in zip(streams, after):
+        assert s.rounds >= min_rounds, (f"stream {s.seed}: expected at least {min_rounds} round "
+                                        f"trips, saw {s.rounds}")
+        assert s.rounds > a, (f"stream {s.seed}: expected round trips after the last change "
+                              f"(it had done {a} then), saw none")
+        assert s.received == s.sent and s.recv_hash.digest() == s.sent_hash.digest(), \
+            (f"stream {s.seed}: expected the echo of every byte sent ({s.sent}), got "
+             f"{s.received} bytes" + ("" if s.received != s.sent else " with different content"))
     # the app saw exactly what each stream sent (and EOF after the client closed)
     by_hash = {}
-    deadline = time.monotonic() + h.T(10)
     want = {s.sent_hash.hexdigest(): s for s in streams}
-    while time.monotonic() < deadline and len(by_hash) < len(streams):
+
+    def app_saw_all():
         for c in list(app.conns):
             if c.sha256_in in want and c.eof:
                 by_hash[c.sha256_in] = c
-        time.sleep(0.05)
+        return len(by_hash) == len(want)
+    h.wait_until(app_saw_all, h.T(EVENT_WAIT), interval=0.05)
     for hx, s in want.items():
-        assert hx in by_hash, (f"stream {s.seed}: the app never saw the complete "
-                               f"{s.sent}-byte stream followed by EOF")
-        assert by_hash[hx].bytes_in == s.sent
+        assert hx in by_hash, (f"stream {s.seed}: expected the app to see the complete "
+                               f"{s.sent}-byte stream followed by EOF within "
+                               f"{h.T(EVENT_WAIT):.0f}s; it did not")
+        assert by_hash[hx].bytes_in == s.sent, (f"stream {s.seed}: expected the app to receive "
+                                                f"{s.sent} bytes, it received "
+                                                f"{by_hash[hx].bytes_in}")
 
 
 # ===================================================================== fixtures
@@ -454,12 +580,15 @@ def reload_events(sc: h.Sidecar, kind: str, ok: bool, start: int = 0) -> list[di
     return sc.events_matching(f"reload {'ok' if ok else 'failed'}: kind={kind}", start)
 
 
-def wait_reload(sc: h.Sidecar, kind: str, ok: bool, start: int, timeout: float = 5.0) -> dict:
+def wait_reload(sc: h.Sidecar, kind: str, ok: bool, start: int,
+                timeout: float = EVENT_WAIT) -> dict:
+    """The first 'reload ok|failed: kind=KIND' event at index >= start, waiting up to timeout
+    (scaled)."""
     e = sc.wait_for_event(f"reload {'ok' if ok else 'failed'}: kind={kind}", timeout, start)
     if e is None:
         tail = "\n".join(sc.stderr_lines[-15:])
-        raise AssertionError(f"no 'reload {'ok' if ok else 'failed'}: kind={kind}' event within "
-                             f"{timeout}s; stderr tail:\n{tail}")
+        raise AssertionError(f"expected a 'reload {'ok' if ok else 'failed'}: kind={kind}' event "
+                             f"within {h.T(timeout):.0f}s, saw none; stderr tail:\n{tail}")
     return e
 
 
@@ -478,41 +607,52 @@ def test_secret_volume_rotation_under_load(env, pki, leaf_pool):
     assert served_serial(port, ctx) == leaf_pool[0][2]
 
     streams = start_streams(port, ctx, 3)
-    conn = Connector(port, ctx, pause=0.02, max_time=60)
+    conn = Connector(port, ctx, pause=0.02)
     conn.start()
     ev0 = sc.event_count()
     swaps: list[tuple[float, str]] = []   # (monotonic time of the rename, new serial)
-    t_start = time.monotonic()
+    # A new serial is served after the inotify event, the 100 ms debounce and the rebuild;
+    # the alternative, the 60 s poll, is far beyond this bound.
+    serve_bound = h.T(SLACK)
+    t_next = time.monotonic()
     for i in range(1, swaps_n + 1):
-        # one swap per second, on a fixed schedule
-        time.sleep(max(0.0, t_start + i * 1.0 - time.monotonic()))
+        # one swap a second; a swap waits (bounded, asserted below) until the connector was
+        # served the previous serial, so that every generation is seen by a connection
+        t_next = max(t_next + 1.0, time.monotonic())
+        time.sleep(max(0.0, t_next - time.monotonic()))
         crt, key, serial = leaf_pool[i]
         vol.swap(files_for(crt, key, pki.ca))
-        swaps.append((time.monotonic(), serial))
-    time.sleep(2.5)
+        t_swap = time.monotonic()
+        swaps.append((t_swap, serial))
+        h.wait_until(lambda: conn.saw(serial, t_swap) or not conn.is_alive(), serve_bound,
+                     interval=0.02)
+    rounds_at_last_swap = [st.rounds for st in streams]
+    # go on until the connector made its connections (a count, not a rate)
+    conn.wait_count(200)
     conn.finish()
-    check_streams(streams, app, min_rounds=50)
+    check_streams(streams, app, min_rounds=50, after=rounds_at_last_swap)
     sc.assert_alive()
 
     recs = conn.records
     fails = conn.failures()
-    assert not fails, (f"{len(fails)} of {len(recs)} new connections failed during rotation, "
-                       f"first: {fails[0].error}")
-    assert len(recs) >= 200, f"only {len(recs)} connections in {swaps_n} s"
+    assert not fails, (f"expected every new connection to succeed during the rotation; "
+                       f"{len(fails)} of {len(recs)} failed, first: {fails[0].error}")
+    assert len(recs) >= 200, f"expected at least 200 connections, the connector made {len(recs)}"
 
     order = {leaf_pool[0][2]: 0, **{s: i + 1 for i, (_, s) in enumerate(swaps)}}
     unknown = {r.serial for r in recs} - set(order)
-    assert not unknown, f"served serials that were never installed: {unknown}"
+    assert not unknown, f"expected only installed serials to be served, also saw {unknown}"
     # the connector is sequential: a later connection never sees an older generation
     idx = [order[r.serial] for r in recs]
     back = [(k, idx[k - 1], idx[k]) for k in range(1, len(idx)) if idx[k] < idx[k - 1]]
-    assert not back, f"a newer connection saw an older certificate: (conn, before, after) {back[:5]}"
-    # each new serial is served within ~2 s of its swap
+    assert not back, ("expected no connection to see an older certificate than the one "
+                      f"before it; saw (conn, before, after) {back[:5]}")
+    # each new serial is served soon after its swap (by the watch, not the 60 s poll)
     late = []
     for i, (t_swap, serial) in enumerate(swaps):
         seen = [r for r in recs if r.t0 >= t_swap and r.serial == serial]
         first = min((r.t0 for r in seen), default=None)
-        if first is None or first - t_swap > 2.0:
+        if first is None or first - t_swap > serve_bound:
             late.append((i + 1, serial, None if first is None else round(first - t_swap, 2)))
     if os.environ.get("RELOAD_DEBUG"):
         delays = []
@@ -521,18 +661,27 @@ def test_secret_volume_rotation_under_load(env, pki, leaf_pool):
             delays.append(None if first is None else round(first - t_swap, 3))
         print(f"\nconnections={len(recs)} stream rounds={[st.rounds for st in streams]} "
               f"first-seen delays={delays}")
-    assert not late, f"swaps whose serial was not served within 2 s: (swap, serial, delay) {late}"
+    assert not late, (f"expected each swap's serial to be served within {serve_bound:.0f}s of "
+                      f"the swap; late or never served: (swap, serial, delay) {late}")
 
-    fails_ev = reload_events(sc, "certs", False, ev0)
-    assert not fails_ev, f"reload failures during a valid rotation: {fails_ev[:3]}"
-    oks = reload_events(sc, "certs", True, ev0)
-    assert oks, "no 'reload ok: kind=certs' event"
     last = swaps[-1][1]
-    assert event_serial(oks[-1]) == int(last, 16), (f"last reload event does not name the "
-                                                    f"last serial {last}: {oks[-1]}")
-    # nobody was revoked or reset
-    bad = [e for e in sc.access_log() if e.get("close") == "revoked" or e["decision"] != "allow"]
-    assert not bad, f"connections denied/revoked during a valid rotation: {bad[:3]}"
+    assert sc.wait_for_event(lambda e: "reload ok: kind=certs" in str(e.get("msg"))
+                             and event_serial(e) == int(last, 16), EVENT_WAIT, ev0), \
+        f"expected a 'reload ok: kind=certs' event naming the last serial {last}, saw none"
+    fails_ev = reload_events(sc, "certs", False, ev0)
+    assert not fails_ev, f"expected no reload failure during a valid rotation, saw {fails_ev[:3]}"
+    oks = reload_events(sc, "certs", True, ev0)
+    assert event_serial(oks[-1]) == int(last, 16), (f"expected the last reload event to name the "
+                                                    f"last serial {last}, it is {oks[-1]}")
+    # nobody was revoked or reset: wait for the line of every connection (all are closed)
+    n_conns = 1 + len(recs) + len(streams)
+    h.wait_until(lambda: len(sc.access_log()) >= n_conns, h.T(EVENT_WAIT))
+    log = sc.access_log()
+    assert len(log) >= n_conns, (f"expected an access-log line for each of the {n_conns} "
+                                 f"connections, saw {len(log)}")
+    bad = [e for e in log if e.get("close") == "revoked" or e["decision"] != "allow"]
+    assert not bad, (f"expected every connection allowed and none revoked during a valid "
+                     f"rotation; saw {len(bad)} such lines: {bad[:3]}")
 
 
 # ===================================================================== 2. in-place rewrite
@@ -570,7 +719,7 @@ def test_in_place_rewrite_never_serves_mismatched_pair(env, pki, leaf_pool):
     ctx12 = h.client_context(pki, "web-frontend", max_version=ssl.TLSVersion.TLSv1_2)
     assert served_serial(port, ctx13) == ser0
 
-    conn = Connector(port, ctx13, ctx12, pause=0.01, max_time=40)
+    conn = Connector(port, ctx13, ctx12, pause=0.01)
     conn.start()
     ev0 = sc.event_count()
     current = ser0
@@ -579,30 +728,36 @@ def test_in_place_rewrite_never_serves_mismatched_pair(env, pki, leaf_pool):
         for rnd, k in enumerate((21, 22, 23)):
             crt, key, ser = leaf_pool[k]
             _rewrite_in_place(d / "cert.pem", Path(crt).read_bytes(), split=True)
-            time.sleep(0.3)
+            time.sleep(0.3)   # the test condition: the key follows the cert 300 ms later
             _rewrite_in_place(d / "key.pem", Path(key).read_bytes())
             t_key = time.monotonic()
-            ok, last = wait_serial(port, ctx13, ser, timeout=4)
-            assert ok, (f"round {rnd}: new serial {ser} not served 4 s after the key was "
-                        f"rewritten (still {last})")
+            ok, last = wait_serial(port, ctx13, ser)
+            assert ok, (f"round {rnd}: expected the new serial {ser} to be served within "
+                        f"{h.T(EVENT_WAIT):.0f}s of the key rewrite; still served {last}")
             timeline.append((t_key, ser))
             current = ser
-            time.sleep(0.3)
+            # let the connector be served this serial too before the next rewrite
+            h.wait_until(lambda: conn.saw(ser, t_key) or not conn.is_alive(), h.T(EVENT_WAIT))
+        conn.wait_count(50)
     finally:
         conn.finish()
     assert os.stat(d / "cert.pem").st_ino == ino, "test bug: the file was replaced, not rewritten"
     fails = conn.failures()
-    assert not fails, (f"{len(fails)} of {len(conn.records)} handshakes failed during in-place "
-                       f"rewrites (a mismatched cert/key pair was served?), first: "
-                       f"{fails[0].error}")
+    assert not fails, (f"expected every handshake to succeed during in-place rewrites; "
+                       f"{len(fails)} of {len(conn.records)} failed (a mismatched cert/key pair "
+                       f"was served?), first: {fails[0].error}")
     allowed = {ser0} | {s for _, s in timeline}
-    assert {r.serial for r in conn.records} <= allowed
-    assert len(conn.records) >= 50
+    seen = {r.serial for r in conn.records}
+    assert seen <= allowed, (f"expected only the installed serials {sorted(allowed)} to be "
+                             f"served, also saw {sorted(seen - allowed)}")
+    assert len(conn.records) >= 50, (f"expected at least 50 connections, the connector made "
+                                     f"{len(conn.records)}")
     assert current == leaf_pool[23][2]
     # a failure while half-written is tolerated only as retry/failed events, never as a crash
     sc.assert_alive()
+    h.wait_until(lambda: len(reload_events(sc, "certs", True, ev0)) >= 3, h.T(EVENT_WAIT))
     oks = reload_events(sc, "certs", True, ev0)
-    assert len(oks) >= 3, f"expected a 'reload ok: kind=certs' per rewrite, got {len(oks)}"
+    assert len(oks) >= 3, f"expected a 'reload ok: kind=certs' per rewrite (3), got {len(oks)}"
 
 
 # ===================================================================== 3. invalid rotations
@@ -621,7 +776,7 @@ def test_invalid_rotations_keep_serving_old_cert(env, pki, leaf_pool):
     sc = env.sidecar(inbound_cfg(pki, port, app.addr, identity=ident), name="invalid")
     ctx = h.client_context(pki, "web-frontend")
     assert served_serial(port, ctx) == ser0
-    held = h.tls_connect(port, ctx)   # an established connection across all the attempts
+    held = connect(port, ctx)   # an established connection across all the attempts
 
     def put(cert: bytes, key: bytes | None):
         # write the key first (if any), then the cert, each atomically (rename)
@@ -635,37 +790,55 @@ def test_invalid_rotations_keep_serving_old_cert(env, pki, leaf_pool):
     garbage = (b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGUgYXQgYWxs\n"
                b"-----END CERTIFICATE-----\n")
     rb = lambda p: Path(p).read_bytes()  # noqa: E731
+    # (name, cert, key, what the failure event says about the complete new set). The key and
+    # the cert are two renames: a check may see the new key with the previous cert first (on
+    # a loaded machine, the 100 ms debounce does not always join the two). Such an
+    # intermediate set fails (or is retried) for its own reason, so each case waits for the
+    # failure that names ITS defect: that check read the final files, and no event of this
+    # case can leak into the next one.
     cases = [
-        ("garbage-pem", garbage, None, 5),
-        ("expired", rb(pki.crt("bad-expired")), rb(pki.key("bad-expired")), 5),
-        ("not-yet-valid", rb(pki.crt("bad-not-yet-valid")), rb(pki.key("bad-not-yet-valid")), 5),
+        ("garbage-pem", garbage, None, "no PEM certificate"),
+        ("expired", rb(pki.crt("bad-expired")), rb(pki.key("bad-expired")),
+         "certificate has expired"),
+        ("not-yet-valid", rb(pki.crt("bad-not-yet-valid")), rb(pki.key("bad-not-yet-valid")),
+         "certificate is not yet valid"),
         # a new cert whose key never arrives: retried for ~2 s, then given up
-        ("mismatched-key", rb(leaf_pool[24][0]), rb(key0), 6),
-        ("wrong-trust-domain", rb(pki.crt("bad-wrong-td")), rb(pki.key("bad-wrong-td")), 5),
-        ("other-ca", rb(pki.crt("bad-other-ca")), rb(pki.key("bad-other-ca")), 5),
+        ("mismatched-key", rb(leaf_pool[24][0]), rb(key0), "does not match certificate"),
+        ("wrong-trust-domain", rb(pki.crt("bad-wrong-td")), rb(pki.key("bad-wrong-td")),
+         "wrong_trust_domain"),
+        ("other-ca", rb(pki.crt("bad-other-ca")), rb(pki.key("bad-other-ca")),
+         "unable to get local issuer certificate"),
     ]
-    results = {}
-    for name, cert, key, wait_s in cases:
+    # the mismatch is given up at the first retry >= 2 s after the first mismatch: a bound
+    # this far above that tells "the retry window ended" from "it never ended"
+    mismatch_upper = MISMATCH_WINDOW_S + h.T(SLACK)
+    for name, cert, key, why in cases:
         ev = sc.event_count()
         t0 = time.monotonic()
         put(cert, key)
-        e = sc.wait_for_event("reload failed: kind=certs", wait_s, ev)
+        e = sc.wait_for_event(lambda x: "reload failed: kind=certs" in str(x.get("msg"))
+                              and why in str(x.get("msg")), EVENT_WAIT, ev)
         elapsed = time.monotonic() - t0
-        results[name] = (e, elapsed)
-        assert e is not None, (f"{name}: no 'reload failed: kind=certs' event within {wait_s}s; "
-                               f"stderr tail:\n" + "\n".join(sc.stderr_lines[-10:]))
-        assert e.get("level") == "error", e
-        assert "keeping generation" in e["msg"], e
+        assert e is not None, (f"{name}: expected a 'reload failed: kind=certs' event saying "
+                               f"{why!r} within {h.T(EVENT_WAIT):.0f}s, saw none; stderr tail:\n"
+                               + "\n".join(sc.stderr_lines[-10:]))
+        assert e.get("level") == "error", f"{name}: expected level error, event is {e}"
+        assert "keeping generation" in e["msg"], \
+            f"{name}: expected the event to say 'keeping generation', it is {e}"
         oks = reload_events(sc, "certs", True, ev)
-        assert not oks, f"{name}: an invalid set was published: {oks}"
+        assert not oks, f"{name}: expected the invalid set not to be published, saw {oks}"
         if name == "mismatched-key":
             retries = sc.events_matching("reload retry: kind=certs", ev)
-            assert retries, "mismatched key: no 'reload retry' event before giving up"
-            assert 1.5 <= elapsed <= 5.0, (f"mismatched key: gave up after {elapsed:.2f}s, "
-                                           f"expected the ~2 s retry window")
+            assert retries, ("mismatched key: expected 'reload retry' events before giving up, "
+                             "saw none")
+            assert 1.5 <= elapsed <= mismatch_upper, (
+                f"mismatched key: expected the retries to give up after the "
+                f"~{MISMATCH_WINDOW_S:.0f} s retry window (between 1.5 s and "
+                f"{mismatch_upper:.1f} s), saw the failure after {elapsed:.2f}s")
         # the old certificate keeps serving, handshakes keep working
         for _ in range(3):
-            assert served_serial(port, ctx) == ser0, f"{name}: served serial changed"
+            got = served_serial(port, ctx)
+            assert got == ser0, f"{name}: expected the old serial {ser0} to be served, got {got}"
         sc.assert_alive()
     # the held connection was never disturbed
     held.sendall(b"still-here\n")
@@ -675,9 +848,10 @@ def test_invalid_rotations_keep_serving_old_cert(env, pki, leaf_pool):
     ev = sc.event_count()
     crt, key, ser = leaf_pool[2]
     put(rb(crt), rb(key))
-    wait_reload(sc, "certs", True, ev, timeout=5)
-    ok, last = wait_serial(port, ctx, ser, timeout=3)
-    assert ok, f"valid rotation after failures not served (still {last})"
+    wait_reload(sc, "certs", True, ev)
+    ok, last = wait_serial(port, ctx, ser)
+    assert ok, (f"expected the valid rotation after the failures to be served ({ser}), still "
+                f"served {last}")
 
 
 # ===================================================================== 4. CA roll
@@ -704,11 +878,10 @@ def test_ca_roll_with_overlap(env, pki, pki2):
     ev = sc.event_count()
     vol.swap(files_for(A.crt("payments-api"), A.key("payments-api"), [A.ca, B.ca]))
     wait_reload(sc, "certs", True, ev)
-    time.sleep(0.2)
+    wait_served(port, ctx_b, "CA roll step 1 (bundle = old + new CA): a new-CA peer")
     expect_served(port, ctx_a)
-    expect_served(port, ctx_b)
-    held_a = h.tls_connect(port, ctx_a)
-    held_b = h.tls_connect(port, ctx_b)
+    held_a = connect(port, ctx_a)
+    held_b = connect(port, ctx_b)
     for s in (held_a, held_b):
         s.sendall(b"hello\n")
         assert h.recv_exact(s, 6) == b"hello\n"
@@ -719,11 +892,15 @@ def test_ca_roll_with_overlap(env, pki, pki2):
     ev = sc.event_count()
     vol.swap(files_for(A.crt("payments-api"), A.key("payments-api"), B.ca))
     wait_reload(sc, "certs", False, ev)
-    time.sleep((GRACE_MS + 400) / 1000)
+    # the test condition: longer than revoke_grace_ms, in which a (wrongly) revoked peer
+    # would have been closed
+    time.sleep(GRACE_S + h.T(0.5))
     expect_served(port, ctx_a)
-    assert served_serial(port, ctx_a) == ser_a
+    got = served_serial(port, ctx_a)
+    assert got == ser_a, f"expected the old serial {ser_a} after a failed reload, got {got}"
     held_a.sendall(b"still\n")
-    assert h.recv_exact(held_a, 6) == b"still\n", "old-CA peer disturbed by a failed reload"
+    assert h.recv_exact(held_a, 6) == b"still\n", \
+        "expected the old-CA peer's connection to survive a failed reload; it did not echo"
 
     # step 2: bundle = new CA only, own cert from the new CA, in one atomic step
     ev = sc.event_count()
@@ -731,31 +908,26 @@ def test_ca_roll_with_overlap(env, pki, pki2):
     t_swap = time.monotonic()
     vol.swap(files_for(B.crt("payments-api"), B.key("payments-api"), B.ca))
     e = wait_reload(sc, "certs", True, ev)
-    assert event_serial(e) == int(ser_b, 16), e
-    time.sleep(0.2)
-    assert served_serial(port, ctx_b) == ser_b
+    assert event_serial(e) == int(ser_b, 16), \
+        f"expected the reload event to name the new-CA serial {ser_b}, it is {e}"
+    ok, last = wait_serial(port, ctx_b, ser_b)
+    assert ok, f"expected the new-CA certificate {ser_b} to be served, still served {last}"
     expect_refused(sc, port, ctx_a, "bad_chain", start=log0)
     expect_served(port, ctx_b)
 
     # the established old-CA connection is revoked after the grace; the new-CA one stays
-    held_a.settimeout(h.T(GRACE_MS / 1000 + 5))
-    t_closed = None
-    try:
-        for _ in range(100):
-            b = held_a.recv(4096)
-            if not b:
-                break
-    except (ssl.SSLError, OSError):
-        pass
-    t_closed = time.monotonic() - t_swap
+    closed, t_seen = wait_closed(held_a, GRACE_S + h.T(SLACK) + 1)
     held_a.close()
-    rev = sc.log_for_peer_port(port_a, timeout=3)
-    assert rev is not None, "no access-log line for the revoked old-CA connection"
-    assert (rev["decision"], rev["close"], rev["reason"]) == ("deny", "revoked", "bad_chain"), rev
-    assert t_closed >= GRACE_MS / 1000 - 0.15, f"revoked after {t_closed:.2f}s, before the grace"
-    assert t_closed <= GRACE_MS / 1000 + 4, f"revoked only after {t_closed:.2f}s"
+    check_revoked_in_time("old-CA peer after the CA roll", closed, t_seen - t_swap,
+                          since="the swap")
+    rev = sc.log_for_peer_port(port_a, timeout=EVENT_WAIT)
+    assert rev is not None, ("expected an access-log line for the revoked old-CA connection, "
+                             "saw none")
+    assert (rev["decision"], rev["close"], rev["reason"]) == ("deny", "revoked", "bad_chain"), \
+        f"expected deny/revoked/bad_chain for the old-CA connection, access log says {rev}"
     held_b.sendall(b"after\n")
-    assert h.recv_exact(held_b, 6) == b"after\n", "new-CA peer's connection was disturbed"
+    assert h.recv_exact(held_b, 6) == b"after\n", \
+        "expected the new-CA peer's connection to keep working; it did not echo"
     held_b.close()
 
 
@@ -771,12 +943,13 @@ def test_sighup_policy_removes_namespace(env, pki):
     jobs = h.client_context(pki, "jobs-scheduler")
     expect_served(port, jobs)
 
-    held_jobs = h.tls_connect(port, jobs)
+    held_jobs = connect(port, jobs)
     held_jobs.sendall(b"jobs\n")
     assert h.recv_exact(held_jobs, 5) == b"jobs\n"
     jobs_port = held_jobs.getsockname()[1]
     streams = start_streams(port, web, 1, seed0=500)
-    time.sleep(0.3)
+    assert h.wait_until(lambda: streams[0].rounds > 0 or streams[0].error, h.T(EVENT_WAIT)), \
+        "expected the web stream to start echoing, it did not"
 
     new = inbound_cfg(pki, port, app.addr, allow=[{"namespace": "web"}])
     sc.write_config(new)
@@ -785,37 +958,35 @@ def test_sighup_policy_removes_namespace(env, pki):
     t_hup = time.monotonic()
     sc.sighup()
     wait_reload(sc, "config", True, ev)
-    # inside the grace the revoked connection still works
-    if time.monotonic() - t_hup < GRACE_MS / 1000 * 0.5:
+    # inside the grace the revoked connection still works (checked while well inside it)
+    if time.monotonic() - t_hup < GRACE_S * 0.5:
         held_jobs.sendall(b"grace\n")
-        assert h.recv_exact(held_jobs, 6) == b"grace\n", "closed before revoke_grace_ms"
+        assert h.recv_exact(held_jobs, 6) == b"grace\n", \
+            "expected the jobs connection to work inside revoke_grace_ms, it was closed"
     expect_refused(sc, port, jobs, "not_allowed", start=log0)
     expect_served(port, web)
 
-    held_jobs.settimeout(h.T(GRACE_MS / 1000 + 5))
-    try:
-        for _ in range(100):
-            if not held_jobs.recv(4096):
-                break
-    except (ssl.SSLError, OSError):
-        pass
-    t_closed = time.monotonic() - t_hup
+    closed, t_seen = wait_closed(held_jobs, GRACE_S + h.T(SLACK) + 1)
     held_jobs.close()
-    e = sc.log_for_peer_port(jobs_port, timeout=3)
-    assert e is not None, "no access-log line for the revoked jobs connection"
-    assert (e["decision"], e["close"], e["reason"]) == ("deny", "revoked", "not_allowed"), e
-    assert e["peer_id"] == h.spiffe("jobs", "scheduler"), e
+    check_revoked_in_time("jobs connection after the policy reload", closed, t_seen - t_hup,
+                          since="SIGHUP")
+    e = sc.log_for_peer_port(jobs_port, timeout=EVENT_WAIT)
+    assert e is not None, "expected an access-log line for the revoked jobs connection, saw none"
+    assert (e["decision"], e["close"], e["reason"]) == ("deny", "revoked", "not_allowed"), \
+        f"expected deny/revoked/not_allowed for the jobs connection, access log says {e}"
+    assert e["peer_id"] == h.spiffe("jobs", "scheduler"), \
+        f"expected peer_id {h.spiffe('jobs', 'scheduler')}, access log says {e}"
     h.check_access_entry(e)
-    assert GRACE_MS / 1000 - 0.15 <= t_closed <= GRACE_MS / 1000 + 4, \
-        f"jobs connection closed {t_closed:.2f}s after SIGHUP (grace {GRACE_MS} ms)"
-    # the web stream kept flowing through all of it
-    before = streams[0].rounds
-    time.sleep(0.5)
-    assert streams[0].rounds > before, "web stream stalled after the policy reload"
-    check_streams(streams, app, min_rounds=20)
-    assert not sc.wait_for_log(
-        lambda x: x.get("peer_id") == h.spiffe("web", "frontend") and x.get("close") == "revoked",
-        timeout=0.1), "a web connection was revoked"
+    # the web stream kept flowing through all of it (check_streams waits for more rounds)
+    check_streams(streams, app, min_rounds=20, after=[streams[0].rounds])
+    for st in streams:
+        e = sc.log_for_peer_port(st.local_port, timeout=EVENT_WAIT)
+        assert e is not None, f"expected an access-log line for web stream {st.seed}, saw none"
+        assert e["decision"] == "allow" and e["close"] != "revoked", \
+            f"expected the web stream allowed and not revoked, access log says {e}"
+    revoked_web = [x for x in sc.access_log() if x.get("close") == "revoked"
+                   and x.get("peer_id") == h.spiffe("web", "frontend")]
+    assert not revoked_web, f"expected no web connection revoked, saw {revoked_web}"
 
 
 # ===================================================================== 6. broken SIGHUP
@@ -838,9 +1009,13 @@ def test_sighup_broken_config_keeps_old(env, pki, tmp_path):
     unknown["bogus_setting"] = 1
     badpath = inbound_cfg(pki, port, app.addr, allow=[{"namespace": "web"}, {"namespace": "jobs"}])
     badpath["identity"]["cert"] = str(tmp_path / "does-not-exist.crt")
+    # A port held by this socket for as long as the "cannot-bind" config names it (the socket
+    # is closed only after the last variant): the sidecar cannot bind it. Port 0 is fine here
+    # because the socket keeps the port until then.
     busy = socket.socket()
     busy.bind((h.HOST, 0))
     busy.listen(1)
+    busy_addr = h.addr(busy.getsockname()[1])
     cant_bind = inbound_cfg(pki, port, app.addr,
                             allow=[{"namespace": "web"}, {"namespace": "jobs"}],
                             extra_listeners=[h.inbound_listener("extra", busy.getsockname()[1],
@@ -850,7 +1025,7 @@ def test_sighup_broken_config_keeps_old(env, pki, tmp_path):
         ("syntax", text_ok.replace("workers = 2;", "workers = = 2 {;"), "config", None),
         ("unknown-key", unknown, "config", "bogus_setting"),
         ("bad-cert-path", badpath, "config", "identity.cert"),
-        ("cannot-bind", cant_bind, None, None),
+        ("cannot-bind", cant_bind, None, f"cannot listen on {busy_addr}"),
     ]
     try:
         for name, new, kind, setting in variants:
@@ -859,15 +1034,18 @@ def test_sighup_broken_config_keeps_old(env, pki, tmp_path):
             log0 = len(sc.access_log())
             sc.sighup()
             want = f"reload failed: kind={kind}" if kind else "reload failed"
-            e = sc.wait_for_event(want, 5, ev)
-            assert e is not None, (f"{name}: no '{want}' event; stderr tail:\n"
+            e = sc.wait_for_event(want, EVENT_WAIT, ev)
+            assert e is not None, (f"{name}: expected a '{want}' event within "
+                                   f"{h.T(EVENT_WAIT):.0f}s, saw none; stderr tail:\n"
                                    + "\n".join(sc.stderr_lines[-10:]))
-            assert e.get("level") == "error", e
-            assert "keeping generation" in e["msg"], e
+            assert e.get("level") == "error", f"{name}: expected level error, event is {e}"
+            assert "keeping generation" in e["msg"], \
+                f"{name}: expected the event to say 'keeping generation', it is {e}"
             if setting:
-                assert setting in e["msg"], f"{name}: event does not name {setting}: {e}"
-            assert not reload_events(sc, "config", True, ev), f"{name}: reported ok"
-            time.sleep(0.2)
+                assert setting in e["msg"], f"{name}: expected the event to name {setting!r}: {e}"
+            oks = reload_events(sc, "config", True, ev)
+            assert not oks, f"{name}: expected no 'reload ok', saw {oks}"
+            # a failed reload publishes nothing: the old config answers right away
             sc.assert_alive()
             expect_served(port, web)
             expect_refused(sc, port, jobs, "not_allowed", start=log0)
@@ -878,9 +1056,10 @@ def test_sighup_broken_config_keeps_old(env, pki, tmp_path):
     ev = sc.event_count()
     sc.sighup()
     wait_reload(sc, "config", True, ev)
-    expect_served(port, jobs)
+    wait_served(port, jobs, "after a good SIGHUP that allows jobs")
     # unchanged behaviour on SIGTERM: drain and exit 0
-    assert sc.stop() == 0
+    rc = sc.stop()
+    assert rc == 0, f"expected exit code 0 after SIGTERM, got {rc}"
 
 
 # ===================================================================== 7. listeners
@@ -893,56 +1072,69 @@ def test_sighup_adds_and_removes_listeners(env, pki):
     la = h.inbound_listener("a", pa, app.addr, allow)
     lb = h.inbound_listener("b", pb, app.addr, allow)
     lc = h.inbound_listener("c", pc, app.addr, allow)
-    cfg = h.base_config(pki, "payments-api", limits={"revoke_grace_ms": 300}, inbound=[la, lb])
+    grace_ms = 300   # removed listeners' open connections must outlive it
+    cfg = h.base_config(pki, "payments-api", limits={"revoke_grace_ms": grace_ms},
+                        inbound=[la, lb])
     sc = env.sidecar(cfg, name="listeners")
     expect_served(pa, web)
     expect_served(pb, web)
     with pytest.raises(ConnectionRefusedError):
-        socket.create_connection((h.HOST, pc), timeout=2).close()
+        socket.create_connection((h.HOST, pc), timeout=h.T(IO_TIMEOUT)).close()
 
-    held_a = h.tls_connect(pa, web)
-    held_b = h.tls_connect(pb, web)
+    held_a = connect(pa, web)
+    held_b = connect(pb, web)
     b_port = held_b.getsockname()[1]
     for s in (held_a, held_b):
         s.sendall(b"x\n")
         assert h.recv_exact(s, 2) == b"x\n"
-    conn = Connector(pa, web, pause=0.01, max_time=30)
+    conn = Connector(pa, web, pause=0.01)
     conn.start()
-    time.sleep(0.3)
+    assert conn.wait_count(1, EVENT_WAIT), "expected the connector to get going, it made none"
 
-    sc.write_config(h.base_config(pki, "payments-api", limits={"revoke_grace_ms": 300},
+    sc.write_config(h.base_config(pki, "payments-api", limits={"revoke_grace_ms": grace_ms},
                                   inbound=[la, lc]))
     ev = sc.event_count()
     sc.sighup()
     wait_reload(sc, "config", True, ev)
+    t_reload = time.monotonic()
+    n_before = conn.count()
     # c accepts (several times: every worker's socket)
     for _ in range(10):
         expect_served(pc, web)
     # b stops accepting
     def b_refused():
         try:
-            socket.create_connection((h.HOST, pb), timeout=1).close()
+            socket.create_connection((h.HOST, pb), timeout=h.T(IO_TIMEOUT)).close()
             return False
         except ConnectionRefusedError:
             return True
-    assert h.wait_until(b_refused, h.T(3)), "removed listener still accepts"
+    assert h.wait_until(b_refused, h.T(EVENT_WAIT)), \
+        f"expected the removed listener to refuse within {h.T(EVENT_WAIT):.0f}s, it still accepts"
     for i in range(10):
-        assert b_refused(), f"removed listener accepted connection {i}"
-    time.sleep(0.5)
+        assert b_refused(), f"expected the removed listener to refuse, it accepted connection {i}"
+    # the unchanged listener keeps serving after the reload, undisturbed
+    conn.wait_count(max(20, n_before + 10))
     conn.finish()
     fails = conn.failures()
-    assert not fails, f"unchanged listener disturbed: {len(fails)} failures, first {fails[0].error}"
-    assert len(conn.records) >= 20
+    assert not fails, (f"expected the unchanged listener undisturbed; {len(fails)} failures, "
+                       f"first {fails[0].error}")
+    assert len(conn.records) >= 20, (f"expected at least 20 connections, the connector made "
+                                     f"{len(conn.records)}")
+    assert len(conn.records) > n_before, "expected connections after the reload, saw none"
     # open connections on a (unchanged) and b (removed) keep working past the revoke grace
-    time.sleep(0.5)
+    # (the test condition: a sleep past the grace)
+    time.sleep(max(0.0, t_reload + grace_ms / 1000 + h.T(0.5) - time.monotonic()))
     for s in (held_a, held_b):
         s.sendall(b"after\n")
-        assert h.recv_exact(s, 6) == b"after\n"
+        assert h.recv_exact(s, 6) == b"after\n", \
+            "expected the held connection to work past the revoke grace; it did not echo"
     for s in (held_a, held_b):
         clean_close(s)
-    e = sc.log_for_peer_port(b_port, timeout=5)
-    assert e is not None, "no access-log line for the connection on the removed listener"
-    assert e["listener"] == "b" and e["decision"] == "allow" and e["close"] == "eof", e
+    e = sc.log_for_peer_port(b_port, timeout=EVENT_WAIT)
+    assert e is not None, ("expected an access-log line for the connection on the removed "
+                           "listener, saw none")
+    assert e["listener"] == "b" and e["decision"] == "allow" and e["close"] == "eof", \
+        f"expected listener b, allow, close eof; access log says {e}"
 
 
 # ===================================================================== 8. encrypted key
@@ -975,9 +1167,11 @@ def test_encrypted_key_with_passphrase_file(env, pki, tmp_path):
         p.write_text(h.render_config(cfg_with(pf, h.free_port()))[0])
         r = h.run_binary("--check", "-c", str(p))
         no_secret(r.stdout + r.stderr, f"--check ({label})")
-        assert r.returncode == want_rc, f"--check {label}: rc={r.returncode}\n{r.stderr}"
+        assert r.returncode == want_rc, \
+            f"--check {label}: expected exit {want_rc}, got {r.returncode}\n{r.stderr}"
         if want_rc:
-            assert "identity.key" in r.stderr, f"--check {label}: {r.stderr}"
+            assert "identity.key" in r.stderr, \
+                f"--check {label}: expected the error to name identity.key: {r.stderr}"
         outs.append(r)
 
     # run with the wrong passphrase: startup fails (exit 1), names identity.key
@@ -992,8 +1186,9 @@ def test_encrypted_key_with_passphrase_file(env, pki, tmp_path):
         out, err = proc.communicate(timeout=5)
         raise AssertionError("sidecar with a wrong key passphrase did not exit")
     no_secret(out + err, "startup with wrong passphrase")
-    assert proc.returncode == 1, f"rc={proc.returncode}\n{err}"
-    assert "identity.key" in err, err
+    assert proc.returncode == 1, \
+        f"expected exit 1 with a wrong passphrase, got {proc.returncode}\n{err}"
+    assert "identity.key" in err, f"expected the error to name identity.key: {err}"
 
     # run with the right one: starts and serves with the payments-api certificate
     app = env.app("echo")
@@ -1002,19 +1197,24 @@ def test_encrypted_key_with_passphrase_file(env, pki, tmp_path):
     c["inbound"][0]["forward"] = app.addr
     sc = env.sidecar(c, name="enckey")
     web = h.client_context(pki, "web-frontend")
-    assert served_serial(port, web) == pem_serial(pki.crt("payments-api"))
+    want = pem_serial(pki.crt("payments-api"))
+    got = served_serial(port, web)
+    assert got == want, f"expected the payments-api serial {want}, got {got}"
     # SIGHUP re-reads the key with the passphrase
     ev = sc.event_count()
     sc.sighup()
     wait_reload(sc, "config", True, ev)
-    assert served_serial(port, web) == pem_serial(pki.crt("payments-api"))
+    got = served_serial(port, web)
+    assert got == want, f"expected the payments-api serial {want} after SIGHUP, got {got}"
     # the passphrase file now holds a wrong passphrase: the reload fails, old key serves
     good_pass.write_text(wrong + "\n")
     ev = sc.event_count()
     sc.sighup()
-    e = sc.wait_for_event("reload failed", 5, ev)
-    assert e is not None and "identity.key" in e["msg"], e
-    assert served_serial(port, web) == pem_serial(pki.crt("payments-api"))
+    e = sc.wait_for_event("reload failed", EVENT_WAIT, ev)
+    assert e is not None and "identity.key" in e["msg"], \
+        f"expected a 'reload failed' event naming identity.key, saw {e}"
+    got = served_serial(port, web)
+    assert got == want, f"expected the old key's serial {want} after the failed reload, got {got}"
     sc.stop()
     no_secret(sc.all_output(), "running sidecar")
 
@@ -1027,41 +1227,44 @@ def test_peer_cert_expiring_mid_connection_is_revoked(env, pki, minter):
     cfg = inbound_cfg(pki, port, app.addr)
     cfg["workers"] = 1  # one verified-chain cache, so the second connection hits it
     sc = env.sidecar(cfg, name="expiry")
-    crt, key = minter.leaf("short-web-frontend", "web", "frontend", end=time.time() + 5)
-    not_after = cert_not_after(crt)
-    left = not_after - time.time()
-    # Minting takes well under a second; a slow mint must fail loudly, not skip.
-    assert left >= 2, f"minting took too long ({left:.1f}s left on the cert)"
+    # The certificate must still be valid when both connections are established: mint it
+    # with a few seconds left, and again with more if minting was slow (a loaded machine),
+    # so that the connections are never refused as "expired" at the handshake.
+    need = h.T(3)
+    for margin in (h.T(5), h.T(15), h.T(45)):
+        crt, key = minter.leaf("short-web-frontend", "web", "frontend", end=time.time() + margin)
+        not_after = cert_not_after(crt)
+        left = not_after - time.time()
+        if left >= need:
+            break
+    assert left >= need, (f"expected a certificate with at least {need:.0f}s of validity left "
+                          f"after minting, got {left:.1f}s")
     ctx = ctx_from(crt, key, pki.ca)
     # The second connection presents the same chain: its verdict, expiry
     # included, comes from the verified-chain cache and must hold just as well.
-    socks = [h.tls_connect(port, ctx) for _ in range(2)]
+    socks = [connect(port, ctx) for _ in range(2)]
     ports = [s.getsockname()[1] for s in socks]
     for s in socks:
         s.sendall(b"early\n")
         assert h.recv_exact(s, 6) == b"early\n"
-    # still served just before not_after + grace
-    time.sleep(max(0.0, not_after + GRACE_MS / 1000 - 0.5 - time.time()))
-    for s in socks:
-        s.sendall(b"late!\n")
-        assert h.recv_exact(s, 6) == b"late!\n", "closed before not_after + revoke_grace_ms"
+    # still served after not_after, inside the grace (checked while well inside it)
+    time.sleep(max(0.0, not_after + 0.3 - time.time()))
+    if time.time() < not_after + GRACE_S * 0.5:
+        for s in socks:
+            s.sendall(b"late!\n")
+            assert h.recv_exact(s, 6) == b"late!\n", \
+                "expected the connection to work until not_after + revoke_grace_ms, it was closed"
     for s, local_port in zip(socks, ports):
-        s.settimeout(h.T(6))
-        try:
-            for _ in range(100):
-                if not s.recv(4096):
-                    break
-        except (ssl.SSLError, OSError):
-            pass
+        closed, _ = wait_closed(s, max(0.0, not_after - time.time()) + GRACE_S + h.T(SLACK) + 1)
         closed_at = time.time()
         s.close()
-        e = sc.log_for_peer_port(local_port, timeout=3)
-        assert e is not None, "no access-log line for the expired peer's connection"
-        assert (e["decision"], e["close"], e["reason"]) == ("deny", "revoked", "expired"), e
+        check_revoked_in_time("expired peer's connection", closed, closed_at - not_after,
+                              since="the certificate's not_after", tol=0.2)
+        e = sc.log_for_peer_port(local_port, timeout=EVENT_WAIT)
+        assert e is not None, "expected an access-log line for the expired peer's connection"
+        assert (e["decision"], e["close"], e["reason"]) == ("deny", "revoked", "expired"), \
+            f"expected deny/revoked/expired, access log says {e}"
         h.check_access_entry(e)
-        delay = closed_at - not_after
-        assert GRACE_MS / 1000 - 0.2 <= delay <= GRACE_MS / 1000 + 3.5, \
-            f"closed {delay:.2f}s after not_after (grace {GRACE_MS} ms)"
 
 
 # ===================================================================== 10. own expiry warning
@@ -1075,12 +1278,15 @@ def test_own_cert_expiry_warning(env, pki, minter):
         c = inbound_cfg(pki, port, app.addr)
         c["identity"].update({"cert": crt, "key": key, "expiry_warning_hours": hours})
         sc = env.sidecar(c, name=f"warn{hours}")
-        warned[hours] = sc.wait_for_event("certificate expires soon", 1.0 if hours == 72 else 0.5)
+        # The start-up check is logged before "ready" (which the harness waited for), so
+        # the warning is either in the events already or never comes.
+        warned[hours] = sc.wait_for_event("certificate expires soon", 0)
         sc.stop()
-    assert warned[72] is not None, "no 'certificate expires soon' warning (expires in 48 h, " \
-                                   "expiry_warning_hours = 72)"
-    assert warned[72].get("level") == "warn", warned[72]
-    assert warned[24] is None, f"warned although 48 h > 24 h: {warned[24]}"
+    assert warned[72] is not None, ("expected a 'certificate expires soon' warning before "
+                                    "'ready' (expires in 48 h, expiry_warning_hours = 72), "
+                                    "saw none")
+    assert warned[72].get("level") == "warn", f"expected level warn, event is {warned[72]}"
+    assert warned[24] is None, f"expected no warning (48 h > 24 h), saw {warned[24]}"
     # checked again on every reload: rotating to the short-lived cert warns
     vol = SecretVolume(env.tmp / "warnvol",
                        files_for(pki.crt("payments-api"), pki.key("payments-api"), pki.ca))
@@ -1088,12 +1294,15 @@ def test_own_cert_expiry_warning(env, pki, minter):
     sc = env.sidecar(inbound_cfg(pki, port, app.addr,
                                  identity=vol.identity(expiry_warning_hours=72)),
                      name="warnreload")
-    assert not sc.events_matching("certificate expires soon")
+    early = sc.events_matching("certificate expires soon")
+    assert not early, f"expected no expiry warning for a 30-day certificate, saw {early}"
     ev = sc.event_count()
     vol.swap(files_for(crt, key, pki.ca))
     wait_reload(sc, "certs", True, ev)
-    assert sc.wait_for_event("certificate expires soon", 1.0, ev), \
-        "no expiry warning after rotating to a certificate that expires within the window"
+    # logged right after the 'reload ok' event
+    assert sc.wait_for_event("certificate expires soon", EVENT_WAIT, ev), \
+        ("expected an expiry warning after rotating to a certificate that expires within the "
+         "window, saw none")
 
 
 # ===================================================================== 11. more reload paths
@@ -1109,10 +1318,17 @@ def test_poll_only_reload_without_watch(env, pki, leaf_pool):
     ctx = h.client_context(pki, "web-frontend")
     assert served_serial(port, ctx) == leaf_pool[3][2]
     ev = sc.event_count()
+    t_swap = time.monotonic()
     vol.swap(files_for(*leaf_pool[4][:2], pki.ca))
-    wait_reload(sc, "certs", True, ev, timeout=3)
-    ok, last = wait_serial(port, ctx, leaf_pool[4][2], timeout=1)
-    assert ok, f"poll-only rotation not served (still {last})"
+    # the 1 s poll picks it up; the bound only has to tell that from the 60 s default
+    poll_upper = h.T(1.0 + SLACK)
+    e = sc.wait_for_event("reload ok: kind=certs", 2.0 + SLACK, ev)   # scales it
+    waited = time.monotonic() - t_swap
+    assert e is not None and waited <= poll_upper, (
+        f"expected the poll (poll_interval_ms = 1000) to load the rotation within "
+        f"{poll_upper:.0f}s, saw {'no reload' if e is None else 'it after %.1fs' % waited}")
+    ok, last = wait_serial(port, ctx, leaf_pool[4][2])
+    assert ok, f"expected the poll-only rotation to be served, still served {last}"
 
 
 def test_rotation_to_intermediate_issued_chain(env, pki, leaf_pool, tmp_path_factory):
@@ -1131,8 +1347,8 @@ def test_rotation_to_intermediate_issued_chain(env, pki, leaf_pool, tmp_path_fac
     vol.swap({"tls.crt": chain, "tls.key": Path(key).read_bytes(),
               "ca.crt": Path(pki.ca).read_bytes()})
     wait_reload(sc, "certs", True, ev)
-    ok, last = wait_serial(port, ctx, pem_serial(crt), timeout=2)
-    assert ok, f"intermediate-issued leaf not served (still {last})"
+    ok, last = wait_serial(port, ctx, pem_serial(crt))
+    assert ok, f"expected the intermediate-issued leaf to be served, still served {last}"
 
 
 def test_not_yet_valid_rotation_is_picked_up_once_valid(env, pki, minter, leaf_pool):
@@ -1145,22 +1361,39 @@ def test_not_yet_valid_rotation_is_picked_up_once_valid(env, pki, minter, leaf_p
     sc = env.sidecar(inbound_cfg(pki, port, app.addr,
                                  identity=vol.identity(poll_interval_ms=1000)), name="skew")
     ctx = h.client_context(pki, "web-frontend")
-    now = time.time()
-    crt, key = minter.leaf("future-payments-api", "payments", "api", start=now + 3,
-                           end=now + 30 * 86400)
-    not_before = int(now + 3)
+    old = leaf_pool[6][2]
+    # not_before must still be ahead when the watch has rejected the rotation: mint it a few
+    # seconds ahead, and again further ahead if minting was slow (a loaded machine)
+    need = h.T(2)
+    for ahead in (h.T(4), h.T(10), h.T(30)):
+        now = time.time()
+        crt, key = minter.leaf("future-payments-api", "payments", "api", start=now + ahead,
+                               end=now + 30 * 86400)
+        not_before = cert_not_before(crt)
+        if not_before - time.time() >= need:
+            break
+    assert not_before - time.time() >= need, (
+        f"expected a certificate valid at least {need:.0f}s from now after minting, it is valid "
+        f"from {not_before - time.time():.1f}s from now")
+    new = pem_serial(crt)
     ev = sc.event_count()
     vol.swap(files_for(crt, key, pki.ca))
-    wait_reload(sc, "certs", False, ev, timeout=3)
-    assert served_serial(port, ctx) == leaf_pool[6][2]
-    # valid from not_before; poll every 1 s -> served by not_before + ~2.5 s
+    e = wait_reload(sc, "certs", False, ev)
+    assert "not yet valid" in e["msg"], f"expected the rejection to say 'not yet valid': {e}"
+    got = served_serial(port, ctx)
+    t_done = time.time()
+    # a certificate is never served before its not_before (the sidecar reads the same clock)
+    assert got == old or (got == new and t_done >= not_before), (
+        f"expected the old serial {old} while the new certificate is not yet valid, got {got}")
+    # valid from not_before; the 1 s poll loads it then (the bound tells that from "never")
     time.sleep(max(0.0, not_before - time.time()))
-    e = sc.wait_for_event("reload ok: kind=certs", 3.5, ev)
-    assert e is not None, ("a rotated certificate that was not yet valid is never loaded once it "
-                           "becomes valid (poll_interval_ms = 1000); stderr tail:\n"
-                           + "\n".join(sc.stderr_lines[-5:]))
-    ok, last = wait_serial(port, ctx, pem_serial(crt), timeout=1)
-    assert ok, f"now-valid certificate not served (still {last})"
+    upper = h.T(1.0 + SLACK)
+    e = sc.wait_for_event("reload ok: kind=certs", 1.0 + SLACK, ev)   # scales it
+    assert e is not None, ("expected the rotated certificate to be loaded within "
+                           f"{upper:.0f}s of becoming valid (poll_interval_ms = 1000), it was "
+                           "not; stderr tail:\n" + "\n".join(sc.stderr_lines[-5:]))
+    ok, last = wait_serial(port, ctx, new)
+    assert ok, f"expected the now-valid certificate {new} to be served, still served {last}"
 
 
 def test_sighup_switches_identity_paths_and_watch_follows(env, pki, leaf_pool):
@@ -1177,19 +1410,24 @@ def test_sighup_switches_identity_paths_and_watch_follows(env, pki, leaf_pool):
     ev = sc.event_count()
     sc.sighup()
     wait_reload(sc, "config", True, ev)
-    assert served_serial(port, ctx) == leaf_pool[8][2]
+    ok, last = wait_serial(port, ctx, leaf_pool[8][2])
+    assert ok, f"expected the certificate of the new identity paths served, still served {last}"
     # the watch now follows the new directory
     ev = sc.event_count()
     vol2.swap(files_for(*leaf_pool[9][:2], pki.ca))
-    wait_reload(sc, "certs", True, ev, timeout=3)
-    ok, last = wait_serial(port, ctx, leaf_pool[9][2], timeout=1)
-    assert ok, f"rotation in the new identity directory not served (still {last})"
-    # and the old directory no longer matters
+    wait_reload(sc, "certs", True, ev)
+    ok, last = wait_serial(port, ctx, leaf_pool[9][2])
+    assert ok, (f"expected the rotation in the new identity directory to be served, still "
+                f"served {last}")
+    # and the old directory no longer matters (the test condition: a sleep longer than the
+    # 100 ms debounce, in which a reload from the old directory would show)
     ev = sc.event_count()
     vol1.swap(files_for(*leaf_pool[10][:2], pki.ca))
     time.sleep(0.6)
-    assert not sc.events_matching("reload", ev), sc.events_matching("reload", ev)
-    assert served_serial(port, ctx) == leaf_pool[9][2]
+    stray = sc.events_matching("reload", ev)
+    assert not stray, f"expected no reload after a swap in the old directory, saw {stray}"
+    got = served_serial(port, ctx)
+    assert got == leaf_pool[9][2], f"expected serial {leaf_pool[9][2]} still served, got {got}"
 
 
 def test_sighup_tls_settings_and_forward_apply_to_new_connections(env, pki):
@@ -1199,10 +1437,10 @@ def test_sighup_tls_settings_and_forward_apply_to_new_connections(env, pki):
     sc = env.sidecar(cfg, name="tlsfwd")
     web = h.client_context(pki, "web-frontend")
     web12 = h.client_context(pki, "web-frontend", max_version=ssl.TLSVersion.TLSv1_2)
-    held = h.tls_connect(port, web12)         # a TLS 1.2 connection to app1, kept open
+    held = connect(port, web12)         # a TLS 1.2 connection to app1, kept open
     held.sendall(b"one\n")
     assert h.recv_exact(held, 4) == b"one\n"
-    assert app1.count() == 1
+    assert app1.count() == 1, f"expected 1 connection at app1, saw {app1.count()}"
 
     cfg2 = inbound_cfg(pki, port, app2.addr)
     cfg2["tls"] = {"min_version": "1.3"}
@@ -1212,8 +1450,10 @@ def test_sighup_tls_settings_and_forward_apply_to_new_connections(env, pki):
     sc.sighup()
     wait_reload(sc, "config", True, ev)
     expect_served(port, web)
-    assert app2.wait_conns(1), "new connection did not go to the new forward address"
-    assert app1.count() == 1, "new connection still went to the old forward address"
+    assert app2.wait_conns(1, timeout=EVENT_WAIT), \
+        "expected the new connection at the new forward address (app2), it never arrived"
+    assert app1.count() == 1, (f"expected no new connection at the old forward address, app1 "
+                               f"has {app1.count()}")
     expect_refused(sc, port, web12, "protocol", start=log0)
     # the TLS 1.2 connection from before keeps working, still to app1
     held.sendall(b"two\n")
@@ -1232,7 +1472,7 @@ def test_sighup_outbound_expect_change_revokes_upstream(env, pki):
                                  [{"namespace": "payments", "service_account": sa}])])
 
     sc = env.sidecar(cfg_expect("api"), name="outrevoke")
-    c = socket.create_connection((h.HOST, out_port), timeout=h.T(5))
+    c = socket.create_connection((h.HOST, out_port), timeout=h.T(IO_TIMEOUT))
     c.sendall(b"hello\n")
     assert h.recv_exact(c, 6) == b"hello\n"
     app_port = c.getsockname()[1]
@@ -1241,19 +1481,14 @@ def test_sighup_outbound_expect_change_revokes_upstream(env, pki):
     t_hup = time.monotonic()
     sc.sighup()
     wait_reload(sc, "config", True, ev)
-    c.settimeout(h.T(GRACE_MS / 1000 + 5))
-    try:
-        for _ in range(100):
-            if not c.recv(4096):
-                break
-    except OSError:
-        pass
-    t_closed = time.monotonic() - t_hup
+    closed, t_seen = wait_closed(c, GRACE_S + h.T(SLACK) + 1)
     c.close()
-    e = sc.log_for_app_port(app_port, timeout=3)
-    assert e is not None, "no access-log line for the revoked outbound connection"
-    assert (e["decision"], e["close"], e["reason"]) == ("deny", "revoked", "not_allowed"), e
-    assert GRACE_MS / 1000 - 0.15 <= t_closed <= GRACE_MS / 1000 + 4, t_closed
+    check_revoked_in_time("outbound connection after the expect change", closed,
+                          t_seen - t_hup, since="SIGHUP")
+    e = sc.log_for_app_port(app_port, timeout=EVENT_WAIT)
+    assert e is not None, "expected an access-log line for the revoked outbound connection"
+    assert (e["decision"], e["close"], e["reason"]) == ("deny", "revoked", "not_allowed"), \
+        f"expected deny/revoked/not_allowed, access log says {e}"
 
 
 def test_sighup_revokes_connection_whose_handshake_straddles_the_reload(env, pki):
@@ -1266,7 +1501,7 @@ def test_sighup_revokes_connection_whose_handshake_straddles_the_reload(env, pki
                                  allow=[{"namespace": "web"}, {"namespace": "jobs"}]),
                      name="straddle")
     ctx = h.client_context(pki, "jobs-scheduler", min_version=ssl.TLSVersion.TLSv1_3)
-    sock = socket.create_connection((h.HOST, port), timeout=h.T(5))
+    sock = socket.create_connection((h.HOST, port), timeout=h.T(IO_TIMEOUT))
     local_port = sock.getsockname()[1]
     inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
     obj = ctx.wrap_bio(inc, out, server_hostname="api.payments.svc")
@@ -1286,9 +1521,9 @@ def test_sighup_revokes_connection_whose_handshake_straddles_the_reload(env, pki
             if not b:
                 raise AssertionError("server closed during the handshake")
             inc.write(b)
-    assert done, "handshake did not progress"
+    assert done, "expected the client side of the handshake to complete, it did not progress"
     held_flight = out.read()
-    assert held_flight, "no client flight to hold back"
+    assert held_flight, "expected a client flight to hold back, there was none"
 
     sc.write_config(inbound_cfg(pki, port, app.addr, allow=[{"namespace": "web"}]))
     ev = sc.event_count()
@@ -1304,7 +1539,10 @@ def test_sighup_revokes_connection_whose_handshake_straddles_the_reload(env, pki
     outcome = "open"
     echoed = bytearray()
     sock.settimeout(0.2)
-    deadline = t_pub + h.T(GRACE_MS / 1000 + 3)
+    # expected: refused at once; the bound tells that (or a revocation after the grace) from
+    # "never closed"
+    open_bound = GRACE_S + h.T(SLACK)
+    deadline = t_pub + open_bound
     try:
         tls_send(b"ping\n")
         while time.monotonic() < deadline:
@@ -1327,13 +1565,15 @@ def test_sighup_revokes_connection_whose_handshake_straddles_the_reload(env, pki
     except (ssl.SSLError, OSError) as e:
         outcome = f"closed ({type(e).__name__})"
     sock.close()
-    assert outcome != "open", (f"a jobs connection whose handshake straddled the policy reload "
-                               f"was still open {GRACE_MS / 1000 + 3:.1f}s after the reload "
-                               f"(revoke_grace_ms = {GRACE_MS}); the app echoed {bytes(echoed)!r}")
-    e = sc.log_for_peer_port(local_port, timeout=3)
-    assert e is not None and e["decision"] == "deny" and e["reason"] == "not_allowed", e
+    assert outcome != "open", (f"expected a jobs connection whose handshake straddled the policy "
+                               f"reload to be closed; it was still open {open_bound:.1f}s after "
+                               f"the reload (revoke_grace_ms = {GRACE_MS}); the app echoed "
+                               f"{bytes(echoed)!r}")
+    e = sc.log_for_peer_port(local_port, timeout=EVENT_WAIT)
+    assert e is not None and e["decision"] == "deny" and e["reason"] == "not_allowed", \
+        f"expected an access-log line deny/not_allowed, saw {e}"
     # The handshake finished under the new policy, so the refusal happens before the
     # app is contacted: nothing is echoed and the app never sees a connection.
-    assert e["close"] == "refused", e
-    assert bytes(echoed) == b"", bytes(echoed)
-    assert app.count() == 0, f"the app was contacted ({app.count()} connections)"
+    assert e["close"] == "refused", f"expected close 'refused', access log says {e}"
+    assert bytes(echoed) == b"", f"expected nothing echoed, the app echoed {bytes(echoed)!r}"
+    assert app.count() == 0, f"expected the app never contacted, it saw {app.count()} connections"
