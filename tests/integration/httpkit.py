@@ -1072,6 +1072,21 @@ def find_request_line(sc: h.Sidecar, *, start: int, peer: str | None = None,
     return sc.wait_for_log(pred, timeout=timeout, start=start)
 
 
+# A deadline test's upper bound: far above the deadline under test (so CPU load cannot push a
+# correct sidecar past it), far below the generous deadlines (harness.GENEROUS_MS) that would
+# answer if the tested one never fired.
+LATE_S = 10
+
+
+def assert_deadline_fired(what: str, dt: float, deadline_s: float) -> None:
+    """dt (seconds from a moment no later than the start of the deadline under test to the
+    answer) shows that this deadline answered: not before it (the sidecar cannot fire
+    early), and long before the generous deadlines that would answer otherwise."""
+    lo, hi = deadline_s * 0.8, h.T(deadline_s + LATE_S)
+    assert lo <= dt <= hi, \
+        f"{what} after {dt:.2f}s: expected {lo:.2f}..{hi:.2f}s (deadline {deadline_s}s)"
+
+
 def assert_refused(sc: h.Sidecar, r: Resp | None, b: Before, *, status: int, reason: str,
                    listener: str, app: Any, direction: str = "inbound",
                    conn: HttpConn | None = None, keep_alive: bool = False,

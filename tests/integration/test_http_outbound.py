@@ -35,10 +35,6 @@ BIG = 64 * MIB
 EXPECT = [{"namespace": "payments", "service_account": "api"}]
 RESPONSE_TIMEOUT_MS = 1000
 REQUEST_TIMEOUT_MS = 1000
-# A deadline test's upper bound: far above the deadline under test (so CPU load cannot push a
-# correct sidecar past it), far below the generous deadlines (60 s, harness.GENEROUS_MS) that
-# would answer if the tested one never fired.
-LATE_S = 10
 
 BAD_UPSTREAMS = {
     "wrongid": ("web-admin", "not_allowed", h.spiffe("web", "admin")),
@@ -101,15 +97,6 @@ def hout_resp(module_env):
 
 def _conn(hout, name: str) -> HttpConn:
     return HttpConn.plain(hout.ports[name])
-
-
-def _assert_fired(what: str, dt: float, deadline_s: float) -> None:
-    """dt (seconds from a moment no later than the start of the deadline under test to the
-    answer) shows that this deadline answered: not before it (the sidecar cannot fire
-    early), and long before the generous deadlines that would answer otherwise."""
-    lo, hi = deadline_s * 0.8, h.T(deadline_s + LATE_S)
-    assert lo <= dt <= hi, \
-        f"{what} after {dt:.2f}s: expected {lo:.2f}..{hi:.2f}s (deadline {deadline_s}s)"
 
 
 # ===================================================================== through the chain
@@ -390,11 +377,11 @@ def test_outbound_slowloris_408(hout_req):
     t0 = time.monotonic()   # before connecting: the deadline runs from the sidecar's accept
     with _conn(hout_req, "tlsapp") as c:
         c.send(b"GET /echo HTTP/1.1\r\nHost: a\r\n")
-        r = hk.exchange(c, b"", timeout=REQUEST_TIMEOUT_MS / 1000 + LATE_S + 5)
+        r = hk.exchange(c, b"", timeout=REQUEST_TIMEOUT_MS / 1000 + hk.LATE_S + 5)
         dt = time.monotonic() - t0
         hk.assert_refused(hout_req.sc, r, b, status=408, reason="timeout", listener="tlsapp",
                           app=hout_req.tlsapp, direction="outbound", conn=c)
-    _assert_fired("408", dt, REQUEST_TIMEOUT_MS / 1000)
+    hk.assert_deadline_fired("408", dt, REQUEST_TIMEOUT_MS / 1000)
 
 
 def test_chain_concurrent_clients(hout):
@@ -473,13 +460,13 @@ def test_504_upstream_never_answers(hout_resp):
     with _conn(hout_resp, "mute") as c:
         t0 = time.monotonic()
         r = hk.exchange(c, req("GET", "/slow"),
-                        timeout=RESPONSE_TIMEOUT_MS / 1000 + LATE_S + 5)
+                        timeout=RESPONSE_TIMEOUT_MS / 1000 + hk.LATE_S + 5)
         dt = time.monotonic() - t0
         hk.assert_refused(hout_resp.sc, r, b, status=504, reason="timeout", listener="mute",
                           app=up, direction="outbound", conn=c, app_untouched=False,
                           method="GET", path="/slow")
     # dt also spans the connect and TLS handshake upstream (their deadlines are generous)
-    _assert_fired("504", dt, RESPONSE_TIMEOUT_MS / 1000)
+    hk.assert_deadline_fired("504", dt, RESPONSE_TIMEOUT_MS / 1000)
     assert h.wait_until(lambda: sum(x.bytes_in for x in up.conns) > b.app_snap[2], h.T(10)), \
         "the request never reached the mute upstream"
 

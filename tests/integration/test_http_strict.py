@@ -23,10 +23,6 @@ from httpkit import HttpConn
 
 REQ_TIMEOUT_MS = 1000
 RESP_TIMEOUT_MS = 1500
-# A deadline test's upper bound: far above the deadline under test (so CPU load cannot push a
-# correct sidecar past it), far below the generous deadlines (60 s, harness.GENEROUS_MS) that
-# would answer if the tested one never fired.
-LATE_S = 10
 
 
 @pytest.fixture(scope="module")
@@ -83,15 +79,6 @@ def st_resp(module_env, st):
 
 def _conn(st, small: bool = False) -> HttpConn:
     return HttpConn.tls(st.small_port if small else st.port, st.ctx)
-
-
-def _assert_fired(what: str, dt: float, deadline_s: float) -> None:
-    """dt (seconds from a moment no later than the start of the deadline under test to the
-    answer) shows that this deadline answered: not before it (the sidecar cannot fire
-    early), and long before the generous deadlines that would answer otherwise."""
-    lo, hi = deadline_s * 0.8, h.T(deadline_s + LATE_S)
-    assert lo <= dt <= hi, \
-        f"{what} after {dt:.2f}s: expected {lo:.2f}..{hi:.2f}s (deadline {deadline_s}s)"
 
 
 def _refused(st, raw: bytes, status: int, reason: str, *, small: bool = False,
@@ -318,9 +305,9 @@ def test_configured_small_limits(st):
 # --------------------------------------------------------------------- 408 slowloris
 
 def _timed_408(st, c: HttpConn, b: hk.Before, t0: float) -> None:
-    r = c.read_response(timeout=REQ_TIMEOUT_MS / 1000 + LATE_S + 5)
+    r = c.read_response(timeout=REQ_TIMEOUT_MS / 1000 + hk.LATE_S + 5)
     dt = time.monotonic() - t0
-    _assert_fired("408", dt, REQ_TIMEOUT_MS / 1000)
+    hk.assert_deadline_fired("408", dt, REQ_TIMEOUT_MS / 1000)
     hk.assert_refused(st.sc, r, b, status=408, reason="timeout", listener="strict",
                       app=st.app, conn=c)
 
@@ -423,12 +410,12 @@ def test_inbound_app_silent_504(st_resp):
     with _conn(st_resp) as c:
         t0 = time.monotonic()
         r = hk.exchange(c, b"GET /silent HTTP/1.1\r\n" + H + b"\r\n",
-                        timeout=RESP_TIMEOUT_MS / 1000 + LATE_S + 5)
+                        timeout=RESP_TIMEOUT_MS / 1000 + hk.LATE_S + 5)
         dt = time.monotonic() - t0
         hk.assert_refused(st_resp.sc, r, b, status=504, reason="timeout", listener="strict",
                           app=st_resp.app, conn=c, method="GET", path="/silent",
                           app_untouched=False)
-    _assert_fired("504", dt, RESP_TIMEOUT_MS / 1000)
+    hk.assert_deadline_fired("504", dt, RESP_TIMEOUT_MS / 1000)
     rq = st_resp.app.reqs_since(b.app_snap[1])
     assert [x.target for x in rq] == ["/silent"]
     assert st_resp.app.conns[rq[0].conn].done.wait(h.T(10)), \

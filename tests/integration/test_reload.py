@@ -580,6 +580,16 @@ def reload_events(sc: h.Sidecar, kind: str, ok: bool, start: int = 0) -> list[di
     return sc.events_matching(f"reload {'ok' if ok else 'failed'}: kind={kind}", start)
 
 
+def check_failure_event(sc: h.Sidecar, name: str, e: dict | None, what: str) -> None:
+    """e (a wait_for_event result) is the failed reload's error event, which keeps the
+    generation in force."""
+    assert e is not None, (f"{name}: expected a {what} within {h.T(EVENT_WAIT):.0f}s, saw "
+                           f"none; stderr tail:\n" + "\n".join(sc.stderr_lines[-10:]))
+    assert e.get("level") == "error", f"{name}: expected level error, event is {e}"
+    assert "keeping generation" in e["msg"], \
+        f"{name}: expected the event to say 'keeping generation', it is {e}"
+
+
 def wait_reload(sc: h.Sidecar, kind: str, ok: bool, start: int,
                 timeout: float = EVENT_WAIT) -> dict:
     """The first 'reload ok|failed: kind=KIND' event at index >= start, waiting up to timeout
@@ -819,12 +829,7 @@ def test_invalid_rotations_keep_serving_old_cert(env, pki, leaf_pool):
         e = sc.wait_for_event(lambda x: "reload failed: kind=certs" in str(x.get("msg"))
                               and why in str(x.get("msg")), EVENT_WAIT, ev)
         elapsed = time.monotonic() - t0
-        assert e is not None, (f"{name}: expected a 'reload failed: kind=certs' event saying "
-                               f"{why!r} within {h.T(EVENT_WAIT):.0f}s, saw none; stderr tail:\n"
-                               + "\n".join(sc.stderr_lines[-10:]))
-        assert e.get("level") == "error", f"{name}: expected level error, event is {e}"
-        assert "keeping generation" in e["msg"], \
-            f"{name}: expected the event to say 'keeping generation', it is {e}"
+        check_failure_event(sc, name, e, f"'reload failed: kind=certs' event saying {why!r}")
         oks = reload_events(sc, "certs", True, ev)
         assert not oks, f"{name}: expected the invalid set not to be published, saw {oks}"
         if name == "mismatched-key":
@@ -1035,12 +1040,7 @@ def test_sighup_broken_config_keeps_old(env, pki, tmp_path):
             sc.sighup()
             want = f"reload failed: kind={kind}" if kind else "reload failed"
             e = sc.wait_for_event(want, EVENT_WAIT, ev)
-            assert e is not None, (f"{name}: expected a '{want}' event within "
-                                   f"{h.T(EVENT_WAIT):.0f}s, saw none; stderr tail:\n"
-                                   + "\n".join(sc.stderr_lines[-10:]))
-            assert e.get("level") == "error", f"{name}: expected level error, event is {e}"
-            assert "keeping generation" in e["msg"], \
-                f"{name}: expected the event to say 'keeping generation', it is {e}"
+            check_failure_event(sc, name, e, f"'{want}' event")
             if setting:
                 assert setting in e["msg"], f"{name}: expected the event to name {setting!r}: {e}"
             oks = reload_events(sc, "config", True, ev)
