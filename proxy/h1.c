@@ -684,6 +684,30 @@ static void put_u64(pc_jbuf_t *out, uint64_t v) {
   pc_jbuf_raw(out, buf + i, sizeof(buf) - i);
 }
 
+/* Upgrade, kept for a protocol switch, without h2c: the sidecar never
+ * switches to cleartext HTTP/2, so the app must not be offered it either
+ * ("Upgrade: h2c, websocket" goes on as "upgrade: websocket"). */
+typedef struct {
+  pc_jbuf_t *out;
+  int n;
+} upgrade_out_t;
+
+static int put_upgrade_token(const char *t, size_t n, void *arg) {
+  upgrade_out_t *u = arg;
+  if (token_eq(t, n, "h2c")) return 0;
+  if (u->n++) pc_jbuf_raw(u->out, ", ", 2);
+  pc_jbuf_raw(u->out, t, n);
+  return 0;
+}
+
+static void put_upgrade(pc_jbuf_t *out, const pc_h1_field_t *f) {
+  pc_jbuf_raw(out, f->name, f->name_len);
+  pc_jbuf_raw(out, ": ", 2);
+  upgrade_out_t u = {out, 0};
+  each_token(f->value, f->value_len, put_upgrade_token, &u);
+  pc_jbuf_raw(out, "\r\n", 2);
+}
+
 void pc_h1_write_head(const pc_h1_parser_t *p, pc_jbuf_t *out, unsigned flags, const char *extra) {
   const pc_h1_msg_t *m = &p->msg;
   if (p->is_request) {
@@ -700,7 +724,11 @@ void pc_h1_write_head(const pc_h1_parser_t *p, pc_jbuf_t *out, unsigned flags, c
   }
   for (size_t i = 0; i < m->nfields; i++) {
     const pc_h1_field_t *f = &m->fields[i];
-    if (!hop_by_hop(m, f, flags)) put_field(out, f->name, f->name_len, f->value, f->value_len);
+    if (hop_by_hop(m, f, flags)) continue;
+    if ((flags & PC_H1_OUT_UPGRADE) && name_is(f, "upgrade"))
+      put_upgrade(out, f);
+    else
+      put_field(out, f->name, f->name_len, f->value, f->value_len);
   }
   if (flags & PC_H1_OUT_LENGTH) {
     pc_jbuf_raw(out, "content-length: ", 16);

@@ -127,7 +127,7 @@ const pc_h1_field_t *pc_h1_find(const pc_h1_msg_t *m, const char *name);
 #define PC_H1_OUT_CHUNKED 1u    /* add Transfer-Encoding: chunked */
 #define PC_H1_OUT_CLOSE 2u      /* add Connection: close */
 #define PC_H1_OUT_KEEPALIVE 4u  /* add Connection: keep-alive (HTTP/1.0 peers) */
-#define PC_H1_OUT_UPGRADE 8u    /* keep Upgrade and add Connection: upgrade */
+#define PC_H1_OUT_UPGRADE 8u    /* keep Upgrade (less any h2c) and add Connection: upgrade */
 #define PC_H1_OUT_DROP_XFCC 16u /* drop x-forwarded-client-cert (also with '_') */
 #define PC_H1_OUT_LENGTH 32u    /* add Content-Length: msg.length */
 

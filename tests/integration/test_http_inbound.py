@@ -761,6 +761,25 @@ def test_websocket_upgrade_roundtrip(hin):
         assert r.status == 200 and r.json()["conn"] != rq.conn
 
 
+def test_websocket_upgrade_offered_with_h2c_reaches_app_without_h2c(hin):
+    """"Upgrade: h2c, websocket": the switch to websocket goes ahead, but the app is never
+    offered h2c (nor its HTTP2-Settings): the sidecar does not speak cleartext HTTP/2 on this
+    connection, so an app that picked h2c would break the tunnel."""
+    n0 = hin.app.nreq()
+    with _conn(hin) as c:
+        c.send(req("GET", "/ws", [("Connection", "Upgrade, HTTP2-Settings"),
+                                  ("Upgrade", "h2c, websocket"),
+                                  ("HTTP2-Settings", "AAMAAABkAARAAAAAAAIAAAAA"),
+                                  *WS_HEADERS[2:]]))
+        r = c.read_response()
+        assert r.status == 101, r.head
+        c.send(b"\x81\x02hi")
+        assert h.recv_exact(c.sock, 4, timeout=20) == b"\x81\x02hi"
+    rq = hin.app.reqs_since(n0)[0]
+    assert rq.hv("upgrade") == ["websocket"], f"expected 'Upgrade: websocket', app saw {rq.headers}"
+    assert not rq.hv("http2-settings"), f"HTTP2-Settings reached the app: {rq.headers}"
+
+
 def test_upgrade_answered_without_101_stays_http(hin):
     with _conn(hin) as c:
         c.send(req("GET", "/echo?ws=no", WS_HEADERS))

@@ -1061,6 +1061,25 @@ static void test_write_head(void) {
   out.len = 0;
   h1_close(&h);
 
+  /* A switch to websocket goes on without the h2c the client also offered:
+   * the sidecar never switches to cleartext HTTP/2, so neither may the app. */
+  static const char both[] =
+      "GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: h2c, websocket\r\n"
+      "Connection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAAQ\r\n"
+      "Sec-WebSocket-Version: 13\r\n\r\n";
+  CHECK_INT_EQ(parse_head(&h, 1, S(both), 0), PC_H1_HEAD);
+  CHECK_INT_EQ(h.p.msg.upgrade, 1);
+  pc_h1_write_head(&h.p, &out, PC_H1_OUT_UPGRADE, NULL);
+  if (reparse(&r, 1, &out, 0) == PC_H1_HEAD) {
+    expect_field(&r.p.msg, "upgrade", "websocket");
+    expect_field(&r.p.msg, "connection", "upgrade");
+    CHECK(pc_h1_find(&r.p.msg, "http2-settings") == NULL);
+    CHECK_INT_EQ(r.p.msg.nfields, 4); /* host, upgrade, sec-websocket-version, connection */
+  }
+  h1_close(&r);
+  out.len = 0;
+  h1_close(&h);
+
   /* The head is appended: what the buffer held stays in front. */
   CHECK_INT_EQ(parse_head(&h, 1, S(GET_A), 0), PC_H1_HEAD);
   pc_jbuf_raw(&out, "PREFIX", 6);
