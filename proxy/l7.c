@@ -346,9 +346,11 @@ static void on_timer(uv_timer_t *t) {
 
 /* Can client bytes be parsed now? Not while the upstream is not ready, nor
  * after the request ended (the next one waits for this answer), nor while
- * the upstream's queue is full. */
+ * the upstream's queue is full; and no next request starts while the
+ * client has not read what it was already sent (a client that pipelines and
+ * never reads would otherwise make the answers queue up without bound). */
 static int blocked(const pc_l7_t *x) {
-  if (x->state == X_HEAD) return 0;
+  if (x->state == X_HEAD) return pc_stream_queued(x->down) > PC_STREAM_HIGH_WATER;
   if (x->state != X_REQUEST) return 1;
   return !x->up_ready || x->req_done || x->down_bp;
 }
@@ -821,10 +823,15 @@ void pc_l7_on_error(pc_l7_t *x, int err) {
 void pc_l7_on_drain(pc_l7_t *x) {
   if (x->state == X_TUNNEL) {
     pc_splice_on_drain(&x->splice, x->down);
-  } else if (x->up_bp && x->up) {
+    return;
+  }
+  if (x->up_bp && x->up) {
     x->up_bp = 0;
     pc_stream_read_start(&x->up->s);
   }
+  /* Pipelined requests waited for the client to read its answers. */
+  if (x->state == X_HEAD && x->in_len) process(x);
+  settle(x);
 }
 
 void pc_l7_on_shutdown(pc_l7_t *x, int status) {

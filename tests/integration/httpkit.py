@@ -234,7 +234,8 @@ class HttpApp:
       ?pause_ms=N (any path)        waits N ms after the head before reading the body
       /continue                     sends "HTTP/1.1 100 Continue" BEFORE reading the body
                                     (when the request has Expect: 100-continue), then /echo
-      /big?n=BYTES&chunked=1&seed=S pattern body (Content-Length, or chunked 256 KiB chunks)
+      /big?n=BYTES&chunked=1&seed=S pattern body (Content-Length, or chunked 256 KiB chunks;
+                                    &whole=1: Content-Length, head and body in one send)
       /ws                           101 Switching Protocols, then echoes raw bytes to EOF
       CONNECT (any target)          200, then echoes raw bytes to EOF
       /double?delay_ms=N            two complete responses ("first", then "SMUGGLED" after
@@ -464,6 +465,8 @@ class HttpApp:
                         piece = body[off: off + step]
                         self._send(s, rec, b"%x\r\n" % len(piece) + piece + b"\r\n")
                     self._send(s, rec, b"0\r\n\r\n")
+            elif q.get("whole") == "1":   # head and body in one send: one read upstream
+                self._send(s, rec, self._response(200, body, base + [OCTETS], close, head_only))
             else:
                 self._send(s, rec, self._head(200, base + [("content-length", str(n)), OCTETS],
                                               close))

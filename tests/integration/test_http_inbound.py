@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import select
 import signal
 import socket
 import ssl
@@ -523,6 +524,110 @@ def test_download_backpressure_bounded_memory(env, pki):
         c.send(data[sent:])
         r = c.read_response(timeout=120)
         assert r.status == 200 and r.json()["body_sha256"] == h.sha256(data)
+
+
+def test_pipelining_client_that_never_reads_holds_bounded_answers(env, pki):
+    """A client pipelines 3,000 requests for 16 KiB each and reads nothing: the sidecar must
+    not go on fetching answers that only pile up in its memory (48 MiB here). Each answer
+    comes from the app in one send, so it ends within one read: the sidecar's check of the
+    client's queue then never ran before the next request went out. It now starts no next
+    request while the client has not read what it was sent, so the app stops being asked;
+    once the client reads, every answer arrives complete and in order."""
+    n, size = 3000, 16 * 1024
+    app = hk.HttpApp()
+    env.apps.append(app)
+    port = h.free_port()
+    sc = env.sidecar(h.base_config(pki, "payments-api", workers=1, inbound=[
+        h.inbound_listener("api", port, app.addr, [{"namespace": "web"}], protocol="http")]),
+        name="http-pipeline-unread")
+    want = h.sha256(hk.pattern(size, 7))   # also the app's body, made before the requests
+    ctx = h.client_context(pki, "web-frontend")
+    n0, c0 = app.nreq(), app.count()
+    with HttpConn.tls(port, ctx) as c:
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        c.send(b"".join(req("GET", f"/big?n={size}&seed=7&whole=1&i={i}") for i in range(n)))
+        assert app.wait_reqs(n0 + 1), "the first request never reached the app"
+
+        def sent() -> int:
+            return sum(x.bytes_out for x in app.conns_since(c0))
+        stalled = _wait_stalled(sent, n * size)
+        asked = app.nreq() - n0
+        assert stalled < n * size and asked < n, (
+            f"expected the app to stop being asked while the client reads nothing; it answered "
+            f"{asked} of {n} requests ({stalled} of {n * size} bytes)")
+        for i in range(n):
+            r = c.read_response(timeout=60, keep_limit=0)
+            assert (r.status, r.length, r.sha256) == (200, size, want), \
+                f"answer {i}: {r.status} {r.length} bytes, {r.head}"
+    targets = [q.target for q in app.reqs_since(n0)]
+    assert targets == [f"/big?n={size}&seed=7&whole=1&i={i}" for i in range(n)], targets[:5]
+    sc.assert_alive()
+
+
+def test_pipelined_refusals_never_read_stay_bounded(env, pki):
+    """The keep-alive 403 path: a client pipelines 300,000 requests the allow list refuses
+    (13 MiB, more than the sockets' buffers hold) and reads none of the answers. The sidecar
+    answers them itself, so nothing upstream slows it down: it must stop taking requests once
+    the client has not read what it was sent, instead of queueing 60 MiB of 403s. The
+    client's sending therefore stalls; once it reads, every request is answered, in order."""
+    n = 300_000
+    app = hk.HttpApp()
+    env.apps.append(app)
+    port = h.free_port()
+    cfg = h.base_config(pki, "payments-api", workers=1, inbound=[h.inbound_listener(
+        "api", port, app.addr, [{"namespace": "web", "methods": ["GET"]}], protocol="http")])
+    cfg["log"] = {"level": "info", "access": False}   # 300,000 lines would only slow the test
+    env.sidecar(cfg, name="http-pipeline-403")
+    one = req("DELETE", "/refused")
+    data = memoryview(one * n)
+    s = h.tls_connect(port, h.client_context(pki, "web-frontend"))
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        s.setblocking(False)
+
+        def send_some(sent: int) -> int:
+            try:
+                return sent + s.send(data[sent:sent + 65536])
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                return sent
+        # phase 1: send without reading until the sending stops making progress
+        sent, quiet_since = 0, time.monotonic()
+        deadline = time.monotonic() + h.T(60)
+        while sent < len(data) and time.monotonic() < deadline:
+            more = send_some(sent)
+            if more != sent:
+                sent, quiet_since = more, time.monotonic()
+            elif time.monotonic() - quiet_since >= 1.0:
+                break
+            else:
+                select.select([], [s], [], 0.05)
+        assert sent < len(data), (
+            f"expected the sidecar to stop taking requests while the client reads nothing; it "
+            f"took all {n} ({len(data)} bytes)")
+        # phase 2: read every answer, sending the rest as the sidecar takes it
+        marker = b"HTTP/1.1 403 "
+        seen, tail, deadline = 0, b"", time.monotonic() + h.T(60)
+        while seen < n and time.monotonic() < deadline:
+            more = send_some(sent) if sent < len(data) else sent
+            try:
+                chunk = s.recv(262144)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                chunk = None
+            if chunk is not None:
+                assert chunk, f"the sidecar closed after {seen} of {n} answers"
+                # a status line split between two reads is counted once: the tail kept is
+                # shorter than the marker, so it never holds a whole one already counted
+                buf = tail + chunk
+                seen += buf.count(marker)
+                tail = buf[-(len(marker) - 1):]
+            elif more == sent:
+                select.select([s], [s] if sent < len(data) else [], [], 0.05)
+            sent = more
+        assert seen == n, \
+            f"expected {n} answers of 403, read {seen} (sent {sent} of {len(data)} bytes)"
+    finally:
+        s.close()
+    assert app.nreq() == 0, "a refused request reached the app"
 
 
 def _wait_stalled(progress, end: int, quiet: float = 0.5, timeout: float = 30.0) -> int:
