@@ -207,7 +207,16 @@ static void on_connect(uv_connect_t *req, int status) {
 
 pc_upconn_t *pc_pool_acquire(pc_pool_t *p, pc_metrics_t *stats, const pc_stream_cbs_t *cbs,
                              void *owner, pc_upconn_ready_cb on_ready, void *user, int *ready) {
-  pc_upconn_t *up = p->idle;
+  pc_upconn_t *up;
+  /* Bytes an idle connection holds were never asked for (an app that
+   * answered twice; often still inside the read that completed its last
+   * response): it is closed, never lent, or they would be the answer to
+   * this borrower's request. */
+  while ((up = p->idle) && pc_stream_has_input(&up->s)) {
+    pc_log(PC_LOG_WARN, "listener %s: %s sent unrequested bytes; closing that connection",
+           p->lc->name, p->lc->target_str);
+    close_up(up, 1);
+  }
   if (up) {
     unlink_idle(up);
     up->user_cbs = cbs;

@@ -2,6 +2,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 
 #include <openssl/err.h>
 
@@ -76,6 +77,14 @@ int pc_stream_init(pc_stream_t *s, uv_loop_t *loop, pc_scratch_t *scratch,
 
 size_t pc_stream_queued(const pc_stream_t *s) {
   return uv_stream_get_write_queue_size((const uv_stream_t *)&s->tcp);
+}
+
+int pc_stream_has_input(const pc_stream_t *s) {
+  if (s->in_len > 0 || (s->ssl && SSL_pending(s->ssl) > 0)) return 1;
+  uv_os_fd_t fd;
+  int n = 0;
+  if (uv_fileno((const uv_handle_t *)&s->tcp, &fd) != 0) return 0;
+  return ioctl(fd, FIONREAD, &n) == 0 && n > 0;
 }
 
 static void on_write(uv_write_t *req, int status) {

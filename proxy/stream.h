@@ -115,6 +115,13 @@ int pc_stream_discard(pc_stream_t *s);
 /* Bytes accepted but not yet handed to the kernel. */
 size_t pc_stream_queued(const pc_stream_t *s);
 
+/* 1 if the peer has sent bytes not yet handed to the owner: input kept
+ * across a pause or left in the read being delivered, decrypted bytes
+ * BoringSSL holds, or bytes in the kernel's receive queue (one ioctl). A
+ * pooled connection with such bytes must not be lent: they would be read as
+ * the next borrower's answer. */
+int pc_stream_has_input(const pc_stream_t *s);
+
 /* Ends the sending direction: TLS close_notify (unless skip_notify), then FIN
  * once the queue has drained; on_shutdown fires when done. Reading goes on. */
 void pc_stream_shutdown(pc_stream_t *s, int skip_notify);

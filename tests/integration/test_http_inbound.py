@@ -938,6 +938,79 @@ def test_two_responses_to_one_request_never_reach_next_client(hin, delay_ms):
     assert [x.target for x in hin.app.reqs_since(n0)][0].startswith("/double")
 
 
+READ_SIZE = 48 * 1024   # the sidecar reads a socket this much at a time (PC_STREAM_READ_SIZE)
+
+
+def _head_for(total: int) -> bytes:
+    """The head of a 200 whose head plus body is exactly total bytes."""
+    for digits in range(1, 8):   # the body's length has as many digits as the head assumes
+        head = b"HTTP/1.1 200 OK\r\ncontent-length: %s\r\n\r\n" % (b"0" * digits)
+        body = total - len(head)
+        if len(str(body)) == digits:
+            return head.replace(b"0" * digits, str(body).encode())
+    raise AssertionError(f"no head for {total}")
+
+
+def test_connection_with_bytes_past_its_answer_is_not_lent_again(env, pki):
+    """An app answers the first of two pipelined requests with an answer that fills the
+    sidecar's reads exactly, followed at once by a second, unrequested answer. The answer
+    ends within the read callback, and the upstream connection went back to the pool and was
+    lent to the next request right there, while the unrequested bytes still waited in the
+    same socket: they were then read as the next request's answer. The sidecar must close
+    such a connection instead of lending it (the app's bytes arrive while the sidecar is
+    stopped, so its reads line up with the answer's end every time)."""
+    total = 2 * READ_SIZE
+    first_in, go, sent = threading.Event(), threading.Event(), threading.Event()
+    seen: list[bytes] = []
+
+    def handler(sock, rec):
+        sock.settimeout(h.T(30))
+        buf = b""
+        while True:
+            while b"\r\n\r\n" not in buf:
+                b = sock.recv(65536)
+                if not b:
+                    return
+                buf += b
+            head, buf = buf.split(b"\r\n\r\n", 1)
+            target = head.split(b" ")[1]
+            seen.append(target)
+            if target == b"/first":
+                first_in.set()
+                if not go.wait(h.T(30)):
+                    return
+                first = _head_for(total)
+                first += b"f" * (total - len(first))
+                sock.sendall(first + b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nSMUGGLED")
+                sent.set()
+            else:
+                sock.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nREAL")
+
+    app = env.app("handler", handler=handler)
+    port = h.free_port()
+    sc = env.sidecar(h.base_config(pki, "payments-api", workers=1, inbound=[
+        h.inbound_listener("api", port, app.addr, [{"namespace": "web"}], protocol="http")]),
+        name="http-relend")
+    with HttpConn.tls(port, h.client_context(pki, "web-frontend")) as c:
+        c.send(req("GET", "/first") + req("GET", "/second"))
+        assert first_in.wait(h.T(20)), "the first request never reached the app"
+        sc.signal(signal.SIGSTOP)
+        try:
+            go.set()
+            assert sent.wait(h.T(20)), "the app could not send its answers"
+        finally:
+            sc.signal(signal.SIGCONT)
+        r1 = c.read_response(keep_limit=total)
+        assert r1.status == 200 and r1.length == total - len(_head_for(total)), r1.head
+        r2 = c.read_response()
+        assert (r2.status, r2.body) == (200, b"REAL"), \
+            f"the second request was answered with {r2.head!r} {r2.body!r}: bytes the app " \
+            f"sent unasked reached it"
+    assert seen.count(b"/second") == 1, seen
+    assert sc.wait_for_event("unrequested bytes") is not None, \
+        "expected a warning that the app sent unrequested bytes"
+
+
 def test_app_closes_after_response(hin):
     with _conn(hin) as c:
         c.send(req("GET", "/close"))
