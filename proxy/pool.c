@@ -209,9 +209,10 @@ pc_upconn_t *pc_pool_acquire(pc_pool_t *p, pc_metrics_t *stats, const pc_stream_
                              void *owner, pc_upconn_ready_cb on_ready, void *user, int *ready) {
   pc_upconn_t *up;
   /* Bytes an idle connection holds were never asked for (an app that
-   * answered twice; often still inside the read that completed its last
-   * response): it is closed, never lent, or they would be the answer to
-   * this borrower's request. */
+   * answered twice): it is closed, never lent, or they would be the answer
+   * to this borrower's request. This matters most for a connection lent
+   * again inside the read that completed its last response (a pipelined next
+   * request), where libuv reads the rest of the socket only afterwards. */
   while ((up = p->idle) && pc_stream_has_input(&up->s)) {
     pc_log(PC_LOG_WARN, "listener %s: %s sent unrequested bytes; closing that connection",
            p->lc->name, p->lc->target_str);

@@ -81,6 +81,7 @@ size_t pc_stream_queued(const pc_stream_t *s) {
 
 int pc_stream_has_input(const pc_stream_t *s) {
   if (s->in_len > 0 || (s->ssl && SSL_pending(s->ssl) > 0)) return 1;
+  if (!s->delivering && !s->in_pump) return 0;
   uv_os_fd_t fd;
   int n = 0;
   if (uv_fileno((const uv_handle_t *)&s->tcp, &fd) != 0) return 0;
@@ -258,7 +259,9 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
   }
   if (s->discard) return;
   if (!s->ssl) {
+    s->delivering = 1;
     s->cbs->on_data(s, buf->base, (size_t)nread);
+    s->delivering = 0; /* s outlives a close until its close callback */
     return;
   }
   if (s->in_len) {

@@ -78,7 +78,8 @@ struct pc_stream {
   uv_shutdown_t shutdown_req;
   uint32_t tls_error; /* BoringSSL error that ended the stream (PC_STREAM_ETLS) */
   unsigned reading : 1, uv_reading : 1, handshaking : 1, tcp_eof : 1, eof_sent : 1, shutting : 1,
-      closing : 1, above_high : 1, in_pump : 1, initialised : 1, discard : 1;
+      closing : 1, above_high : 1, in_pump : 1, initialised : 1, discard : 1,
+      delivering : 1; /* inside on_data from a socket read (plain streams) */
 };
 
 /* One-time process initialisation (the BIO method). Main thread, before any
@@ -117,9 +118,10 @@ size_t pc_stream_queued(const pc_stream_t *s);
 
 /* 1 if the peer has sent bytes not yet handed to the owner: input kept
  * across a pause or left in the read being delivered, decrypted bytes
- * BoringSSL holds, or bytes in the kernel's receive queue (one ioctl). A
- * pooled connection with such bytes must not be lent: they would be read as
- * the next borrower's answer. */
+ * BoringSSL holds, and, while s is inside the delivery of a read, bytes in
+ * the kernel's receive queue (one ioctl; libuv reads them next, in the same
+ * callback, when the read filled its buffer). A pooled connection with such
+ * bytes must not be lent: they would be read as the next borrower's answer. */
 int pc_stream_has_input(const pc_stream_t *s);
 
 /* Ends the sending direction: TLS close_notify (unless skip_notify), then FIN
