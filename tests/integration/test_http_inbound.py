@@ -473,14 +473,22 @@ def test_download_64mib(hin, chunked):
     assert e["response_bytes"] == BIG and e["request_bytes"] == 0, e
 
 
-def test_download_backpressure_bounded_memory(env, pki):
-    """A client that stops reading a 64 MiB response: the sidecar must not buffer it."""
-    app = hk.HttpApp()
-    env.apps.append(app)
+def _http_sidecar(env, pki, name: str, app=None):
+    """One worker, an HTTP inbound listener ("api", namespace web allowed) in front of app
+    (a fresh HttpApp if None). Returns (sidecar, app, port)."""
+    if app is None:
+        app = hk.HttpApp()
+        env.apps.append(app)
     port = h.free_port()
     sc = env.sidecar(h.base_config(pki, "payments-api", workers=1, inbound=[
         h.inbound_listener("api", port, app.addr, [{"namespace": "web"}], protocol="http")]),
-        name="http-backpressure")
+        name=name)
+    return sc, app, port
+
+
+def test_download_backpressure_bounded_memory(env, pki):
+    """A client that stops reading a 64 MiB response: the sidecar must not buffer it."""
+    sc, app, port = _http_sidecar(env, pki, "http-backpressure")
     ctx = h.client_context(pki, "web-frontend")
     with HttpConn.tls(port, ctx) as c:   # warm-up
         c.send(req("GET", "/echo"))
@@ -534,12 +542,7 @@ def test_pipelining_client_that_never_reads_holds_bounded_answers(env, pki):
     request while the client has not read what it was sent, so the app stops being asked;
     once the client reads, every answer arrives complete and in order."""
     n, size = 3000, 16 * 1024
-    app = hk.HttpApp()
-    env.apps.append(app)
-    port = h.free_port()
-    sc = env.sidecar(h.base_config(pki, "payments-api", workers=1, inbound=[
-        h.inbound_listener("api", port, app.addr, [{"namespace": "web"}], protocol="http")]),
-        name="http-pipeline-unread")
+    sc, app, port = _http_sidecar(env, pki, "http-pipeline-unread")
     want = h.sha256(hk.pattern(size, 7))   # also the app's body, made before the requests
     ctx = h.client_context(pki, "web-frontend")
     n0, c0 = app.nreq(), app.count()
@@ -986,11 +989,7 @@ def test_connection_with_bytes_past_its_answer_is_not_lent_again(env, pki):
             else:
                 sock.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nREAL")
 
-    app = env.app("handler", handler=handler)
-    port = h.free_port()
-    sc = env.sidecar(h.base_config(pki, "payments-api", workers=1, inbound=[
-        h.inbound_listener("api", port, app.addr, [{"namespace": "web"}], protocol="http")]),
-        name="http-relend")
+    sc, app, port = _http_sidecar(env, pki, "http-relend", env.app("handler", handler=handler))
     with HttpConn.tls(port, h.client_context(pki, "web-frontend")) as c:
         c.send(req("GET", "/first") + req("GET", "/second"))
         assert first_in.wait(h.T(20)), "the first request never reached the app"
