@@ -46,6 +46,11 @@ HOST = "127.0.0.1"
 # A deadline in a sidecar config that its test is not about: far beyond anything CPU load or a
 # sanitizer build can stretch a handshake, a connect or an app's answer to.
 GENEROUS_MS = 60000
+# Upper bound (s) for "the deadline under test fired / the sidecar acted promptly": far above
+# the short deadlines tests set (a few s at most) plus any delay a loaded machine or a
+# sanitizer build adds, far below the deadlines they do not test (GENEROUS_MS). Not scaled: it
+# separates orders of magnitude, and T() would push it past those generous deadlines.
+PROMPT_S = 20.0
 # How long the harness waits by default for something that should happen (a log line, a
 # handshake, an admin answer): a bound for when it never does, not an expectation of speed.
 WAIT_S = 15.0
@@ -98,6 +103,22 @@ def wait_until(pred: Callable[[], Any], timeout: float, interval: float = 0.02) 
         if time.monotonic() >= deadline:
             return v
         time.sleep(interval)
+
+
+def wait_stalled(progress: Callable[[], int], *, quiet: float, timeout: float,
+                 end: int | None = None) -> int:
+    """Poll progress() (a growing count) until it stops growing for `quiet` seconds, or
+    reaches end, bounded by timeout (scaled). Returns the last value."""
+    deadline = time.monotonic() + T(timeout)
+    last, since = progress(), time.monotonic()
+    while time.monotonic() < deadline and (end is None or last < end):
+        time.sleep(0.05)
+        now = progress()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            break
+    return last
 
 
 def sha256(data: bytes) -> str:

@@ -47,12 +47,6 @@ HANDSHAKE_BUCKETS = ["0.0005", "0.001", "0.0025", "0.005", "0.01", "0.025", "0.0
                      "0.5", "1.0", "2.5", "5.0", "+Inf"]
 DEFAULT_CIPHERS = {f"ECDHE-{a}-{c}" for a in ("ECDSA", "RSA")
                    for c in ("AES128-GCM-SHA256", "AES256-GCM-SHA384", "CHACHA20-POLY1305")}
-# Upper bound (s) for "the deadline under test fired / the sidecar acted promptly": far above
-# every deadline these tests set (<= 5 s) plus any delay a loaded machine or a sanitizer build
-# adds, far below the deadlines they do not test (h.GENEROUS_MS = 60 s) and the drain deadline
-# of the tests that must end before theirs (DRAIN_LONG_MS). Not scaled: it separates orders of
-# magnitude, and h.T() would push it past those generous deadlines.
-PROMPT_S = 20.0
 DRAIN_LONG_MS = 60000
 
 
@@ -213,7 +207,7 @@ def refuse(sc: h.Sidecar, port: int, ctx: ssl.SSLContext, reason: str) -> None:
     if isinstance(r, ssl.SSLSocket):
         r.close()
         raise AssertionError(f"served; expected a refusal with reason {reason}")
-    e = sc.log_for_peer_port(r.local_port, timeout=PROMPT_S)
+    e = sc.log_for_peer_port(r.local_port, timeout=h.PROMPT_S)
     assert e is not None and e["decision"] == "deny" and e["reason"] == reason, (reason, e)
 
 
@@ -409,12 +403,12 @@ def test_incomplete_head_times_out_and_does_not_block_admin(env, pki):
     app = env.app("echo")
     sc, _ = inbound_sidecar(env, pki, app, name="slowloris")
     t0 = time.monotonic()       # before the connection: its head deadline starts later
-    s = socket.create_connection((h.HOST, sc.admin_port), timeout=h.T(PROMPT_S + 10))
+    s = socket.create_connection((h.HOST, sc.admin_port), timeout=h.T(h.PROMPT_S + 10))
     try:
         s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")   # no blank line, ever
         # The listener accepts in order: every request below is accepted after this one.
         for i in range(3):
-            r = sc.admin_get("/healthz", timeout=PROMPT_S)
+            r = sc.admin_get("/healthz", timeout=h.PROMPT_S)
             assert r.status == 200, f"/healthz #{i} while a head is incomplete: {r.status}"
         # ... and answered while the incomplete head is still pending (an admin server that
         # waited for it would answer only after closing it at its deadline)
@@ -425,7 +419,7 @@ def test_incomplete_head_times_out_and_does_not_block_admin(env, pki):
             pending = None
         except OSError as e:
             pending = f"{type(e).__name__}: {e}"
-        s.settimeout(h.T(PROMPT_S + 10))
+        s.settimeout(h.T(h.PROMPT_S + 10))
         assert pending is None, (f"the incomplete head was answered or closed ({pending!r}) "
                                  f"before three other requests were served, "
                                  f"{time.monotonic() - t0:.1f} s after it was sent")
@@ -445,7 +439,7 @@ def test_incomplete_head_times_out_and_does_not_block_admin(env, pki):
     finally:
         s.close()
     assert buf == b"" or status_of(buf) == 408, buf[:200]
-    assert 3.5 <= took <= PROMPT_S, f"closed after {took:.1f} s, expected about 5 s"
+    assert 3.5 <= took <= h.PROMPT_S, f"closed after {took:.1f} s, expected about 5 s"
     sc.assert_alive()
 
 
@@ -494,7 +488,7 @@ def test_metrics_basics_and_inbound_traffic(env, pki):
     # every handshake the sidecar timed lies inside one of these sequential connections
     conns_took = time.monotonic() - t_conns
     for lp in ports:
-        e = sc.log_for_peer_port(lp, timeout=PROMPT_S)
+        e = sc.log_for_peer_port(lp, timeout=h.PROMPT_S)
         assert e is not None and e["decision"] == "allow", e
     m1 = wait_metric(sc, "portcullis_connections_total", m.get(
         "portcullis_connections_total", decision="allow", reason="", **lab) + len(sizes),
@@ -539,7 +533,7 @@ def test_metrics_basics_and_inbound_traffic(env, pki):
                 pass
         finally:
             s.close()
-    e = sc.log_for_peer_port(lp, timeout=PROMPT_S)
+    e = sc.log_for_peer_port(lp, timeout=h.PROMPT_S)
     assert e is not None and e["decision"] == "deny" and e["reason"] == "protocol", e
     happened = {"not_allowed": 3, "expired": 1, "no_cert": 1, "bad_chain": 1,
                 "no_spiffe_id": 1, "wrong_trust_domain": 1, "protocol": 1}
@@ -663,7 +657,7 @@ def test_metrics_reloads_and_generation(env, pki, tmp_path):
     ev = sc.event_count()
     _write_atomic(ident / "tls.key", Path(key).read_bytes())
     _write_atomic(ident / "tls.crt", Path(crt).read_bytes())
-    e = sc.wait_for_event("reload ok: kind=certs", PROMPT_S, ev)
+    e = sc.wait_for_event("reload ok: kind=certs", h.PROMPT_S, ev)
     assert e is not None, "\n".join(sc.stderr_lines[-10:])
     gen = int(re.search(r"generation=(\d+)", e["msg"]).group(1))
     assert gen == 2, e
@@ -683,7 +677,7 @@ def test_metrics_reloads_and_generation(env, pki, tmp_path):
     sc.write_config(good_text.replace("workers = 2;", "workers = = 2 {;"))
     ev = sc.event_count()
     sc.sighup()
-    assert sc.wait_for_event("reload failed: kind=config", PROMPT_S, ev) is not None, \
+    assert sc.wait_for_event("reload failed: kind=config", h.PROMPT_S, ev) is not None, \
         "\n".join(sc.stderr_lines[-10:])
     m4 = wait_metric(sc, "portcullis_reloads_total", reloads(m3, "config", "failed") + 1,
                      kind="config", result="failed")
@@ -694,7 +688,7 @@ def test_metrics_reloads_and_generation(env, pki, tmp_path):
     sc.write_config(good_text)
     ev = sc.event_count()
     sc.sighup()
-    e = sc.wait_for_event("reload ok: kind=config", PROMPT_S, ev)
+    e = sc.wait_for_event("reload ok: kind=config", h.PROMPT_S, ev)
     assert e is not None, "\n".join(sc.stderr_lines[-10:])
     gen5 = int(re.search(r"generation=(\d+)", e["msg"]).group(1))
     assert gen5 == gen3 + 1, (gen3, e)
@@ -708,7 +702,7 @@ def test_metrics_reloads_and_generation(env, pki, tmp_path):
     ev = sc.event_count()
     _write_atomic(ident / "tls.key", Path(pki.key("bad-expired")).read_bytes())
     _write_atomic(ident / "tls.crt", Path(pki.crt("bad-expired")).read_bytes())
-    assert sc.wait_for_event("reload failed: kind=certs", PROMPT_S, ev) is not None, \
+    assert sc.wait_for_event("reload failed: kind=certs", h.PROMPT_S, ev) is not None, \
         "\n".join(sc.stderr_lines[-10:])
     m6 = wait_metric(sc, "portcullis_reloads_total", 1, kind="certs", result="failed")
     assert reloads(m6, "certs", "ok") == reloads(m5, "certs", "ok")
@@ -800,7 +794,7 @@ def test_config_endpoint_and_no_secrets_anywhere(env, pki, tmp_path):
         texts[path] = sc.admin_get(path).text
     ev = sc.event_count()
     sc.sighup()                              # a reload re-reads the key with the passphrase
-    assert sc.wait_for_event("reload ok: kind=config", PROMPT_S, ev) is not None, \
+    assert sc.wait_for_event("reload ok: kind=config", h.PROMPT_S, ev) is not None, \
         "no 'reload ok: kind=config' event after SIGHUP:\n" + "\n".join(sc.stderr_lines[-10:])
     texts["/config after reload"] = sc.admin_get("/config").text
     sc.stop()
@@ -925,7 +919,7 @@ def test_drain_sigterm_deadline(env, pki):
     # /ready flips at the start of the drain, not at its end
     r = None
     for _ in range(500):
-        r = sc.admin_get("/ready", timeout=PROMPT_S)
+        r = sc.admin_get("/ready", timeout=h.PROMPT_S)
         if r.status == 503 or time.monotonic() - t0 > drain_s / 2:
             break
         time.sleep(0.02)
@@ -934,7 +928,7 @@ def test_drain_sigterm_deadline(env, pki):
          f"expected 503 draining within {drain_s / 2} s")
     assert sc.admin_get("/healthz").status == 200, "admin must keep answering while draining"
     assert scrape(sc).one("portcullis_draining")[1] == 1
-    assert sc.wait_for_event("draining", PROMPT_S, ev) is not None
+    assert sc.wait_for_event("draining", h.PROMPT_S, ev) is not None
     # new connections are refused and never reach the app (checked again after the exit)
     n_app = app.count()
     hows = [new_conn_refused(port, web) for _ in range(3)]
@@ -943,16 +937,16 @@ def test_drain_sigterm_deadline(env, pki):
     # the long stream keeps working during the drain, in its second half too
     half = t0 + drain_s / 2
     h.wait_until(lambda: tk.rounds_after(half) >= 3 or tk.end is not None,
-                 h.T(drain_s + PROMPT_S))
+                 h.T(drain_s + h.PROMPT_S))
     assert tk.rounds_after(half) >= 3, \
         (f"{tk.rounds_after(half)} round trips in the second half of the drain "
          f"({drain_s / 2}-{drain_s} s after SIGTERM), expected >= 3; stream end: {tk.end} "
          f"at {(tk.end_time or t0) - t0:.2f} s")
     # at the deadline: the stream is closed, the process exits 0
-    rc = sc.wait_exit(drain_s + PROMPT_S)
+    rc = sc.wait_exit(drain_s + h.PROMPT_S)
     t_exit = time.monotonic() - t0
     assert rc == 0, (rc, t_exit, "\n".join(sc.stderr_lines[-10:]))
-    assert drain_s - 0.3 <= t_exit <= drain_s + PROMPT_S, \
+    assert drain_s - 0.3 <= t_exit <= drain_s + h.PROMPT_S, \
         f"exited {t_exit:.2f} s after SIGTERM, expected at the {drain_s} s drain deadline"
     tk.join(h.T(5))
     assert tk.end is not None and tk.end != "stopped", tk.end
@@ -967,7 +961,7 @@ def test_drain_sigterm_deadline(env, pki):
     tk.sock.close()
 
 
-def wait_until_rounds(tk: Ticker, n: int, timeout: float = PROMPT_S) -> bool:
+def wait_until_rounds(tk: Ticker, n: int, timeout: float = h.PROMPT_S) -> bool:
     return bool(h.wait_until(lambda: len(tk.ok_times) >= n or tk.end is not None,
                              h.T(timeout))) and len(tk.ok_times) >= n
 
@@ -977,12 +971,12 @@ def drain_started_and_stream_lives(sc: h.Sidecar, tk: Ticker, ev: int,
     """After a first SIGTERM: waits for the "draining" event, then for the stream to complete
     two more round trips and for at least min_s s to pass; asserts the sidecar is still
     running and the stream open. Returns when the drain started (as the test saw it)."""
-    assert sc.wait_for_event("draining", PROMPT_S, ev) is not None, \
+    assert sc.wait_for_event("draining", h.PROMPT_S, ev) is not None, \
         "no 'draining' event after SIGTERM"
     t_drain = time.monotonic()
     h.wait_until(lambda: (tk.rounds_after(t_drain) >= 2
                           and time.monotonic() - t_drain >= min_s) or tk.end is not None
-                 or not sc.alive(), h.T(PROMPT_S))
+                 or not sc.alive(), h.T(h.PROMPT_S))
     assert sc.alive(), "exited on the first SIGTERM although a connection was still open"
     assert tk.end is None, f"stream ended during the drain: {tk.end}"
     assert tk.rounds_after(t_drain) >= 2, \
@@ -1005,10 +999,10 @@ def test_drain_exits_early_when_last_connection_ends(env, pki):
     assert r.status == 503 and r.body == b"draining\n", (r.status, r.body)
     t_close = time.monotonic()
     tk.close_clean()
-    rc = sc.wait_exit(PROMPT_S)
+    rc = sc.wait_exit(h.PROMPT_S)
     t_exit = time.monotonic()
     assert rc == 0, (rc, "\n".join(sc.stderr_lines[-10:]))
-    assert t_exit - t_close <= PROMPT_S, \
+    assert t_exit - t_close <= h.PROMPT_S, \
         f"exit {t_exit - t_close:.2f} s after the last close, expected at once"
     assert t_exit - t0 < drain_s, \
         (f"exit {t_exit - t0:.2f} s after SIGTERM: the drain ran to its {drain_s} s deadline "
@@ -1035,10 +1029,10 @@ def test_drain_cut_short(env, pki, how):
         sc.signal(signal.SIGTERM)
     else:
         sc.signal(signal.SIGINT)
-    rc = sc.wait_exit(PROMPT_S)
+    rc = sc.wait_exit(h.PROMPT_S)
     took = time.monotonic() - t0
     assert rc == 0, (rc, "\n".join(sc.stderr_lines[-10:]))
-    assert took <= PROMPT_S, \
+    assert took <= h.PROMPT_S, \
         f"{how}: exit took {took:.2f} s, expected at once (the drain deadline is {drain_s} s)"
     tk.join(h.T(5))
     assert tk.end is not None and tk.end != "stopped", tk.end
@@ -1079,7 +1073,7 @@ def test_log_level_error_suppresses_info(env, pki):
     assert sc.ready_mode == "http"
     web = h.client_context(pki, "web-frontend")
     lp = echo_conn(port, web, b"quiet please\n")
-    e = sc.log_for_peer_port(lp, timeout=PROMPT_S)
+    e = sc.log_for_peer_port(lp, timeout=h.PROMPT_S)
     assert e is not None, "access log is independent of log.level"
     # an ok reload (info) is not logged, but it happened
     sc.sighup()
@@ -1089,7 +1083,7 @@ def test_log_level_error_suppresses_info(env, pki):
     sc.write_config(good.replace("workers = 2;", "workers = = 2 {;"))
     ev = sc.event_count()
     sc.sighup()
-    e = sc.wait_for_event("reload failed: kind=config", PROMPT_S, ev)
+    e = sc.wait_for_event("reload failed: kind=config", h.PROMPT_S, ev)
     assert e is not None and e.get("level") == "error", "\n".join(sc.stderr_lines[-5:])
     sc.write_config(good)
     sc.stop()

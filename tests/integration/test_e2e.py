@@ -11,11 +11,6 @@ import pytest
 
 import harness as h
 
-# Upper bound (s) for waiting on something that happens at once when things work: far above
-# what a loaded machine or a sanitizer build takes, far below the generous deadlines
-# (h.GENEROUS_MS = 60 s). Only failing runs wait this long.
-PROMPT_S = 20.0
-
 
 @pytest.fixture(scope="module")
 def mesh(module_env):
@@ -44,12 +39,12 @@ def test_e2e_roundtrip_checksum(mesh):
     finally:
         s.close()
     assert got == n and digest == h.sha256(data)
-    assert mesh.app.wait_conns(before + 1, timeout=PROMPT_S), "the app saw no connection"
+    assert mesh.app.wait_conns(before + 1, timeout=h.PROMPT_S), "the app saw no connection"
     rec = mesh.app.conns[before]
-    assert rec.done.wait(h.T(PROMPT_S)), "app did not see the connection end"
+    assert rec.done.wait(h.T(h.PROMPT_S)), "app did not see the connection end"
     assert rec.bytes_in == n and rec.sha256_in == h.sha256(data)
 
-    out_e = mesh.client.log_for_app_port(app_port, timeout=PROMPT_S)
+    out_e = mesh.client.log_for_app_port(app_port, timeout=h.PROMPT_S)
     assert out_e is not None
     h.check_access_entry(out_e)
     assert out_e["decision"] == "allow" and out_e["peer_id"] == h.spiffe("payments", "api")
@@ -57,7 +52,7 @@ def test_e2e_roundtrip_checksum(mesh):
     # the inbound side's TLS peer is the outbound sidecar's upstream socket
     in_e = mesh.server.wait_for_log(
         lambda e: e.get("peer_id") == h.spiffe("web", "frontend")
-        and e.get("bytes_from_peer") == n, timeout=PROMPT_S)
+        and e.get("bytes_from_peer") == n, timeout=h.PROMPT_S)
     assert in_e is not None, mesh.server.access_log()[-3:]
     h.check_access_entry(in_e)
     assert in_e["decision"] == "allow" and in_e["app"] == mesh.app.addr, in_e
@@ -70,7 +65,7 @@ def test_e2e_many_sequential_connections(mesh):
         try:
             msg = b"msg-%d-" % i * 100
             s.sendall(msg)
-            assert h.recv_exact(s, len(msg), timeout=PROMPT_S) == msg, f"connection {i}"
+            assert h.recv_exact(s, len(msg), timeout=h.PROMPT_S) == msg, f"connection {i}"
         finally:
             s.close()
 
@@ -87,7 +82,7 @@ def test_e2e_evil_client_refused_at_inbound(mesh):
             s.sendall(b"let me in\n")
         except OSError:
             pass
-        s.settimeout(h.T(PROMPT_S))
+        s.settimeout(h.T(h.PROMPT_S))
         try:
             got = s.recv(100)
         except ConnectionResetError:
@@ -99,14 +94,14 @@ def test_e2e_evil_client_refused_at_inbound(mesh):
             s.close()
     assert got == b"", f"evil client got {got!r}"
     e = mesh.server.wait_for_log(lambda x: x.get("peer_id") == h.spiffe("evil", "intruder"),
-                                 timeout=PROMPT_S, start=start)
+                                 timeout=h.PROMPT_S, start=start)
     assert e is not None, mesh.server.access_log()[start:]
     h.check_access_entry(e)
     assert e["decision"] == "deny" and e["reason"] == "not_allowed", e
     time.sleep(0.2 * h.SCALE)  # give a (buggy) forward connect a chance to show up
     assert mesh.app.count() == before, "the app was contacted for a refused peer"
     # the evil sidecar logged its failed session too
-    ee = mesh.evil.wait_for_log(lambda x: x.get("listener") == "payments", timeout=PROMPT_S)
+    ee = mesh.evil.wait_for_log(lambda x: x.get("listener") == "payments", timeout=h.PROMPT_S)
     assert ee is not None
     h.check_access_entry(ee)
     assert ee["bytes_from_peer"] == 0, ee

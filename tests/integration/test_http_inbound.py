@@ -501,7 +501,8 @@ def test_download_backpressure_bounded_memory(env, pki):
         c.send(req("GET", f"/big?n={BIG}"))
         # wait until the pipe is full: the app's sending has stalled behind the sidecar
         assert app.wait_reqs(n0 + 1), "the request never reached the app"
-        stalled = _wait_stalled(lambda: app.conns[app.reqs_since(n0)[0].conn].bytes_out, BIG)
+        stalled = h.wait_stalled(lambda: app.conns[app.reqs_since(n0)[0].conn].bytes_out,
+                                 quiet=0.5, timeout=30.0, end=BIG)
         rss1 = sc.rss_kib()
         grown = (rss1 - rss0) / 1024
         assert grown < 24, f"sidecar RSS grew {grown:.1f} MiB while the client did not read"
@@ -553,7 +554,7 @@ def test_pipelining_client_that_never_reads_holds_bounded_answers(env, pki):
 
         def sent() -> int:
             return sum(x.bytes_out for x in app.conns_since(c0))
-        stalled = _wait_stalled(sent, n * size)
+        stalled = h.wait_stalled(sent, quiet=0.5, timeout=30.0, end=n * size)
         asked = app.nreq() - n0
         assert stalled < n * size and asked < n, (
             f"expected the app to stop being asked while the client reads nothing; it answered "
@@ -572,7 +573,7 @@ def test_pipelined_refusals_never_read_stay_bounded(env, pki):
     (13 MiB, more than the sockets' buffers hold) and reads none of the answers. The sidecar
     answers them itself, so nothing upstream slows it down: it must stop taking requests once
     the client has not read what it was sent, instead of queueing 60 MiB of 403s. The
-    client's sending therefore stalls; once it reads, every request is answered, in order."""
+    client's sending therefore stalls; once it reads, every request is answered."""
     n = 300_000
     app = hk.HttpApp()
     env.apps.append(app)
@@ -631,23 +632,6 @@ def test_pipelined_refusals_never_read_stay_bounded(env, pki):
     finally:
         s.close()
     assert app.nreq() == 0, "a refused request reached the app"
-
-
-def _wait_stalled(progress, end: int, quiet: float = 0.5, timeout: float = 30.0) -> int:
-    """Poll progress() (a byte count) until it reaches end or stops growing for `quiet`
-    seconds (bounded by timeout, scaled). Returns the last value."""
-    deadline = time.monotonic() + h.T(timeout)
-    last, since = progress(), time.monotonic()
-    for _ in range(100_000):
-        if last >= end or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-        now = progress()
-        if now != last:
-            last, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet:
-            break
-    return last
 
 
 def _small_log_buffer_sidecar(env, pki, name):

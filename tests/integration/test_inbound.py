@@ -20,10 +20,6 @@ TLS13 = ssl.TLSVersion.TLSv1_3
 # Alerts a client may see for "you are not allowed" (DESIGN.md: access_denied or
 # certificate_unknown), as OpenSSL spells them in its error strings.
 NOT_ALLOWED_ALERTS = ("access denied", "certificate unknown")
-# Upper bound (s) for waiting on something that happens at once when things work: far above
-# what a loaded machine or a sanitizer build takes, far below the generous deadlines
-# (h.GENEROUS_MS = 60 s). Only failing runs wait this long.
-PROMPT_S = 20.0
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +44,7 @@ def inb(module_env):
 
 def _served_roundtrip(s: ssl.SSLSocket, payload: bytes = b"hello portcullis\n") -> None:
     s.sendall(payload)
-    assert h.recv_exact(s, len(payload), timeout=PROMPT_S) == payload
+    assert h.recv_exact(s, len(payload), timeout=h.PROMPT_S) == payload
 
 
 def _assert_refused(inb, stem, reason, *, max_version=None, alerts=None, port=None,
@@ -67,7 +63,7 @@ def _assert_refused(inb, stem, reason, *, max_version=None, alerts=None, port=No
     assert r.got_data == b""
     if alerts:
         assert any(a in r.error for a in alerts), f"{stem}: alert {r.error!r} not in {alerts}"
-    e = inb.sc.log_for_peer_port(r.local_port, timeout=PROMPT_S)
+    e = inb.sc.log_for_peer_port(r.local_port, timeout=h.PROMPT_S)
     assert e is not None, (f"{stem}: no access-log line for peer port {r.local_port}; "
                            f"log tail {inb.sc.access_log()[-3:]}")
     h.check_access_entry(e)
@@ -101,7 +97,7 @@ def test_allowed_peer_64mib_echo_both_ways(inb):
     assert rec.done.wait(h.T(10)), "app connection not closed after client closed"
     assert rec.bytes_in == n and rec.sha256_in == want, "app received different bytes"
     assert rec.eof, "app did not see EOF after the client closed"
-    e = inb.sc.log_for_peer_port(local_port, timeout=PROMPT_S)
+    e = inb.sc.log_for_peer_port(local_port, timeout=h.PROMPT_S)
     assert e is not None
     h.check_access_entry(e)
     assert e["decision"] == "allow" and e["reason"] is None, e
@@ -131,7 +127,7 @@ def test_allowed_identities(inb, stem, ns, sa, maxv):
                                                           or "CHACHA20" in s.cipher()[0])
     finally:
         s.close()
-    e = inb.sc.log_for_peer_port(port, timeout=PROMPT_S)
+    e = inb.sc.log_for_peer_port(port, timeout=h.PROMPT_S)
     assert e is not None and e["decision"] == "allow", e
     assert e["peer_id"] == h.spiffe(ns, sa), e
 
@@ -178,7 +174,7 @@ def test_missing_intermediate_refused(inb, tmp_path):
     before = inb.app.count()
     r = h.attempt_tls(inb.port, ctx)
     assert isinstance(r, h.Refusal) and r.kind == "ssl", r
-    e = inb.sc.log_for_peer_port(r.local_port, timeout=PROMPT_S)
+    e = inb.sc.log_for_peer_port(r.local_port, timeout=h.PROMPT_S)
     assert e is not None and e["decision"] == "deny" and e["reason"] == "bad_chain", e
     assert inb.app.count() == before
 
@@ -211,10 +207,10 @@ def test_unparsable_chain_cert_refused(inb, tmp_path):
         r.close()
         pytest.fail("a chain with an unparsable certificate was served")
     assert r.kind == "ssl" and r.got_data == b"", r
-    e = inb.sc.log_for_peer_port(r.local_port, timeout=PROMPT_S)
+    e = inb.sc.log_for_peer_port(r.local_port, timeout=h.PROMPT_S)
     assert e is not None and e["decision"] == "deny" and e["reason"] == "bad_chain", e
     hk.wait_metric(inb.sc, "portcullis_connections_total", lambda v: v == before + 1,
-                   timeout=PROMPT_S, **lab)
+                   timeout=h.PROMPT_S, **lab)
     time.sleep(0.2 * h.SCALE)  # give a (buggy) forward connect a chance to show up
     assert inb.app.count() == app_before, "the app was contacted"
 
@@ -250,7 +246,7 @@ def test_own_namespace_allowed_only_when_listed(inb):
         _served_roundtrip(s)
     finally:
         s.close()
-    e = inb.sc.log_for_peer_port(port, timeout=PROMPT_S)
+    e = inb.sc.log_for_peer_port(port, timeout=h.PROMPT_S)
     assert e is not None and e["decision"] == "allow" and e["listener"] == "selfns", e
     # ... and web, allowed on "api", is not allowed on "selfns"
     _assert_refused(inb, "web-frontend", "not_allowed", port=inb.port_self, app=inb.app_self)
@@ -269,7 +265,7 @@ def _s_client_refused(inb, args, reason):
                        stdin_data=b"ping\n", until=lambda out: "ping" in out)
     out = r.stdout + r.stderr
     assert "no protocols available" not in out, "the client never sent a ClientHello:\n" + out
-    e = inb.sc.wait_for_log(lambda x: x.get("reason") == reason, timeout=PROMPT_S, start=start)
+    e = inb.sc.wait_for_log(lambda x: x.get("reason") == reason, timeout=h.PROMPT_S, start=start)
     assert e is not None, (f"no access-log line with reason {reason}; new lines: "
                            f"{inb.sc.access_log()[start:]}\ns_client:\n{out}")
     h.check_access_entry(e)
@@ -355,7 +351,7 @@ def test_python_session_not_resumed(inb, maxv):
     finally:
         s2.close()
     for p in (p1, p2):
-        e = inb.sc.log_for_peer_port(p, timeout=PROMPT_S)
+        e = inb.sc.log_for_peer_port(p, timeout=h.PROMPT_S)
         assert e is not None and e["decision"] == "allow", e
         assert e["peer_id"] == h.spiffe("web", "frontend"), e
 

@@ -18,11 +18,6 @@ import pytest
 import harness as h
 
 MiB = 1 << 20
-# Upper bound (s) for "the deadline under test fired / the sidecar acted promptly": far above
-# the deadlines these tests set (<= 2 s) plus any delay a loaded machine or a sanitizer build
-# adds, far below the deadlines they do not test (h.GENEROUS_MS = 60 s). Not scaled: it
-# separates orders of magnitude, and h.T() would push it past those generous deadlines.
-PROMPT_S = 20.0
 
 
 def _ctx(pki, stem="web-frontend", **kw):
@@ -163,15 +158,15 @@ def test_app_reset_propagates_promptly(l4):
     port = s.getsockname()[1]
     try:
         s.sendall(b"trigger\n")
-        outcome, got, dt = _expect_closed(s, timeout=PROMPT_S + 10)
+        outcome, got, dt = _expect_closed(s, timeout=h.PROMPT_S + 10)
     finally:
         s.close()
     assert _closed(outcome), outcome
     assert got == b""
     # not propagated, the connection would stay open until the 600 s idle timeout
-    assert dt < PROMPT_S, f"reset took {dt:.2f}s to reach the client, expected at once"
+    assert dt < h.PROMPT_S, f"reset took {dt:.2f}s to reach the client, expected at once"
     assert l4.reset.count() == before + 1
-    e = l4.sc.log_for_peer_port(port, timeout=PROMPT_S)
+    e = l4.sc.log_for_peer_port(port, timeout=h.PROMPT_S)
     assert e is not None
     h.check_access_entry(e)
     assert e["close"] in ("reset", "error"), e
@@ -185,11 +180,11 @@ def test_forward_target_refused(l4):
             s.sendall(b"anyone there?\n")
         except OSError:
             pass
-        outcome, got, dt = _expect_closed(s, timeout=PROMPT_S)
+        outcome, got, dt = _expect_closed(s, timeout=h.PROMPT_S)
     finally:
         s.close()
     assert _closed(outcome) and got == b"", outcome
-    e = l4.sc.log_for_peer_port(port, timeout=PROMPT_S)
+    e = l4.sc.log_for_peer_port(port, timeout=h.PROMPT_S)
     assert e is not None
     h.check_access_entry(e)
     assert e["close"] == "connect_failed", e
@@ -256,23 +251,9 @@ def _warm_rss(l4) -> int:
     finally:
         s.close()
     # the sidecar has torn the warm-up connection down (its access-log line is written then)
-    assert l4.sc.log_for_peer_port(port, timeout=PROMPT_S) is not None, \
+    assert l4.sc.log_for_peer_port(port, timeout=h.PROMPT_S) is not None, \
         "no access-log line for the warm-up connection"
     return l4.sc.rss_kib()
-
-
-def _wait_stall(progress, min_quiet=1.5, limit=25.0) -> int:
-    """Wait until progress() stops increasing for min_quiet s (bounded by limit s)."""
-    t_end = time.monotonic() + h.T(limit)
-    last, last_change = progress(), time.monotonic()
-    while time.monotonic() < t_end:
-        time.sleep(0.1)
-        v = progress()
-        if v != last:
-            last, last_change = v, time.monotonic()
-        elif time.monotonic() - last_change >= min_quiet:
-            break
-    return last
 
 
 def test_backpressure_client_never_reads(l4):
@@ -282,7 +263,7 @@ def test_backpressure_client_never_reads(l4):
     try:
         assert l4.source.wait_conns(before + 1)
         rec = l4.source.conns[before]
-        pushed = _wait_stall(lambda: rec.bytes_out)
+        pushed = h.wait_stalled(lambda: rec.bytes_out, quiet=1.5, timeout=25.0)
         rss1 = l4.sc.rss_kib()
         assert pushed < 256 * MiB, "app pushed all 256 MiB into a client that never reads"
         assert rss1 - rss0 < 32 * 1024, f"sidecar RSS grew {(rss1 - rss0) / 1024:.1f} MiB"
@@ -290,7 +271,7 @@ def test_backpressure_client_never_reads(l4):
         chunk = h.pattern_bytes(MiB)
         first = h.recv_exact(s, 8 * MiB, timeout=20)
         assert h.sha256(first) == h.sha256(chunk * 8), "wrong bytes delivered"
-        assert h.wait_until(lambda: rec.bytes_out > pushed, h.T(PROMPT_S)), \
+        assert h.wait_until(lambda: rec.bytes_out > pushed, h.T(h.PROMPT_S)), \
             f"flow did not resume: the app is still at {rec.bytes_out} bytes sent"
     finally:
         s.close()
@@ -334,12 +315,12 @@ def test_client_reset_mid_transfer_sidecar_survives(l4):
     h.recv_exact(s, 1 * MiB, timeout=10)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     s.close()                                  # RST with the sidecar mid-write
-    e = l4.sc.log_for_peer_port(port, timeout=PROMPT_S)
+    e = l4.sc.log_for_peer_port(port, timeout=h.PROMPT_S)
     assert e is not None, "no access-log line for the reset connection"
     h.check_access_entry(e)
     assert e["close"] in ("reset", "error"), e
     rec = l4.source.conns[before]
-    assert rec.done.wait(h.T(PROMPT_S)), "app side not closed after the client reset"
+    assert rec.done.wait(h.T(h.PROMPT_S)), "app side not closed after the client reset"
     assert rec.bytes_out < 256 * MiB
     l4.sc.assert_alive()
     s2 = _tls(l4.ports["echo"], l4.pki)
@@ -416,14 +397,14 @@ def test_handshake_timeout(hs_timeout, send):
     try:
         if send:
             s.sendall(send)
-        outcome, _got, _ = _expect_closed(s, timeout=PROMPT_S + 10)
+        outcome, _got, _ = _expect_closed(s, timeout=h.PROMPT_S + 10)
     finally:
         s.close()
     dt = time.monotonic() - t0
     assert outcome in ("eof", "reset"), outcome
-    assert 0.3 <= dt < PROMPT_S, \
+    assert 0.3 <= dt < h.PROMPT_S, \
         f"closed after {dt:.2f}s with handshake_timeout_ms={HANDSHAKE_TIMEOUT_MS}"
-    e = hs_timeout.sc.log_for_peer_port(port, timeout=PROMPT_S)
+    e = hs_timeout.sc.log_for_peer_port(port, timeout=h.PROMPT_S)
     assert e is not None
     h.check_access_entry(e)
     assert e["decision"] == "deny" and e["reason"] == "timeout", e
@@ -438,14 +419,14 @@ def test_idle_timeout_closes_idle_connection(idle_timeout):
         t0 = time.monotonic()   # the last activity the sidecar sees comes after this
         s.sendall(b"hi\n")
         assert h.recv_exact(s, 3) == b"hi\n"
-        outcome, _got, _ = _expect_closed(s, timeout=PROMPT_S + 10)
+        outcome, _got, _ = _expect_closed(s, timeout=h.PROMPT_S + 10)
     finally:
         s.close()
     dt = time.monotonic() - t0
     assert _closed(outcome), outcome
-    assert idle_s - 0.3 <= dt < PROMPT_S, \
+    assert idle_s - 0.3 <= dt < h.PROMPT_S, \
         f"idle connection closed after {dt:.2f}s (idle_timeout_ms={IDLE_TIMEOUT_MS})"
-    e = idle_timeout.sc.log_for_peer_port(port, timeout=PROMPT_S)
+    e = idle_timeout.sc.log_for_peer_port(port, timeout=h.PROMPT_S)
     assert e is not None
     h.check_access_entry(e)
     assert e["decision"] == "allow" and e["close"] == "idle_timeout", e
@@ -461,7 +442,7 @@ def test_idle_timeout_spares_active_connection(idle_timeout):
         while time.monotonic() < t_end and i < 1000:
             msg = b"tick %d\n" % i
             s.sendall(msg)
-            assert h.recv_exact(s, len(msg), timeout=PROMPT_S) == msg, f"tick {i}"
+            assert h.recv_exact(s, len(msg), timeout=h.PROMPT_S) == msg, f"tick {i}"
             time.sleep(0.1)
             i += 1
         alive_for = time.monotonic() - t_start
@@ -495,10 +476,10 @@ def test_max_connections_pauses_accept(env):
 
         def extra():
             try:
-                s = h.tls_connect(port, ctx, timeout=PROMPT_S + 10)
+                s = h.tls_connect(port, ctx, timeout=h.PROMPT_S + 10)
                 result["sock"] = s
                 s.sendall(b"late")
-                result["echo"] = h.recv_exact(s, 4, timeout=PROMPT_S)
+                result["echo"] = h.recv_exact(s, 4, timeout=h.PROMPT_S)
             except Exception as e:
                 result["error"] = f"{type(e).__name__}: {e}"
 
@@ -509,7 +490,7 @@ def test_max_connections_pauses_accept(env):
             f"connection {n + 1} was handled while {n} were open: {result}"
         assert app.count() == n, "app saw connection N+1 while at the limit"
         open_socks.pop(0).close()
-        t.join(h.T(PROMPT_S + 10))
+        t.join(h.T(h.PROMPT_S + 10))
         assert not t.is_alive(), "connection N+1 not served after one connection closed"
         assert result.get("echo") == b"late", result
         assert app.count() == n + 1
@@ -542,9 +523,9 @@ def test_descriptor_exhaustion_pauses_accept_and_recovers(env):
     for i in range(cap + 5):
         within = i < cap
         try:
-            s = h.tls_connect(port, ctx, timeout=PROMPT_S if within else 1.0)
+            s = h.tls_connect(port, ctx, timeout=h.PROMPT_S if within else 1.0)
             s.sendall(b"%03d" % i)
-            assert h.recv_exact(s, 3, timeout=PROMPT_S if within else 1.0) == b"%03d" % i
+            assert h.recv_exact(s, 3, timeout=h.PROMPT_S if within else 1.0) == b"%03d" % i
             held.append(s)
         except (OSError, AssertionError) as e:
             failures.append((i, f"{type(e).__name__}: {e}"))
@@ -553,19 +534,19 @@ def test_descriptor_exhaustion_pauses_accept_and_recovers(env):
     assert len(failures) == 5 and [i for i, _ in failures] == list(range(cap, cap + 5)), \
         f"expected connections {cap}..{cap + 4} to stay unserved, failures: {failures}"
     assert app.count() == cap, "the app saw connections beyond the descriptor cap"
-    assert sc.wait_for_event("accepting paused", PROMPT_S) is not None, \
+    assert sc.wait_for_event("accepting paused", h.PROMPT_S) is not None, \
         "no 'accepting paused' event at the descriptor cap"
     sc.assert_alive()
     for s in held:
         s.close()
     # every queued connection that gave up is drained; then fresh ones work
     ok, errors = 0, []
-    deadline = time.monotonic() + h.T(PROMPT_S)
+    deadline = time.monotonic() + h.T(h.PROMPT_S)
     while ok < 3 and time.monotonic() < deadline:
         try:
-            s = h.tls_connect(port, ctx, timeout=PROMPT_S)
+            s = h.tls_connect(port, ctx, timeout=h.PROMPT_S)
             s.sendall(b"again")
-            ok += h.recv_exact(s, 5, timeout=PROMPT_S) == b"again"
+            ok += h.recv_exact(s, 5, timeout=h.PROMPT_S) == b"again"
             s.close()
         except OSError as e:
             errors.append(f"{type(e).__name__}: {e}")
@@ -590,13 +571,13 @@ def test_sigterm_with_open_connection_exits_0(env):
         s.sendall(b"before-term\n")
         assert h.recv_exact(s, 12) == b"before-term\n"
         t0 = time.monotonic()
-        rc = sc.stop(timeout=PROMPT_S + 10)        # asserts exit code 0
+        rc = sc.stop(timeout=h.PROMPT_S + 10)        # asserts exit code 0
         dt = time.monotonic() - t0
         assert rc == 0
         # without the drain deadline the open connection would hold it until the 600 s
         # idle timeout
-        assert dt < PROMPT_S, f"took {dt:.2f}s to exit with drain_timeout_ms=1000"
-        outcome, _, _ = _expect_closed(s, timeout=PROMPT_S)
+        assert dt < h.PROMPT_S, f"took {dt:.2f}s to exit with drain_timeout_ms=1000"
+        outcome, _, _ = _expect_closed(s, timeout=h.PROMPT_S)
         assert _closed(outcome), outcome
     finally:
         s.close()

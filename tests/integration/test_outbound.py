@@ -13,11 +13,6 @@ import pytest
 import harness as h
 
 EXPECT_PAYMENTS_API = [{"namespace": "payments", "service_account": "api"}]
-# Upper bound (s) for "the deadline under test fired / the sidecar acted promptly": far above
-# the deadlines these tests set (0.5 s) plus any delay a loaded machine or a sanitizer build
-# adds, far below the deadlines they do not test (h.GENEROUS_MS = 60 s). Not scaled: it
-# separates orders of magnitude, and h.T() would push it past those generous deadlines.
-PROMPT_S = 20.0
 
 # listener name -> (upstream cert stem, upstream max TLS version)
 UPSTREAMS = {
@@ -71,15 +66,15 @@ def test_bytes_flow_and_upstream_sees_our_identity(outb, name, version):
     finally:
         s.close()
     assert got == n and digest == h.sha256(data)
-    assert h.wait_until(lambda: up.count() > before, h.T(PROMPT_S)), "upstream saw no connection"
+    assert h.wait_until(lambda: up.count() > before, h.T(h.PROMPT_S)), "upstream saw no connection"
     rec = up.conns[before]
-    assert rec.done.wait(h.T(PROMPT_S)), "upstream connection not closed after the app closed"
+    assert rec.done.wait(h.T(h.PROMPT_S)), "upstream connection not closed after the app closed"
     assert rec.handshake_ok, rec.handshake_error
     assert rec.version == version
     assert rec.peer_uris == [h.spiffe("web", "frontend")], rec.peer_cert
     assert rec.sni == "api.payments.svc"
     assert rec.bytes_in == n and rec.hasher.hexdigest() == h.sha256(data)
-    e = outb.sc.log_for_app_port(int(app_addr.rsplit(":", 1)[1]), timeout=PROMPT_S)
+    e = outb.sc.log_for_app_port(int(app_addr.rsplit(":", 1)[1]), timeout=h.PROMPT_S)
     assert e is not None, outb.sc.access_log()[-3:]
     h.check_access_entry(e)
     assert e["direction"] == "outbound" and e["listener"] == name, e
@@ -113,7 +108,7 @@ def test_bad_upstream_refused(outb, name, reason, peer_id):
             s.sendall(b"secret application bytes\n")
         except OSError:
             pass
-        s.settimeout(h.T(PROMPT_S + 10))
+        s.settimeout(h.T(h.PROMPT_S + 10))
         try:
             got = s.recv(4096)
             outcome = "eof" if not got else "data"
@@ -130,14 +125,14 @@ def test_bad_upstream_refused(outb, name, reason, peer_id):
     assert got == b""
     # not refused, the app connection would stay open (generous deadlines only)
     took = time.monotonic() - t0
-    assert took < PROMPT_S, f"app connection closed {took:.2f} s after the connect, " \
+    assert took < h.PROMPT_S, f"app connection closed {took:.2f} s after the connect, " \
                             f"expected at once"
-    assert h.wait_until(lambda: up.count() > before, h.T(PROMPT_S)), \
+    assert h.wait_until(lambda: up.count() > before, h.T(h.PROMPT_S)), \
         "sidecar never dialled upstream"
     rec = up.conns[before]
-    assert rec.done.wait(h.T(PROMPT_S)), "upstream connection not closed"
+    assert rec.done.wait(h.T(h.PROMPT_S)), "upstream connection not closed"
     assert rec.bytes_in == 0, "upstream received application bytes from a refused session"
-    e = outb.sc.log_for_app_port(app_port, timeout=PROMPT_S)
+    e = outb.sc.log_for_app_port(app_port, timeout=h.PROMPT_S)
     assert e is not None, outb.sc.access_log()[-3:]
     h.check_access_entry(e)
     assert e["direction"] == "outbound" and e["listener"] == name, e
@@ -159,14 +154,14 @@ def test_outbound_never_resumes(outb, name):
             s.sendall(msg)
             # the upstream sends its TLS 1.3 tickets at the end of its handshake, before any
             # echo: once the echo is back, the sidecar has read them
-            assert h.recv_exact(s, len(msg), timeout=PROMPT_S) == msg
+            assert h.recv_exact(s, len(msg), timeout=h.PROMPT_S) == msg
             s.sendall(msg)
-            assert h.recv_exact(s, len(msg), timeout=PROMPT_S) == msg
+            assert h.recv_exact(s, len(msg), timeout=h.PROMPT_S) == msg
         finally:
             s.close()
-        assert h.wait_until(lambda: up.count() > before + i, h.T(PROMPT_S)), \
+        assert h.wait_until(lambda: up.count() > before + i, h.T(h.PROMPT_S)), \
             f"upstream saw {up.count() - before} connections, expected {i + 1}"
-        assert up.conns[before + i].done.wait(h.T(PROMPT_S)), f"upstream connection {i} open"
+        assert up.conns[before + i].done.wait(h.T(h.PROMPT_S)), f"upstream connection {i} open"
     recs = up.conns[before:before + 3]
     assert [r.handshake_ok for r in recs] == [True] * 3
     assert [r.session_reused for r in recs] == [False] * 3, "outbound resumed a session"
@@ -180,7 +175,7 @@ def test_upstream_connect_failed(outb):
                 s.sendall(b"x")
             except OSError:
                 pass
-            s.settimeout(h.T(PROMPT_S))
+            s.settimeout(h.T(h.PROMPT_S))
             try:
                 got = s.recv(10)
             except ConnectionResetError:
@@ -188,7 +183,7 @@ def test_upstream_connect_failed(outb):
             assert got == b""
         finally:
             s.close()
-    e = outb.sc.log_for_app_port(app_port, timeout=PROMPT_S)
+    e = outb.sc.log_for_app_port(app_port, timeout=h.PROMPT_S)
     assert e is not None
     h.check_access_entry(e)
     assert e["close"] == "connect_failed", e
@@ -218,7 +213,7 @@ def test_upstream_handshake_timeout(env):
     assert s is not None
     try:
         s.sendall(b"hello?\n")
-        s.settimeout(h.T(PROMPT_S + 10))
+        s.settimeout(h.T(h.PROMPT_S + 10))
         try:
             got = s.recv(100)
         except ConnectionResetError:
@@ -227,12 +222,12 @@ def test_upstream_handshake_timeout(env):
         s.close()
     dt = time.monotonic() - t0
     assert got == b""
-    assert 0.3 <= dt < PROMPT_S, \
+    assert 0.3 <= dt < h.PROMPT_S, \
         f"app connection closed after {dt:.2f}s with handshake_timeout_ms=500"
     # the upstream's accept thread may record the connection after the sidecar gave up on it
-    assert mute.wait_conns(1, timeout=PROMPT_S), "the sidecar never dialled the upstream"
+    assert mute.wait_conns(1, timeout=h.PROMPT_S), "the sidecar never dialled the upstream"
     assert mute.count() == 1, f"the upstream saw {mute.count()} connections, expected 1"
-    e = sc.log_for_app_port(app_port, timeout=PROMPT_S)
+    e = sc.log_for_app_port(app_port, timeout=h.PROMPT_S)
     assert e is not None
     h.check_access_entry(e)
     assert e["reason"] == "timeout" and e["decision"] in ("deny", "error"), e
