@@ -1051,6 +1051,21 @@ class Sidecar:
         """Send a signal (e.g. SIGTERM for a drain test) without waiting."""
         self.proc.send_signal(sig)
 
+    def stop_process(self) -> None:
+        """SIGSTOP, then wait (bounded) until every thread of the sidecar has stopped: the
+        signal takes effect only when each thread is next scheduled."""
+        self.proc.send_signal(signal.SIGSTOP)
+
+        def all_stopped() -> bool:
+            task = Path(f"/proc/{self.proc.pid}/task")
+            try:
+                return all((t / "stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+                           for t in task.iterdir())
+            except OSError:
+                return False
+        if not wait_until(all_stopped, T(WAIT_S)):
+            raise SidecarError(f"{self.name}: not stopped {T(WAIT_S):.0f}s after SIGSTOP")
+
     def wait_exit(self, timeout: float) -> int | None:
         """Wait up to timeout (scaled) for the process to exit by itself; returns the exit
         code (then output is fully captured and the sidecar counts as stopped) or None."""

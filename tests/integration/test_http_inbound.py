@@ -945,7 +945,8 @@ def test_connection_with_bytes_past_its_answer_is_not_lent_again(env, pki):
     lent to the next request right there, while the unrequested bytes still waited in the
     same socket: they were then read as the next request's answer. The sidecar must close
     such a connection instead of lending it (the app's bytes arrive while the sidecar is
-    stopped, so its reads line up with the answer's end every time)."""
+    stopped -- every thread of it, which the test waits for -- so its reads line up with the
+    answer's end every time)."""
     total = 2 * READ_SIZE
     first_in, go, sent = threading.Event(), threading.Event(), threading.Event()
     seen: list[bytes] = []
@@ -977,7 +978,7 @@ def test_connection_with_bytes_past_its_answer_is_not_lent_again(env, pki):
     with HttpConn.tls(port, h.client_context(pki, "web-frontend")) as c:
         c.send(req("GET", "/first") + req("GET", "/second"))
         assert first_in.wait(h.T(20)), "the first request never reached the app"
-        sc.signal(signal.SIGSTOP)
+        sc.stop_process()
         try:
             go.set()
             assert sent.wait(h.T(20)), "the app could not send its answers"
