@@ -217,6 +217,45 @@ static void render_metrics(pc_jbuf_t *b) {
     if (set.v[i].http)
       histogram(b, "http_request_duration_seconds", &set.v[i], &set.v[i].m.request,
                 &pc_request_bounds);
+  help(b, "http_protocol_requests_total", "counter",
+       "HTTP mode: answered requests (HTTP/2: streams) by protocol.");
+  for (size_t i = 0; i < set.n; i++)
+    for (int k = 0; k < PC_HTTP_PROTOS; k++) {
+      if (!set.v[i].http) continue;
+      pc_jbuf_printf(b, "portcullis_http_protocol_requests_total{");
+      lbl(b, &set.v[i]);
+      pc_jbuf_printf(b, ",protocol=\"%s\"} %llu\n", pc_http_proto_word(k),
+                     (unsigned long long)set.v[i].m.requests_by_proto[k]);
+    }
+  help(b, "http2_active_streams", "gauge", "HTTP/2 streams open on client connections.");
+  for (size_t i = 0; i < set.n; i++) {
+    if (!set.v[i].http) continue;
+    pc_jbuf_printf(b, "portcullis_http2_active_streams{");
+    lbl(b, &set.v[i]);
+    pc_jbuf_printf(b, "} %lld\n", (long long)set.v[i].m.h2_streams);
+  }
+  help(b, "http2_goaways_sent_total", "counter",
+       "GOAWAY frames the sidecar sent, by reason (limit, drain, protocol, revoked).");
+  for (size_t i = 0; i < set.n; i++)
+    for (int k = 0; k < PC_H2_GOAWAY_REASONS; k++) {
+      if (!set.v[i].http) continue;
+      pc_jbuf_printf(b, "portcullis_http2_goaways_sent_total{");
+      lbl(b, &set.v[i]);
+      pc_jbuf_printf(b, ",reason=\"%s\"} %llu\n", pc_h2_goaway_word(k),
+                     (unsigned long long)set.v[i].m.h2_goaways[k]);
+    }
+  help(b, "http2_resets_total", "counter",
+       "RST_STREAM frames sent and received, by error code (only codes seen).");
+  for (size_t i = 0; i < set.n; i++)
+    for (int side = 0; side < 2; side++)
+      for (uint32_t k = 0; k < PC_H2_ERROR_CODES; k++) {
+        uint64_t v = set.v[i].m.h2_resets[side][k];
+        if (!v) continue;
+        pc_jbuf_printf(b, "portcullis_http2_resets_total{");
+        lbl(b, &set.v[i]);
+        pc_jbuf_printf(b, ",side=\"%s\",code=\"%s\"} %llu\n", side ? "received" : "sent",
+                       pc_h2_error_word(k), (unsigned long long)v);
+      }
   help(b, "bytes_total", "counter", "Plaintext bytes moved, by flow (from_peer, to_peer).");
   for (size_t i = 0; i < set.n; i++) {
     pc_jbuf_printf(b, "portcullis_bytes_total{");
@@ -355,6 +394,10 @@ static void render_config(pc_jbuf_t *b, const pc_gen_t *g) {
   pc_jbuf_kv_i64(b, "response_timeout_ms", (long long)c->http.response_timeout_ms);
   pc_jbuf_kv_i64(b, "pool_max_idle", c->http.pool_max_idle);
   pc_jbuf_kv_i64(b, "pool_idle_timeout_ms", (long long)c->http.pool_idle_timeout_ms);
+  pc_jbuf_raw(b, "},\"http2\":{", 11);
+  pc_jbuf_kv_i64(b, "max_concurrent_streams", c->http2.max_concurrent_streams);
+  pc_jbuf_kv_i64(b, "stream_window", c->http2.stream_window);
+  pc_jbuf_kv_i64(b, "connection_window", c->http2.connection_window);
   pc_jbuf_raw(b, "}", 1);
   for (int dir = 0; dir < 2; dir++) {
     pc_jbuf_printf(b, ",\"%s\":[", dir == 0 ? "inbound" : "outbound");

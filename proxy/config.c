@@ -279,6 +279,8 @@ static void parse_groups(ctx_t *c, const config_setting_t *root, pc_config_t *cf
   static const char *const http_keys[] = {
       "max_request_line",    "max_header_bytes", "max_headers",         "request_timeout_ms",
       "response_timeout_ms", "pool_max_idle",    "pool_idle_timeout_ms"};
+  static const char *const http2_keys[] = {"max_concurrent_streams", "stream_window",
+                                           "connection_window"};
   int line;
   const config_setting_t *g = member(c, root, "", "admin", CONFIG_TYPE_GROUP, 0);
   if (!(g && check_keys(c, g, "admin", admin_keys, PC_ARRAY_SIZE(admin_keys)))) {
@@ -330,6 +332,20 @@ static void parse_groups(ctx_t *c, const config_setting_t *root, pc_config_t *cf
     cfg->http.pool_max_idle = (uint32_t)get_int(c, g, "http", "pool_max_idle", 64, 0, 100000);
     cfg->http.pool_idle_timeout_ms =
         (uint64_t)get_int(c, g, "http", "pool_idle_timeout_ms", 30000, 1, day);
+  }
+  /* HTTP/2 (README "HTTP/2"): 100 concurrent streams is what HAProxy and
+   * Envoy's edge guide use. A stream's window equals the per-direction
+   * watermark of an HTTP/1 connection (PC_STREAM_HIGH_WATER), so one stream
+   * moves as fast as one HTTP/1 connection; the connection window caps what
+   * one client can make the sidecar hold, whatever its stream count. */
+  g = member(c, root, "", "http2", CONFIG_TYPE_GROUP, 0);
+  if (!(g && check_keys(c, g, "http2", http2_keys, PC_ARRAY_SIZE(http2_keys)))) {
+    cfg->http2.max_concurrent_streams =
+        (uint32_t)get_int(c, g, "http2", "max_concurrent_streams", 100, 1, 10000);
+    cfg->http2.stream_window =
+        (uint32_t)get_int(c, g, "http2", "stream_window", 256 * 1024, 65535, (1LL << 31) - 1);
+    cfg->http2.connection_window =
+        (uint32_t)get_int(c, g, "http2", "connection_window", 1024 * 1024, 65535, (1LL << 31) - 1);
   }
 }
 
@@ -539,7 +555,7 @@ static void parse_listeners(ctx_t *c, const config_setting_t *root, pc_config_t 
 int pc_config_load(const char *path, pc_config_t **out, char *err, size_t errlen) {
   static const char *const top_keys[] = {"trust_domain", "workers", "identity", "tls",
                                          "admin",        "log",     "limits",   "http",
-                                         "inbound",      "outbound"};
+                                         "http2",        "inbound", "outbound"};
   ctx_t c = {.file = path, .err = err, .errlen = errlen};
   config_t lc;
   config_init(&lc);

@@ -82,6 +82,11 @@ typedef struct pc_config {
     uint32_t pool_max_idle;       /* idle upstream connections per listener and worker */
     uint64_t pool_idle_timeout_ms;
   } http;
+  struct { /* HTTP/2 on protocol = "http" listeners */
+    uint32_t max_concurrent_streams;
+    uint32_t stream_window;     /* initial window we grant each stream, bytes */
+    uint32_t connection_window; /* window we grant the whole connection, bytes */
+  } http2;
   pc_listener_cfg_t *listeners;
   size_t nlisteners;
 } pc_config_t;

@@ -7,6 +7,7 @@
 
 #include "compat.h"
 #include "deadline.h"
+#include "h2.h"
 #include "l7.h"
 #include "log.h"
 #include "splice.h"
@@ -28,7 +29,10 @@ typedef struct pc_conn {
   pc_gen_t *gen;
   pc_tls_peer_t peer;
   pc_splice_t splice;
-  pc_l7_t *l7; /* protocol = "http": the HTTP handler, in place of the splice */
+  pc_l7_t *l7;                   /* protocol = "http": the HTTP/1 handler, in place of the splice */
+  pc_h2_t *h2;                   /* the HTTP/2 handler (ALPN h2, or an app that sent the preface) */
+  char sniff[PC_H2_PREFACE_LEN]; /* outbound: first bytes while they match the preface */
+  uint8_t sniff_len, sniffing, l7_closed;
   state_t state;
   int handles; /* open libuv handles; the last close frees the connection */
   int inbound;
@@ -72,7 +76,7 @@ static void write_log(pc_conn_t *c) {
   c->logged = 1;
   c->l->stats.conns[c->decision][c->reason]++;
   /* HTTP mode logs each request; a connection line only for a refusal. */
-  if (c->l7 && c->decision == PC_DECISION_ALLOW) return;
+  if ((c->l7 || c->h2) && c->decision == PC_DECISION_ALLOW) return;
   uint64_t from_peer = c->splice.bytes[0], to_peer = c->splice.bytes[1];
   pc_access_rec_t rec = {
       .listener = c->lc->name,
@@ -98,6 +102,7 @@ static void on_handle_closed(uv_handle_t *h) {
   pc_stream_release(&c->down);
   pc_stream_release(&c->up);
   pc_l7_free(c->l7);
+  pc_h2_free(c->h2);
   free(c->peer.peer_id);
   if (c->prev)
     c->prev->next = c->next;
@@ -120,7 +125,8 @@ static void teardown(pc_conn_t *c, const char *how, int reset) {
   write_log(c);
   uv_timer_stop(&c->timer);
   uv_close((uv_handle_t *)&c->timer, on_handle_closed);
-  if (c->l7) c->handles += pc_l7_close(c->l7, on_handle_closed, c);
+  if (c->l7 && !c->l7_closed) c->handles += pc_l7_close(c->l7, on_handle_closed, c);
+  if (c->h2) c->handles += pc_h2_close(c->h2, on_handle_closed, c);
   pc_stream_close(&c->down, reset, on_handle_closed);
   if (c->up.initialised) pc_stream_close(&c->up, reset, on_handle_closed);
 }
@@ -187,6 +193,8 @@ static void on_splice_done(pc_splice_t *sp, int reset, int err) {
 
 static void on_l7_done(void *arg, const char *how, int reset) { teardown(arg, how, reset); }
 
+static void make_env(pc_conn_t *c, pc_l7_env_t *out);
+
 static void establish(pc_conn_t *c) {
   c->state = ST_ESTABLISHED;
   c->decision = PC_DECISION_ALLOW;
@@ -196,6 +204,46 @@ static void establish(pc_conn_t *c) {
     pc_splice_start(&c->splice, tls_side(c), app_side(c), on_splice_done);
     return;
   }
+  pc_l7_env_t env;
+  make_env(c, &env);
+  if (c->inbound && pc_tls_alpn_is_h2(c->down.ssl)) {
+    c->h2 = pc_h2_start(&c->down, &env, on_l7_done, c, NULL, 0);
+    return;
+  }
+  /* Outbound, the app may speak HTTP/2 with prior knowledge: its first bytes
+   * decide (on_data). HTTP/1 is served meanwhile, so a silent app still
+   * gets its 408. */
+  c->sniffing = !c->inbound;
+  c->l7 = pc_l7_start(&c->down, &env, on_l7_done, c);
+}
+
+/* Outbound HTTP: bytes from the app while they may still be the HTTP/2
+ * preface. */
+static void sniff(pc_conn_t *c, const char *buf, size_t len) {
+  size_t n = PC_H2_PREFACE_LEN - c->sniff_len;
+  if (n > len) n = len;
+  if (memcmp(buf, PC_H2_PREFACE + c->sniff_len, n) != 0) {
+    c->sniffing = 0;
+    if (c->sniff_len) {
+      pc_l7_on_data(c->l7, c->sniff, c->sniff_len);
+      if (c->state != ST_ESTABLISHED) return;
+    }
+    pc_l7_on_data(c->l7, buf, len);
+    return;
+  }
+  memcpy(c->sniff + c->sniff_len, buf, n);
+  c->sniff_len = (uint8_t)(c->sniff_len + n);
+  if (c->sniff_len < PC_H2_PREFACE_LEN) return;
+  c->sniffing = 0;
+  c->handles += pc_l7_close(c->l7, on_handle_closed, c);
+  c->l7_closed = 1;
+  pc_l7_env_t env;
+  make_env(c, &env);
+  c->h2 = pc_h2_start(&c->down, &env, on_l7_done, c, c->sniff, c->sniff_len);
+  if (len > n && c->state == ST_ESTABLISHED) pc_h2_on_data(c->h2, buf + n, len - n);
+}
+
+static void make_env(pc_conn_t *c, pc_l7_env_t *out) {
   pc_l7_env_t env = {.w = c->w,
                      .l = c->l,
                      .gen = c->gen,
@@ -206,7 +254,7 @@ static void establish(pc_conn_t *c) {
                      .tls_version = c->tls_version,
                      .cipher = c->cipher,
                      .last_active = &c->last_active};
-  c->l7 = pc_l7_start(&c->down, &env, on_l7_done, c);
+  *out = env;
 }
 
 /* Ends a connection whose peer was refused during the handshake: the alert is
@@ -357,8 +405,15 @@ static void on_handshake(pc_stream_t *s, int status) {
 static void on_data(pc_stream_t *s, const char *buf, size_t len) {
   pc_conn_t *c = conn_of(s);
   if (c->state != ST_ESTABLISHED) return;
+  if (c->h2) {
+    pc_h2_on_data(c->h2, buf, len);
+    return;
+  }
   if (c->l7) {
-    pc_l7_on_data(c->l7, buf, len);
+    if (c->sniffing)
+      sniff(c, buf, len);
+    else
+      pc_l7_on_data(c->l7, buf, len);
     return;
   }
   c->last_active = uv_now(c->timer.loop);
@@ -371,7 +426,9 @@ static void on_data(pc_stream_t *s, const char *buf, size_t len) {
 
 static void on_eof(pc_stream_t *s) {
   pc_conn_t *c = conn_of(s);
-  if (c->state == ST_ESTABLISHED && c->l7)
+  if (c->state == ST_ESTABLISHED && c->h2)
+    pc_h2_on_eof(c->h2);
+  else if (c->state == ST_ESTABLISHED && c->l7)
     pc_l7_on_eof(c->l7);
   else if (c->state == ST_ESTABLISHED)
     pc_splice_on_eof(&c->splice, s);
@@ -383,7 +440,9 @@ static void on_eof(pc_stream_t *s) {
 
 static void on_error(pc_stream_t *s, int err) {
   pc_conn_t *c = conn_of(s);
-  if (c->state == ST_ESTABLISHED && c->l7) {
+  if (c->state == ST_ESTABLISHED && c->h2) {
+    pc_h2_on_error(c->h2, err);
+  } else if (c->state == ST_ESTABLISHED && c->l7) {
     pc_l7_on_error(c->l7, err);
   } else if (c->state == ST_ESTABLISHED) {
     pc_splice_on_error(&c->splice, s, err);
@@ -395,7 +454,9 @@ static void on_error(pc_stream_t *s, int err) {
 
 static void on_drain(pc_stream_t *s) {
   pc_conn_t *c = conn_of(s);
-  if (c->state == ST_ESTABLISHED && c->l7)
+  if (c->state == ST_ESTABLISHED && c->h2)
+    pc_h2_on_drain(c->h2);
+  else if (c->state == ST_ESTABLISHED && c->l7)
     pc_l7_on_drain(c->l7);
   else if (c->state == ST_ESTABLISHED)
     pc_splice_on_drain(&c->splice, s);
@@ -403,7 +464,9 @@ static void on_drain(pc_stream_t *s) {
 
 static void on_shutdown(pc_stream_t *s, int status) {
   pc_conn_t *c = conn_of(s);
-  if (c->state == ST_ESTABLISHED && c->l7)
+  if (c->state == ST_ESTABLISHED && c->h2)
+    pc_h2_on_shutdown(c->h2, status);
+  else if (c->state == ST_ESTABLISHED && c->l7)
     pc_l7_on_shutdown(c->l7, status);
   else if (c->state == ST_ESTABLISHED)
     pc_splice_on_shutdown(&c->splice, s, status);
@@ -445,6 +508,7 @@ int pc_conn_accept(pc_listener_t *l) {
   c->peer.policy = c->lc->policy;
   c->peer.is_server = c->inbound;
   c->peer.cache_tag = c->gen->id;
+  c->peer.alpn_http = c->lc->protocol == PC_PROTO_HTTP;
   if (c->inbound) {
     pc_stream_addr(&c->down, 1, c->peer_addr, sizeof(c->peer_addr));
     snprintf(c->app_addr, sizeof(c->app_addr), "%s", c->lc->target_str);
@@ -462,6 +526,11 @@ int pc_conn_accept(pc_listener_t *l) {
       start_connect(c);
   }
   return 0;
+}
+
+void pc_conn_drain_all(pc_worker_t *w) {
+  for (pc_conn_t *c = w->conns; c; c = c->next)
+    if (c->state == ST_ESTABLISHED && c->h2) pc_h2_drain(c->h2);
 }
 
 void pc_conn_close_all(pc_worker_t *w) {

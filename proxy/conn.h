@@ -24,6 +24,10 @@
  * Returns 0, or a libuv error if it could not be accepted. */
 int pc_conn_accept(pc_listener_t *l);
 
+/* Drain began: HTTP/2 connections of w send GOAWAY and close once their
+ * streams are done (HTTP/1 ones close after their next answer). */
+void pc_conn_drain_all(pc_worker_t *w);
+
 /* Closes every connection of w (worker stop): close reason "shutdown". */
 void pc_conn_close_all(pc_worker_t *w);
 

@@ -672,6 +672,21 @@ static int hop_by_hop(const pc_h1_msg_t *m, const pc_h1_field_t *f, unsigned fla
   return !name_is(f, "host") && listed_in_connection(m, f);
 }
 
+int pc_h1_hop_by_hop(const pc_h1_msg_t *m, const pc_h1_field_t *f) { return hop_by_hop(m, f, 0); }
+
+int pc_h1_is_xfcc(const char *name, size_t len) {
+  pc_h1_field_t f = {.name = name, .name_len = (uint32_t)len};
+  return is_xfcc(&f);
+}
+
+int pc_h1_path_ok(const char *path, size_t len) {
+  if (len == 0 || path[0] != '/' || memchr(path, '#', len)) return 0;
+  const char *q = memchr(path, '?', len);
+  return !evasive_path(path, q ? (size_t)(q - path) : len);
+}
+
+int pc_h1_authority_ok(const char *v, size_t n) { return n > 0 && authority_ok(v, n); }
+
 /* Appends v in decimal: heads are written per request, printf is the
  * slowest thing in them. */
 static void put_u64(pc_jbuf_t *out, uint64_t v) {
@@ -759,13 +774,17 @@ const char *pc_h1_phrase(int status) {
   }
 }
 
+void pc_h1_error_body(pc_jbuf_t *out, int status, const char *reason, const char *detail) {
+  pc_jbuf_printf(out, "{\"status\":%d", status);
+  pc_jbuf_kv_str(out, "reason", reason ? reason : "");
+  pc_jbuf_kv_str(out, "detail", detail ? detail : "");
+  pc_jbuf_raw(out, "}\n", 2);
+}
+
 void pc_h1_error_response(pc_jbuf_t *out, int status, const char *reason, const char *detail,
                           int keep) {
   pc_jbuf_t body = {0};
-  pc_jbuf_printf(&body, "{\"status\":%d", status);
-  pc_jbuf_kv_str(&body, "reason", reason ? reason : "");
-  pc_jbuf_kv_str(&body, "detail", detail ? detail : "");
-  pc_jbuf_raw(&body, "}\n", 2);
+  pc_h1_error_body(&body, status, reason, detail);
   pc_jbuf_printf(
       out, "HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %zu\r\n%s\r\n",
       status, pc_h1_phrase(status), body.len, keep ? "" : "connection: close\r\n");

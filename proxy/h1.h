@@ -145,6 +145,25 @@ void pc_h1_write_head(const pc_h1_parser_t *p, pc_jbuf_t *out, unsigned flags, c
 void pc_h1_error_response(pc_jbuf_t *out, int status, const char *reason, const char *detail,
                           int keep);
 
+/* Appends just the JSON body of such a response (HTTP/2 sends it as DATA). */
+void pc_h1_error_body(pc_jbuf_t *out, int status, const char *reason, const char *detail);
+
+/* Non-zero if field f of message m must not be forwarded: a hop-by-hop field
+ * as pc_h1_write_head drops them (Content-Length included: the writer
+ * re-frames). */
+int pc_h1_hop_by_hop(const pc_h1_msg_t *m, const pc_h1_field_t *f);
+
+/* Non-zero if name is x-forwarded-client-cert, in any case, '_' for '-'. */
+int pc_h1_is_xfcc(const char *name, size_t len);
+
+/* The checks an HTTP/1 request-target gets, for a path that arrived another
+ * way (HTTP/2 :path): origin-form ("/..."), no fragment, and nothing a prefix
+ * rule could be walked around with (dot-segments, encoded slashes). */
+int pc_h1_path_ok(const char *path, size_t len);
+
+/* Non-zero if v is a valid uri-host[:port] (Host, :authority). */
+int pc_h1_authority_ok(const char *v, size_t n);
+
 /* The standard reason phrase of status ("Unknown" if not one we send). */
 const char *pc_h1_phrase(int status);
 

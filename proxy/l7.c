@@ -128,6 +128,7 @@ static void count_request(pc_l7_t *x, int status, pc_decision_t d, pc_reason_t r
   int k = status / 100;
   if (k < 1 || k >= PC_HTTP_CLASSES) k = 5;
   x->env.l->stats.requests[k][d][r]++;
+  x->env.l->stats.requests_by_proto[x->method && !x->req.msg.minor ? PC_HTTP_10 : PC_HTTP_11]++;
   pc_hist_observe(&x->env.l->stats.request, &pc_request_bounds,
                   (double)(uv_hrtime() - x->t_start) / 1e9);
 }
@@ -148,7 +149,9 @@ static void log_request(pc_l7_t *x, int status, pc_decision_t d, pc_reason_t r) 
       .method_len = x->method_len,
       .path = x->path,
       .path_len = x->path_len,
+      .protocol = x->method ? (x->req.msg.minor ? "HTTP/1.1" : "HTTP/1.0") : NULL,
       .status = status,
+      .grpc_status = -1,
       .decision = pc_decision_word(d),
       .reason = r,
       .request_bytes = x->req_bytes,
@@ -849,7 +852,7 @@ void pc_l7_on_shutdown(pc_l7_t *x, int status) {
 /* ---- lifecycle ---------------------------------------------------------- */
 
 /* "x-forwarded-client-cert: By=<us>;Hash=<sha256 of the peer's leaf>;URI=<peer>" */
-static char *make_xfcc(pc_stream_t *down, const pc_l7_env_t *env) {
+char *pc_l7_make_xfcc(pc_stream_t *down, const pc_l7_env_t *env) {
   uint8_t md[SHA256_DIGEST_LENGTH];
   if (!env->peer_id || pc_tls_peer_leaf_sha256(down->ssl, md) != 0) return NULL;
   char hex[2 * SHA256_DIGEST_LENGTH + 1];
@@ -878,7 +881,7 @@ pc_l7_t *pc_l7_start(pc_stream_t *down, const pc_l7_env_t *env,
                             cfg->http.max_headers};
   pc_h1_init(&x->req, 1, &x->lim, on_req_body, x);
   pc_h1_init(&x->res, 0, &x->lim, on_res_body, x);
-  if (x->inbound) x->xfcc = make_xfcc(down, env);
+  if (x->inbound) x->xfcc = pc_l7_make_xfcc(down, env);
   uv_timer_init(&env->w->loop, &x->timer);
   x->timer.data = x;
   x->state = X_HEAD;

@@ -71,6 +71,11 @@ void pc_l7_on_shutdown(pc_l7_t *x, int status);
  * No callback into the connection fires afterwards. */
 int pc_l7_close(pc_l7_t *x, uv_close_cb close_cb, void *data);
 
+/* Inbound: the line "x-forwarded-client-cert: By=<us>;Hash=<sha256 of the
+ * peer's leaf>;URI=<peer>\r\n" for requests from down's verified peer
+ * (malloc'd), or NULL if there is no peer. */
+char *pc_l7_make_xfcc(pc_stream_t *down, const pc_l7_env_t *env);
+
 /* Frees the handler; call once every handle pc_l7_close closed is closed. */
 void pc_l7_free(pc_l7_t *x);
 

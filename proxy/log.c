@@ -364,7 +364,12 @@ void pc_log_request(const pc_request_rec_t *r) {
     pc_jbuf_str(&b, r->path, r->path_len);
   else
     pc_jbuf_raw(&b, "null", 4);
+  pc_jbuf_kv_str(&b, "protocol", r->protocol);
   pc_jbuf_kv_i64(&b, "status", r->status);
+  if (r->grpc_status >= 0)
+    pc_jbuf_kv_i64(&b, "grpc_status", r->grpc_status);
+  else
+    pc_jbuf_raw(&b, ",\"grpc_status\":null", 19);
   pc_jbuf_kv_str(&b, "decision", r->decision);
   pc_jbuf_kv_str(&b, "reason", r->reason == PC_REASON_NONE ? NULL : pc_reason_word(r->reason));
   pc_jbuf_kv_u64(&b, "request_bytes", r->request_bytes);

@@ -100,7 +100,9 @@ typedef struct {
   const char *listener, *direction, *peer, *app, *peer_id;
   const char *method, *path; /* NULL when no request line was read */
   size_t method_len, path_len;
-  int status; /* sent to the client; 0 if none was */
+  const char *protocol; /* "HTTP/1.0", "HTTP/1.1", "HTTP/2"; NULL if no request was read */
+  int status;           /* sent to the client; 0 if none was */
+  int grpc_status;      /* gRPC status the client was sent (trailers or trailers-only); -1: none */
   const char *decision;
   pc_reason_t reason;
   uint64_t request_bytes, response_bytes; /* body bytes (tunnels: bytes each way) */

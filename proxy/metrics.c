@@ -50,4 +50,40 @@ void pc_metrics_add(pc_metrics_t *dst, const pc_metrics_t *src) {
         dst->requests[k][d][r] += LOAD(src->requests[k][d][r]);
   dst->upstream_connects += LOAD(src->upstream_connects);
   dst->upstream_reuses += LOAD(src->upstream_reuses);
+  for (int k = 0; k < PC_HTTP_PROTOS; k++)
+    dst->requests_by_proto[k] += LOAD(src->requests_by_proto[k]);
+  dst->h2_streams += LOAD(src->h2_streams);
+  for (int k = 0; k < PC_H2_GOAWAY_REASONS; k++)
+    dst->h2_goaways[k] += LOAD(src->h2_goaways[k]);
+  for (int s = 0; s < 2; s++)
+    for (int k = 0; k < PC_H2_ERROR_CODES; k++)
+      dst->h2_resets[s][k] += LOAD(src->h2_resets[s][k]);
+}
+
+const char *pc_http_proto_word(int proto) {
+  static const char *const words[] = {"HTTP/1.0", "HTTP/1.1", "HTTP/2"};
+  return proto >= 0 && proto < PC_HTTP_PROTOS ? words[proto] : "HTTP/1.1";
+}
+
+const char *pc_h2_goaway_word(int reason) {
+  static const char *const words[] = {"limit", "drain", "protocol", "revoked"};
+  return reason >= 0 && reason < PC_H2_GOAWAY_REASONS ? words[reason] : "protocol";
+}
+
+const char *pc_h2_error_word(uint32_t code) {
+  static const char *const words[] = {"NO_ERROR",
+                                      "PROTOCOL_ERROR",
+                                      "INTERNAL_ERROR",
+                                      "FLOW_CONTROL_ERROR",
+                                      "SETTINGS_TIMEOUT",
+                                      "STREAM_CLOSED",
+                                      "FRAME_SIZE_ERROR",
+                                      "REFUSED_STREAM",
+                                      "CANCEL",
+                                      "COMPRESSION_ERROR",
+                                      "CONNECT_ERROR",
+                                      "ENHANCE_YOUR_CALM",
+                                      "INADEQUATE_SECURITY",
+                                      "HTTP_1_1_REQUIRED"};
+  return code < PC_H2_ERROR_CODES ? words[code] : "INTERNAL_ERROR";
 }

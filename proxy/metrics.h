@@ -36,6 +36,22 @@ typedef struct {
   double sum;
 } pc_hist_t;
 
+/* requests_by_proto index: HTTP/1.0, HTTP/1.1, HTTP/2. */
+#define PC_HTTP_PROTOS 3
+enum { PC_HTTP_10, PC_HTTP_11, PC_HTTP_2 };
+/* Why the sidecar sent a GOAWAY: a client over a limit (flood, abuse), a
+ * drain (SIGTERM), a protocol error, or a revoked peer. */
+typedef enum {
+  PC_H2_GOAWAY_LIMIT,
+  PC_H2_GOAWAY_DRAIN,
+  PC_H2_GOAWAY_PROTOCOL,
+  PC_H2_GOAWAY_REVOKED,
+  PC_H2_GOAWAY_REASONS
+} pc_h2_goaway_t;
+/* RFC 9113 error codes 0 (NO_ERROR) .. 13 (HTTP_1_1_REQUIRED); others count
+ * as INTERNAL_ERROR. */
+#define PC_H2_ERROR_CODES 14
+
 /* HTTP status classes 1xx..5xx are indexed 1..5; 0 is unused. */
 #define PC_HTTP_CLASSES 6
 
@@ -51,7 +67,17 @@ typedef struct {
   uint64_t accept_errors;    /* accept(2) failed, e.g. out of descriptors */
   uint64_t accept_pauses;    /* times accepting paused at max_connections */
   int64_t active;
+  /* HTTP mode by protocol: answered requests (streams for HTTP/2) */
+  uint64_t requests_by_proto[PC_HTTP_PROTOS];
+  int64_t h2_streams;                        /* open HTTP/2 streams */
+  uint64_t h2_goaways[PC_H2_GOAWAY_REASONS]; /* GOAWAYs sent, by pc_h2_goaway_t */
+  uint64_t h2_resets[2][PC_H2_ERROR_CODES];  /* RST_STREAM [0] sent, [1] received */
 } pc_metrics_t;
+
+/* Words for the label values of the HTTP/2 counters. */
+const char *pc_http_proto_word(int proto);
+const char *pc_h2_goaway_word(int reason);
+const char *pc_h2_error_word(uint32_t code);
 
 /* The word for a decision: "allow", "deny", "error". */
 const char *pc_decision_word(pc_decision_t d);

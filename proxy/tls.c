@@ -225,6 +225,9 @@ static int use_chain_and_key(SSL_CTX *ctx, const pc_certs_t *certs, CRYPTO_BUFFE
   return ok;
 }
 
+static int select_alpn(SSL *ssl, const uint8_t **out, uint8_t *outlen, const uint8_t *in,
+                       unsigned inlen, void *arg);
+
 SSL_CTX *pc_tls_ctx_new(const pc_config_t *cfg, const pc_certs_t *certs, int is_server, char *err,
                         size_t errlen) {
   if (peer_idx < 0) {
@@ -263,6 +266,7 @@ SSL_CTX *pc_tls_ctx_new(const pc_config_t *cfg, const pc_certs_t *certs, int is_
              cfg->identity.line_cert, pc_tls_error_string());
     goto fail;
   }
+  if (is_server) SSL_CTX_set_alpn_select_cb(ctx, select_alpn, NULL);
   SSL_CTX_set_custom_verify(
       ctx, is_server ? SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT : SSL_VERIFY_PEER,
       verify_peer);
@@ -272,6 +276,38 @@ fail:
   ERR_clear_error();
   SSL_CTX_free(ctx);
   return NULL;
+}
+
+/* Server side of ALPN: an HTTP listener prefers h2, then http/1.1; a TCP
+ * listener selects nothing (the bytes are not ours to interpret). A client
+ * that offers neither gets no ALPN and is served as HTTP/1.1. */
+static int select_alpn(SSL *ssl, const uint8_t **out, uint8_t *outlen, const uint8_t *in,
+                       unsigned inlen, void *arg) {
+  (void)arg;
+  const pc_tls_peer_t *pv = SSL_get_ex_data(ssl, peer_idx);
+  if (!pv || !pv->alpn_http) return SSL_TLSEXT_ERR_NOACK;
+  static const char *const ours[] = {"h2", "http/1.1"};
+  for (size_t k = 0; k < PC_ARRAY_SIZE(ours); k++) {
+    size_t n = strlen(ours[k]);
+    for (unsigned i = 0; i < inlen;) {
+      unsigned len = in[i];
+      if (i + 1 + len > inlen) return SSL_TLSEXT_ERR_NOACK;
+      if (len == n && memcmp(in + i + 1, ours[k], n) == 0) {
+        *out = in + i + 1;
+        *outlen = (uint8_t)len;
+        return SSL_TLSEXT_ERR_OK;
+      }
+      i += 1 + len;
+    }
+  }
+  return SSL_TLSEXT_ERR_NOACK;
+}
+
+int pc_tls_alpn_is_h2(const SSL *ssl) {
+  const uint8_t *p;
+  unsigned n;
+  SSL_get0_alpn_selected(ssl, &p, &n);
+  return n == 2 && memcmp(p, "h2", 2) == 0;
 }
 
 SSL *pc_tls_new(SSL_CTX *ctx, pc_tls_peer_t *peer) {

@@ -30,6 +30,7 @@ typedef struct {
   X509_STORE *store;
   int depth;
   int is_server;
+  int alpn_http;      /* server: offer h2 and http/1.1 by ALPN (protocol = "http") */
   uint64_t cache_tag; /* the generation's id: keys the verified-chain cache (0: no cache) */
   pc_reason_t reason; /* out: why the peer was refused, PC_REASON_NONE if not */
   char *peer_id;      /* out: the peer's SPIFFE ID (malloc'd) once parsed; the
@@ -61,6 +62,9 @@ int pc_tls_peer_leaf_sha256(const SSL *ssl, uint8_t out[32]);
 /* Frees this thread's verified-chain cache (see tls.c). Worker threads call
  * it before they exit. */
 void pc_tls_thread_done(void);
+
+/* Non-zero if ALPN settled on "h2" for ssl (after the handshake). */
+int pc_tls_alpn_is_h2(const SSL *ssl);
 
 /* Creates an SSL from ctx bound to peer for the verify callback. Never NULL. */
 SSL *pc_tls_new(SSL_CTX *ctx, pc_tls_peer_t *peer);

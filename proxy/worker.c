@@ -89,6 +89,7 @@ int pc_worker_check_drain(pc_worker_t *w) {
     w->draining = 1;
     for (size_t i = 0; i < w->nlisteners; i++)
       if (w->listeners[i]) pc_listener_stop(w->listeners[i]);
+    pc_conn_drain_all(w);
   }
   return 1;
 }

@@ -1,0 +1,1188 @@
+#include "h2.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include <nghttp2/nghttp2.h>
+
+#include "compat.h"
+#include "deadline.h"
+#include "h1.h"
+#include "log.h"
+#include "pool.h"
+
+/* How long a client gets to read a closing GOAWAY before the socket closes. */
+#define LINGER_MS 1000
+/* Response bytes kept per stream for a client that does not take them; above
+ * it that stream's upstream is not read. */
+#define RES_HIGH (64 * 1024)
+#define RES_LOW (16 * 1024)
+/* Output collected before it is handed to the socket. */
+#define OUT_CHUNK (64 * 1024)
+/* A stale pooled connection makes a body-less request go again at most this
+ * often. */
+#define MAX_RETRIES 3
+/* Abuse budgets (the sidecar's own counts; README "HTTP/2"). Each allows
+ * BUDGET_BASE, plus one per stream the client opened (control frames) or
+ * per stream that ended normally (resets), plus one per second of the
+ * connection's age: a well-behaved client never comes near, a flood crosses
+ * it within its first few hundred frames. */
+#define BUDGET_BASE 100
+
+typedef struct h2s h2s_t;
+
+struct pc_h2 {
+  pc_stream_t *down;
+  pc_l7_env_t env;
+  int inbound;
+  void (*on_done)(void *, const char *, int);
+  void *arg;
+  nghttp2_session *ss;
+  uv_timer_t timer; /* response-head deadlines; the closing linger */
+  uint8_t rechecked;
+  h2s_t *streams; /* open streams, newest first */
+  uint32_t nstreams;
+  pc_jbuf_t out; /* frames collected for the client */
+  char *xfcc;    /* inbound: "x-forwarded-client-cert: ...\r\n" */
+  uint64_t t0;   /* loop time at start, ms */
+  uint64_t opened, completed, ctrl_frames, empty_data, resets_in, resets_out;
+  size_t conn_consume; /* received bytes of closed streams to give back */
+  unsigned done : 1, closing : 1, peer_done : 1, shut_done : 1, peer_eof : 1, goaway : 1,
+      in_settle : 1, again : 1, send_bp : 1, linger : 1;
+};
+
+struct h2s {
+  pc_h2_t *h;
+  int32_t id;
+  h2s_t *prev, *next;
+  /* the request as it arrives */
+  char *method, *path, *authority, *host;
+  size_t method_len, path_len, authority_len, host_len;
+  pc_jbuf_t fields; /* "name: value\r\n" lines for the HTTP/1.1 head */
+  pc_jbuf_t cookie; /* cookie crumbs, joined with "; " */
+  uint32_t nfields, hbytes;
+  uint64_t req_len;
+  int bad_status; /* answered at the end of the head: 400 or 431 */
+  const char *bad_detail;
+  /* the exchange */
+  pc_gen_t *rgen;
+  const pc_listener_cfg_t *rlc;
+  pc_upconn_t *up;
+  char *up_peer;                  /* outbound: the upstream's SPIFFE ID, for the log */
+  const char *up_tls, *up_cipher; /* outbound: its TLS, for the log (static strings) */
+  pc_jbuf_t head_out;             /* the request head, kept for a retry */
+  pc_jbuf_t reqbuf;               /* body bytes waiting for the upstream to be ready */
+  size_t to_consume;              /* body bytes passed on, to give back to the client's window */
+  size_t held;                    /* body bytes passed on while the upstream's queue was full */
+  pc_h1_parser_t res;
+  pc_h1_limits_t lim;
+  int retries;
+  /* the response as it goes out */
+  char *rb;
+  size_t rb_off, rb_len, rb_cap;
+  int status, grpc_status;
+  pc_decision_t decision;
+  pc_reason_t reason;
+  uint64_t due; /* loop time of the response-head deadline; 0: none */
+  uint64_t t_start, t_sent;
+  double upstream_ms;
+  uint64_t req_bytes, res_bytes;
+  unsigned head_done : 1, has_len : 1, grpc : 1, req_end : 1, up_ready : 1, chunked_out : 1,
+      req_sent : 1, res_head : 1, res_any : 1, res_end : 1, answered : 1, submitted : 1,
+      deferred : 1, up_paused : 1, reset_by_peer : 1, is_head : 1, logged : 1, we_reset : 1;
+};
+
+static void settle(pc_h2_t *h);
+static void stream_free(h2s_t *s);
+
+static void touch(pc_h2_t *h) { *h->env.last_active = uv_now(h->timer.loop); }
+
+static void finish(pc_h2_t *h, const char *how, int reset) {
+  if (h->done) return;
+  h->done = 1;
+  uv_timer_stop(&h->timer);
+  h->on_done(h->arg, how, reset);
+}
+
+static char *copy_span(const uint8_t *p, size_t n) {
+  char *c = pc_malloc(n + 1);
+  memcpy(c, p, n);
+  c[n] = '\0';
+  return c;
+}
+
+static int eq(const uint8_t *p, size_t n, const char *lit) {
+  return n == strlen(lit) && memcmp(p, lit, n) == 0;
+}
+
+/* ---- GOAWAY and the abuse budgets --------------------------------------- */
+
+static void goaway(pc_h2_t *h, pc_h2_goaway_t why, uint32_t code, const char *what) {
+  if (h->goaway) return;
+  h->goaway = 1;
+  h->env.l->stats.h2_goaways[why]++;
+  if (why == PC_H2_GOAWAY_LIMIT)
+    pc_log(PC_LOG_WARN, "listener %s: HTTP/2 client %s (%s): %s; GOAWAY ENHANCE_YOUR_CALM",
+           h->env.lc->name, h->env.peer_addr, h->env.peer_id ? h->env.peer_id : "-", what);
+  else if (why == PC_H2_GOAWAY_PROTOCOL)
+    pc_log(PC_LOG_INFO, "listener %s: HTTP/2 client %s: %s; GOAWAY", h->env.lc->name,
+           h->env.peer_addr, what);
+  if (why == PC_H2_GOAWAY_DRAIN) {
+    nghttp2_submit_goaway(h->ss, NGHTTP2_FLAG_NONE, nghttp2_session_get_last_proc_stream_id(h->ss),
+                          NGHTTP2_NO_ERROR, NULL, 0);
+    return;
+  }
+  nghttp2_session_terminate_session(h->ss, code);
+}
+
+static uint64_t budget(const pc_h2_t *h, uint64_t credit) {
+  return BUDGET_BASE + credit + (uv_now(h->timer.loop) - h->t0) / 1000;
+}
+
+static void check_budgets(pc_h2_t *h) {
+  if (h->goaway) return;
+  if (h->ctrl_frames > budget(h, h->opened))
+    goaway(h, PC_H2_GOAWAY_LIMIT, NGHTTP2_ENHANCE_YOUR_CALM,
+           "too many PING, SETTINGS or PRIORITY frames");
+  else if (h->empty_data > budget(h, h->opened))
+    goaway(h, PC_H2_GOAWAY_LIMIT, NGHTTP2_ENHANCE_YOUR_CALM, "too many empty DATA frames");
+  else if (h->resets_in > budget(h, h->completed))
+    goaway(h, PC_H2_GOAWAY_LIMIT, NGHTTP2_ENHANCE_YOUR_CALM,
+           "too many streams reset before their response (rapid reset)");
+  else if (h->resets_out > budget(h, h->completed))
+    goaway(h, PC_H2_GOAWAY_LIMIT, NGHTTP2_ENHANCE_YOUR_CALM,
+           "made the sidecar reset too many streams");
+}
+
+/* ---- answers ------------------------------------------------------------ */
+
+static int grpc_code(int status, pc_reason_t r) {
+  switch (r) {
+  case PC_REASON_NOT_ALLOWED: return status == 403 ? 7 : 14; /* PERMISSION_DENIED / UNAVAILABLE */
+  case PC_REASON_TIMEOUT: return 4;                          /* DEADLINE_EXCEEDED */
+  case PC_REASON_LIMIT: return 8;                            /* RESOURCE_EXHAUSTED */
+  case PC_REASON_PROTOCOL: return status == 400 || status == 431 ? 13 : 14;
+  default: return status >= 500 ? 14 : 13; /* UNAVAILABLE / INTERNAL */
+  }
+}
+
+/* grpc-message is percent-encoded (gRPC over HTTP/2, "Responses"). */
+static void grpc_message(pc_jbuf_t *b, const char *s) {
+  for (; *s; s++) {
+    unsigned char c = (unsigned char)*s;
+    if (c >= 0x20 && c <= 0x7e && c != '%')
+      pc_jbuf_raw(b, s, 1);
+    else
+      pc_jbuf_printf(b, "%%%02X", c);
+  }
+}
+
+static ssize_t read_res(nghttp2_session *ss, int32_t id, uint8_t *buf, size_t length,
+                        uint32_t *flags, nghttp2_data_source *src, void *user);
+
+static int submit_response(h2s_t *s, const nghttp2_nv *nv, size_t n, int has_body) {
+  nghttp2_data_provider prd = {.source = {.ptr = s}, .read_callback = read_res};
+  s->submitted = 1;
+  return nghttp2_submit_response(s->h->ss, s->id, nv, n, has_body ? &prd : NULL);
+}
+
+#define NV(n, v, vl)                                                                               \
+  { (uint8_t *)(n), (uint8_t *)(v), sizeof(n) - 1, (vl), NGHTTP2_NV_FLAG_NONE }
+
+static void release_up(h2s_t *s, int how);
+
+/* The sidecar answers stream s itself (refusal, upstream failure). */
+static void reply(h2s_t *s, int status, pc_decision_t d, pc_reason_t r, const char *detail) {
+  pc_h2_t *h = s->h;
+  release_up(s, PC_POOL_ABORT);
+  s->answered = 1;
+  s->due = 0;
+  s->status = status;
+  s->decision = d;
+  s->reason = r;
+  if (s->submitted) { /* a response already started: cut it */
+    nghttp2_submit_rst_stream(h->ss, NGHTTP2_FLAG_NONE, s->id, NGHTTP2_INTERNAL_ERROR);
+    s->we_reset = 1;
+    return;
+  }
+  char st[8];
+  int stn = snprintf(st, sizeof(st), "%d", status);
+  if (s->grpc) {
+    s->grpc_status = grpc_code(status, r);
+    char gs[8];
+    int gsn = snprintf(gs, sizeof(gs), "%d", s->grpc_status);
+    pc_jbuf_t msg = {0};
+    if (r != PC_REASON_NONE) pc_jbuf_printf(&msg, "%s: ", pc_reason_word(r));
+    grpc_message(&msg, detail ? detail : "");
+    nghttp2_nv nv[] = {NV(":status", "200", 3), NV("content-type", "application/grpc", 16),
+                       NV("grpc-status", gs, (size_t)gsn),
+                       NV("grpc-message", msg.data ? msg.data : "", msg.len)};
+    submit_response(s, nv, PC_ARRAY_SIZE(nv), 0);
+    pc_jbuf_free(&msg);
+    s->status = 200;
+    return;
+  }
+  pc_jbuf_t body = {0};
+  pc_h1_error_body(&body, status, r == PC_REASON_NONE ? "" : pc_reason_word(r), detail);
+  s->rb_off = s->rb_len = 0;
+  if (body.len > s->rb_cap) {
+    s->rb_cap = body.len;
+    s->rb = pc_realloc(s->rb, s->rb_cap);
+  }
+  memcpy(s->rb, body.data, body.len);
+  s->rb_len = body.len;
+  s->res_end = 1;
+  char cl[24];
+  int cln = snprintf(cl, sizeof(cl), "%zu", body.len);
+  pc_jbuf_free(&body);
+  nghttp2_nv nv[] = {NV(":status", st, (size_t)stn), NV("content-type", "application/json", 16),
+                     NV("content-length", cl, (size_t)cln)};
+  submit_response(s, nv, PC_ARRAY_SIZE(nv), 1);
+}
+
+/* Response bytes for DATA frames, as the client's window allows. */
+static ssize_t read_res(nghttp2_session *ss, int32_t id, uint8_t *buf, size_t length,
+                        uint32_t *flags, nghttp2_data_source *src, void *user) {
+  (void)ss;
+  (void)id;
+  (void)user;
+  h2s_t *s = src->ptr;
+  size_t n = s->rb_len < length ? s->rb_len : length;
+  memcpy(buf, s->rb + s->rb_off, n);
+  s->rb_off += n;
+  s->rb_len -= n;
+  if (s->rb_len == 0) s->rb_off = 0;
+  s->res_bytes += n;
+  if (s->rb_len == 0 && s->res_end) {
+    *flags |= NGHTTP2_DATA_FLAG_EOF;
+    return (ssize_t)n;
+  }
+  if (n == 0) {
+    s->deferred = 1;
+    return NGHTTP2_ERR_DEFERRED;
+  }
+  return (ssize_t)n;
+}
+
+static void res_more(h2s_t *s) {
+  if (s->deferred && s->submitted) {
+    s->deferred = 0;
+    nghttp2_session_resume_data(s->h->ss, s->id);
+  }
+}
+
+static void res_append(h2s_t *s, const char *data, size_t len) {
+  if (s->rb_off + s->rb_len + len > s->rb_cap) {
+    if (s->rb_off) {
+      memmove(s->rb, s->rb + s->rb_off, s->rb_len);
+      s->rb_off = 0;
+    }
+    if (s->rb_len + len > s->rb_cap) {
+      s->rb_cap = s->rb_len + len;
+      s->rb = pc_realloc(s->rb, s->rb_cap);
+    }
+  }
+  memcpy(s->rb + s->rb_off + s->rb_len, data, len);
+  s->rb_len += len;
+}
+
+/* ---- the access log ----------------------------------------------------- */
+
+static void log_stream(h2s_t *s) {
+  if (s->logged || !s->method) return;
+  s->logged = 1;
+  pc_h2_t *h = s->h;
+  pc_decision_t d = s->decision;
+  const char *q = s->path ? memchr(s->path, '?', s->path_len) : NULL;
+  /* A stream that ended without a whole response is an error unless a
+   * refusal or the sidecar's own answer already said what it was. */
+  if (d == PC_DECISION_ALLOW && !s->answered && !(s->res_end && s->rb_len == 0))
+    d = PC_DECISION_ERROR;
+  int k = s->status / 100;
+  if (k < 1 || k >= PC_HTTP_CLASSES) k = 5;
+  double secs = (double)(uv_hrtime() - s->t_start) / 1e9;
+  h->env.l->stats.requests[k][d][s->reason]++;
+  h->env.l->stats.requests_by_proto[PC_HTTP_2]++;
+  pc_hist_observe(&h->env.l->stats.request, &pc_request_bounds, secs);
+  pc_request_rec_t rec = {
+      .listener = h->env.lc->name,
+      .direction = h->inbound ? "inbound" : "outbound",
+      .peer = h->env.peer_addr,
+      .app = h->env.app_addr,
+      .peer_id = h->inbound ? h->env.peer_id : s->up_peer,
+      .method = s->method,
+      .method_len = s->method_len,
+      .path = s->path,
+      .path_len = q ? (size_t)(q - s->path) : s->path_len, /* as HTTP/1: no query */
+      .protocol = "HTTP/2",
+      .status = s->status,
+      .grpc_status = s->grpc_status,
+      .decision = pc_decision_word(d),
+      .reason = s->reason,
+      .request_bytes = s->req_bytes,
+      .response_bytes = s->res_bytes,
+      .duration_ms = secs * 1e3,
+      .upstream_ms = s->upstream_ms,
+      .tls_version = h->inbound ? h->env.tls_version : NULL,
+      .cipher = h->inbound ? h->env.cipher : NULL,
+  };
+  if (!h->inbound) {
+    rec.tls_version = s->up_tls;
+    rec.cipher = s->up_cipher;
+  }
+  pc_log_request(&rec);
+}
+
+/* ---- deadlines ---------------------------------------------------------- */
+
+static void on_timer(uv_timer_t *t);
+
+static void arm_timer(pc_h2_t *h) {
+  uint64_t now = uv_now(h->timer.loop), first = 0;
+  for (h2s_t *s = h->streams; s; s = s->next)
+    if (s->due && (!first || s->due < first)) first = s->due;
+  if (!first) return;
+  uint64_t in = first > now ? first - now : 0;
+  if (!uv_is_active((uv_handle_t *)&h->timer) || uv_timer_get_due_in(&h->timer) > in) {
+    h->rechecked = 0;
+    uv_timer_start(&h->timer, on_timer, in, 0);
+  }
+}
+
+static void on_timer(uv_timer_t *t) {
+  pc_h2_t *h = t->data;
+  if (h->linger) {
+    finish(h, "eof", 0);
+    return;
+  }
+  uint64_t now = uv_now(t->loop);
+  int expired = 0;
+  for (h2s_t *s = h->streams; s; s = s->next)
+    if (s->due && s->due <= now) expired = 1;
+  if (expired && pc_deadline_recheck(t, on_timer, &h->rechecked)) return;
+  h->rechecked = 0;
+  for (h2s_t *s = h->streams; s; s = s->next)
+    if (s->due && s->due <= now && !s->res_head)
+      reply(s, 504, PC_DECISION_ERROR, PC_REASON_TIMEOUT, "the upstream did not answer in time");
+  arm_timer(h);
+  settle(h);
+}
+
+/* ---- the upstream (HTTP/1.1 to the app or the upstream sidecar) --------- */
+
+static void up_on_data(pc_stream_t *u, const char *buf, size_t len);
+static void up_on_eof(pc_stream_t *u);
+static void up_on_error(pc_stream_t *u, int err);
+static void up_on_drain(pc_stream_t *u);
+static void up_on_shutdown(pc_stream_t *u, int status) {
+  (void)u;
+  (void)status;
+}
+static void up_on_handshake(pc_stream_t *u, int status) {
+  (void)u;
+  (void)status;
+}
+static const pc_stream_cbs_t up_cbs = {up_on_data,  up_on_eof,      up_on_error,
+                                       up_on_drain, up_on_shutdown, up_on_handshake};
+
+static void release_up(h2s_t *s, int how) {
+  if (!s->up) return;
+  pc_upconn_t *up = s->up;
+  s->up = NULL;
+  s->up_ready = 0;
+  pc_pool_release(up, how);
+}
+
+static int send_up(h2s_t *s, const char *data, size_t len) {
+  if (pc_stream_write(&s->up->s, data, len) == 0) return 0;
+  return -1;
+}
+
+/* Request body bytes onwards, framed as the head said. */
+static int body_up(h2s_t *s, const char *data, size_t len) {
+  if (!s->chunked_out) return send_up(s, data, len);
+  char hdr[24];
+  int n = snprintf(hdr, sizeof(hdr), "%zx\r\n", len);
+  if (send_up(s, hdr, (size_t)n) || send_up(s, data, len)) return -1;
+  return send_up(s, "\r\n", 2);
+}
+
+/* Body bytes have left us: the client may send as many more, unless the
+ * upstream's queue is full (given back on its drain). */
+static void passed_on(h2s_t *s, size_t n) {
+  if (s->up && pc_stream_queued(&s->up->s) > PC_STREAM_HIGH_WATER)
+    s->held += n;
+  else
+    s->to_consume += n;
+}
+
+static void upstream_failed(h2s_t *s, const char *detail);
+
+static void request_end_up(h2s_t *s) {
+  if (s->req_sent || !s->up_ready || !s->req_end) return;
+  s->req_sent = 1;
+  if (s->chunked_out && send_up(s, "0\r\n\r\n", 5)) {
+    upstream_failed(s, "writing to the upstream failed");
+    return;
+  }
+  if (!s->res_head)
+    s->due = uv_now(s->h->timer.loop) + s->h->env.gen->cfg->http.response_timeout_ms;
+  arm_timer(s->h);
+}
+
+static void up_ready(h2s_t *s) {
+  s->up_ready = 1;
+  if (!s->h->inbound && !s->up_peer) {
+    pc_upconn_t *up = s->up;
+    s->up_peer = up->peer.peer_id ? pc_strdup(up->peer.peer_id) : NULL;
+    if (up->s.ssl) {
+      s->up_tls = SSL_get_version(up->s.ssl);
+      s->up_cipher = SSL_CIPHER_get_name(SSL_get_current_cipher(up->s.ssl));
+    }
+  }
+  if (s->up->served > 0) s->h->env.l->stats.upstream_reuses++;
+  s->t_sent = uv_hrtime();
+  if (send_up(s, s->head_out.data, s->head_out.len)) {
+    upstream_failed(s, "writing to the upstream failed");
+    return;
+  }
+  if (s->reqbuf.len) {
+    size_t n = s->reqbuf.len;
+    s->reqbuf.len = 0;
+    if (body_up(s, s->reqbuf.data, n)) {
+      upstream_failed(s, "writing to the upstream failed");
+      return;
+    }
+    passed_on(s, n);
+  }
+  request_end_up(s);
+}
+
+static void on_up_ready(void *user, pc_upconn_t *up, int status, pc_reason_t reason,
+                        const char *detail) {
+  h2s_t *s = user;
+  pc_h2_t *h = s->h;
+  if (status != 0) {
+    s->up = NULL; /* the pool closes it */
+    int ours = up->peer.reason != PC_REASON_NONE;
+    reply(s, status, ours ? PC_DECISION_DENY : PC_DECISION_ERROR, reason, detail);
+  } else {
+    up_ready(s);
+  }
+  settle(h);
+}
+
+static void acquire(h2s_t *s) {
+  pc_h2_t *h = s->h;
+  pc_pool_t *p = pc_pool_for(h->env.w, s->rgen, s->rlc);
+  int ready = 0;
+  s->up = pc_pool_acquire(p, &h->env.l->stats, &up_cbs, s, on_up_ready, s, &ready);
+  if (ready) up_ready(s);
+}
+
+static int retryable(const h2s_t *s) {
+  return s->up && s->up->served > 0 && !s->res_any && s->retries < MAX_RETRIES && s->req_end &&
+         s->req_bytes == 0;
+}
+
+static void upstream_failed(h2s_t *s, const char *detail) {
+  if (retryable(s)) {
+    release_up(s, PC_POOL_CLOSE);
+    s->retries++;
+    s->req_sent = 0;
+    s->due = 0;
+    acquire(s);
+    return;
+  }
+  if (!s->res_head)
+    pc_log(PC_LOG_WARN, "listener %s: upstream %s: %s", s->h->env.lc->name, s->rlc->target_str,
+           detail);
+  reply(s, 502, PC_DECISION_ERROR, PC_REASON_PROTOCOL, detail);
+}
+
+static int grpc_status_of(const pc_h1_msg_t *m) {
+  const pc_h1_field_t *f = pc_h1_find(m, "grpc-status");
+  if (!f || f->value_len == 0 || f->value_len > 3) return -1;
+  int v = 0;
+  for (uint32_t i = 0; i < f->value_len; i++) {
+    if (f->value[i] < '0' || f->value[i] > '9') return -1;
+    v = v * 10 + (f->value[i] - '0');
+  }
+  return v;
+}
+
+/* The HTTP/1.1 response head, as HEADERS: names lowercased, hop-by-hop
+ * fields dropped. Returns 1 if the stream was answered otherwise. */
+static int response_head(h2s_t *s) {
+  const pc_h1_msg_t *m = &s->res.msg;
+  if (s->upstream_ms < 0) s->upstream_ms = (double)(uv_hrtime() - s->t_sent) / 1e6;
+  if (m->status < 200) {
+    if (m->status == 101) {
+      upstream_failed(s, "101 Switching Protocols to a request that asked for no switch");
+      return 1;
+    }
+    uint8_t rm = s->res.req_method;
+    pc_h1_reset(&s->res);
+    s->res.req_method = rm;
+    return 0; /* interim answers are not relayed over HTTP/2 */
+  }
+  s->res_head = 1;
+  s->due = 0;
+  s->status = m->status;
+  s->grpc_status = grpc_status_of(m);
+  nghttp2_nv *nv = pc_calloc(m->nfields + 2, sizeof(*nv));
+  char st[8];
+  int stn = snprintf(st, sizeof(st), "%d", m->status);
+  size_t n = 0;
+  nv[n++] = (nghttp2_nv)NV(":status", st, (size_t)stn);
+  pc_jbuf_t names = {0};
+  size_t *offs = pc_calloc(m->nfields + 1, sizeof(*offs));
+  for (size_t i = 0; i < m->nfields; i++) {
+    const pc_h1_field_t *f = &m->fields[i];
+    if (pc_h1_hop_by_hop(m, f)) continue;
+    offs[i] = names.len;
+    for (uint32_t j = 0; j < f->name_len; j++) {
+      char c = f->name[j];
+      if (c >= 'A' && c <= 'Z') c = (char)(c - 'A' + 'a');
+      pc_jbuf_raw(&names, &c, 1);
+    }
+  }
+  int bodiless = s->is_head || m->status == 204 || m->status == 304;
+  char cl[24];
+  if (m->has_length && m->status != 204) {
+    int cln = snprintf(cl, sizeof(cl), "%llu", (unsigned long long)m->length);
+    nv[n++] = (nghttp2_nv)NV("content-length", cl, (size_t)cln);
+  }
+  for (size_t i = 0; i < m->nfields; i++) {
+    const pc_h1_field_t *f = &m->fields[i];
+    if (pc_h1_hop_by_hop(m, f)) continue;
+    nv[n++] = (nghttp2_nv){(uint8_t *)names.data + offs[i], (uint8_t *)f->value, f->name_len,
+                           f->value_len, NGHTTP2_NV_FLAG_NONE};
+  }
+  if (bodiless) s->res_end = 1;
+  submit_response(s, nv, n, !bodiless);
+  free(nv);
+  free(offs);
+  pc_jbuf_free(&names);
+  return 0;
+}
+
+static void response_done(h2s_t *s, int extra) {
+  if (extra)
+    pc_log(PC_LOG_WARN,
+           "listener %s: upstream %s sent bytes after its response (a second response?); closing "
+           "that connection",
+           s->h->env.lc->name, s->rlc->target_str);
+  const pc_h1_msg_t *m = &s->res.msg;
+  int reusable = !extra && m->keep_alive && !m->until_close && s->req_sent;
+  s->res_end = 1;
+  s->decision = PC_DECISION_ALLOW;
+  s->reason = PC_REASON_NONE;
+  release_up(s, reusable ? PC_POOL_KEEP : PC_POOL_CLOSE);
+  res_more(s);
+}
+
+static void on_res_body(void *user, const char *data, size_t len) {
+  h2s_t *s = user;
+  res_append(s, data, len);
+}
+
+static void up_data(h2s_t *s, pc_stream_t *u, const char *buf, size_t len) {
+  pc_h2_t *h = s->h;
+  touch(h);
+  if (h->inbound)
+    h->env.l->stats.bytes_to_peer += len;
+  else
+    h->env.l->stats.bytes_from_peer += len;
+  if (s->answered || s->res_end) return;
+  s->res_any = 1;
+  size_t off = 0;
+  for (;;) {
+    size_t used = 0;
+    int rc = pc_h1_feed(&s->res, buf + off, len - off, &used);
+    off += used;
+    if (rc == PC_H1_MORE) break;
+    if (rc == PC_H1_HEAD) {
+      if (response_head(s)) return;
+    } else if (rc == PC_H1_DONE) {
+      response_done(s, off < len);
+      return;
+    } else {
+      upstream_failed(s, s->res.detail);
+      return;
+    }
+  }
+  res_more(s);
+  if (s->rb_len > RES_HIGH && !s->up_paused) {
+    s->up_paused = 1;
+    pc_stream_read_stop(u);
+  }
+}
+
+static void up_on_data(pc_stream_t *u, const char *buf, size_t len) {
+  h2s_t *s = u->owner;
+  pc_h2_t *h = s->h;
+  up_data(s, u, buf, len);
+  settle(h);
+}
+
+static void up_on_eof(pc_stream_t *u) {
+  h2s_t *s = u->owner;
+  pc_h2_t *h = s->h;
+  if (!s->answered && !s->res_end) {
+    if (s->res_head && pc_h1_finish(&s->res) == PC_H1_DONE)
+      response_done(s, 0);
+    else
+      upstream_failed(s, "the upstream closed the connection before the response ended");
+  }
+  settle(h);
+}
+
+static void up_on_error(pc_stream_t *u, int err) {
+  h2s_t *s = u->owner;
+  pc_h2_t *h = s->h;
+  if (!s->answered && !s->res_end)
+    upstream_failed(s, err == PC_STREAM_ETLS && !s->res_any
+                           ? "the upstream ended TLS (it may have refused this sidecar's identity)"
+                           : "the upstream connection failed");
+  settle(h);
+}
+
+static void up_on_drain(pc_stream_t *u) {
+  h2s_t *s = u->owner;
+  s->to_consume += s->held;
+  s->held = 0;
+  settle(s->h);
+}
+
+/* ---- requests ----------------------------------------------------------- */
+
+static h2s_t *stream_of(pc_h2_t *h, int32_t id) {
+  return nghttp2_session_get_stream_user_data(h->ss, id);
+}
+
+static void set_bad(h2s_t *s, int status, const char *detail) {
+  if (!s->bad_status) {
+    s->bad_status = status;
+    s->bad_detail = detail;
+  }
+}
+
+static int on_begin_headers(nghttp2_session *ss, const nghttp2_frame *f, void *user) {
+  (void)ss;
+  pc_h2_t *h = user;
+  if (f->hd.type != NGHTTP2_HEADERS || f->headers.cat != NGHTTP2_HCAT_REQUEST) return 0;
+  h2s_t *s = pc_calloc(1, sizeof(*s));
+  s->h = h;
+  s->id = f->hd.stream_id;
+  s->grpc_status = -1;
+  s->upstream_ms = -1;
+  s->t_start = uv_hrtime();
+  s->decision = PC_DECISION_ALLOW;
+  s->next = h->streams;
+  if (h->streams) h->streams->prev = s;
+  h->streams = s;
+  h->nstreams++;
+  h->opened++;
+  h->env.l->stats.h2_streams++;
+  nghttp2_session_set_stream_user_data(h->ss, s->id, s);
+  return 0;
+}
+
+static int on_header(nghttp2_session *ss, const nghttp2_frame *f, const uint8_t *name, size_t nlen,
+                     const uint8_t *value, size_t vlen, uint8_t flags, void *user) {
+  (void)ss;
+  (void)flags;
+  pc_h2_t *h = user;
+  h2s_t *s = stream_of(h, f->hd.stream_id);
+  if (!s) return 0;
+  const pc_config_t *cfg = h->env.gen->cfg;
+  /* Counted as HTTP/1 would count "name: value\r\n" (trailers too). */
+  s->nfields++;
+  s->hbytes += (uint32_t)(nlen + vlen + 4);
+  if (s->nfields > cfg->http.max_headers || s->hbytes > cfg->http.max_header_bytes) {
+    set_bad(s, 431, "the request's header fields exceed the sidecar's limits");
+    return 0;
+  }
+  if (s->head_done || s->bad_status) return 0; /* trailers are dropped */
+  if (nlen && name[0] == ':') {
+    if (eq(name, nlen, ":method")) {
+      s->method = copy_span(value, vlen);
+      s->method_len = vlen;
+      s->is_head = eq(value, vlen, "HEAD");
+    } else if (eq(name, nlen, ":path")) {
+      s->path = copy_span(value, vlen);
+      s->path_len = vlen;
+    } else if (eq(name, nlen, ":authority")) {
+      s->authority = copy_span(value, vlen);
+      s->authority_len = vlen;
+    }
+    return 0; /* :scheme: nghttp2 checked it; HTTP/1.1 has no place for it */
+  }
+  if (eq(name, nlen, "host")) {
+    free(s->host);
+    s->host = copy_span(value, vlen);
+    s->host_len = vlen;
+    return 0;
+  }
+  if (eq(name, nlen, "content-length")) {
+    uint64_t v = 0;
+    for (size_t i = 0; i < vlen; i++)
+      v = v * 10 + (uint64_t)(value[i] - '0'); /* nghttp2 checked the digits */
+    s->has_len = 1;
+    s->req_len = v;
+    return 0;
+  }
+  if (eq(name, nlen, "te")) return 0; /* "trailers": hop-by-hop */
+  if (eq(name, nlen, "cookie")) {
+    if (s->cookie.len) pc_jbuf_raw(&s->cookie, "; ", 2);
+    pc_jbuf_raw(&s->cookie, (const char *)value, vlen);
+    return 0;
+  }
+  if (h->inbound && pc_h1_is_xfcc((const char *)name, nlen)) return 0;
+  if (eq(name, nlen, "content-type") && vlen >= 16 && memcmp(value, "application/grpc", 16) == 0)
+    s->grpc = 1;
+  pc_jbuf_raw(&s->fields, (const char *)name, nlen);
+  pc_jbuf_raw(&s->fields, ": ", 2);
+  pc_jbuf_raw(&s->fields, (const char *)value, vlen);
+  pc_jbuf_raw(&s->fields, "\r\n", 2);
+  return 0;
+}
+
+static const char *const no_body_methods[] = {"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"};
+
+/* The head is complete: decide, then borrow an upstream. */
+static void begin_request(h2s_t *s, int end_stream) {
+  pc_h2_t *h = s->h;
+  s->head_done = 1;
+  s->req_end = end_stream != 0;
+  if (!s->method || !s->path) { /* CONNECT (no :path) */
+    set_bad(s, 400, "CONNECT is not supported over HTTP/2");
+  } else if (!s->bad_status) {
+    if (s->authority && s->host &&
+        (s->authority_len != s->host_len || strncasecmp(s->authority, s->host, s->host_len)))
+      set_bad(s, 400, ":authority and host differ");
+    else if (!s->authority && !s->host)
+      set_bad(s, 400, "the request names no :authority or host");
+    else if (s->authority ? !pc_h1_authority_ok(s->authority, s->authority_len)
+                          : !pc_h1_authority_ok(s->host, s->host_len))
+      set_bad(s, 400, "invalid :authority");
+    else if (!(s->path_len == 1 && s->path[0] == '*') && !pc_h1_path_ok(s->path, s->path_len))
+      set_bad(s, 400, "invalid or ambiguous :path");
+  }
+  /* The generation in force now decides, under the same listener name. */
+  pc_gen_t *g = h->env.w->gen;
+  const pc_listener_cfg_t *lc = pc_config_listener(g->cfg, h->env.lc->name);
+  if (!lc || lc->direction != h->env.lc->direction || lc->protocol != PC_PROTO_HTTP) {
+    g = h->env.gen;
+    lc = h->env.lc;
+  }
+  pc_gen_ref(g);
+  s->rgen = g;
+  s->rlc = lc;
+  if (s->bad_status) {
+    reply(s, s->bad_status, PC_DECISION_DENY,
+          s->bad_status == 431 ? PC_REASON_LIMIT : PC_REASON_PROTOCOL, s->bad_detail);
+    return;
+  }
+  size_t plen = s->path_len;
+  const char *q = memchr(s->path, '?', s->path_len);
+  if (q) plen = (size_t)(q - s->path);
+  if (h->inbound && pc_policy_check_request(lc->policy, h->env.peer_id, s->method, s->method_len,
+                                            s->path, plen) != PC_REASON_NONE) {
+    char detail[160];
+    snprintf(detail, sizeof(detail), "%.16s %.96s is not allowed for this peer", s->method,
+             s->path);
+    reply(s, 403, PC_DECISION_DENY, PC_REASON_NOT_ALLOWED, detail);
+    return;
+  }
+  pc_jbuf_t *o = &s->head_out;
+  o->len = 0;
+  pc_jbuf_raw(o, s->method, s->method_len);
+  pc_jbuf_raw(o, " ", 1);
+  pc_jbuf_raw(o, s->path, s->path_len);
+  pc_jbuf_raw(o, " HTTP/1.1\r\nhost: ", 17);
+  if (s->authority)
+    pc_jbuf_raw(o, s->authority, s->authority_len);
+  else
+    pc_jbuf_raw(o, s->host, s->host_len);
+  pc_jbuf_raw(o, "\r\n", 2);
+  if (s->fields.len) pc_jbuf_raw(o, s->fields.data, s->fields.len);
+  if (s->cookie.len) {
+    pc_jbuf_raw(o, "cookie: ", 8);
+    pc_jbuf_raw(o, s->cookie.data, s->cookie.len);
+    pc_jbuf_raw(o, "\r\n", 2);
+  }
+  if (h->inbound && h->xfcc) pc_jbuf_raw(o, h->xfcc, strlen(h->xfcc));
+  if (s->has_len) {
+    pc_jbuf_printf(o, "content-length: %llu\r\n", (unsigned long long)s->req_len);
+  } else if (!s->req_end) {
+    pc_jbuf_raw(o, "transfer-encoding: chunked\r\n", 28);
+    s->chunked_out = 1;
+  } else {
+    int quiet = 0;
+    for (size_t i = 0; i < PC_ARRAY_SIZE(no_body_methods); i++)
+      if (strcmp(s->method, no_body_methods[i]) == 0) quiet = 1;
+    if (!quiet) pc_jbuf_raw(o, "content-length: 0\r\n", 19);
+  }
+  pc_jbuf_raw(o, "\r\n", 2);
+  pc_jbuf_release(&s->fields);
+  pc_jbuf_release(&s->cookie);
+  s->lim =
+      (pc_h1_limits_t){h->env.gen->cfg->http.max_request_line,
+                       h->env.gen->cfg->http.max_header_bytes, h->env.gen->cfg->http.max_headers};
+  pc_h1_init(&s->res, 0, &s->lim, on_res_body, s);
+  s->res.req_method = s->is_head ? HTTP_HEAD : HTTP_GET;
+  acquire(s);
+}
+
+static void request_end(h2s_t *s) {
+  if (s->req_end) return;
+  s->req_end = 1;
+  if (s->up_ready) request_end_up(s);
+}
+
+static int on_data_chunk(nghttp2_session *ss, uint8_t flags, int32_t id, const uint8_t *data,
+                         size_t len, void *user) {
+  (void)ss;
+  (void)flags;
+  pc_h2_t *h = user;
+  h2s_t *s = stream_of(h, id);
+  touch(h);
+  if (h->inbound)
+    h->env.l->stats.bytes_from_peer += len;
+  else
+    h->env.l->stats.bytes_to_peer += len;
+  if (!s || s->answered || s->res_end || !s->head_done) {
+    /* Nobody wants these bytes; the window they took is given back. */
+    if (s)
+      s->to_consume += len;
+    else
+      h->conn_consume += len;
+    return 0;
+  }
+  s->req_bytes += len;
+  if (!s->up_ready) {
+    pc_jbuf_raw(&s->reqbuf, (const char *)data, len);
+    return 0;
+  }
+  if (body_up(s, (const char *)data, len)) {
+    upstream_failed(s, "writing to the upstream failed");
+    return 0;
+  }
+  passed_on(s, len);
+  return 0;
+}
+
+static int on_frame_recv(nghttp2_session *ss, const nghttp2_frame *f, void *user) {
+  (void)ss;
+  pc_h2_t *h = user;
+  touch(h);
+  h2s_t *s = f->hd.stream_id ? stream_of(h, f->hd.stream_id) : NULL;
+  switch (f->hd.type) {
+  case NGHTTP2_HEADERS:
+    if (!s) break;
+    if (!s->head_done)
+      begin_request(s, f->hd.flags & NGHTTP2_FLAG_END_STREAM);
+    else if (f->hd.flags & NGHTTP2_FLAG_END_STREAM)
+      request_end(s);
+    break;
+  case NGHTTP2_DATA:
+    if (f->hd.length == 0 && !(f->hd.flags & NGHTTP2_FLAG_END_STREAM)) h->empty_data++;
+    if (s && (f->hd.flags & NGHTTP2_FLAG_END_STREAM)) request_end(s);
+    break;
+  case NGHTTP2_PING:
+  case NGHTTP2_SETTINGS:
+    if (!(f->hd.flags & NGHTTP2_FLAG_ACK)) h->ctrl_frames++;
+    break;
+  case NGHTTP2_PRIORITY: h->ctrl_frames++; break;
+  case NGHTTP2_RST_STREAM:
+    h->env.l->stats
+        .h2_resets[1][f->rst_stream.error_code < PC_H2_ERROR_CODES ? f->rst_stream.error_code
+                                                                   : NGHTTP2_INTERNAL_ERROR]++;
+    if (s && !(s->res_end && s->rb_len == 0)) {
+      s->reset_by_peer = 1;
+      h->resets_in++;
+    }
+    break;
+  default: break;
+  }
+  check_budgets(h);
+  return 0;
+}
+
+static int on_frame_send(nghttp2_session *ss, const nghttp2_frame *f, void *user) {
+  (void)ss;
+  pc_h2_t *h = user;
+  if (f->hd.type == NGHTTP2_RST_STREAM) {
+    uint32_t code = f->rst_stream.error_code;
+    h->env.l->stats.h2_resets[0][code < PC_H2_ERROR_CODES ? code : NGHTTP2_INTERNAL_ERROR]++;
+    /* Resets nghttp2 sends for the client's mistakes count against it. */
+    h2s_t *s = stream_of(h, f->hd.stream_id);
+    if (!s || !s->we_reset) h->resets_out++;
+    check_budgets(h);
+  }
+  return 0;
+}
+
+static int on_stream_close(nghttp2_session *ss, int32_t id, uint32_t code, void *user) {
+  (void)ss;
+  (void)code;
+  pc_h2_t *h = user;
+  h2s_t *s = stream_of(h, id);
+  if (!s) return 0;
+  nghttp2_session_set_stream_user_data(h->ss, id, NULL);
+  if (s->res_end && s->rb_len == 0 && !s->reset_by_peer) h->completed++;
+  stream_free(s);
+  return 0;
+}
+
+/* ---- the connection ----------------------------------------------------- */
+
+static void stream_free(h2s_t *s) {
+  pc_h2_t *h = s->h;
+  log_stream(s);
+  release_up(s, PC_POOL_ABORT);
+  h->conn_consume += s->to_consume + s->held;
+  if (s->prev)
+    s->prev->next = s->next;
+  else
+    h->streams = s->next;
+  if (s->next) s->next->prev = s->prev;
+  h->nstreams--;
+  h->env.l->stats.h2_streams--;
+  if (s->rgen) pc_gen_unref(s->rgen);
+  if (s->head_done && s->lim.max_head) pc_h1_free(&s->res);
+  free(s->method);
+  free(s->path);
+  free(s->authority);
+  free(s->host);
+  free(s->up_peer);
+  free(s->rb);
+  pc_jbuf_free(&s->fields);
+  pc_jbuf_free(&s->cookie);
+  pc_jbuf_free(&s->head_out);
+  pc_jbuf_free(&s->reqbuf);
+  free(s);
+}
+
+static void close_gently(pc_h2_t *h) {
+  if (h->closing) return;
+  h->closing = 1;
+  h->peer_done = pc_stream_discard(h->down);
+  pc_stream_shutdown(h->down, 0);
+}
+
+static int write_out(pc_h2_t *h) {
+  if (!h->out.len) return 0;
+  size_t n = h->out.len;
+  h->out.len = 0;
+  if (pc_stream_write(h->down, h->out.data, n) == 0) return 0;
+  finish(h, "reset", 1);
+  return -1;
+}
+
+/* End of every callback into this module: give back windows, send frames
+ * while the client reads them, resume upstreams the client caught up with,
+ * and close once nghttp2 has nothing left to do. */
+static void settle(pc_h2_t *h) {
+  if (h->done || h->closing) return;
+  if (h->in_settle) {
+    h->again = 1;
+    return;
+  }
+  h->in_settle = 1;
+  do {
+    h->again = 0;
+    for (h2s_t *s = h->streams; s; s = s->next)
+      if (s->to_consume) {
+        nghttp2_session_consume(h->ss, s->id, s->to_consume);
+        s->to_consume = 0;
+      }
+    if (h->conn_consume) {
+      nghttp2_session_consume_connection(h->ss, h->conn_consume);
+      h->conn_consume = 0;
+    }
+    while (!h->send_bp) {
+      const uint8_t *data;
+      ssize_t n = nghttp2_session_mem_send(h->ss, &data);
+      if (n < 0) {
+        pc_log(PC_LOG_WARN, "listener %s: HTTP/2: %s", h->env.lc->name, nghttp2_strerror((int)n));
+        h->in_settle = 0;
+        finish(h, "reset", 1);
+        return;
+      }
+      if (n == 0) break;
+      pc_jbuf_raw(&h->out, (const char *)data, (size_t)n);
+      if (h->out.len >= OUT_CHUNK) {
+        if (write_out(h)) {
+          h->in_settle = 0;
+          return;
+        }
+        if (pc_stream_queued(h->down) > PC_STREAM_HIGH_WATER) h->send_bp = 1;
+      }
+    }
+    if (write_out(h)) {
+      h->in_settle = 0;
+      return;
+    }
+    if (pc_stream_queued(h->down) > PC_STREAM_HIGH_WATER) h->send_bp = 1;
+    /* The client does not read: stop reading it (its frames would only
+     * make us queue more answers). */
+    if (h->send_bp && h->down->reading)
+      pc_stream_read_stop(h->down);
+    else if (!h->send_bp && !h->down->reading && nghttp2_session_want_read(h->ss))
+      pc_stream_read_start(h->down);
+    for (h2s_t *s = h->streams; s; s = s->next)
+      if (s->up_paused && s->rb_len < RES_LOW && s->up) {
+        s->up_paused = 0;
+        pc_stream_read_start(&s->up->s);
+      }
+  } while (h->again && !h->done);
+  h->in_settle = 0;
+  if (h->done) return;
+  if (!nghttp2_session_want_read(h->ss) && !nghttp2_session_want_write(h->ss)) {
+    close_gently(h);
+    return;
+  }
+  if (h->peer_eof && h->nstreams == 0) finish(h, "eof", 0);
+}
+
+void pc_h2_on_data(pc_h2_t *h, const char *buf, size_t len) {
+  if (h->done || h->closing) return;
+  ssize_t rv = nghttp2_session_mem_recv(h->ss, (const uint8_t *)buf, len);
+  if (rv < 0) {
+    /* Fatal to the session: nghttp2 can no longer frame a GOAWAY, so write
+     * one by hand (RFC 9113 6.8), then close. */
+    int flood = rv == NGHTTP2_ERR_FLOODED || rv == NGHTTP2_ERR_TOO_MANY_CONTINUATIONS ||
+                rv == NGHTTP2_ERR_TOO_MANY_SETTINGS;
+    uint32_t code = flood ? NGHTTP2_ENHANCE_YOUR_CALM : NGHTTP2_PROTOCOL_ERROR;
+    if (!h->goaway) {
+      h->goaway = 1;
+      h->env.l->stats.h2_goaways[flood ? PC_H2_GOAWAY_LIMIT : PC_H2_GOAWAY_PROTOCOL]++;
+      pc_log(flood ? PC_LOG_WARN : PC_LOG_INFO, "listener %s: HTTP/2 client %s: %s; GOAWAY %s",
+             h->env.lc->name, h->env.peer_addr, nghttp2_strerror((int)rv),
+             flood ? "ENHANCE_YOUR_CALM" : "PROTOCOL_ERROR");
+      int32_t last = nghttp2_session_get_last_proc_stream_id(h->ss);
+      uint8_t f[17] = {0, 0, 8, NGHTTP2_GOAWAY, 0, 0, 0, 0, 0};
+      f[9] = (uint8_t)(last >> 24) & 0x7f;
+      f[10] = (uint8_t)(last >> 16);
+      f[11] = (uint8_t)(last >> 8);
+      f[12] = (uint8_t)last;
+      f[16] = (uint8_t)code;
+      /* Whatever nghttp2 framed before the error goes first. */
+      const uint8_t *data;
+      ssize_t n;
+      while ((n = nghttp2_session_mem_send(h->ss, &data)) > 0)
+        pc_jbuf_raw(&h->out, (const char *)data, (size_t)n);
+      pc_jbuf_raw(&h->out, (const char *)f, sizeof(f));
+      if (write_out(h)) return;
+    }
+    close_gently(h);
+    return;
+  }
+  settle(h);
+}
+
+void pc_h2_on_eof(pc_h2_t *h) {
+  if (h->closing) {
+    h->peer_done = 1;
+    if (h->shut_done) finish(h, "eof", 0);
+    return;
+  }
+  h->peer_eof = 1;
+  if (h->nstreams == 0) finish(h, "eof", 0);
+}
+
+void pc_h2_on_error(pc_h2_t *h, int err) {
+  (void)err;
+  finish(h, "reset", 1);
+}
+
+void pc_h2_on_drain(pc_h2_t *h) {
+  h->send_bp = 0;
+  settle(h);
+}
+
+void pc_h2_on_shutdown(pc_h2_t *h, int status) {
+  if (!h->closing) return;
+  h->shut_done = 1;
+  if (h->peer_done || status < 0) {
+    finish(h, status < 0 ? "reset" : "eof", status < 0);
+    return;
+  }
+  h->linger = 1;
+  uv_timer_start(&h->timer, on_timer, LINGER_MS, 0);
+}
+
+void pc_h2_drain(pc_h2_t *h) {
+  if (h->done || h->closing) return;
+  goaway(h, PC_H2_GOAWAY_DRAIN, NGHTTP2_NO_ERROR, "draining");
+  settle(h);
+  if (!h->done && !h->closing && h->nstreams == 0) {
+    write_out(h);
+    close_gently(h);
+  }
+}
+
+pc_h2_t *pc_h2_start(pc_stream_t *down, const pc_l7_env_t *env,
+                     void (*on_done)(void *, const char *, int), void *arg, const char *pre,
+                     size_t pre_len) {
+  pc_h2_t *h = pc_calloc(1, sizeof(*h));
+  h->down = down;
+  h->env = *env;
+  h->inbound = env->lc->direction == PC_DIR_INBOUND;
+  h->on_done = on_done;
+  h->arg = arg;
+  if (h->inbound) h->xfcc = pc_l7_make_xfcc(down, env);
+  uv_timer_init(&env->w->loop, &h->timer);
+  h->timer.data = h;
+  h->t0 = uv_now(&env->w->loop);
+  nghttp2_session_callbacks *cb;
+  nghttp2_session_callbacks_new(&cb);
+  nghttp2_session_callbacks_set_on_begin_headers_callback(cb, on_begin_headers);
+  nghttp2_session_callbacks_set_on_header_callback(cb, on_header);
+  nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, on_data_chunk);
+  nghttp2_session_callbacks_set_on_frame_recv_callback(cb, on_frame_recv);
+  nghttp2_session_callbacks_set_on_frame_send_callback(cb, on_frame_send);
+  nghttp2_session_callbacks_set_on_stream_close_callback(cb, on_stream_close);
+  nghttp2_option *opt;
+  nghttp2_option_new(&opt);
+  /* Windows are given back as the bytes leave us (settle), not on arrival. */
+  nghttp2_option_set_no_auto_window_update(opt, 1);
+  const pc_config_t *cfg = env->gen->cfg;
+  nghttp2_option_set_max_deflate_dynamic_table_size(opt, 4096);
+  if (nghttp2_session_server_new2(&h->ss, cb, h, opt) != 0) pc_fatal("out of memory");
+  nghttp2_option_del(opt);
+  nghttp2_session_callbacks_del(cb);
+  nghttp2_settings_entry iv[] = {
+      {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, cfg->http2.max_concurrent_streams},
+      {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, cfg->http2.stream_window},
+      {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, cfg->http.max_header_bytes},
+  };
+  nghttp2_submit_settings(h->ss, NGHTTP2_FLAG_NONE, iv, PC_ARRAY_SIZE(iv));
+  nghttp2_session_set_local_window_size(h->ss, NGHTTP2_FLAG_NONE, 0,
+                                        (int32_t)cfg->http2.connection_window);
+  pc_stream_read_start(down);
+  if (pre_len) pc_h2_on_data(h, pre, pre_len);
+  if (!h->done) settle(h);
+  return h;
+}
+
+int pc_h2_close(pc_h2_t *h, uv_close_cb close_cb, void *data) {
+  h->done = 1;
+  while (h->streams)
+    stream_free(h->streams);
+  uv_timer_stop(&h->timer);
+  h->timer.data = data;
+  uv_close((uv_handle_t *)&h->timer, close_cb);
+  return 1;
+}
+
+void pc_h2_free(pc_h2_t *h) {
+  if (!h) return;
+  nghttp2_session_del(h->ss);
+  free(h->xfcc);
+  pc_jbuf_free(&h->out);
+  free(h);
+}
