@@ -412,6 +412,13 @@ static void render_config(pc_jbuf_t *b, const pc_gen_t *g) {
       pc_jbuf_kv_str(b, dir == 0 ? "forward" : "upstream", l->target_str);
       if (dir == 1) pc_jbuf_kv_str(b, "server_name", l->server_name);
       pc_jbuf_kv_str(b, "protocol", l->protocol == PC_PROTO_HTTP ? "http" : "tcp");
+      if (l->protocol == PC_PROTO_HTTP && dir == 0)
+        pc_jbuf_kv_str(b, "app_protocol", l->app_protocol == PC_APP_H2C ? "h2c" : "http/1.1");
+      else if (l->protocol == PC_PROTO_HTTP)
+        pc_jbuf_kv_str(b, "upstream_protocol",
+                       l->upstream_protocol == PC_UP_H2      ? "h2"
+                       : l->upstream_protocol == PC_UP_HTTP1 ? "http/1.1"
+                                                             : "auto");
       rules_json(b, dir == 0 ? "allow" : "expect", l->policy);
       pc_jbuf_raw(b, "}", 1);
     }

@@ -450,9 +450,10 @@ static pc_policy_t *parse_rules(ctx_t *c, const config_setting_t *lg, const char
 
 static void parse_listener(ctx_t *c, const config_setting_t *e, const char *path,
                            pc_direction_t dir, pc_listener_cfg_t *l) {
-  static const char *const in_keys[] = {"name", "listen", "forward", "protocol", "allow"};
-  static const char *const out_keys[] = {"name",        "listen", "upstream",
-                                         "server_name", "expect", "protocol"};
+  static const char *const in_keys[] = {"name",     "listen",       "forward",
+                                        "protocol", "app_protocol", "allow"};
+  static const char *const out_keys[] = {"name",   "listen",   "upstream",         "server_name",
+                                         "expect", "protocol", "upstream_protocol"};
   int in = dir == PC_DIR_INBOUND;
   l->direction = dir;
   l->line = line_of(e);
@@ -493,6 +494,32 @@ static void parse_listener(ctx_t *c, const config_setting_t *e, const char *path
     fail(c, line, sp, "\"%s\" is not one of \"tcp\", \"http\"", proto);
   }
   free(proto);
+  /* How requests leave an HTTP listener: to the app (inbound) as HTTP/1.1
+   * or prior-knowledge h2c; to the upstream sidecar (outbound) as whatever
+   * ALPN settles on, or pinned. */
+  const char *pkey = in ? "app_protocol" : "upstream_protocol";
+  char *pv = get_str(c, e, path, pkey, 0, in ? "http/1.1" : "auto", &line);
+  snprintf(sp, sizeof(sp), "%s.%s", path, pkey);
+  if (pv && config_setting_get_member(e, pkey) && l->protocol != PC_PROTO_HTTP) {
+    fail(c, line, sp, "applies only to protocol = \"http\"");
+  } else if (pv && in) {
+    if (strcmp(pv, "http/1.1") == 0)
+      l->app_protocol = PC_APP_HTTP1;
+    else if (strcmp(pv, "h2c") == 0)
+      l->app_protocol = PC_APP_H2C;
+    else
+      fail(c, line, sp, "\"%s\" is not one of \"http/1.1\", \"h2c\"", pv);
+  } else if (pv) {
+    if (strcmp(pv, "auto") == 0)
+      l->upstream_protocol = PC_UP_AUTO;
+    else if (strcmp(pv, "h2") == 0)
+      l->upstream_protocol = PC_UP_H2;
+    else if (strcmp(pv, "http/1.1") == 0)
+      l->upstream_protocol = PC_UP_HTTP1;
+    else
+      fail(c, line, sp, "\"%s\" is not one of \"auto\", \"h2\", \"http/1.1\"", pv);
+  }
+  free(pv);
   if (!in) {
     l->server_name = get_str(c, e, path, "server_name", 1, NULL, &line);
     if (l->server_name && !*l->server_name) {

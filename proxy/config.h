@@ -27,11 +27,17 @@ typedef struct {
 
 typedef enum { PC_DIR_INBOUND, PC_DIR_OUTBOUND } pc_direction_t;
 typedef enum { PC_PROTO_TCP, PC_PROTO_HTTP } pc_protocol_t;
+/* inbound app_protocol: how requests reach the local app */
+typedef enum { PC_APP_HTTP1, PC_APP_H2C } pc_app_protocol_t;
+/* outbound upstream_protocol: what is offered to the upstream sidecar */
+typedef enum { PC_UP_AUTO, PC_UP_H2, PC_UP_HTTP1 } pc_up_protocol_t;
 
 typedef struct {
   char *name;
   pc_direction_t direction;
   pc_protocol_t protocol;
+  pc_app_protocol_t app_protocol;     /* inbound, protocol = "http" */
+  pc_up_protocol_t upstream_protocol; /* outbound, protocol = "http" */
   char *listen_str;
   struct sockaddr_storage listen;
   char *target_str; /* inbound: forward; outbound: upstream */

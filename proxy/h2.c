@@ -8,6 +8,7 @@
 #include "compat.h"
 #include "deadline.h"
 #include "h1.h"
+#include "h2up.h"
 #include "log.h"
 #include "pool.h"
 
@@ -48,7 +49,7 @@ struct pc_h2 {
   uint64_t opened, completed, ctrl_frames, empty_data, resets_in, resets_out;
   size_t conn_consume; /* received bytes of closed streams to give back */
   unsigned done : 1, closing : 1, peer_done : 1, shut_done : 1, peer_eof : 1, goaway : 1,
-      in_settle : 1, again : 1, send_bp : 1, linger : 1;
+      in_settle : 1, again : 1, send_bp : 1, linger : 1, in_recv : 1;
 };
 
 struct h2s {
@@ -68,6 +69,12 @@ struct h2s {
   pc_gen_t *rgen;
   const pc_listener_cfg_t *rlc;
   pc_upconn_t *up;
+  pc_h2call_t *call; /* an HTTP/2 upstream, in place of up */
+  char *scheme;
+  size_t scheme_len, res_consume; /* res_consume: response bytes the client took */
+  nghttp2_nv *trailers;           /* response trailers to relay (HTTP/2 upstream) */
+  size_t ntrailers;
+  char *tdata;
   char *up_peer;                  /* outbound: the upstream's SPIFFE ID, for the log */
   const char *up_tls, *up_cipher; /* outbound: its TLS, for the log (static strings) */
   pc_jbuf_t head_out;             /* the request head, kept for a retry */
@@ -89,7 +96,8 @@ struct h2s {
   uint64_t req_bytes, res_bytes;
   unsigned head_done : 1, has_len : 1, grpc : 1, req_end : 1, up_ready : 1, chunked_out : 1,
       req_sent : 1, res_head : 1, res_any : 1, res_end : 1, answered : 1, submitted : 1,
-      deferred : 1, up_paused : 1, reset_by_peer : 1, is_head : 1, logged : 1, we_reset : 1;
+      deferred : 1, up_paused : 1, reset_by_peer : 1, is_head : 1, logged : 1, we_reset : 1,
+      te_trailers : 1;
 };
 
 static void settle(pc_h2_t *h);
@@ -253,8 +261,11 @@ static ssize_t read_res(nghttp2_session *ss, int32_t id, uint8_t *buf, size_t le
   s->rb_len -= n;
   if (s->rb_len == 0) s->rb_off = 0;
   s->res_bytes += n;
+  if (s->call) s->res_consume += n;
   if (s->rb_len == 0 && s->res_end) {
     *flags |= NGHTTP2_DATA_FLAG_EOF;
+    if (s->ntrailers && nghttp2_submit_trailer(s->h->ss, s->id, s->trailers, s->ntrailers) == 0)
+      *flags |= NGHTTP2_DATA_FLAG_NO_END_STREAM;
     return (ssize_t)n;
   }
   if (n == 0) {
@@ -386,6 +397,11 @@ static const pc_stream_cbs_t up_cbs = {up_on_data,  up_on_eof,      up_on_error,
                                        up_on_drain, up_on_shutdown, up_on_handshake};
 
 static void release_up(h2s_t *s, int how) {
+  if (s->call) {
+    pc_h2call_t *k = s->call;
+    s->call = NULL;
+    pc_h2call_release(k);
+  }
   if (!s->up) return;
   pc_upconn_t *up = s->up;
   s->up = NULL;
@@ -713,6 +729,9 @@ static int on_header(nghttp2_session *ss, const nghttp2_frame *f, const uint8_t 
     } else if (eq(name, nlen, ":path")) {
       s->path = copy_span(value, vlen);
       s->path_len = vlen;
+    } else if (eq(name, nlen, ":scheme")) {
+      s->scheme = copy_span(value, vlen);
+      s->scheme_len = vlen;
     } else if (eq(name, nlen, ":authority")) {
       s->authority = copy_span(value, vlen);
       s->authority_len = vlen;
@@ -733,7 +752,10 @@ static int on_header(nghttp2_session *ss, const nghttp2_frame *f, const uint8_t 
     s->req_len = v;
     return 0;
   }
-  if (eq(name, nlen, "te")) return 0; /* "trailers": hop-by-hop */
+  if (eq(name, nlen, "te")) { /* "trailers" (nghttp2 allows nothing else): hop-by-hop */
+    s->te_trailers = 1;
+    return 0;
+  }
   if (eq(name, nlen, "cookie")) {
     if (s->cookie.len) pc_jbuf_raw(&s->cookie, "; ", 2);
     pc_jbuf_raw(&s->cookie, (const char *)value, vlen);
@@ -750,6 +772,223 @@ static int on_header(nghttp2_session *ss, const nghttp2_frame *f, const uint8_t 
 }
 
 static const char *const no_body_methods[] = {"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"};
+
+static void go_h1(h2s_t *s);
+
+/* ---- onwards as HTTP/2 (h2up.h) ----------------------------------------- */
+
+static void keep_peer(h2s_t *s) {
+  if (s->h->inbound || s->up_peer || !s->call) return;
+  const char *id = pc_h2call_peer_id(s->call);
+  s->up_peer = id ? pc_strdup(id) : NULL;
+  s->up_tls = pc_h2call_tls_version(s->call);
+  s->up_cipher = pc_h2call_cipher(s->call);
+}
+
+static int grpc_status_nv(const nghttp2_nv *nv, size_t n) {
+  for (size_t i = 0; i < n; i++)
+    if (nv[i].namelen == 11 && memcmp(nv[i].name, "grpc-status", 11) == 0) {
+      int v = 0;
+      if (nv[i].valuelen == 0 || nv[i].valuelen > 3) return -1;
+      for (size_t j = 0; j < nv[i].valuelen; j++) {
+        if (nv[i].value[j] < '0' || nv[i].value[j] > '9') return -1;
+        v = v * 10 + (nv[i].value[j] - '0');
+      }
+      return v;
+    }
+  return -1;
+}
+
+static void c_on_head(void *user, int status, const nghttp2_nv *nv, size_t n, int end) {
+  h2s_t *s = user;
+  keep_peer(s);
+  if (s->upstream_ms < 0) s->upstream_ms = (double)(uv_hrtime() - s->t_sent) / 1e6;
+  s->res_head = 1;
+  s->res_any = 1;
+  s->due = 0;
+  s->status = status;
+  if (end) s->grpc_status = grpc_status_nv(nv, n); /* trailers-only */
+  nghttp2_nv *out = pc_calloc(n + 1, sizeof(*out));
+  char st[8];
+  int stn = snprintf(st, sizeof(st), "%d", status);
+  out[0] = (nghttp2_nv)NV(":status", st, (size_t)stn);
+  memcpy(out + 1, nv, n * sizeof(*nv));
+  submit_response(s, out, n + 1, !end && !s->is_head && status != 204 && status != 304);
+  free(out);
+  settle(s->h);
+}
+
+static void c_on_data(void *user, const uint8_t *data, size_t len) {
+  h2s_t *s = user;
+  touch(s->h);
+  if (s->h->inbound)
+    s->h->env.l->stats.bytes_to_peer += len;
+  else
+    s->h->env.l->stats.bytes_from_peer += len;
+  if (s->answered) {
+    s->res_consume += len;
+  } else {
+    res_append(s, (const char *)data, len);
+    res_more(s);
+  }
+  settle(s->h);
+}
+
+static void c_on_end(void *user, const nghttp2_nv *nv, size_t n) {
+  h2s_t *s = user;
+  if (n) {
+    size_t bytes = 0;
+    for (size_t i = 0; i < n; i++)
+      bytes += nv[i].namelen + nv[i].valuelen;
+    s->tdata = pc_malloc(bytes + 1);
+    s->trailers = pc_calloc(n, sizeof(*s->trailers));
+    size_t off = 0;
+    for (size_t i = 0; i < n; i++) {
+      memcpy(s->tdata + off, nv[i].name, nv[i].namelen);
+      memcpy(s->tdata + off + nv[i].namelen, nv[i].value, nv[i].valuelen);
+      s->trailers[i] =
+          (nghttp2_nv){(uint8_t *)s->tdata + off, (uint8_t *)s->tdata + off + nv[i].namelen,
+                       nv[i].namelen, nv[i].valuelen, NGHTTP2_NV_FLAG_NONE};
+      off += nv[i].namelen + nv[i].valuelen;
+    }
+    s->ntrailers = n;
+    s->grpc_status = grpc_status_nv(nv, n);
+  }
+  s->res_end = 1;
+  s->decision = PC_DECISION_ALLOW;
+  s->reason = PC_REASON_NONE;
+  res_more(s);
+  settle(s->h);
+}
+
+static void c_on_sent(void *user, size_t n) {
+  h2s_t *s = user;
+  s->to_consume += n;
+  settle(s->h);
+}
+
+static int refusal(pc_reason_t r) {
+  return r != PC_REASON_NONE && r != PC_REASON_PROTOCOL && r != PC_REASON_TIMEOUT &&
+         r != PC_REASON_LIMIT && r != PC_REASON_CIPHER;
+}
+
+static void go_h2(h2s_t *s);
+
+static void c_on_fail(void *user, int status, pc_reason_t r, const char *detail, int retry) {
+  h2s_t *s = user;
+  pc_h2_t *h = s->h;
+  keep_peer(s);
+  int fresh = s->req_bytes == 0 && !s->res_any;
+  if (status == PC_H2CALL_USE_H1 && fresh) {
+    release_up(s, PC_POOL_ABORT);
+    go_h1(s);
+  } else if (retry && fresh && s->retries < MAX_RETRIES) {
+    release_up(s, PC_POOL_ABORT);
+    s->retries++;
+    s->due = 0;
+    go_h2(s);
+  } else {
+    if (status == PC_H2CALL_USE_H1) status = 502;
+    if (!s->res_head && status > 0)
+      pc_log(PC_LOG_WARN, "listener %s: upstream %s: %s", h->env.lc->name, s->rlc->target_str,
+             detail);
+    reply(s, status > 0 ? status : 502, refusal(r) ? PC_DECISION_DENY : PC_DECISION_ERROR, r,
+          detail);
+  }
+  settle(h);
+}
+
+static const pc_h2call_cbs_t call_cbs = {c_on_head, c_on_data, c_on_end, c_on_fail, c_on_sent};
+
+/* The request's head as HTTP/2 fields: pseudo-headers, then the kept
+ * fields (stored as "name: value\r\n" lines), the joined cookie, te and
+ * x-forwarded-client-cert. */
+static void go_h2(h2s_t *s) {
+  pc_h2_t *h = s->h;
+  size_t cap = 8;
+  for (size_t i = 0; i < s->fields.len; i++)
+    if (s->fields.data[i] == '\n') cap++;
+  nghttp2_nv *nv = pc_calloc(cap, sizeof(*nv));
+  size_t n = 0;
+  static const char http[] = "http";
+  nv[n++] = (nghttp2_nv){(uint8_t *)":method", (uint8_t *)s->method, 7, s->method_len, 0};
+  nv[n++] = (nghttp2_nv){(uint8_t *)":scheme", (uint8_t *)(s->scheme ? s->scheme : http), 7,
+                         s->scheme ? s->scheme_len : 4, 0};
+  nv[n++] =
+      (nghttp2_nv){(uint8_t *)":authority", (uint8_t *)(s->authority ? s->authority : s->host), 10,
+                   s->authority ? s->authority_len : s->host_len, 0};
+  nv[n++] = (nghttp2_nv){(uint8_t *)":path", (uint8_t *)s->path, 5, s->path_len, 0};
+  const char *p = s->fields.data, *e = p + s->fields.len;
+  while (p && p < e) {
+    const char *colon = memchr(p, ':', (size_t)(e - p));
+    const char *eol = memchr(p, '\r', (size_t)(e - p));
+    if (!colon || !eol) break;
+    nv[n++] = (nghttp2_nv){(uint8_t *)p, (uint8_t *)colon + 2, (size_t)(colon - p),
+                           (size_t)(eol - colon - 2), 0};
+    p = eol + 2;
+  }
+  if (s->cookie.len)
+    nv[n++] = (nghttp2_nv){(uint8_t *)"cookie", (uint8_t *)s->cookie.data, 6, s->cookie.len, 0};
+  if (s->te_trailers) nv[n++] = (nghttp2_nv)NV("te", "trailers", 8);
+  if (h->inbound && h->xfcc) {
+    size_t xl = strlen(h->xfcc); /* "x-forwarded-client-cert: V\r\n" */
+    nv[n++] = (nghttp2_nv){(uint8_t *)h->xfcc, (uint8_t *)h->xfcc + 25, 23, xl - 27, 0};
+  }
+  char cl[24];
+  if (s->has_len) {
+    int cln = snprintf(cl, sizeof(cl), "%llu", (unsigned long long)s->req_len);
+    nv[n++] = (nghttp2_nv)NV("content-length", cl, (size_t)cln);
+  }
+  s->t_sent = uv_hrtime();
+  s->call =
+      pc_h2call_start(h->env.w, s->rgen, s->rlc, &h->env.l->stats, nv, n, s->req_end, &call_cbs, s);
+  free(nv);
+  if (s->req_end && !s->res_head) {
+    s->due = uv_now(h->timer.loop) + h->env.gen->cfg->http.response_timeout_ms;
+    arm_timer(h);
+  }
+}
+
+/* Onwards as HTTP/1.1 over the pool (pool.h). */
+static void go_h1(h2s_t *s) {
+  pc_h2_t *h = s->h;
+  pc_jbuf_t *o = &s->head_out;
+  o->len = 0;
+  pc_jbuf_raw(o, s->method, s->method_len);
+  pc_jbuf_raw(o, " ", 1);
+  pc_jbuf_raw(o, s->path, s->path_len);
+  pc_jbuf_raw(o, " HTTP/1.1\r\nhost: ", 17);
+  if (s->authority)
+    pc_jbuf_raw(o, s->authority, s->authority_len);
+  else
+    pc_jbuf_raw(o, s->host, s->host_len);
+  pc_jbuf_raw(o, "\r\n", 2);
+  if (s->fields.len) pc_jbuf_raw(o, s->fields.data, s->fields.len);
+  if (s->cookie.len) {
+    pc_jbuf_raw(o, "cookie: ", 8);
+    pc_jbuf_raw(o, s->cookie.data, s->cookie.len);
+    pc_jbuf_raw(o, "\r\n", 2);
+  }
+  if (h->inbound && h->xfcc) pc_jbuf_raw(o, h->xfcc, strlen(h->xfcc));
+  if (s->has_len) {
+    pc_jbuf_printf(o, "content-length: %llu\r\n", (unsigned long long)s->req_len);
+  } else if (!s->req_end) {
+    pc_jbuf_raw(o, "transfer-encoding: chunked\r\n", 28);
+    s->chunked_out = 1;
+  } else {
+    int quiet = 0;
+    for (size_t i = 0; i < PC_ARRAY_SIZE(no_body_methods); i++)
+      if (strcmp(s->method, no_body_methods[i]) == 0) quiet = 1;
+    if (!quiet) pc_jbuf_raw(o, "content-length: 0\r\n", 19);
+  }
+  pc_jbuf_raw(o, "\r\n", 2);
+  s->lim =
+      (pc_h1_limits_t){h->env.gen->cfg->http.max_request_line,
+                       h->env.gen->cfg->http.max_header_bytes, h->env.gen->cfg->http.max_headers};
+  pc_h1_init(&s->res, 0, &s->lim, on_res_body, s);
+  s->res.req_method = s->is_head ? HTTP_HEAD : HTTP_GET;
+  acquire(s);
+}
 
 /* The head is complete: decide, then borrow an upstream. */
 static void begin_request(h2s_t *s, int end_stream) {
@@ -796,50 +1035,26 @@ static void begin_request(h2s_t *s, int end_stream) {
     reply(s, 403, PC_DECISION_DENY, PC_REASON_NOT_ALLOWED, detail);
     return;
   }
-  pc_jbuf_t *o = &s->head_out;
-  o->len = 0;
-  pc_jbuf_raw(o, s->method, s->method_len);
-  pc_jbuf_raw(o, " ", 1);
-  pc_jbuf_raw(o, s->path, s->path_len);
-  pc_jbuf_raw(o, " HTTP/1.1\r\nhost: ", 17);
-  if (s->authority)
-    pc_jbuf_raw(o, s->authority, s->authority_len);
+  if (h->inbound ? lc->app_protocol == PC_APP_H2C
+                 : lc->upstream_protocol == PC_UP_H2 ||
+                       (lc->upstream_protocol == PC_UP_AUTO && !pc_h2up_h1_only(h->env.w, g, lc)))
+    go_h2(s);
   else
-    pc_jbuf_raw(o, s->host, s->host_len);
-  pc_jbuf_raw(o, "\r\n", 2);
-  if (s->fields.len) pc_jbuf_raw(o, s->fields.data, s->fields.len);
-  if (s->cookie.len) {
-    pc_jbuf_raw(o, "cookie: ", 8);
-    pc_jbuf_raw(o, s->cookie.data, s->cookie.len);
-    pc_jbuf_raw(o, "\r\n", 2);
-  }
-  if (h->inbound && h->xfcc) pc_jbuf_raw(o, h->xfcc, strlen(h->xfcc));
-  if (s->has_len) {
-    pc_jbuf_printf(o, "content-length: %llu\r\n", (unsigned long long)s->req_len);
-  } else if (!s->req_end) {
-    pc_jbuf_raw(o, "transfer-encoding: chunked\r\n", 28);
-    s->chunked_out = 1;
-  } else {
-    int quiet = 0;
-    for (size_t i = 0; i < PC_ARRAY_SIZE(no_body_methods); i++)
-      if (strcmp(s->method, no_body_methods[i]) == 0) quiet = 1;
-    if (!quiet) pc_jbuf_raw(o, "content-length: 0\r\n", 19);
-  }
-  pc_jbuf_raw(o, "\r\n", 2);
-  pc_jbuf_release(&s->fields);
-  pc_jbuf_release(&s->cookie);
-  s->lim =
-      (pc_h1_limits_t){h->env.gen->cfg->http.max_request_line,
-                       h->env.gen->cfg->http.max_header_bytes, h->env.gen->cfg->http.max_headers};
-  pc_h1_init(&s->res, 0, &s->lim, on_res_body, s);
-  s->res.req_method = s->is_head ? HTTP_HEAD : HTTP_GET;
-  acquire(s);
+    go_h1(s);
 }
 
 static void request_end(h2s_t *s) {
   if (s->req_end) return;
   s->req_end = 1;
-  if (s->up_ready) request_end_up(s);
+  if (s->call) {
+    pc_h2call_end(s->call);
+    if (!s->res_head) {
+      s->due = uv_now(s->h->timer.loop) + s->h->env.gen->cfg->http.response_timeout_ms;
+      arm_timer(s->h);
+    }
+  } else if (s->up_ready) {
+    request_end_up(s);
+  }
 }
 
 static int on_data_chunk(nghttp2_session *ss, uint8_t flags, int32_t id, const uint8_t *data,
@@ -862,6 +1077,10 @@ static int on_data_chunk(nghttp2_session *ss, uint8_t flags, int32_t id, const u
     return 0;
   }
   s->req_bytes += len;
+  if (s->call) {
+    pc_h2call_send(s->call, (const char *)data, len);
+    return 0;
+  }
   if (!s->up_ready) {
     pc_jbuf_raw(&s->reqbuf, (const char *)data, len);
     return 0;
@@ -958,6 +1177,9 @@ static void stream_free(h2s_t *s) {
   free(s->authority);
   free(s->host);
   free(s->up_peer);
+  free(s->scheme);
+  free(s->trailers);
+  free(s->tdata);
   free(s->rb);
   pc_jbuf_free(&s->fields);
   pc_jbuf_free(&s->cookie);
@@ -986,7 +1208,7 @@ static int write_out(pc_h2_t *h) {
  * while the client reads them, resume upstreams the client caught up with,
  * and close once nghttp2 has nothing left to do. */
 static void settle(pc_h2_t *h) {
-  if (h->done || h->closing) return;
+  if (h->done || h->closing || h->in_recv) return; /* pc_h2_on_data settles after mem_recv */
   if (h->in_settle) {
     h->again = 1;
     return;
@@ -994,6 +1216,12 @@ static void settle(pc_h2_t *h) {
   h->in_settle = 1;
   do {
     h->again = 0;
+    for (h2s_t *s = h->streams; s; s = s->next)
+      if (s->call && s->res_consume) {
+        size_t n = s->res_consume;
+        s->res_consume = 0;
+        pc_h2call_consumed(s->call, n);
+      }
     for (h2s_t *s = h->streams; s; s = s->next)
       if (s->to_consume) {
         nghttp2_session_consume(h->ss, s->id, s->to_consume);
@@ -1050,7 +1278,10 @@ static void settle(pc_h2_t *h) {
 
 void pc_h2_on_data(pc_h2_t *h, const char *buf, size_t len) {
   if (h->done || h->closing) return;
+  h->in_recv = 1;
   ssize_t rv = nghttp2_session_mem_recv(h->ss, (const uint8_t *)buf, len);
+  h->in_recv = 0;
+  if (h->done) return;
   if (rv < 0) {
     /* Fatal to the session: nghttp2 can no longer frame a GOAWAY, so write
      * one by hand (RFC 9113 6.8), then close. */

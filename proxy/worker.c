@@ -8,6 +8,7 @@
 #include "bufcache.h"
 #include "compat.h"
 #include "conn.h"
+#include "h2up.h"
 #include "pool.h"
 #include "tls.h"
 #include "log.h"
@@ -79,6 +80,7 @@ static void adopt(pc_worker_t *w) {
   if (old) {
     pc_conn_recheck_all(w);
     pc_pool_sweep(w);
+    pc_h2up_sweep(w);
     pc_gen_unref(old);
   }
 }
@@ -105,6 +107,7 @@ static void on_wake(uv_async_t *a) {
       if (w->listeners[i]) pc_listener_close(w->listeners[i]);
     pc_conn_close_all(w);
     pc_pool_close_all(w);
+    pc_h2up_close_all(w);
     uv_close((uv_handle_t *)&w->wake, NULL);
     return;
   }

@@ -34,8 +34,9 @@ typedef struct pc_worker {
   pc_gen_t *gen;             /* current generation; worker thread only */
   pc_listener_t **listeners; /* parallel to gen->cfg->listeners; NULL if one failed */
   size_t nlisteners;
-  struct pc_conn *conns; /* every live connection */
-  struct pc_pool *pools; /* HTTP mode: upstream connection pools (pool.h) */
+  struct pc_conn *conns;  /* every live connection */
+  struct pc_pool *pools;  /* HTTP mode: upstream connection pools (pool.h) */
+  struct h2pool *h2pools; /* HTTP mode: HTTP/2 upstream connections (h2up.h) */
   int stop_requested;
   int drain_requested;
   int draining; /* worker thread: listeners stopped */
