@@ -256,7 +256,7 @@ static ssize_t read_res(nghttp2_session *ss, int32_t id, uint8_t *buf, size_t le
   (void)user;
   h2s_t *s = src->ptr;
   size_t n = s->rb_len < length ? s->rb_len : length;
-  memcpy(buf, s->rb + s->rb_off, n);
+  if (n) memcpy(buf, s->rb + s->rb_off, n);
   s->rb_off += n;
   s->rb_len -= n;
   if (s->rb_len == 0) s->rb_off = 0;
@@ -293,7 +293,7 @@ static void res_append(h2s_t *s, const char *data, size_t len) {
       s->rb = pc_realloc(s->rb, s->rb_cap);
     }
   }
-  memcpy(s->rb + s->rb_off + s->rb_len, data, len);
+  if (len) memcpy(s->rb + s->rb_off + s->rb_len, data, len);
   s->rb_len += len;
 }
 

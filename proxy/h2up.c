@@ -143,7 +143,7 @@ static ssize_t read_req(nghttp2_session *ss, int32_t id, uint8_t *buf, size_t le
   pc_h2call_t *k = src->ptr;
   size_t left = k->sbuf.len - k->soff;
   size_t n = left < length ? left : length;
-  memcpy(buf, k->sbuf.data + k->soff, n);
+  if (n) memcpy(buf, k->sbuf.data + k->soff, n);
   k->soff += n;
   if (k->soff == k->sbuf.len) k->soff = k->sbuf.len = 0;
   k->sent += n; /* reported after the send (report_sent), outside nghttp2 */
