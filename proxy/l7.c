@@ -8,6 +8,7 @@
 #include "compat.h"
 #include "deadline.h"
 #include "h1.h"
+#include "h2up.h"
 #include "log.h"
 #include "pool.h"
 #include "splice.h"
@@ -48,6 +49,9 @@ struct pc_l7 {
   pc_gen_t *rgen;
   const pc_listener_cfg_t *rlc;
   pc_upconn_t *up;
+  pc_h2call_t *call;  /* an HTTP/2 upstream, in place of up (see go_h2) */
+  size_t call_queued; /* request body bytes the call holds, not yet sent */
+  size_t unconsumed;  /* response bytes the client has not taken yet (HTTP/2 upstream) */
   pc_jbuf_t head_out; /* request head for the upstream, kept for a retry */
   pc_jbuf_t out;      /* scratch for heads and chunks going out */
   pc_jbuf_t dq, uq;   /* small writes collected for the client / upstream (put) */
@@ -77,6 +81,8 @@ static const pc_stream_cbs_t up_cbs = {up_on_data,  up_on_eof,      up_on_error,
                                        up_on_drain, up_on_shutdown, up_on_handshake};
 
 static void process(pc_l7_t *x);
+static int wants_h2(const pc_l7_t *x, const pc_listener_cfg_t *lc);
+static void go_h2(pc_l7_t *x);
 static int flush_queue(pc_l7_t *x, pc_stream_t *to);
 static void begin_request(pc_l7_t *x);
 
@@ -121,6 +127,7 @@ static void disarm(pc_l7_t *x) { x->timer_on = 0; }
 static const char *peer_id_of(const pc_l7_t *x) {
   /* outbound: the upstream of the request in flight */
   if (x->inbound) return x->env.peer_id;
+  if (x->call) return pc_h2call_peer_id(x->call);
   return x->up ? x->up->peer.peer_id : NULL;
 }
 
@@ -164,6 +171,9 @@ static void log_request(pc_l7_t *x, int status, pc_decision_t d, pc_reason_t r) 
   if (!x->inbound && x->up && x->up->s.ssl) {
     rec.tls_version = SSL_get_version(x->up->s.ssl);
     rec.cipher = SSL_CIPHER_get_name(SSL_get_current_cipher(x->up->s.ssl));
+  } else if (!x->inbound && x->call) {
+    rec.tls_version = pc_h2call_tls_version(x->call);
+    rec.cipher = pc_h2call_cipher(x->call);
   }
   pc_log_request(&rec);
 }
@@ -171,6 +181,12 @@ static void log_request(pc_l7_t *x, int status, pc_decision_t d, pc_reason_t r) 
 /* Forgets the request in flight; the upstream connection goes back to the
  * pool (how: PC_POOL_KEEP) or is closed. */
 static void end_request(pc_l7_t *x, int how) {
+  if (x->call) {
+    pc_h2call_t *k = x->call;
+    x->call = NULL;
+    pc_h2call_release(k);
+  }
+  x->call_queued = x->unconsumed = 0;
   if (x->up) {
     pc_upconn_t *up = x->up;
     if (how == PC_POOL_KEEP && x->up_ready) flush_queue(x, &up->s);
@@ -262,7 +278,7 @@ static void settle(pc_l7_t *x) {
    * of idle clients cost their TLS state and this struct, not their last
    * request's head and scratch. The buffers go to the worker's buffer
    * cache, where the next request on any connection finds them. */
-  if (x->state == X_HEAD && !x->up && x->in_len == 0 && !x->head_started) {
+  if (x->state == X_HEAD && !x->up && !x->call && x->in_len == 0 && !x->head_started) {
     pc_h1_trim(&x->req);
     pc_h1_trim(&x->res);
     pc_jbuf_release(&x->head_out);
@@ -320,6 +336,12 @@ static int write_body(pc_l7_t *x, pc_stream_t *to, const char *data, size_t len,
 static void on_req_body(void *user, const char *data, size_t len) {
   pc_l7_t *x = user;
   x->req_bytes += len;
+  if (x->call) {
+    pc_h2call_send(x->call, data, len);
+    x->call_queued += len;
+    if (x->call_queued > PC_STREAM_HIGH_WATER) x->down_bp = 1;
+    return;
+  }
   write_body(x, &x->up->s, data, len, x->req.msg.chunked);
   if (pc_stream_queued(&x->up->s) > PC_STREAM_HIGH_WATER) x->down_bp = 1;
 }
@@ -360,7 +382,10 @@ static int blocked(const pc_l7_t *x) {
 
 static void request_done(pc_l7_t *x) {
   x->req_done = 1;
-  if (x->req.msg.chunked) put(x, &x->up->s, "0\r\n\r\n", 5);
+  if (x->call)
+    pc_h2call_end(x->call);
+  else if (x->req.msg.chunked)
+    put(x, &x->up->s, "0\r\n\r\n", 5);
   if (!x->res_head) arm(x, x->env.gen->cfg->http.response_timeout_ms, on_timer);
 }
 
@@ -513,7 +538,201 @@ static void begin_request(pc_l7_t *x) {
   pc_h1_write_head(&x->req, &x->head_out, flags, x->xfcc);
   x->close_after = !m->keep_alive;
   x->res.req_method = m->method;
+  if (wants_h2(x, lc)) {
+    if (m->upgrade || m->method == HTTP_CONNECT) {
+      reply_error(x, 502, PC_DECISION_ERROR, PC_REASON_PROTOCOL,
+                  "Upgrade and CONNECT cannot be carried over HTTP/2 to this upstream", 0);
+      return;
+    }
+    go_h2(x);
+    return;
+  }
   acquire(x);
+}
+
+/* ---- onwards as HTTP/2 (h2up.h) ----------------------------------------- */
+
+/* Inbound to an app that speaks only h2c, or outbound with
+ * upstream_protocol = "h2", requests go on as HTTP/2 streams. ("auto"
+ * keeps HTTP/1 clients on HTTP/1.1: only HTTP/2 clients probe for h2.) */
+static int wants_h2(const pc_l7_t *x, const pc_listener_cfg_t *lc) {
+  return x->inbound ? lc->app_protocol == PC_APP_H2C : lc->upstream_protocol == PC_UP_H2;
+}
+
+static void k_on_head(void *user, int status, const nghttp2_nv *nv, size_t n, int end) {
+  pc_l7_t *x = user;
+  const pc_h1_msg_t *q = &x->req.msg;
+  if (x->upstream_ms < 0) x->upstream_ms = (double)(uv_hrtime() - x->t_sent) / 1e6;
+  disarm(x);
+  x->res_head = x->res_any = 1;
+  x->status = status;
+  if (x->env.w->draining || !x->req_done) x->close_after = 1;
+  int bodiless = q->method == HTTP_HEAD || status == 204 || status == 304;
+  int has_len = 0;
+  x->out.len = 0;
+  pc_jbuf_printf(&x->out, "HTTP/1.1 %d %s\r\n", status, pc_h1_phrase(status));
+  for (size_t i = 0; i < n; i++) {
+    if (nv[i].namelen == 14 && memcmp(nv[i].name, "content-length", 14) == 0) has_len = 1;
+    pc_jbuf_raw(&x->out, (const char *)nv[i].name, nv[i].namelen);
+    pc_jbuf_raw(&x->out, ": ", 2);
+    pc_jbuf_raw(&x->out, (const char *)nv[i].value, nv[i].valuelen);
+    pc_jbuf_raw(&x->out, "\r\n", 2);
+  }
+  if (!has_len && !bodiless) {
+    if (end)
+      pc_jbuf_raw(&x->out, "content-length: 0\r\n", 19);
+    else if (q->minor == 1) {
+      pc_jbuf_raw(&x->out, "transfer-encoding: chunked\r\n", 28);
+      x->out_chunked = 1;
+    } else {
+      x->close_after = 1; /* HTTP/1.0: the end of the body is the end of the connection */
+    }
+  }
+  if (x->close_after)
+    pc_jbuf_raw(&x->out, "connection: close\r\n", 19);
+  else if (q->minor == 0)
+    pc_jbuf_raw(&x->out, "connection: keep-alive\r\n", 24);
+  pc_jbuf_raw(&x->out, "\r\n", 2);
+  put(x, x->down, x->out.data, x->out.len);
+  settle(x);
+}
+
+static void k_on_data(void *user, const uint8_t *data, size_t len) {
+  pc_l7_t *x = user;
+  touch(x);
+  if (x->inbound)
+    x->env.l->stats.bytes_to_peer += len;
+  else
+    x->env.l->stats.bytes_from_peer += len;
+  if (write_body(x, x->down, (const char *)data, len, x->out_chunked) == 0) x->res_bytes += len;
+  /* The window is given back as the client takes the bytes. */
+  if (pc_stream_queued(x->down) + x->dq.len > PC_STREAM_HIGH_WATER)
+    x->unconsumed += len;
+  else
+    pc_h2call_consumed(x->call, len);
+  settle(x);
+}
+
+static void k_on_end(void *user, const nghttp2_nv *nv, size_t n) {
+  pc_l7_t *x = user;
+  if (x->out_chunked) {
+    /* Trailers fit in the last chunk's trailer section. */
+    x->out.len = 0;
+    pc_jbuf_raw(&x->out, "0\r\n", 3);
+    for (size_t i = 0; i < n; i++) {
+      pc_jbuf_raw(&x->out, (const char *)nv[i].name, nv[i].namelen);
+      pc_jbuf_raw(&x->out, ": ", 2);
+      pc_jbuf_raw(&x->out, (const char *)nv[i].value, nv[i].valuelen);
+      pc_jbuf_raw(&x->out, "\r\n", 2);
+    }
+    pc_jbuf_raw(&x->out, "\r\n", 2);
+    put(x, x->down, x->out.data, x->out.len);
+    x->out_chunked = 0;
+  }
+  if (!x->req_done) x->close_after = 1;
+  log_request(x, x->status, PC_DECISION_ALLOW, PC_REASON_NONE);
+  int close = x->close_after;
+  end_request(x, PC_POOL_CLOSE);
+  if (close) {
+    close_gently(x);
+  } else {
+    x->state = X_HEAD;
+    process(x);
+  }
+  settle(x);
+}
+
+static void k_on_fail(void *user, int status, pc_reason_t r, const char *detail, int retry) {
+  pc_l7_t *x = user;
+  const pc_h1_msg_t *q = &x->req.msg;
+  if (retry && !x->res_any && x->retries < MAX_RETRIES && x->req_done && x->req_bytes == 0 &&
+      !q->chunked) {
+    pc_h2call_t *k = x->call;
+    x->call = NULL;
+    pc_h2call_release(k);
+    x->retries++;
+    disarm(x);
+    go_h2(x);
+    settle(x);
+    return;
+  }
+  if (status > 0) {
+    if (status == PC_H2CALL_USE_H1) status = 502;
+    pc_log(PC_LOG_WARN, "listener %s: upstream %s: %s", x->env.lc->name, x->rlc->target_str,
+           detail);
+    int denied = r != PC_REASON_NONE && r != PC_REASON_PROTOCOL && r != PC_REASON_TIMEOUT &&
+                 r != PC_REASON_LIMIT && r != PC_REASON_CIPHER;
+    reply_error(x, status, denied ? PC_DECISION_DENY : PC_DECISION_ERROR, r, detail, 0);
+  } else {
+    log_request(x, x->status, PC_DECISION_ERROR, PC_REASON_PROTOCOL);
+    end_request(x, PC_POOL_ABORT);
+    finish(x, "reset", 1);
+  }
+  settle(x);
+}
+
+static void k_on_sent(void *user, size_t n) {
+  pc_l7_t *x = user;
+  x->call_queued = n > x->call_queued ? 0 : x->call_queued - n;
+  if (x->down_bp && x->call_queued < PC_STREAM_LOW_WATER) {
+    x->down_bp = 0;
+    process(x);
+    sync_down(x);
+  }
+  settle(x);
+}
+
+static const pc_h2call_cbs_t call_cbs = {k_on_head, k_on_data, k_on_end, k_on_fail, k_on_sent};
+
+/* The parsed HTTP/1 head as HTTP/2 fields: pseudo-headers from the request
+ * line and Host, field names lowercased, hop-by-hop fields and any
+ * x-forwarded-client-cert from the peer dropped, ours added. */
+static void go_h2(pc_l7_t *x) {
+  const pc_h1_msg_t *m = &x->req.msg;
+  const pc_h1_field_t *host = pc_h1_find(m, "host");
+  pc_jbuf_t *names = &x->head_out;
+  names->len = 0;
+  size_t *off = pc_calloc(m->nfields + 1, sizeof(*off));
+  for (size_t i = 0; i < m->nfields; i++) {
+    off[i] = names->len;
+    for (uint32_t j = 0; j < m->fields[i].name_len; j++) {
+      char c = m->fields[i].name[j];
+      if (c >= 'A' && c <= 'Z') c = (char)(c - 'A' + 'a');
+      pc_jbuf_raw(names, &c, 1);
+    }
+  }
+  nghttp2_nv *nv = pc_calloc(m->nfields + 7, sizeof(*nv));
+  size_t n = 0;
+  nv[n++] = (nghttp2_nv){(uint8_t *)":method", (uint8_t *)m->method_str, 7, m->method_len, 0};
+  nv[n++] = (nghttp2_nv){(uint8_t *)":scheme", (uint8_t *)(x->inbound ? "https" : "http"), 7,
+                         x->inbound ? 5u : 4u, 0};
+  if (host)
+    nv[n++] = (nghttp2_nv){(uint8_t *)":authority", (uint8_t *)host->value, 10, host->value_len, 0};
+  nv[n++] = (nghttp2_nv){(uint8_t *)":path", (uint8_t *)m->target, 5, m->target_len, 0};
+  for (size_t i = 0; i < m->nfields; i++) {
+    const pc_h1_field_t *f = &m->fields[i];
+    if (pc_h1_hop_by_hop(m, f) || f == host) continue;
+    if (x->inbound && pc_h1_is_xfcc(f->name, f->name_len)) continue;
+    nv[n++] = (nghttp2_nv){(uint8_t *)names->data + off[i], (uint8_t *)f->value, f->name_len,
+                           f->value_len, 0};
+  }
+  if (x->inbound && x->xfcc) {
+    size_t xl = strlen(x->xfcc); /* "x-forwarded-client-cert: V\r\n" */
+    nv[n++] = (nghttp2_nv){(uint8_t *)x->xfcc, (uint8_t *)x->xfcc + 25, 23, xl - 27, 0};
+  }
+  char cl[24];
+  if (m->has_length) {
+    int cln = snprintf(cl, sizeof(cl), "%llu", (unsigned long long)m->length);
+    nv[n++] = (nghttp2_nv){(uint8_t *)"content-length", (uint8_t *)cl, 14, (size_t)cln, 0};
+  }
+  int end = !m->chunked && (!m->has_length || m->length == 0);
+  x->t_sent = uv_hrtime();
+  x->up_ready = 1; /* the call takes body bytes at once (it buffers them) */
+  x->call = pc_h2call_start(x->env.w, x->rgen, x->rlc, &x->env.l->stats, nv, n, end, &call_cbs, x);
+  free(nv);
+  free(off);
+  names->len = 0;
+  if (x->req_done) arm(x, x->env.gen->cfg->http.response_timeout_ms, on_timer);
 }
 
 /* ---- responses ---------------------------------------------------------- */
@@ -828,6 +1047,11 @@ void pc_l7_on_drain(pc_l7_t *x) {
     pc_splice_on_drain(&x->splice, x->down);
     return;
   }
+  if (x->call && x->unconsumed) {
+    size_t n = x->unconsumed;
+    x->unconsumed = 0;
+    pc_h2call_consumed(x->call, n);
+  }
   if (x->up_bp && x->up) {
     x->up_bp = 0;
     pc_stream_read_start(&x->up->s);
@@ -893,6 +1117,11 @@ pc_l7_t *pc_l7_start(pc_stream_t *down, const pc_l7_env_t *env,
 
 int pc_l7_close(pc_l7_t *x, uv_close_cb close_cb, void *data) {
   x->state = X_DONE;
+  if (x->call) {
+    pc_h2call_t *k = x->call;
+    x->call = NULL;
+    pc_h2call_release(k);
+  }
   if (x->up) {
     pc_upconn_t *up = x->up;
     x->up = NULL;

@@ -12,8 +12,10 @@ from types import SimpleNamespace
 
 import pytest
 
+import h2kit
 import harness as h
 import httpkit as hk
+from httpkit import HttpConn, req
 
 SELF_ID = h.spiffe("payments", "api")
 RULES = [
@@ -103,3 +105,106 @@ def test_outbound_h2c_prior_knowledge_through_the_pair(h2env):
     assert (ver, code) == ("2", 200), r.stderr
     seen = h2env.app.reqs_since(n)
     assert len(seen) == 1 and seen[0].method == "POST"
+
+
+# ============================================================ translation both ways
+
+@pytest.fixture(scope="module")
+def tr(module_env):
+    """One sidecar (payments-api, workers=1):
+       h2app  inbound http, app_protocol = "h2c" -> an h2c app (h2kit.H2App); allow web
+       pin    outbound http, upstream_protocol = "h2" -> the sidecar's own inbound "h1app"
+       h1app  inbound http -> an HTTP/1.1 app; allow web and payments/api"""
+    pki = module_env.pki
+    h2app, h1app = h2kit.H2App(), hk.HttpApp(name="h1app")
+    module_env.apps += [h2app, h1app]
+    ports = {n: h.free_port() for n in ("h2app", "pin", "h1app")}
+    cfg = h.base_config(pki, "payments-api", workers=1, inbound=[
+        dict(h.inbound_listener("h2app", ports["h2app"], h2app.addr, [{"namespace": "web"}],
+                                protocol="http"), app_protocol="h2c"),
+        h.inbound_listener("h1app", ports["h1app"], h1app.addr,
+                           [{"namespace": "web"}, {"namespace": "payments"}], protocol="http"),
+    ], outbound=[
+        dict(h.outbound_listener("pin", ports["pin"], h.addr(ports["h1app"]),
+                                 [{"namespace": "payments", "service_account": "api"}],
+                                 protocol="http"), upstream_protocol="h2"),
+    ])
+    sc = module_env.sidecar(cfg, name="http2-translate")
+    return SimpleNamespace(sc=sc, h2app=h2app, h1app=h1app, ports=ports, pki=pki,
+                           ctx=h.client_context(pki, "web-frontend"))
+
+
+def test_http1_client_reaches_h2c_app_translated(tr):
+    n = tr.h2app.nreq()
+    c = HttpConn.tls(tr.ports["h2app"], tr.ctx)
+    body = b"x" * 5000
+    c.send(req("POST", "/echo?a=1", [("X-Test", "one"), ("Connection", "keep-alive, x-test2"),
+                                      ("X-Test2", "dropped"), (hk.XFCC, "By=spoof")],
+               body=b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n",
+               host="svc.example:8443", length=False)
+           .replace(b"\r\n\r\n", b"\r\nTransfer-Encoding: chunked\r\n\r\n", 1))
+    r = c.read_response("POST")
+    assert r.status == 200, r.head
+    got = r.json()
+    assert got["method"] == "POST" and got["path"] == "/echo?a=1"
+    assert got["authority"] == "svc.example:8443" and got["scheme"] == "https"
+    assert got["body_len"] == 5000
+    names = [k for k, _ in got["fields"]]
+    assert "x-test" in names
+    for gone in ("host", "connection", "x-test2", "transfer-encoding", "keep-alive"):
+        assert gone not in names, got["fields"]
+    xfcc = [v for k, v in got["fields"] if k == hk.XFCC]
+    assert len(xfcc) == 1 and xfcc[0].endswith(f"URI={h.spiffe('web', 'frontend')}")
+    # the connection stays usable for the next request
+    c.send(req("GET", "/status?code=404", host="svc.example"))
+    r2 = c.read_response()
+    assert r2.status == 404 and r2.body == b"status 404"
+    assert tr.h2app.nreq() == n + 2
+
+
+def test_http1_client_gets_h2_trailers_in_the_last_chunk(tr):
+    c = HttpConn.tls(tr.ports["h2app"], tr.ctx)
+    c.send(req("GET", "/trailers", [("Connection", "close")], host="svc"))
+    raw = h.recv_until_eof(c.sock, timeout=h.T(20))
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
+    assert rest.endswith(b"0\r\nx-trailer: yes\r\ngrpc-status: 0\r\n\r\n"), rest
+
+
+def test_http1_client_big_download_from_h2c_app(tr):
+    size = 3 << 20
+    c = HttpConn.tls(tr.ports["h2app"], tr.ctx)
+    c.send(req("GET", f"/big?n={size}", host="svc"))
+    r = c.read_response(keep_limit=8 << 20)
+    assert r.status == 200 and r.length == size
+    assert r.sha256 == h.sha256(h.pattern_bytes(size))
+
+
+def test_http2_client_reaches_h2c_app(tr):
+    n = tr.h2app.nreq()
+    cmd = ["curl", "-sS", "--http2", "--cacert", tr.pki.ca, "--cert", tr.pki.crt("web-frontend"),
+           "--key", tr.pki.key("web-frontend"), "--resolve",
+           f"api.payments.svc:{tr.ports['h2app']}:127.0.0.1", "-d", "abc",
+           "-w", "\n%{http_version} %{http_code}",
+           f"https://api.payments.svc:{tr.ports['h2app']}/echo"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=h.T(30))
+    body, _, tail = r.stdout.rpartition("\n")
+    assert tail == "2 200", r.stderr
+    got = json.loads(body)
+    assert got["method"] == "POST" and got["body_len"] == 3
+    assert tr.h2app.reqs_since(n)[0].one(":authority") == f"api.payments.svc:{tr.ports['h2app']}"
+
+
+def test_pinned_h2_upstream_carries_http1_app_traffic(tr):
+    n = tr.h1app.nreq()
+    cmd = ["curl", "-sS", "--http1.1", "-d", "hello", "-w", "\n%{http_code}",
+           f"http://127.0.0.1:{tr.ports['pin']}/upload/a"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=h.T(30))
+    assert r.stdout.endswith("\n200"), (r.stdout, r.stderr)
+    seen = tr.h1app.reqs_since(n)
+    assert len(seen) == 1 and seen[0].method == "POST" and seen[0].target == "/upload/a"
+    # the hop between the sidecars was HTTP/2: the inbound listener's line says so
+    line = tr.sc.wait_for_log(lambda e: e.get("listener") == "h1app" and e.get("path") == "/upload/a")
+    assert line["protocol"] == "HTTP/2" and line["peer_id"] == SELF_ID
+    out = tr.sc.wait_for_log(lambda e: e.get("listener") == "pin" and e.get("path") == "/upload/a")
+    assert out["protocol"] == "HTTP/1.1" and out["status"] == 200 and out["peer_id"] == SELF_ID
