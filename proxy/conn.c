@@ -145,6 +145,7 @@ static void revoke_conn(pc_conn_t *c, pc_reason_t r) {
          c->peer.peer_id ? c->peer.peer_id : "?", c->peer_addr,
          r == PC_REASON_EXPIRED ? "peer certificate expired or no longer trusted"
                                 : "peer no longer allowed");
+  if (c->h2) pc_h2_revoke(c->h2);
   teardown(c, "revoked", 0);
 }
 

@@ -8,6 +8,7 @@
 #include "compat.h"
 #include "deadline.h"
 #include "h1.h"
+#include "h2req.h"
 #include "h2up.h"
 #include "log.h"
 #include "pool.h"
@@ -45,7 +46,8 @@ struct pc_h2 {
   uint32_t nstreams;
   pc_jbuf_t out; /* frames collected for the client */
   char *xfcc;    /* inbound: "x-forwarded-client-cert: ...\r\n" */
-  uint64_t t0;   /* loop time at start, ms */
+  pc_h2req_limits_t rq_lim;
+  uint64_t t0; /* loop time at start, ms */
   uint64_t opened, completed, ctrl_frames, empty_data, resets_in, resets_out;
   size_t conn_consume; /* received bytes of closed streams to give back */
   unsigned done : 1, closing : 1, peer_done : 1, shut_done : 1, peer_eof : 1, goaway : 1,
@@ -56,23 +58,14 @@ struct h2s {
   pc_h2_t *h;
   int32_t id;
   h2s_t *prev, *next;
-  /* the request as it arrives */
-  char *method, *path, *authority, *host;
-  size_t method_len, path_len, authority_len, host_len;
-  pc_jbuf_t fields; /* "name: value\r\n" lines for the HTTP/1.1 head */
-  pc_jbuf_t cookie; /* cookie crumbs, joined with "; " */
-  uint32_t nfields, hbytes;
-  uint64_t req_len;
-  int bad_status; /* answered at the end of the head: 400 or 431 */
-  const char *bad_detail;
+  pc_h2req_t rq; /* the request head as it arrives */
   /* the exchange */
   pc_gen_t *rgen;
   const pc_listener_cfg_t *rlc;
   pc_upconn_t *up;
-  pc_h2call_t *call; /* an HTTP/2 upstream, in place of up */
-  char *scheme;
-  size_t scheme_len, res_consume; /* res_consume: response bytes the client took */
-  nghttp2_nv *trailers;           /* response trailers to relay (HTTP/2 upstream) */
+  pc_h2call_t *call;    /* an HTTP/2 upstream, in place of up */
+  size_t res_consume;   /* response bytes the client took */
+  nghttp2_nv *trailers; /* response trailers to relay (HTTP/2 upstream) */
   size_t ntrailers;
   char *tdata;
   char *up_peer;                  /* outbound: the upstream's SPIFFE ID, for the log */
@@ -94,10 +87,10 @@ struct h2s {
   uint64_t t_start, t_sent;
   double upstream_ms;
   uint64_t req_bytes, res_bytes;
-  unsigned head_done : 1, has_len : 1, grpc : 1, req_end : 1, up_ready : 1, chunked_out : 1,
-      req_sent : 1, res_head : 1, res_any : 1, res_end : 1, answered : 1, submitted : 1,
-      deferred : 1, up_paused : 1, reset_by_peer : 1, is_head : 1, logged : 1, we_reset : 1,
-      te_trailers : 1;
+  unsigned req_end : 1, up_ready : 1, chunked_out : 1, req_sent : 1, res_head : 1, res_any : 1,
+      res_end : 1, answered : 1, submitted : 1, deferred : 1, up_paused : 1, reset_by_peer : 1,
+      logged : 1, we_reset : 1,
+      malformed : 1; /* nghttp2 reset the stream for a protocol error of the client's */
 };
 
 static void settle(pc_h2_t *h);
@@ -110,17 +103,6 @@ static void finish(pc_h2_t *h, const char *how, int reset) {
   h->done = 1;
   uv_timer_stop(&h->timer);
   h->on_done(h->arg, how, reset);
-}
-
-static char *copy_span(const uint8_t *p, size_t n) {
-  char *c = pc_malloc(n + 1);
-  memcpy(c, p, n);
-  c[n] = '\0';
-  return c;
-}
-
-static int eq(const uint8_t *p, size_t n, const char *lit) {
-  return n == strlen(lit) && memcmp(p, lit, n) == 0;
 }
 
 /* ---- GOAWAY and the abuse budgets --------------------------------------- */
@@ -215,7 +197,7 @@ static void reply(h2s_t *s, int status, pc_decision_t d, pc_reason_t r, const ch
   }
   char st[8];
   int stn = snprintf(st, sizeof(st), "%d", status);
-  if (s->grpc) {
+  if (s->rq.grpc) {
     s->grpc_status = grpc_code(status, r);
     char gs[8];
     int gsn = snprintf(gs, sizeof(gs), "%d", s->grpc_status);
@@ -300,11 +282,17 @@ static void res_append(h2s_t *s, const char *data, size_t len) {
 /* ---- the access log ----------------------------------------------------- */
 
 static void log_stream(h2s_t *s) {
-  if (s->logged || !s->method) return;
+  if (s->logged) return;
   s->logged = 1;
   pc_h2_t *h = s->h;
   pc_decision_t d = s->decision;
-  const char *q = s->path ? memchr(s->path, '?', s->path_len) : NULL;
+  if (!s->rq.done) {
+    /* nghttp2 reset a malformed head (a refusal, with its reason); a head
+     * the client never finished is not a request. */
+    if (!s->malformed) return;
+    d = PC_DECISION_DENY;
+    s->reason = PC_REASON_PROTOCOL;
+  }
   /* A stream that ended without a whole response is an error unless a
    * refusal or the sidecar's own answer already said what it was. */
   if (d == PC_DECISION_ALLOW && !s->answered && !(s->res_end && s->rb_len == 0))
@@ -321,10 +309,10 @@ static void log_stream(h2s_t *s) {
       .peer = h->env.peer_addr,
       .app = h->env.app_addr,
       .peer_id = h->inbound ? h->env.peer_id : s->up_peer,
-      .method = s->method,
-      .method_len = s->method_len,
-      .path = s->path,
-      .path_len = q ? (size_t)(q - s->path) : s->path_len, /* as HTTP/1: no query */
+      .method = s->rq.method,
+      .method_len = s->rq.method_len,
+      .path = s->rq.path,
+      .path_len = pc_h2req_path_len(&s->rq), /* as HTTP/1: no query */
       .protocol = "HTTP/2",
       .status = s->status,
       .grpc_status = s->grpc_status,
@@ -563,7 +551,7 @@ static int response_head(h2s_t *s) {
       pc_jbuf_raw(&names, &c, 1);
     }
   }
-  int bodiless = s->is_head || m->status == 204 || m->status == 304;
+  int bodiless = s->rq.is_head || m->status == 204 || m->status == 304;
   char cl[24];
   if (m->has_length && m->status != 204) {
     int cln = snprintf(cl, sizeof(cl), "%llu", (unsigned long long)m->length);
@@ -677,13 +665,6 @@ static h2s_t *stream_of(pc_h2_t *h, int32_t id) {
   return nghttp2_session_get_stream_user_data(h->ss, id);
 }
 
-static void set_bad(h2s_t *s, int status, const char *detail) {
-  if (!s->bad_status) {
-    s->bad_status = status;
-    s->bad_detail = detail;
-  }
-}
-
 static int on_begin_headers(nghttp2_session *ss, const nghttp2_frame *f, void *user) {
   (void)ss;
   pc_h2_t *h = user;
@@ -711,67 +692,9 @@ static int on_header(nghttp2_session *ss, const nghttp2_frame *f, const uint8_t 
   (void)flags;
   pc_h2_t *h = user;
   h2s_t *s = stream_of(h, f->hd.stream_id);
-  if (!s) return 0;
-  const pc_config_t *cfg = h->env.gen->cfg;
-  /* Counted as HTTP/1 would count "name: value\r\n" (trailers too). */
-  s->nfields++;
-  s->hbytes += (uint32_t)(nlen + vlen + 4);
-  if (s->nfields > cfg->http.max_headers || s->hbytes > cfg->http.max_header_bytes) {
-    set_bad(s, 431, "the request's header fields exceed the sidecar's limits");
-    return 0;
-  }
-  if (s->head_done || s->bad_status) return 0; /* trailers are dropped */
-  if (nlen && name[0] == ':') {
-    if (eq(name, nlen, ":method")) {
-      s->method = copy_span(value, vlen);
-      s->method_len = vlen;
-      s->is_head = eq(value, vlen, "HEAD");
-    } else if (eq(name, nlen, ":path")) {
-      s->path = copy_span(value, vlen);
-      s->path_len = vlen;
-    } else if (eq(name, nlen, ":scheme")) {
-      s->scheme = copy_span(value, vlen);
-      s->scheme_len = vlen;
-    } else if (eq(name, nlen, ":authority")) {
-      s->authority = copy_span(value, vlen);
-      s->authority_len = vlen;
-    }
-    return 0; /* :scheme: nghttp2 checked it; HTTP/1.1 has no place for it */
-  }
-  if (eq(name, nlen, "host")) {
-    free(s->host);
-    s->host = copy_span(value, vlen);
-    s->host_len = vlen;
-    return 0;
-  }
-  if (eq(name, nlen, "content-length")) {
-    uint64_t v = 0;
-    for (size_t i = 0; i < vlen; i++)
-      v = v * 10 + (uint64_t)(value[i] - '0'); /* nghttp2 checked the digits */
-    s->has_len = 1;
-    s->req_len = v;
-    return 0;
-  }
-  if (eq(name, nlen, "te")) { /* "trailers" (nghttp2 allows nothing else): hop-by-hop */
-    s->te_trailers = 1;
-    return 0;
-  }
-  if (eq(name, nlen, "cookie")) {
-    if (s->cookie.len) pc_jbuf_raw(&s->cookie, "; ", 2);
-    pc_jbuf_raw(&s->cookie, (const char *)value, vlen);
-    return 0;
-  }
-  if (h->inbound && pc_h1_is_xfcc((const char *)name, nlen)) return 0;
-  if (eq(name, nlen, "content-type") && vlen >= 16 && memcmp(value, "application/grpc", 16) == 0)
-    s->grpc = 1;
-  pc_jbuf_raw(&s->fields, (const char *)name, nlen);
-  pc_jbuf_raw(&s->fields, ": ", 2);
-  pc_jbuf_raw(&s->fields, (const char *)value, vlen);
-  pc_jbuf_raw(&s->fields, "\r\n", 2);
+  if (s) pc_h2req_field(&s->rq, &h->rq_lim, name, nlen, value, vlen);
   return 0;
 }
-
-static const char *const no_body_methods[] = {"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"};
 
 static void go_h1(h2s_t *s);
 
@@ -813,7 +736,7 @@ static void c_on_head(void *user, int status, const nghttp2_nv *nv, size_t n, in
   int stn = snprintf(st, sizeof(st), "%d", status);
   out[0] = (nghttp2_nv)NV(":status", st, (size_t)stn);
   memcpy(out + 1, nv, n * sizeof(*nv));
-  submit_response(s, out, n + 1, !end && !s->is_head && status != 204 && status != 304);
+  submit_response(s, out, n + 1, !end && !s->rq.is_head && status != 204 && status != 304);
   free(out);
   settle(s->h);
 }
@@ -905,40 +828,9 @@ static const pc_h2call_cbs_t call_cbs = {c_on_head, c_on_data, c_on_end, c_on_fa
  * x-forwarded-client-cert. */
 static void go_h2(h2s_t *s) {
   pc_h2_t *h = s->h;
-  size_t cap = 8;
-  for (size_t i = 0; i < s->fields.len; i++)
-    if (s->fields.data[i] == '\n') cap++;
-  nghttp2_nv *nv = pc_calloc(cap, sizeof(*nv));
-  size_t n = 0;
-  static const char http[] = "http";
-  nv[n++] = (nghttp2_nv){(uint8_t *)":method", (uint8_t *)s->method, 7, s->method_len, 0};
-  nv[n++] = (nghttp2_nv){(uint8_t *)":scheme", (uint8_t *)(s->scheme ? s->scheme : http), 7,
-                         s->scheme ? s->scheme_len : 4, 0};
-  nv[n++] =
-      (nghttp2_nv){(uint8_t *)":authority", (uint8_t *)(s->authority ? s->authority : s->host), 10,
-                   s->authority ? s->authority_len : s->host_len, 0};
-  nv[n++] = (nghttp2_nv){(uint8_t *)":path", (uint8_t *)s->path, 5, s->path_len, 0};
-  const char *p = s->fields.data, *e = p + s->fields.len;
-  while (p && p < e) {
-    const char *colon = memchr(p, ':', (size_t)(e - p));
-    const char *eol = memchr(p, '\r', (size_t)(e - p));
-    if (!colon || !eol) break;
-    nv[n++] = (nghttp2_nv){(uint8_t *)p, (uint8_t *)colon + 2, (size_t)(colon - p),
-                           (size_t)(eol - colon - 2), 0};
-    p = eol + 2;
-  }
-  if (s->cookie.len)
-    nv[n++] = (nghttp2_nv){(uint8_t *)"cookie", (uint8_t *)s->cookie.data, 6, s->cookie.len, 0};
-  if (s->te_trailers) nv[n++] = (nghttp2_nv)NV("te", "trailers", 8);
-  if (h->inbound && h->xfcc) {
-    size_t xl = strlen(h->xfcc); /* "x-forwarded-client-cert: V\r\n" */
-    nv[n++] = (nghttp2_nv){(uint8_t *)h->xfcc, (uint8_t *)h->xfcc + 25, 23, xl - 27, 0};
-  }
+  nghttp2_nv *nv = pc_calloc(pc_h2req_nv_cap(&s->rq), sizeof(*nv));
   char cl[24];
-  if (s->has_len) {
-    int cln = snprintf(cl, sizeof(cl), "%llu", (unsigned long long)s->req_len);
-    nv[n++] = (nghttp2_nv)NV("content-length", cl, (size_t)cln);
-  }
+  size_t n = pc_h2req_nv(&s->rq, nv, h->inbound ? h->xfcc : NULL, cl);
   s->t_sent = uv_hrtime();
   s->call =
       pc_h2call_start(h->env.w, s->rgen, s->rlc, &h->env.l->stats, nv, n, s->req_end, &call_cbs, s);
@@ -952,63 +844,23 @@ static void go_h2(h2s_t *s) {
 /* Onwards as HTTP/1.1 over the pool (pool.h). */
 static void go_h1(h2s_t *s) {
   pc_h2_t *h = s->h;
-  pc_jbuf_t *o = &s->head_out;
-  o->len = 0;
-  pc_jbuf_raw(o, s->method, s->method_len);
-  pc_jbuf_raw(o, " ", 1);
-  pc_jbuf_raw(o, s->path, s->path_len);
-  pc_jbuf_raw(o, " HTTP/1.1\r\nhost: ", 17);
-  if (s->authority)
-    pc_jbuf_raw(o, s->authority, s->authority_len);
-  else
-    pc_jbuf_raw(o, s->host, s->host_len);
-  pc_jbuf_raw(o, "\r\n", 2);
-  if (s->fields.len) pc_jbuf_raw(o, s->fields.data, s->fields.len);
-  if (s->cookie.len) {
-    pc_jbuf_raw(o, "cookie: ", 8);
-    pc_jbuf_raw(o, s->cookie.data, s->cookie.len);
-    pc_jbuf_raw(o, "\r\n", 2);
-  }
-  if (h->inbound && h->xfcc) pc_jbuf_raw(o, h->xfcc, strlen(h->xfcc));
-  if (s->has_len) {
-    pc_jbuf_printf(o, "content-length: %llu\r\n", (unsigned long long)s->req_len);
-  } else if (!s->req_end) {
-    pc_jbuf_raw(o, "transfer-encoding: chunked\r\n", 28);
-    s->chunked_out = 1;
-  } else {
-    int quiet = 0;
-    for (size_t i = 0; i < PC_ARRAY_SIZE(no_body_methods); i++)
-      if (strcmp(s->method, no_body_methods[i]) == 0) quiet = 1;
-    if (!quiet) pc_jbuf_raw(o, "content-length: 0\r\n", 19);
-  }
-  pc_jbuf_raw(o, "\r\n", 2);
+  int chunked;
+  s->head_out.len = 0;
+  pc_h2req_h1_head(&s->rq, &s->head_out, h->inbound ? h->xfcc : NULL, s->req_end, &chunked);
+  s->chunked_out = chunked != 0;
   s->lim =
       (pc_h1_limits_t){h->env.gen->cfg->http.max_request_line,
                        h->env.gen->cfg->http.max_header_bytes, h->env.gen->cfg->http.max_headers};
   pc_h1_init(&s->res, 0, &s->lim, on_res_body, s);
-  s->res.req_method = s->is_head ? HTTP_HEAD : HTTP_GET;
+  s->res.req_method = s->rq.is_head ? HTTP_HEAD : HTTP_GET;
   acquire(s);
 }
 
 /* The head is complete: decide, then borrow an upstream. */
 static void begin_request(h2s_t *s, int end_stream) {
   pc_h2_t *h = s->h;
-  s->head_done = 1;
   s->req_end = end_stream != 0;
-  if (!s->method || !s->path) { /* CONNECT (no :path) */
-    set_bad(s, 400, "CONNECT is not supported over HTTP/2");
-  } else if (!s->bad_status) {
-    if (s->authority && s->host &&
-        (s->authority_len != s->host_len || strncasecmp(s->authority, s->host, s->host_len)))
-      set_bad(s, 400, ":authority and host differ");
-    else if (!s->authority && !s->host)
-      set_bad(s, 400, "the request names no :authority or host");
-    else if (s->authority ? !pc_h1_authority_ok(s->authority, s->authority_len)
-                          : !pc_h1_authority_ok(s->host, s->host_len))
-      set_bad(s, 400, "invalid :authority");
-    else if (!(s->path_len == 1 && s->path[0] == '*') && !pc_h1_path_ok(s->path, s->path_len))
-      set_bad(s, 400, "invalid or ambiguous :path");
-  }
+  pc_h2req_finish(&s->rq);
   /* The generation in force now decides, under the same listener name. */
   pc_gen_t *g = h->env.w->gen;
   const pc_listener_cfg_t *lc = pc_config_listener(g->cfg, h->env.lc->name);
@@ -1019,19 +871,17 @@ static void begin_request(h2s_t *s, int end_stream) {
   pc_gen_ref(g);
   s->rgen = g;
   s->rlc = lc;
-  if (s->bad_status) {
-    reply(s, s->bad_status, PC_DECISION_DENY,
-          s->bad_status == 431 ? PC_REASON_LIMIT : PC_REASON_PROTOCOL, s->bad_detail);
+  const pc_h2req_t *r = &s->rq;
+  if (r->bad_status) {
+    reply(s, r->bad_status, PC_DECISION_DENY,
+          r->bad_status == 431 ? PC_REASON_LIMIT : PC_REASON_PROTOCOL, r->bad_detail);
     return;
   }
-  size_t plen = s->path_len;
-  const char *q = memchr(s->path, '?', s->path_len);
-  if (q) plen = (size_t)(q - s->path);
-  if (h->inbound && pc_policy_check_request(lc->policy, h->env.peer_id, s->method, s->method_len,
-                                            s->path, plen) != PC_REASON_NONE) {
+  if (h->inbound && pc_policy_check_request(lc->policy, h->env.peer_id, r->method, r->method_len,
+                                            r->path, pc_h2req_path_len(r)) != PC_REASON_NONE) {
     char detail[160];
-    snprintf(detail, sizeof(detail), "%.16s %.96s is not allowed for this peer", s->method,
-             s->path);
+    snprintf(detail, sizeof(detail), "%.16s %.96s is not allowed for this peer", r->method,
+             r->path);
     reply(s, 403, PC_DECISION_DENY, PC_REASON_NOT_ALLOWED, detail);
     return;
   }
@@ -1068,7 +918,7 @@ static int on_data_chunk(nghttp2_session *ss, uint8_t flags, int32_t id, const u
     h->env.l->stats.bytes_from_peer += len;
   else
     h->env.l->stats.bytes_to_peer += len;
-  if (!s || s->answered || s->res_end || !s->head_done) {
+  if (!s || s->answered || s->res_end || !s->rq.done) {
     /* Nobody wants these bytes; the window they took is given back. */
     if (s)
       s->to_consume += len;
@@ -1101,7 +951,7 @@ static int on_frame_recv(nghttp2_session *ss, const nghttp2_frame *f, void *user
   switch (f->hd.type) {
   case NGHTTP2_HEADERS:
     if (!s) break;
-    if (!s->head_done)
+    if (!s->rq.done)
       begin_request(s, f->hd.flags & NGHTTP2_FLAG_END_STREAM);
     else if (f->hd.flags & NGHTTP2_FLAG_END_STREAM)
       request_end(s);
@@ -1139,6 +989,7 @@ static int on_frame_send(nghttp2_session *ss, const nghttp2_frame *f, void *user
     /* Resets nghttp2 sends for the client's mistakes count against it. */
     h2s_t *s = stream_of(h, f->hd.stream_id);
     if (!s || !s->we_reset) h->resets_out++;
+    if (s && !s->we_reset) s->malformed = 1;
     check_budgets(h);
   }
   return 0;
@@ -1171,18 +1022,12 @@ static void stream_free(h2s_t *s) {
   h->nstreams--;
   h->env.l->stats.h2_streams--;
   if (s->rgen) pc_gen_unref(s->rgen);
-  if (s->head_done && s->lim.max_head) pc_h1_free(&s->res);
-  free(s->method);
-  free(s->path);
-  free(s->authority);
-  free(s->host);
+  if (s->lim.max_head) pc_h1_free(&s->res);
+  pc_h2req_free(&s->rq);
   free(s->up_peer);
-  free(s->scheme);
   free(s->trailers);
   free(s->tdata);
   free(s->rb);
-  pc_jbuf_free(&s->fields);
-  pc_jbuf_free(&s->cookie);
   pc_jbuf_free(&s->head_out);
   pc_jbuf_free(&s->reqbuf);
   free(s);
@@ -1346,6 +1191,14 @@ void pc_h2_on_shutdown(pc_h2_t *h, int status) {
   uv_timer_start(&h->timer, on_timer, LINGER_MS, 0);
 }
 
+void pc_h2_revoke(pc_h2_t *h) {
+  if (h->done || h->closing || h->goaway) return;
+  h->goaway = 1;
+  h->env.l->stats.h2_goaways[PC_H2_GOAWAY_REVOKED]++;
+  nghttp2_session_terminate_session(h->ss, NGHTTP2_NO_ERROR);
+  settle(h); /* the GOAWAY goes out before the connection closes */
+}
+
 void pc_h2_drain(pc_h2_t *h) {
   if (h->done || h->closing) return;
   goaway(h, PC_H2_GOAWAY_DRAIN, NGHTTP2_NO_ERROR, "draining");
@@ -1366,6 +1219,8 @@ pc_h2_t *pc_h2_start(pc_stream_t *down, const pc_l7_env_t *env,
   h->on_done = on_done;
   h->arg = arg;
   if (h->inbound) h->xfcc = pc_l7_make_xfcc(down, env);
+  h->rq_lim = (pc_h2req_limits_t){env->gen->cfg->http.max_headers,
+                                  env->gen->cfg->http.max_header_bytes, h->inbound};
   uv_timer_init(&env->w->loop, &h->timer);
   h->timer.data = h;
   h->t0 = uv_now(&env->w->loop);

@@ -61,6 +61,10 @@ void pc_h2_on_shutdown(pc_h2_t *h, int status);
  * taken; streams in flight finish, then the connection closes. */
 void pc_h2_drain(pc_h2_t *h);
 
+/* The peer lost its permission (reload, expiry): GOAWAY NO_ERROR now, just
+ * before the connection is torn down; streams in flight are cut. */
+void pc_h2_revoke(pc_h2_t *h);
+
 /* As pc_l7_close / pc_l7_free. */
 int pc_h2_close(pc_h2_t *h, uv_close_cb close_cb, void *data);
 void pc_h2_free(pc_h2_t *h);

@@ -1,0 +1,199 @@
+#include "h2req.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "compat.h"
+#include "h1.h"
+
+static char *copy_span(const uint8_t *p, size_t n) {
+  char *c = pc_malloc(n + 1);
+  if (n) memcpy(c, p, n);
+  c[n] = '\0';
+  return c;
+}
+
+static int eq(const uint8_t *p, size_t n, const char *lit) {
+  return n == strlen(lit) && memcmp(p, lit, n) == 0;
+}
+
+static void set_bad(pc_h2req_t *r, int status, const char *detail) {
+  if (!r->bad_status) {
+    r->bad_status = status;
+    r->bad_detail = detail;
+  }
+}
+
+/* A pseudo-header nghttp2 let through once; a repeat would be its bug. */
+static void keep(char **dst, size_t *dlen, const uint8_t *v, size_t vlen) {
+  free(*dst);
+  *dst = copy_span(v, vlen);
+  *dlen = vlen;
+}
+
+void pc_h2req_field(pc_h2req_t *r, const pc_h2req_limits_t *lim, const uint8_t *name, size_t nlen,
+                    const uint8_t *value, size_t vlen) {
+  r->nfields++;
+  r->bytes += (uint32_t)(nlen + vlen + 4);
+  if (r->nfields > lim->max_fields || r->bytes > lim->max_bytes) {
+    set_bad(r, 431, "the request's header fields exceed the sidecar's limits");
+    return;
+  }
+  if (r->done || r->bad_status) return; /* trailers are counted, then dropped */
+  if (nlen && name[0] == ':') {
+    if (eq(name, nlen, ":method")) {
+      keep(&r->method, &r->method_len, value, vlen);
+      r->is_head = eq(value, vlen, "HEAD");
+    } else if (eq(name, nlen, ":path")) {
+      keep(&r->path, &r->path_len, value, vlen);
+    } else if (eq(name, nlen, ":scheme")) {
+      keep(&r->scheme, &r->scheme_len, value, vlen);
+    } else if (eq(name, nlen, ":authority")) {
+      keep(&r->authority, &r->authority_len, value, vlen);
+    }
+    return;
+  }
+  if (eq(name, nlen, "host")) {
+    if (r->host) set_bad(r, 400, "more than one host field");
+    keep(&r->host, &r->host_len, value, vlen);
+    return;
+  }
+  if (eq(name, nlen, "content-length")) {
+    uint64_t v = 0;
+    for (size_t i = 0; i < vlen && i < 19; i++)
+      v = v * 10 + (uint64_t)(value[i] - '0'); /* nghttp2 checked the digits */
+    r->has_len = 1;
+    r->length = v;
+    return;
+  }
+  if (eq(name, nlen, "te")) { /* "trailers" (nghttp2 allows nothing else): hop-by-hop */
+    r->te_trailers = 1;
+    return;
+  }
+  if (eq(name, nlen, "cookie")) {
+    if (r->cookie.len) pc_jbuf_raw(&r->cookie, "; ", 2);
+    pc_jbuf_raw(&r->cookie, (const char *)value, vlen);
+    return;
+  }
+  if (lim->drop_xfcc && pc_h1_is_xfcc((const char *)name, nlen)) return;
+  if (eq(name, nlen, "content-type") && vlen >= 16 && memcmp(value, "application/grpc", 16) == 0)
+    r->grpc = 1;
+  pc_jbuf_raw(&r->fields, (const char *)name, nlen);
+  pc_jbuf_raw(&r->fields, ": ", 2);
+  pc_jbuf_raw(&r->fields, (const char *)value, vlen);
+  pc_jbuf_raw(&r->fields, "\r\n", 2);
+}
+
+int pc_h2req_finish(pc_h2req_t *r) {
+  r->done = 1;
+  if (r->bad_status) return r->bad_status;
+  if (!r->method || !r->path) /* CONNECT has no :path */
+    set_bad(r, 400, "CONNECT is not supported over HTTP/2");
+  else if (r->authority && r->host &&
+           (r->authority_len != r->host_len || strncasecmp(r->authority, r->host, r->host_len)))
+    set_bad(r, 400, ":authority and host differ");
+  else if (!r->authority && !r->host)
+    set_bad(r, 400, "the request names no :authority or host");
+  else if (r->authority ? !pc_h1_authority_ok(r->authority, r->authority_len)
+                        : !pc_h1_authority_ok(r->host, r->host_len))
+    set_bad(r, 400, "invalid :authority");
+  else if (!(r->path_len == 1 && r->path[0] == '*') && !pc_h1_path_ok(r->path, r->path_len))
+    set_bad(r, 400, "invalid or ambiguous :path");
+  else if (r->path_len == 1 && r->path[0] == '*' && strcmp(r->method, "OPTIONS") != 0)
+    set_bad(r, 400, "\"*\" is only a target for OPTIONS");
+  return r->bad_status;
+}
+
+size_t pc_h2req_path_len(const pc_h2req_t *r) {
+  if (!r->path) return 0;
+  const char *q = memchr(r->path, '?', r->path_len);
+  return q ? (size_t)(q - r->path) : r->path_len;
+}
+
+static const char *const no_body_methods[] = {"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"};
+
+void pc_h2req_h1_head(const pc_h2req_t *r, pc_jbuf_t *o, const char *extra, int end_stream,
+                      int *chunked) {
+  *chunked = 0;
+  pc_jbuf_raw(o, r->method, r->method_len);
+  pc_jbuf_raw(o, " ", 1);
+  pc_jbuf_raw(o, r->path, r->path_len);
+  pc_jbuf_raw(o, " HTTP/1.1\r\nhost: ", 17);
+  if (r->authority)
+    pc_jbuf_raw(o, r->authority, r->authority_len);
+  else
+    pc_jbuf_raw(o, r->host, r->host_len);
+  pc_jbuf_raw(o, "\r\n", 2);
+  if (r->fields.len) pc_jbuf_raw(o, r->fields.data, r->fields.len);
+  if (r->cookie.len) {
+    pc_jbuf_raw(o, "cookie: ", 8);
+    pc_jbuf_raw(o, r->cookie.data, r->cookie.len);
+    pc_jbuf_raw(o, "\r\n", 2);
+  }
+  if (extra) pc_jbuf_raw(o, extra, strlen(extra));
+  if (r->has_len) {
+    pc_jbuf_printf(o, "content-length: %llu\r\n", (unsigned long long)r->length);
+  } else if (!end_stream) {
+    pc_jbuf_raw(o, "transfer-encoding: chunked\r\n", 28);
+    *chunked = 1;
+  } else {
+    int quiet = 0;
+    for (size_t i = 0; i < PC_ARRAY_SIZE(no_body_methods); i++)
+      if (strcmp(r->method, no_body_methods[i]) == 0) quiet = 1;
+    if (!quiet) pc_jbuf_raw(o, "content-length: 0\r\n", 19);
+  }
+  pc_jbuf_raw(o, "\r\n", 2);
+}
+
+size_t pc_h2req_nv_cap(const pc_h2req_t *r) {
+  size_t cap = 8; /* 4 pseudo-headers, cookie, te, xfcc, content-length */
+  for (size_t i = 0; i < r->fields.len; i++)
+    if (r->fields.data[i] == '\n') cap++;
+  return cap;
+}
+
+static nghttp2_nv nv_of(const char *n, size_t nl, const char *v, size_t vl) {
+  return (nghttp2_nv){(uint8_t *)n, (uint8_t *)v, nl, vl, NGHTTP2_NV_FLAG_NONE};
+}
+
+size_t pc_h2req_nv(const pc_h2req_t *r, nghttp2_nv *nv, const char *xfcc_line, char cl[24]) {
+  size_t n = 0;
+  nv[n++] = nv_of(":method", 7, r->method, r->method_len);
+  nv[n++] = nv_of(":scheme", 7, r->scheme ? r->scheme : "http", r->scheme ? r->scheme_len : 4);
+  nv[n++] = nv_of(":authority", 10, r->authority ? r->authority : r->host,
+                  r->authority ? r->authority_len : r->host_len);
+  nv[n++] = nv_of(":path", 5, r->path, r->path_len);
+  const char *p = r->fields.data, *e = p + r->fields.len;
+  while (p && p < e) {
+    /* names carry no ':' and values no CR (nghttp2 checked both) */
+    const char *colon = memchr(p, ':', (size_t)(e - p));
+    const char *eol = memchr(p, '\r', (size_t)(e - p));
+    if (!colon || !eol || eol < colon + 2) break;
+    nv[n++] = nv_of(p, (size_t)(colon - p), colon + 2, (size_t)(eol - colon - 2));
+    p = eol + 2;
+  }
+  if (r->cookie.len) nv[n++] = nv_of("cookie", 6, r->cookie.data, r->cookie.len);
+  if (r->te_trailers) nv[n++] = nv_of("te", 2, "trailers", 8);
+  if (xfcc_line) {
+    size_t xl = strlen(xfcc_line); /* "x-forwarded-client-cert: V\r\n" */
+    nv[n++] = nv_of(xfcc_line, 23, xfcc_line + 25, xl - 27);
+  }
+  if (r->has_len) {
+    int len = snprintf(cl, 24, "%llu", (unsigned long long)r->length);
+    nv[n++] = nv_of("content-length", 14, cl, (size_t)len);
+  }
+  return n;
+}
+
+void pc_h2req_free(pc_h2req_t *r) {
+  free(r->method);
+  free(r->path);
+  free(r->authority);
+  free(r->host);
+  free(r->scheme);
+  pc_jbuf_free(&r->fields);
+  pc_jbuf_free(&r->cookie);
+  memset(r, 0, sizeof(*r));
+}
