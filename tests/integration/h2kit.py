@@ -4,6 +4,8 @@ records every request (pseudo-headers, fields, body) and answers by path:
   /trailers     200, body "with trailers", then trailers x-trailer: yes, grpc-status: 0
   /big?n=N      200, N pattern bytes (harness.pattern_bytes), no content-length
   /status?code=N  N with a short body
+  /goaway       200 like /echo, then GOAWAY naming this stream as the last one; the
+                connection stays open until the peer closes it
   anything else 200, JSON summary of the request (method, path, authority, fields, body
                 length and sha256), with content-length
 """
@@ -19,6 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 
 import harness as h
 
@@ -43,6 +46,7 @@ class H2App:
         self.name = name
         self.requests: list[H2Req] = []
         self.conns = 0
+        self.closed = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -94,6 +98,11 @@ class H2App:
             conn.send_headers(sid, [(":status", "200")])
             self._pending[sid] = memoryview(h.pattern_bytes(n))
             return
+        if u.path == "/goaway":
+            conn.send_headers(sid, [(":status", "200"), ("content-length", "2")])
+            conn.send_data(sid, b"ok", end_stream=True)
+            conn.close_connection(last_stream_id=sid)
+            return
         if u.path == "/status":
             code = q["code"][0]
             body = f"status {code}".encode()
@@ -141,7 +150,11 @@ class H2App:
                 break
             if not data:
                 break
-            for ev in conn.receive_data(data):
+            try:
+                events = conn.receive_data(data)
+            except h2.exceptions.ProtocolError:
+                break  # after our GOAWAY h2 takes nothing more: close
+            for ev in events:
                 if isinstance(ev, h2.events.RequestReceived):
                     r = H2Req(ev.stream_id, list(ev.headers))
                     reqs[ev.stream_id] = r
@@ -170,6 +183,8 @@ class H2App:
             s.close()
         except OSError:
             pass
+        with self._lock:
+            self.closed += 1
 
     def stop(self) -> None:
         self._stop.set()
