@@ -8,6 +8,7 @@
 #include "compat.h"
 #include "deadline.h"
 #include "h1.h"
+#include "h2io.h"
 #include "h2req.h"
 #include "h2up.h"
 #include "log.h"
@@ -19,8 +20,6 @@
  * it that stream's upstream is not read. */
 #define RES_HIGH (64 * 1024)
 #define RES_LOW (16 * 1024)
-/* Output collected before it is handed to the socket. */
-#define OUT_CHUNK (64 * 1024)
 /* A stale pooled connection makes a body-less request go again at most this
  * often. */
 #define MAX_RETRIES 3
@@ -1076,30 +1075,16 @@ static void settle(pc_h2_t *h) {
       nghttp2_session_consume_connection(h->ss, h->conn_consume);
       h->conn_consume = 0;
     }
-    while (!h->send_bp) {
-      const uint8_t *data;
-      ssize_t n = nghttp2_session_mem_send(h->ss, &data);
-      if (n < 0) {
-        pc_log(PC_LOG_WARN, "listener %s: HTTP/2: %s", h->env.lc->name, nghttp2_strerror((int)n));
-        h->in_settle = 0;
-        finish(h, "reset", 1);
-        return;
-      }
-      if (n == 0) break;
-      pc_jbuf_raw(&h->out, (const char *)data, (size_t)n);
-      if (h->out.len >= OUT_CHUNK) {
-        if (write_out(h)) {
-          h->in_settle = 0;
-          return;
-        }
-        if (pc_stream_queued(h->down) > PC_STREAM_HIGH_WATER) h->send_bp = 1;
-      }
-    }
-    if (write_out(h)) {
+    unsigned bp = h->send_bp;
+    int err = 0, rc = pc_h2io_send(h->ss, h->down, &h->out, &bp, &err);
+    h->send_bp = bp;
+    if (rc != PC_H2IO_OK) {
+      if (rc == PC_H2IO_SESSION)
+        pc_log(PC_LOG_WARN, "listener %s: HTTP/2: %s", h->env.lc->name, nghttp2_strerror(err));
       h->in_settle = 0;
+      finish(h, "reset", 1);
       return;
     }
-    if (pc_stream_queued(h->down) > PC_STREAM_HIGH_WATER) h->send_bp = 1;
     /* The client does not read: stop reading it (its frames would only
      * make us queue more answers). */
     if (h->send_bp && h->down->reading)

@@ -5,13 +5,11 @@
 
 #include "compat.h"
 #include "deadline.h"
+#include "h2io.h"
 #include "log.h"
 #include "stream.h"
 #include "tls.h"
 #include "worker.h"
-
-/* Output collected before it is handed to the socket. */
-#define OUT_CHUNK (64 * 1024)
 
 enum { C_CONNECTING, C_HANDSHAKE, C_READY, C_CLOSED };
 
@@ -446,37 +444,15 @@ static void flush(h2conn_t *c) {
   c->in_flush = 1;
   do {
     c->again = 0;
-    while (!c->send_bp && c->state == C_READY) {
-      const uint8_t *data;
-      ssize_t n = nghttp2_session_mem_send(c->ss, &data);
-      if (n < 0) {
-        c->in_flush = 0;
-        conn_fail(c, 502, PC_REASON_PROTOCOL, "HTTP/2 with the upstream failed");
-        return;
-      }
-      if (n == 0) break;
-      pc_jbuf_raw(&c->out, (const char *)data, (size_t)n);
-      if (c->out.len >= OUT_CHUNK) {
-        size_t len = c->out.len;
-        c->out.len = 0;
-        if (pc_stream_write(&c->s, c->out.data, len) != 0) {
-          c->in_flush = 0;
-          conn_fail(c, 502, PC_REASON_PROTOCOL, "writing to the upstream failed");
-          return;
-        }
-        if (pc_stream_queued(&c->s) > PC_STREAM_HIGH_WATER) c->send_bp = 1;
-      }
-    }
-    if (c->state != C_READY) break;
-    if (c->out.len) {
-      size_t len = c->out.len;
-      c->out.len = 0;
-      if (pc_stream_write(&c->s, c->out.data, len) != 0) {
-        c->in_flush = 0;
-        conn_fail(c, 502, PC_REASON_PROTOCOL, "writing to the upstream failed");
-        return;
-      }
-      if (pc_stream_queued(&c->s) > PC_STREAM_HIGH_WATER) c->send_bp = 1;
+    unsigned bp = c->send_bp;
+    int err = 0, rc = pc_h2io_send(c->ss, &c->s, &c->out, &bp, &err);
+    c->send_bp = bp;
+    if (rc != PC_H2IO_OK) {
+      c->in_flush = 0;
+      conn_fail(c, 502, PC_REASON_PROTOCOL,
+                rc == PC_H2IO_SESSION ? "HTTP/2 with the upstream failed"
+                                      : "writing to the upstream failed");
+      return;
     }
   } while (c->again && c->state == C_READY);
   c->in_flush = 0;
