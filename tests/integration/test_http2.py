@@ -208,3 +208,35 @@ def test_pinned_h2_upstream_carries_http1_app_traffic(tr):
     assert line["protocol"] == "HTTP/2" and line["peer_id"] == SELF_ID
     out = tr.sc.wait_for_log(lambda e: e.get("listener") == "pin" and e.get("path") == "/upload/a")
     assert out["protocol"] == "HTTP/1.1" and out["status"] == 200 and out["peer_id"] == SELF_ID
+
+
+def test_http2_metrics(h2env):
+    lab = {"listener": "api", "direction": "inbound"}
+    m0 = hk.scrape(h2env.sc)
+    before = m0.get("portcullis_http_protocol_requests_total", protocol="HTTP/2", **lab)
+    before_h1 = m0.get("portcullis_http_protocol_requests_total", protocol="HTTP/1.1", **lab)
+    r = curl(h2env, "URL/api/m", "URL/api/m2", stem="web-frontend")
+    assert r.returncode == 0, r.stderr
+    m = hk.wait_metric(h2env.sc, "portcullis_http_protocol_requests_total",
+                       lambda v: v >= before + 2, protocol="HTTP/2", **lab)
+    assert m.get("portcullis_http_protocol_requests_total", protocol="HTTP/2", **lab) == before + 2
+    assert m.get("portcullis_http_protocol_requests_total", protocol="HTTP/1.1", **lab) == \
+        before_h1
+    # every stream has ended: nothing is left open
+    hk.wait_metric(h2env.sc, "portcullis_http2_active_streams", lambda v: v == 0, **lab)
+    # a client that cancels a stream shows up as a received CANCEL
+    c0 = m.get("portcullis_http2_resets_total", side="received", code="CANCEL", **lab)
+    import h2.config
+    import h2.connection
+    ctx = h.client_context(h2env.pki, "web-admin")
+    ctx.set_alpn_protocols(["h2"])
+    s = h.tls_connect(h2env.ports["api"], ctx)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.send_headers(1, [(":method", "GET"), (":scheme", "https"), (":authority", "svc"),
+                          (":path", "/sleep?ms=3000")], end_stream=True)
+    conn.reset_stream(1, error_code=8)
+    s.sendall(conn.data_to_send())
+    hk.wait_metric(h2env.sc, "portcullis_http2_resets_total", lambda v: v == c0 + 1,
+                   side="received", code="CANCEL", **lab)
+    s.close()
