@@ -329,7 +329,11 @@ static void parse_groups(ctx_t *c, const config_setting_t *root, pc_config_t *cf
         (uint64_t)get_int(c, g, "http", "request_timeout_ms", 10000, 1, day);
     cfg->http.response_timeout_ms =
         (uint64_t)get_int(c, g, "http", "response_timeout_ms", 30000, 1, day);
-    cfg->http.pool_max_idle = (uint32_t)get_int(c, g, "http", "pool_max_idle", 64, 0, 100000);
+    /* One HTTP/2 client connection may have 100 requests in flight, each on
+     * its own HTTP/1.1 connection to the app: a pool that keeps fewer idle
+     * reconnects for most of them (h2load -c16 -m32 through a pair: 15k
+     * req/s with 64, 21k with 1024). */
+    cfg->http.pool_max_idle = (uint32_t)get_int(c, g, "http", "pool_max_idle", 256, 0, 100000);
     cfg->http.pool_idle_timeout_ms =
         (uint64_t)get_int(c, g, "http", "pool_idle_timeout_ms", 30000, 1, day);
   }

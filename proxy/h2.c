@@ -41,7 +41,8 @@ struct pc_h2 {
   nghttp2_session *ss;
   uv_timer_t timer; /* response-head deadlines; the closing linger */
   uint8_t rechecked;
-  h2s_t *streams; /* open streams, newest first */
+  uint64_t timer_due; /* loop time the timer is set for, while active */
+  h2s_t *streams;     /* open streams, newest first */
   uint32_t nstreams;
   pc_jbuf_t out; /* frames collected for the client */
   char *xfcc;    /* inbound: "x-forwarded-client-cert: ...\r\n" */
@@ -50,7 +51,8 @@ struct pc_h2 {
   uint64_t opened, completed, ctrl_frames, empty_data, resets_in, resets_out;
   size_t conn_consume; /* received bytes of closed streams to give back */
   unsigned done : 1, closing : 1, peer_done : 1, shut_done : 1, peer_eof : 1, goaway : 1,
-      in_settle : 1, again : 1, send_bp : 1, linger : 1, in_recv : 1;
+      in_settle : 1, again : 1, send_bp : 1, linger : 1, in_recv : 1,
+      scan : 1; /* some stream has window to give back or an upstream to resume */
 };
 
 struct h2s {
@@ -243,6 +245,7 @@ static ssize_t read_res(nghttp2_session *ss, int32_t id, uint8_t *buf, size_t le
   if (s->rb_len == 0) s->rb_off = 0;
   s->res_bytes += n;
   if (s->call) s->res_consume += n;
+  if (n) s->h->scan = 1;
   if (s->rb_len == 0 && s->res_end) {
     *flags |= NGHTTP2_DATA_FLAG_EOF;
     if (s->ntrailers && nghttp2_submit_trailer(s->h->ss, s->id, s->trailers, s->ntrailers) == 0)
@@ -335,16 +338,21 @@ static void log_stream(h2s_t *s) {
 
 static void on_timer(uv_timer_t *t);
 
+/* One timer for all of a connection's response-head deadlines: armed for
+ * the earliest, so setting one is O(1) and only a firing scans the streams. */
+static void arm_due(pc_h2_t *h, uint64_t due) {
+  if (!due || (uv_is_active((uv_handle_t *)&h->timer) && h->timer_due <= due)) return;
+  uint64_t now = uv_now(h->timer.loop);
+  h->timer_due = due;
+  h->rechecked = 0;
+  uv_timer_start(&h->timer, on_timer, due > now ? due - now : 0, 0);
+}
+
 static void arm_timer(pc_h2_t *h) {
-  uint64_t now = uv_now(h->timer.loop), first = 0;
+  uint64_t first = 0;
   for (h2s_t *s = h->streams; s; s = s->next)
     if (s->due && (!first || s->due < first)) first = s->due;
-  if (!first) return;
-  uint64_t in = first > now ? first - now : 0;
-  if (!uv_is_active((uv_handle_t *)&h->timer) || uv_timer_get_due_in(&h->timer) > in) {
-    h->rechecked = 0;
-    uv_timer_start(&h->timer, on_timer, in, 0);
-  }
+  arm_due(h, first);
 }
 
 static void on_timer(uv_timer_t *t) {
@@ -417,6 +425,7 @@ static void passed_on(h2s_t *s, size_t n) {
     s->held += n;
   else
     s->to_consume += n;
+  s->h->scan = 1;
 }
 
 static void upstream_failed(h2s_t *s, const char *detail);
@@ -430,7 +439,7 @@ static void request_end_up(h2s_t *s) {
   }
   if (!s->res_head)
     s->due = uv_now(s->h->timer.loop) + s->h->env.gen->cfg->http.response_timeout_ms;
-  arm_timer(s->h);
+  arm_due(s->h, s->due);
 }
 
 static void up_ready(h2s_t *s) {
@@ -618,6 +627,7 @@ static void up_data(h2s_t *s, pc_stream_t *u, const char *buf, size_t len) {
   res_more(s);
   if (s->rb_len > RES_HIGH && !s->up_paused) {
     s->up_paused = 1;
+    s->h->scan = 1;
     pc_stream_read_stop(u);
   }
 }
@@ -655,6 +665,7 @@ static void up_on_drain(pc_stream_t *u) {
   h2s_t *s = u->owner;
   s->to_consume += s->held;
   s->held = 0;
+  s->h->scan = 1;
   settle(s->h);
 }
 
@@ -749,6 +760,7 @@ static void c_on_data(void *user, const uint8_t *data, size_t len) {
     s->h->env.l->stats.bytes_from_peer += len;
   if (s->answered) {
     s->res_consume += len;
+    s->h->scan = 1;
   } else {
     res_append(s, (const char *)data, len);
     res_more(s);
@@ -786,6 +798,7 @@ static void c_on_end(void *user, const nghttp2_nv *nv, size_t n) {
 static void c_on_sent(void *user, size_t n) {
   h2s_t *s = user;
   s->to_consume += n;
+  s->h->scan = 1;
   settle(s->h);
 }
 
@@ -836,7 +849,7 @@ static void go_h2(h2s_t *s) {
   free(nv);
   if (s->req_end && !s->res_head) {
     s->due = uv_now(h->timer.loop) + h->env.gen->cfg->http.response_timeout_ms;
-    arm_timer(h);
+    arm_due(h, s->due);
   }
 }
 
@@ -899,7 +912,7 @@ static void request_end(h2s_t *s) {
     pc_h2call_end(s->call);
     if (!s->res_head) {
       s->due = uv_now(s->h->timer.loop) + s->h->env.gen->cfg->http.response_timeout_ms;
-      arm_timer(s->h);
+      arm_due(s->h, s->due);
     }
   } else if (s->up_ready) {
     request_end_up(s);
@@ -919,10 +932,12 @@ static int on_data_chunk(nghttp2_session *ss, uint8_t flags, int32_t id, const u
     h->env.l->stats.bytes_to_peer += len;
   if (!s || s->answered || s->res_end || !s->rq.done) {
     /* Nobody wants these bytes; the window they took is given back. */
-    if (s)
+    if (s) {
       s->to_consume += len;
-    else
+      h->scan = 1;
+    } else {
       h->conn_consume += len;
+    }
     return 0;
   }
   s->req_bytes += len;
@@ -1060,13 +1075,15 @@ static void settle(pc_h2_t *h) {
   h->in_settle = 1;
   do {
     h->again = 0;
-    for (h2s_t *s = h->streams; s; s = s->next)
+    int scan = h->scan;
+    h->scan = 0;
+    for (h2s_t *s = scan ? h->streams : NULL; s; s = s->next)
       if (s->call && s->res_consume) {
         size_t n = s->res_consume;
         s->res_consume = 0;
         pc_h2call_consumed(s->call, n);
       }
-    for (h2s_t *s = h->streams; s; s = s->next)
+    for (h2s_t *s = scan ? h->streams : NULL; s; s = s->next)
       if (s->to_consume) {
         nghttp2_session_consume(h->ss, s->id, s->to_consume);
         s->to_consume = 0;
@@ -1091,7 +1108,7 @@ static void settle(pc_h2_t *h) {
       pc_stream_read_stop(h->down);
     else if (!h->send_bp && !h->down->reading && nghttp2_session_want_read(h->ss))
       pc_stream_read_start(h->down);
-    for (h2s_t *s = h->streams; s; s = s->next)
+    for (h2s_t *s = scan ? h->streams : NULL; s; s = s->next)
       if (s->up_paused && s->rb_len < RES_LOW && s->up) {
         s->up_paused = 0;
         pc_stream_read_start(&s->up->s);

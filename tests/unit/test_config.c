@@ -675,7 +675,7 @@ static void test_minimal(void) {
   CHECK_INT_EQ(cfg->http.max_headers, 100);
   CHECK_INT_EQ(cfg->http.request_timeout_ms, 10000);
   CHECK_INT_EQ(cfg->http.response_timeout_ms, 30000);
-  CHECK_INT_EQ(cfg->http.pool_max_idle, 64);
+  CHECK_INT_EQ(cfg->http.pool_max_idle, 256);
   CHECK_INT_EQ(cfg->http.pool_idle_timeout_ms, 30000);
   CHECK_INT_EQ(cfg->nlisteners, 1);
   if (cfg->nlisteners == 1) {
@@ -746,7 +746,7 @@ static void test_http(void) {
     CHECK_INT_EQ(cfg->http.max_headers, 100);
     CHECK_INT_EQ(cfg->http.request_timeout_ms, 10000);
     CHECK_INT_EQ(cfg->http.response_timeout_ms, 30000);
-    CHECK_INT_EQ(cfg->http.pool_max_idle, 64);
+    CHECK_INT_EQ(cfg->http.pool_max_idle, 256);
     CHECK_INT_EQ(cfg->http.pool_idle_timeout_ms, 30000);
     CHECK_INT_EQ(cfg->nlisteners, 2);
     if (cfg->nlisteners == 2) {
@@ -851,7 +851,7 @@ static void test_http(void) {
   static const uint64_t want[][7] = {
       {64, 256, 1, 1, 1, 0, 1},
       {1048576, 16777216, 10000, 86400000, 86400000, 100000, 86400000},
-      {8192, 65536, 100, 10000, 30000, 64, 30000},
+      {8192, 65536, 100, 10000, 30000, 256, 30000},
   };
   for (size_t i = 0; i < sizeof(groups) / sizeof(groups[0]); i++) {
     char *t = replace_all(good, "limits = {", groups[i]);
