@@ -1116,6 +1116,9 @@ static void settle(pc_h2_t *h) {
   } while (h->again && !h->done);
   h->in_settle = 0;
   if (h->done) return;
+  /* An idle connection keeps no output buffer (it goes to the worker's
+   * cache, or back to malloc if it grew). */
+  if (!h->nstreams && !h->out.len && h->out.data) pc_jbuf_release(&h->out);
   if (!nghttp2_session_want_read(h->ss) && !nghttp2_session_want_write(h->ss)) {
     close_gently(h);
     return;

@@ -413,6 +413,7 @@ static void on_idle_timer(uv_timer_t *t) {
  * pool_idle_timeout_ms for the next one. */
 static void maybe_idle(h2conn_t *c) {
   if (c->state != C_READY || c->ncalls || c->calls) return;
+  if (!c->out.len && c->out.data) pc_jbuf_release(&c->out);
   if (c->retired || c->goaway || c->pool->gen != c->pool->w->gen) {
     conn_close(c, "retired");
     return;
