@@ -48,7 +48,12 @@ struct pc_h2 {
   char *xfcc;    /* inbound: "x-forwarded-client-cert: ...\r\n" */
   pc_h2req_limits_t rq_lim;
   uint64_t t0; /* loop time at start, ms */
-  uint64_t opened, completed, ctrl_frames, empty_data, resets_in, resets_out;
+  uint64_t opened, completed, ctrl_frames, empty_data, resets_in, resets_out, data_sent;
+  pc_h2_goaway_t goaway_why; /* why our GOAWAY was sent (PROTOCOL: nghttp2's own) */
+  /* frame walk (count_unknown): preface bytes to skip, then per frame its
+   * 9-byte header as it arrives and the payload bytes left to skip */
+  uint32_t fw_skip, fw_hlen;
+  uint8_t fw_hdr[9];
   size_t conn_consume; /* received bytes of closed streams to give back */
   unsigned done : 1, closing : 1, peer_done : 1, shut_done : 1, peer_eof : 1, goaway : 1,
       in_settle : 1, again : 1, send_bp : 1, linger : 1, in_recv : 1,
@@ -111,7 +116,7 @@ static void finish(pc_h2_t *h, const char *how, int reset) {
 static void goaway(pc_h2_t *h, pc_h2_goaway_t why, uint32_t code, const char *what) {
   if (h->goaway) return;
   h->goaway = 1;
-  h->env.l->stats.h2_goaways[why]++;
+  h->goaway_why = why; /* counted when the frame goes out (on_frame_send) */
   if (why == PC_H2_GOAWAY_LIMIT)
     pc_log(PC_LOG_WARN, "listener %s: HTTP/2 client %s (%s): %s; GOAWAY ENHANCE_YOUR_CALM",
            h->env.lc->name, h->env.peer_addr, h->env.peer_id ? h->env.peer_id : "-", what);
@@ -132,9 +137,9 @@ static uint64_t budget(const pc_h2_t *h, uint64_t credit) {
 
 static void check_budgets(pc_h2_t *h) {
   if (h->goaway) return;
-  if (h->ctrl_frames > budget(h, h->opened))
+  if (h->ctrl_frames > budget(h, h->opened + h->data_sent))
     goaway(h, PC_H2_GOAWAY_LIMIT, NGHTTP2_ENHANCE_YOUR_CALM,
-           "too many PING, SETTINGS or PRIORITY frames");
+           "too many control frames (PING, SETTINGS, PRIORITY, WINDOW_UPDATE, unknown types)");
   else if (h->empty_data > budget(h, h->opened))
     goaway(h, PC_H2_GOAWAY_LIMIT, NGHTTP2_ENHANCE_YOUR_CALM, "too many empty DATA frames");
   else if (h->resets_in > budget(h, h->completed))
@@ -971,14 +976,17 @@ static int on_frame_recv(nghttp2_session *ss, const nghttp2_frame *f, void *user
       request_end(s);
     break;
   case NGHTTP2_DATA:
-    if (f->hd.length == 0 && !(f->hd.flags & NGHTTP2_FLAG_END_STREAM)) h->empty_data++;
+    /* Empty: no data bytes, padding aside (hd.length counts the padding
+     * and its length field, padlen both). */
+    if (f->hd.length <= f->data.padlen && !(f->hd.flags & NGHTTP2_FLAG_END_STREAM)) h->empty_data++;
     if (s && (f->hd.flags & NGHTTP2_FLAG_END_STREAM)) request_end(s);
     break;
-  case NGHTTP2_PING:
+  case NGHTTP2_PING: /* ACKs too: the sidecar never sends a PING to be answered */
+  case NGHTTP2_PRIORITY:
+  case NGHTTP2_WINDOW_UPDATE: h->ctrl_frames++; break;
   case NGHTTP2_SETTINGS:
     if (!(f->hd.flags & NGHTTP2_FLAG_ACK)) h->ctrl_frames++;
     break;
-  case NGHTTP2_PRIORITY: h->ctrl_frames++; break;
   case NGHTTP2_RST_STREAM:
     h->env.l->stats
         .h2_resets[1][f->rst_stream.error_code < PC_H2_ERROR_CODES ? f->rst_stream.error_code
@@ -997,6 +1005,18 @@ static int on_frame_recv(nghttp2_session *ss, const nghttp2_frame *f, void *user
 static int on_frame_send(nghttp2_session *ss, const nghttp2_frame *f, void *user) {
   (void)ss;
   pc_h2_t *h = user;
+  if (f->hd.type == NGHTTP2_DATA) h->data_sent++;
+  if (f->hd.type == NGHTTP2_GOAWAY) {
+    /* Ours (goaway(), pc_h2_revoke) or nghttp2's own for a connection
+     * error of the client's: each is counted, nghttp2's logged here. */
+    if (!h->goaway) {
+      h->goaway = 1;
+      h->goaway_why = PC_H2_GOAWAY_PROTOCOL;
+      pc_log(PC_LOG_INFO, "listener %s: HTTP/2 client %s: protocol error (%s); GOAWAY",
+             h->env.lc->name, h->env.peer_addr, pc_h2_error_word(f->goaway.error_code));
+    }
+    h->env.l->stats.h2_goaways[h->goaway_why]++;
+  }
   if (f->hd.type == NGHTTP2_RST_STREAM) {
     uint32_t code = f->rst_stream.error_code;
     h->env.l->stats.h2_resets[0][code < PC_H2_ERROR_CODES ? code : NGHTTP2_INTERNAL_ERROR]++;
@@ -1126,12 +1146,35 @@ static void settle(pc_h2_t *h) {
   if (h->peer_eof && h->nstreams == 0) finish(h, "eof", 0);
 }
 
+/* nghttp2 skips frames of types it does not know without telling us, so the
+ * client's bytes are walked frame by frame (headers only) to count those
+ * with the control frames. */
+static void count_unknown(pc_h2_t *h, const uint8_t *p, size_t len) {
+  while (len) {
+    if (h->fw_skip) {
+      size_t n = len < h->fw_skip ? len : h->fw_skip;
+      h->fw_skip -= (uint32_t)n;
+      p += n;
+      len -= n;
+      continue;
+    }
+    h->fw_hdr[h->fw_hlen++] = *p++;
+    len--;
+    if (h->fw_hlen < 9) continue;
+    h->fw_hlen = 0;
+    h->fw_skip = (uint32_t)h->fw_hdr[0] << 16 | (uint32_t)h->fw_hdr[1] << 8 | h->fw_hdr[2];
+    if (h->fw_hdr[3] > NGHTTP2_CONTINUATION) h->ctrl_frames++;
+  }
+}
+
 void pc_h2_on_data(pc_h2_t *h, const char *buf, size_t len) {
   if (h->done || h->closing) return;
+  count_unknown(h, (const uint8_t *)buf, len);
   h->in_recv = 1;
   ssize_t rv = nghttp2_session_mem_recv(h->ss, (const uint8_t *)buf, len);
   h->in_recv = 0;
   if (h->done) return;
+  if (rv >= 0) check_budgets(h);
   if (rv < 0) {
     /* Fatal to the session: nghttp2 can no longer frame a GOAWAY, so write
      * one by hand (RFC 9113 6.8), then close. */
@@ -1199,7 +1242,7 @@ void pc_h2_on_shutdown(pc_h2_t *h, int status) {
 void pc_h2_revoke(pc_h2_t *h) {
   if (h->done || h->closing || h->goaway) return;
   h->goaway = 1;
-  h->env.l->stats.h2_goaways[PC_H2_GOAWAY_REVOKED]++;
+  h->goaway_why = PC_H2_GOAWAY_REVOKED;
   nghttp2_session_terminate_session(h->ss, NGHTTP2_NO_ERROR);
   settle(h); /* the GOAWAY goes out before the connection closes */
 }
@@ -1229,6 +1272,7 @@ pc_h2_t *pc_h2_start(pc_stream_t *down, const pc_l7_env_t *env,
   uv_timer_init(&env->w->loop, &h->timer);
   h->timer.data = h;
   h->t0 = uv_now(&env->w->loop);
+  h->fw_skip = PC_H2_PREFACE_LEN;
   nghttp2_session_callbacks *cb;
   nghttp2_session_callbacks_new(&cb);
   nghttp2_session_callbacks_set_on_begin_headers_callback(cb, on_begin_headers);
