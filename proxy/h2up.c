@@ -188,13 +188,18 @@ void pc_h2call_release(pc_h2call_t *k) {
   c->ncalls--;
   if (k->dying) return; /* freed by the code that is closing it */
   if (k->closed || c->state == C_CLOSED) {
+    int live = c->state != C_CLOSED; /* a closed c may go with its last call */
     call_free(k);
-  } else if (!(k->ended && k->end_req && k->sbuf.len == 0)) {
-    /* The window the caller never consumed goes back to the connection. */
-    if (k->unconsumed) nghttp2_session_consume_connection(c->ss, k->unconsumed);
-    k->unconsumed = 0;
-    nghttp2_submit_rst_stream(c->ss, NGHTTP2_FLAG_NONE, k->id, NGHTTP2_CANCEL);
+    if (live) flush(c);
+    return;
   }
+  /* The window the caller never consumed goes back to the connection; a
+   * stream not finished both ways is cancelled (it closes, and is freed, in
+   * on_stream_close). */
+  if (k->unconsumed) nghttp2_session_consume_connection(c->ss, k->unconsumed);
+  k->unconsumed = 0;
+  if (!(k->ended && k->end_req && k->sbuf.len == 0))
+    nghttp2_submit_rst_stream(c->ss, NGHTTP2_FLAG_NONE, k->id, NGHTTP2_CANCEL);
   flush(c);
 }
 
