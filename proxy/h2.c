@@ -970,10 +970,14 @@ static int on_frame_recv(nghttp2_session *ss, const nghttp2_frame *f, void *user
   switch (f->hd.type) {
   case NGHTTP2_HEADERS:
     if (!s) break;
-    if (!s->rq.done)
+    if (!s->rq.done) {
       begin_request(s, f->hd.flags & NGHTTP2_FLAG_END_STREAM);
-    else if (f->hd.flags & NGHTTP2_FLAG_END_STREAM)
+    } else if (s->rq.bad_status && !s->answered) {
+      /* trailers over the limits: the request is refused after all */
+      reply(s, s->rq.bad_status, PC_DECISION_DENY, PC_REASON_LIMIT, s->rq.bad_detail);
+    } else if (f->hd.flags & NGHTTP2_FLAG_END_STREAM) {
       request_end(s);
+    }
     break;
   case NGHTTP2_DATA:
     /* Empty: no data bytes, padding aside (hd.length counts the padding

@@ -62,8 +62,11 @@ void pc_h2req_field(pc_h2req_t *r, const pc_h2req_limits_t *lim, const uint8_t *
   }
   if (eq(name, nlen, "content-length")) {
     uint64_t v = 0;
-    for (size_t i = 0; i < vlen && i < 19; i++)
-      v = v * 10 + (uint64_t)(value[i] - '0'); /* nghttp2 checked the digits */
+    /* nghttp2 checked the digits and that the value fits in int64, leading
+     * zeros and all: every digit counts (reading only some turned
+     * "000...066" into 0, and the body into a second, unchecked request). */
+    for (size_t i = 0; i < vlen; i++)
+      v = v * 10 + (uint64_t)(value[i] - '0');
     r->has_len = 1;
     r->length = v;
     return;
@@ -73,6 +76,7 @@ void pc_h2req_field(pc_h2req_t *r, const pc_h2req_limits_t *lim, const uint8_t *
     return;
   }
   if (eq(name, nlen, "cookie")) {
+    if (vlen == 0) return; /* an empty crumb would leave a stray "; " */
     if (r->cookie.len) pc_jbuf_raw(&r->cookie, "; ", 2);
     pc_jbuf_raw(&r->cookie, (const char *)value, vlen);
     return;

@@ -903,3 +903,26 @@ def test_budget_credit_grows_with_streams(abuse):
     assert_not_cut_off(abuse, b, c, "150 streams, then 200 PINGs and 200 cancels")
     lab = dict(listener=abuse.listener, direction="inbound", side="received", code="CANCEL")
     hk.wait_metric(abuse.sc, RESETS, lambda v: v == b.metrics.get(RESETS, **lab) + 200, **lab)
+
+
+# ======================================================================== smuggling
+
+def test_content_length_with_leading_zeros_smuggles_nothing(abuse):
+    """nghttp2 reads every digit of "000...066"; so must the translation, or the head says
+    content-length: 0 and the body reaches the app as a second, never-checked request."""
+    smuggled = b"DELETE /admin/users/42 HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n"
+    n = abuse.app.nreq()
+    c = RawH2(abuse.port, abuse.pki, stem="web-admin")
+    try:
+        cl = "0" * 19 + str(len(smuggled))
+        c.send(c.headers(1, "POST", "/api/x", end_stream=False, extra=[("content-length", cl)]),
+               DataFrame(1, smuggled, flags=["END_STREAM"]))
+        assert h.wait_until(lambda: abuse.app.nreq() >= n + 1, h.WAIT_S)
+        assert c.wait(lambda: any(getattr(f, "stream_id", 0) == 1 and "END_STREAM" in f.flags
+                                  for f in c.of(DataFrame) + c.of(HeadersFrame))), c.summary()
+    finally:
+        c.close()
+    seen = abuse.app.reqs_since(n)
+    assert [(r.method, r.path) for r in seen] == [("POST", "/api/x")], \
+        [(r.method, r.target) for r in seen]
+    assert seen[0].hv("content-length") == [str(len(smuggled))]
