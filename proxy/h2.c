@@ -47,7 +47,8 @@ struct pc_h2 {
   pc_jbuf_t out; /* frames collected for the client */
   char *xfcc;    /* inbound: "x-forwarded-client-cert: ...\r\n" */
   pc_h2req_limits_t rq_lim;
-  uint64_t t0; /* loop time at start, ms */
+  pc_deferred_t defer; /* settle after this loop iteration's I/O (see later()) */
+  uint64_t t0;         /* loop time at start, ms */
   uint64_t opened, completed, ctrl_frames, empty_data, resets_in, resets_out, data_sent;
   pc_h2_goaway_t goaway_why; /* why our GOAWAY was sent (PROTOCOL: nghttp2's own) */
   /* frame walk (count_unknown): preface bytes to skip, then per frame its
@@ -101,6 +102,15 @@ struct h2s {
 
 static void settle(pc_h2_t *h);
 static void stream_free(h2s_t *s);
+
+static void run_deferred(pc_deferred_t *d) { settle(pc_container_of(d, pc_h2_t, defer)); }
+
+/* From the upstreams' callbacks: frames for the client go out once, after
+ * every upstream that answered in this loop iteration has been heard, in
+ * one write instead of one per frame (worker.h pc_worker_defer). */
+static void later(pc_h2_t *h) {
+  if (!h->done && !h->closing) pc_worker_defer(h->env.w, &h->defer);
+}
 
 static void touch(pc_h2_t *h) { *h->env.last_active = uv_now(h->timer.loop); }
 
@@ -486,7 +496,7 @@ static void on_up_ready(void *user, pc_upconn_t *up, int status, pc_reason_t rea
   } else {
     up_ready(s);
   }
-  settle(h);
+  later(h);
 }
 
 static void acquire(h2s_t *s) {
@@ -641,7 +651,7 @@ static void up_on_data(pc_stream_t *u, const char *buf, size_t len) {
   h2s_t *s = u->owner;
   pc_h2_t *h = s->h;
   up_data(s, u, buf, len);
-  settle(h);
+  later(h);
 }
 
 static void up_on_eof(pc_stream_t *u) {
@@ -653,7 +663,7 @@ static void up_on_eof(pc_stream_t *u) {
     else
       upstream_failed(s, "the upstream closed the connection before the response ended");
   }
-  settle(h);
+  later(h);
 }
 
 static void up_on_error(pc_stream_t *u, int err) {
@@ -663,7 +673,7 @@ static void up_on_error(pc_stream_t *u, int err) {
     upstream_failed(s, err == PC_STREAM_ETLS && !s->res_any
                            ? "the upstream ended TLS (it may have refused this sidecar's identity)"
                            : "the upstream connection failed");
-  settle(h);
+  later(h);
 }
 
 static void up_on_drain(pc_stream_t *u) {
@@ -671,7 +681,7 @@ static void up_on_drain(pc_stream_t *u) {
   s->to_consume += s->held;
   s->held = 0;
   s->h->scan = 1;
-  settle(s->h);
+  later(s->h);
 }
 
 /* ---- requests ----------------------------------------------------------- */
@@ -753,7 +763,7 @@ static void c_on_head(void *user, int status, const nghttp2_nv *nv, size_t n, in
   memcpy(out + 1, nv, n * sizeof(*nv));
   submit_response(s, out, n + 1, !end && !s->rq.is_head && status != 204 && status != 304);
   free(out);
-  settle(s->h);
+  later(s->h);
 }
 
 static void c_on_data(void *user, const uint8_t *data, size_t len) {
@@ -770,7 +780,7 @@ static void c_on_data(void *user, const uint8_t *data, size_t len) {
     res_append(s, (const char *)data, len);
     res_more(s);
   }
-  settle(s->h);
+  later(s->h);
 }
 
 static void c_on_end(void *user, const nghttp2_nv *nv, size_t n) {
@@ -797,14 +807,14 @@ static void c_on_end(void *user, const nghttp2_nv *nv, size_t n) {
   s->decision = PC_DECISION_ALLOW;
   s->reason = PC_REASON_NONE;
   res_more(s);
-  settle(s->h);
+  later(s->h);
 }
 
 static void c_on_sent(void *user, size_t n) {
   h2s_t *s = user;
   s->to_consume += n;
   s->h->scan = 1;
-  settle(s->h);
+  later(s->h);
 }
 
 static int refusal(pc_reason_t r) {
@@ -835,7 +845,7 @@ static void c_on_fail(void *user, int status, pc_reason_t r, const char *detail,
     reply(s, status > 0 ? status : 502, refusal(r) ? PC_DECISION_DENY : PC_DECISION_ERROR, r,
           detail);
   }
-  settle(h);
+  later(h);
 }
 
 static const pc_h2call_cbs_t call_cbs = {c_on_head, c_on_data, c_on_end, c_on_fail, c_on_sent};
@@ -1126,6 +1136,9 @@ static void settle(pc_h2_t *h) {
       finish(h, "reset", 1);
       return;
     }
+    /* What the send took from the streams' response buffers is window to
+     * give back to their upstreams (and upstreams to resume): another pass. */
+    if (h->scan) h->again = 1;
     /* The client does not read: stop reading it (its frames would only
      * make us queue more answers). */
     if (h->send_bp && h->down->reading)
@@ -1277,6 +1290,7 @@ pc_h2_t *pc_h2_start(pc_stream_t *down, const pc_l7_env_t *env,
   h->timer.data = h;
   h->t0 = uv_now(&env->w->loop);
   h->fw_skip = PC_H2_PREFACE_LEN;
+  h->defer.run = run_deferred;
   nghttp2_session_callbacks *cb;
   nghttp2_session_callbacks_new(&cb);
   nghttp2_session_callbacks_set_on_begin_headers_callback(cb, on_begin_headers);
@@ -1310,6 +1324,7 @@ pc_h2_t *pc_h2_start(pc_stream_t *down, const pc_l7_env_t *env,
 
 int pc_h2_close(pc_h2_t *h, uv_close_cb close_cb, void *data) {
   h->done = 1;
+  pc_worker_undefer(h->env.w, &h->defer);
   while (h->streams)
     stream_free(h->streams);
   uv_timer_stop(&h->timer);

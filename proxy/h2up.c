@@ -41,6 +41,7 @@ struct h2conn {
   uint64_t hs_start;
   pc_jbuf_t out;
   unsigned in_flush : 1, again : 1, goaway : 1, send_bp : 1, retired : 1, in_recv : 1;
+  pc_deferred_t defer; /* flush after this loop iteration's I/O (flush_later) */
   h2conn_t *prev, *next;
 };
 
@@ -156,12 +157,21 @@ static ssize_t read_req(nghttp2_session *ss, int32_t id, uint8_t *buf, size_t le
   return (ssize_t)n;
 }
 
+/* What callers ask for (request bytes, window, resets) goes out once, after
+ * every client stream of this loop iteration has been heard: one write
+ * carries many streams' frames (worker.h pc_worker_defer). */
+static void flush_later(h2conn_t *c) {
+  if (c->state == C_READY) pc_worker_defer(c->pool->w, &c->defer);
+}
+
+static void run_deferred(pc_deferred_t *d) { flush(pc_container_of(d, h2conn_t, defer)); }
+
 static void req_more(pc_h2call_t *k) {
   if (k->deferred && !k->closed) {
     k->deferred = 0;
     nghttp2_session_resume_data(k->conn->ss, k->id);
   }
-  flush(k->conn);
+  flush_later(k->conn);
 }
 
 void pc_h2call_send(pc_h2call_t *k, const char *data, size_t len) {
@@ -179,7 +189,7 @@ void pc_h2call_consumed(pc_h2call_t *k, size_t n) {
   k->unconsumed -= n;
   if (k->conn->state == C_CLOSED || !n) return;
   nghttp2_session_consume(k->conn->ss, k->id, n);
-  flush(k->conn);
+  flush_later(k->conn);
 }
 
 void pc_h2call_release(pc_h2call_t *k) {
@@ -190,7 +200,7 @@ void pc_h2call_release(pc_h2call_t *k) {
   if (k->closed || c->state == C_CLOSED) {
     int live = c->state != C_CLOSED; /* a closed c may go with its last call */
     call_free(k);
-    if (live) flush(c);
+    if (live) flush_later(c);
     return;
   }
   /* The window the caller never consumed goes back to the connection; a
@@ -200,7 +210,7 @@ void pc_h2call_release(pc_h2call_t *k) {
   k->unconsumed = 0;
   if (!(k->ended && k->end_req && k->sbuf.len == 0))
     nghttp2_submit_rst_stream(c->ss, NGHTTP2_FLAG_NONE, k->id, NGHTTP2_CANCEL);
-  flush(c);
+  flush_later(c);
 }
 
 const char *pc_h2call_peer_id(const pc_h2call_t *k) { return k->conn->peer.peer_id; }
@@ -337,6 +347,7 @@ static int on_stream_close(nghttp2_session *ss, int32_t id, uint32_t code, void 
     call_fail(k, 502, PC_REASON_PROTOCOL,
               retry ? "the upstream refused the stream" : "the upstream reset the stream", retry);
   }
+  k->dying = 0; /* a release from now on frees it */
   k->closed = 1;
   if (k->released) call_free(k);
   return 0;
@@ -348,6 +359,7 @@ static int on_stream_close(nghttp2_session *ss, int32_t id, uint32_t code, void 
  * on it was released (a caller may hold a failed call a while). */
 static void conn_maybe_free(h2conn_t *c) {
   if (c->handles > 0 || c->calls) return;
+  pc_worker_undefer(c->pool->w, &c->defer);
   pc_stream_release(&c->s);
   free(c->peer.peer_id);
   if (c->ss) nghttp2_session_del(c->ss);
@@ -405,7 +417,8 @@ static void conn_fail(h2conn_t *c, int status, pc_reason_t r, const char *detail
 }
 
 static void conn_close(h2conn_t *c, const char *why) {
-  (void)why;
+  pc_log(PC_LOG_DEBUG, "listener %s: HTTP/2 connection to %s closes (%s)", c->pool->lc->name,
+         c->pool->lc->target_str, why);
   conn_fail(c, 502, PC_REASON_PROTOCOL, "the upstream connection closed");
 }
 
@@ -611,6 +624,7 @@ static h2conn_t *conn_new(h2pool_t *p) {
   h2conn_t *c = pc_calloc(1, sizeof(*c));
   c->pool = p;
   c->state = C_CONNECTING;
+  c->defer.run = run_deferred;
   p->nconns++;
   c->next = p->conns;
   if (p->conns) p->conns->prev = c;
@@ -703,7 +717,7 @@ pc_h2call_t *pc_h2call_start(pc_worker_t *w, pc_gen_t *g, const pc_listener_cfg_
   nghttp2_data_provider prd = {.source = {.ptr = k}, .read_callback = read_req};
   k->id = nghttp2_submit_request(c->ss, NULL, nv, n, end ? NULL : &prd, k);
   if (k->id < 0) pc_fatal("nghttp2_submit_request failed");
-  flush(c);
+  flush_later(c);
   return k;
 }
 

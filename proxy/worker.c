@@ -96,6 +96,45 @@ int pc_worker_check_drain(pc_worker_t *w) {
   return 1;
 }
 
+void pc_worker_undefer(pc_worker_t *w, pc_deferred_t *d) {
+  if (!d->queued) return;
+  d->queued = 0;
+  if (d->prev)
+    d->prev->next = d->next;
+  else
+    w->deferred = d->next;
+  if (d->next)
+    d->next->prev = d->prev;
+  else
+    w->deferred_tail = d->prev;
+  d->prev = d->next = NULL;
+}
+
+static void on_check(uv_check_t *c) {
+  pc_worker_t *w = c->data;
+  /* A run may queue others (or itself again); a bound keeps a bug from
+   * spinning here: what is left runs after the next iteration. */
+  for (int n = 0; w->deferred && n < 100000; n++) {
+    pc_deferred_t *d = w->deferred;
+    pc_worker_undefer(w, d);
+    d->run(d);
+  }
+  if (!w->deferred) uv_check_stop(c);
+}
+
+void pc_worker_defer(pc_worker_t *w, pc_deferred_t *d) {
+  if (d->queued) return;
+  d->queued = 1;
+  d->next = NULL;
+  d->prev = w->deferred_tail;
+  if (w->deferred_tail)
+    w->deferred_tail->next = d;
+  else
+    w->deferred = d;
+  w->deferred_tail = d;
+  if (!uv_is_active((uv_handle_t *)&w->check)) uv_check_start(&w->check, on_check);
+}
+
 static void on_wake(uv_async_t *a) {
   pc_worker_t *w = a->data;
   if (__atomic_load_n(&w->stop_requested, __ATOMIC_ACQUIRE)) {
@@ -109,6 +148,8 @@ static void on_wake(uv_async_t *a) {
     pc_pool_close_all(w);
     pc_h2up_close_all(w);
     uv_close((uv_handle_t *)&w->wake, NULL);
+    uv_check_stop(&w->check);
+    uv_close((uv_handle_t *)&w->check, NULL);
     return;
   }
   pc_worker_check_drain(w);
@@ -179,6 +220,8 @@ int pc_workers_create(pc_gen_t *gen, char *err, size_t errlen) {
     if (uv_loop_init(&w->loop) != 0 || uv_mutex_init(&w->lock) != 0)
       pc_fatal("cannot initialise a worker loop");
     uv_async_init(&w->loop, &w->wake, on_wake);
+    uv_check_init(&w->loop, &w->check);
+    w->check.data = w;
     w->wake.data = w;
   }
   return pc_workers_publish(gen, err, errlen);

@@ -26,6 +26,13 @@
 
 struct pc_conn;
 
+/* Work deferred to the end of a loop iteration (pc_worker_defer). */
+typedef struct pc_deferred {
+  void (*run)(struct pc_deferred *d);
+  struct pc_deferred *prev, *next;
+  int queued;
+} pc_deferred_t;
+
 typedef struct pc_worker {
   int index;
   uv_loop_t loop;
@@ -34,9 +41,12 @@ typedef struct pc_worker {
   pc_gen_t *gen;             /* current generation; worker thread only */
   pc_listener_t **listeners; /* parallel to gen->cfg->listeners; NULL if one failed */
   size_t nlisteners;
-  struct pc_conn *conns;  /* every live connection */
-  struct pc_pool *pools;  /* HTTP mode: upstream connection pools (pool.h) */
-  struct h2pool *h2pools; /* HTTP mode: HTTP/2 upstream connections (h2up.h) */
+  struct pc_conn *conns;   /* every live connection */
+  struct pc_pool *pools;   /* HTTP mode: upstream connection pools (pool.h) */
+  struct h2pool *h2pools;  /* HTTP mode: HTTP/2 upstream connections (h2up.h) */
+  uv_check_t check;        /* runs the deferred work after each iteration's I/O */
+  pc_deferred_t *deferred; /* queued, oldest first */
+  pc_deferred_t *deferred_tail;
   int stop_requested;
   int drain_requested;
   int draining; /* worker thread: listeners stopped */
@@ -50,6 +60,15 @@ typedef struct pc_worker {
   int *pending_fds;          /* per pending listener: new socket, or -1 to keep the old */
   const pc_config_t *handed; /* config of the newest generation handed over (main thread) */
 } pc_worker_t;
+
+/* Worker thread: runs d->run(d) once, after the I/O callbacks of this loop
+ * iteration (libuv's check phase), however often it is asked before then.
+ * Many callbacks of one iteration that each want the same connection's
+ * output written (every stream of an HTTP/2 connection whose upstreams
+ * answered in that iteration) thus make one write. pc_worker_undefer
+ * cancels it (call before freeing d). */
+void pc_worker_defer(pc_worker_t *w, pc_deferred_t *d);
+void pc_worker_undefer(pc_worker_t *w, pc_deferred_t *d);
 
 /* Creates cfg->workers workers for gen and binds all their sockets. Returns 0,
  * or -1 with one error line in err. Main thread. */
