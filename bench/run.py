@@ -1004,23 +1004,33 @@ def machine_info():
     }
 
 
+def raise_nofile():
+    """Raises the soft descriptor limit to the hard one; returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def chosen_rows(prog, row_names, workloads, known_workloads):
+    """The rows BENCH_ROWS asks for (all by default), in table order; exits on an unknown
+    row or workload."""
+    wanted = [r.strip() for r in os.environ.get("BENCH_ROWS", "").split(",") if r.strip()]
+    unknown = [r for r in wanted if r not in row_names]
+    if unknown:
+        sys.exit(f"{prog}: unknown rows {unknown}; rows are {', '.join(row_names)}")
+    bad = [w for w in workloads if w not in known_workloads]
+    if bad:
+        sys.exit(f"{prog}: unknown workloads {bad}; workloads are {', '.join(known_workloads)}")
+    return [r for r in row_names if not wanted or r in wanted]
+
+
 def main():
     for b in (LOADGEN, BACKEND, PORTCULLIS):
         if not os.access(b, os.X_OK):
             sys.exit(f"bench: {b} missing: run bench/run.sh (it builds everything)")
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-    wanted = [r.strip() for r in os.environ.get("BENCH_ROWS", "").split(",") if r.strip()]
-    unknown = [r for r in wanted if r not in ROW_NAMES]
-    if unknown:
-        sys.exit(f"bench: unknown rows {unknown}; rows are {', '.join(ROW_NAMES)}")
-    bad = [w for w in CFG["workloads"] if w not in WORKLOADS]
-    if bad:
-        sys.exit(f"bench: unknown workloads {bad}; workloads are {', '.join(WORKLOADS)}")
-    rows = [r for r in ROW_NAMES if not wanted or r in wanted]
+    nofile = raise_nofile()
+    rows = chosen_rows("bench", ROW_NAMES, CFG["workloads"], WORKLOADS)
 
     notes = []
     # Every proxied idle connection costs the proxy two descriptors.

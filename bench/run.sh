@@ -15,27 +15,8 @@ export BENCH_BUILD_DIR=$build
 # --- packages (Debian only) -------------------------------------------------------
 bash scripts/install-deps.sh build
 pkgs=(haproxy nginx libnginx-mod-stream hitch python3-matplotlib procps)
-missing=()
-for p in "${pkgs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  sudo=""
-  [[ $(id -u) -ne 0 ]] && sudo=sudo
-  echo "bench: installing ${missing[*]}" >&2
-  $sudo apt-get -o DPkg::Lock::Timeout=600 update -qq
-  # The packaged services must not start (they would take ports 80/443);
-  # a policy-rc.d saying 101 is how Debian spells that.
-  made_policy=""
-  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-    printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null
-    $sudo chmod 755 /usr/sbin/policy-rc.d
-    made_policy=1
-  fi
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
-    --no-install-recommends "${missing[@]}" >/dev/null
-  [[ -n $made_policy ]] && $sudo rm -f /usr/sbin/policy-rc.d
-fi
+source bench/peers.sh
+install_bench_pkgs bench "${pkgs[@]}"
 
 # --- build (release, its own directory) -------------------------------------------
 cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DBUILD_TESTING=OFF >/dev/null

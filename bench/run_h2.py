@@ -41,7 +41,6 @@ Environment knobs (defaults in brackets):
 import json
 import os
 import re
-import resource
 import selectors
 import shutil
 import signal
@@ -971,18 +970,8 @@ def main():
             sys.exit(f"h2bench: {b} missing: run bench/run_h2.sh (it builds them)")
     if not shutil.which(H2LOAD):
         sys.exit("h2bench: h2load missing (Debian: nghttp2-client)")
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    wanted = [r.strip() for r in os.environ.get("BENCH_ROWS", "").split(",") if r.strip()]
-    unknown = [r for r in wanted if r not in ROW_NAMES]
-    if unknown:
-        sys.exit(f"h2bench: unknown rows {unknown}; rows are {', '.join(ROW_NAMES)}")
-    bad = [w for w in CFG["workloads"] if w not in WORKLOADS]
-    if bad:
-        sys.exit(f"h2bench: unknown workloads {bad}; workloads are {', '.join(WORKLOADS)}")
-    rows = [r for r in ROW_NAMES if not wanted or r in wanted]
+    nofile = b1.raise_nofile()
+    rows = b1.chosen_rows("h2bench", ROW_NAMES, CFG["workloads"], WORKLOADS)
     notes = []
     # two descriptors per proxied connection in each proxy, some headroom
     cap = (nofile - 400) // 2

@@ -16,26 +16,8 @@ export BENCH_BUILD_DIR=$build
 
 # --- packages (Debian only) -------------------------------------------------------
 pkgs=(haproxy nginx nghttp2-client procps iproute2)
-missing=()
-for p in "${pkgs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  sudo=""
-  [[ $(id -u) -ne 0 ]] && sudo=sudo
-  echo "h2bench: installing ${missing[*]}" >&2
-  $sudo apt-get -o DPkg::Lock::Timeout=600 update -qq
-  # Keep the packaged haproxy/nginx services from starting (policy-rc.d exit 101).
-  made_policy=""
-  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-    printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null
-    $sudo chmod 755 /usr/sbin/policy-rc.d
-    made_policy=1
-  fi
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
-    --no-install-recommends "${missing[@]}" >/dev/null
-  [[ -n $made_policy ]] && $sudo rm -f /usr/sbin/policy-rc.d
-fi
+source bench/peers.sh
+install_bench_pkgs h2bench "${pkgs[@]}"
 
 # --- build (release, its own directory) -------------------------------------------
 if [[ ${BENCH_SKIP_BUILD:-} != 1 ]]; then
