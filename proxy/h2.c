@@ -23,11 +23,13 @@
 /* A stale pooled connection makes a body-less request go again at most this
  * often. */
 #define MAX_RETRIES 3
-/* Abuse budgets (the sidecar's own counts; README "HTTP/2"). Each allows
- * BUDGET_BASE, plus one per stream the client opened (control frames) or
- * per stream that ended normally (resets), plus one per second of the
- * connection's age: a well-behaved client never comes near, a flood crosses
- * it within its first few hundred frames. */
+/* Abuse budgets (the sidecar's own counts; README "HTTP/2 and gRPC"). Each
+ * allows BUDGET_BASE, plus a credit (control frames: streams the client
+ * opened and DATA frames we sent, which a client answers with
+ * WINDOW_UPDATEs; empty DATA: streams opened; resets: streams that ended
+ * normally), plus one per second of the connection's age: a well-behaved
+ * client never comes near, a flood crosses it within its first few hundred
+ * frames. */
 #define BUDGET_BASE 100
 
 typedef struct h2s h2s_t;
