@@ -819,11 +819,6 @@ static void c_on_sent(void *user, size_t n) {
   later(s->h);
 }
 
-static int refusal(pc_reason_t r) {
-  return r != PC_REASON_NONE && r != PC_REASON_PROTOCOL && r != PC_REASON_TIMEOUT &&
-         r != PC_REASON_LIMIT && r != PC_REASON_CIPHER;
-}
-
 static void go_h2(h2s_t *s);
 
 static void c_on_fail(void *user, int status, pc_reason_t r, const char *detail, int retry) {
@@ -844,8 +839,8 @@ static void c_on_fail(void *user, int status, pc_reason_t r, const char *detail,
     if (!s->res_head && status > 0)
       pc_log(PC_LOG_WARN, "listener %s: upstream %s: %s", h->env.lc->name, s->rlc->target_str,
              detail);
-    reply(s, status > 0 ? status : 502, refusal(r) ? PC_DECISION_DENY : PC_DECISION_ERROR, r,
-          detail);
+    reply(s, status > 0 ? status : 502,
+          pc_reason_is_identity(r) ? PC_DECISION_DENY : PC_DECISION_ERROR, r, detail);
   }
   later(h);
 }
@@ -890,15 +885,8 @@ static void begin_request(h2s_t *s, int end_stream) {
   pc_h2_t *h = s->h;
   s->req_end = end_stream != 0;
   pc_h2req_finish(&s->rq);
-  /* The generation in force now decides, under the same listener name. */
-  pc_gen_t *g = h->env.w->gen;
-  const pc_listener_cfg_t *lc = pc_config_listener(g->cfg, h->env.lc->name);
-  if (!lc || lc->direction != h->env.lc->direction || lc->protocol != PC_PROTO_HTTP) {
-    g = h->env.gen;
-    lc = h->env.lc;
-  }
-  pc_gen_ref(g);
-  s->rgen = g;
+  const pc_listener_cfg_t *lc;
+  pc_gen_t *g = s->rgen = pc_l7_decider(&h->env, &lc);
   s->rlc = lc;
   const pc_h2req_t *r = &s->rq;
   if (r->bad_status) {

@@ -511,15 +511,8 @@ static void begin_request(pc_l7_t *x) {
   x->method_len = m->method_len;
   x->path = copy_span(m->target, m->path_len);
   x->path_len = m->path_len;
-  /* The generation in force now decides, under the same listener name. */
-  pc_gen_t *g = x->env.w->gen;
-  const pc_listener_cfg_t *lc = pc_config_listener(g->cfg, x->env.lc->name);
-  if (!lc || lc->direction != x->env.lc->direction || lc->protocol != PC_PROTO_HTTP) {
-    g = x->env.gen;
-    lc = x->env.lc;
-  }
-  pc_gen_ref(g);
-  x->rgen = g;
+  const pc_listener_cfg_t *lc;
+  x->rgen = pc_l7_decider(&x->env, &lc);
   x->rlc = lc;
   if (x->inbound && pc_policy_check_request(lc->policy, x->env.peer_id, x->method, x->method_len,
                                             x->path, x->path_len) != PC_REASON_NONE) {
@@ -660,9 +653,8 @@ static void k_on_fail(void *user, int status, pc_reason_t r, const char *detail,
     if (status == PC_H2CALL_USE_H1) status = 502;
     pc_log(PC_LOG_WARN, "listener %s: upstream %s: %s", x->env.lc->name, x->rlc->target_str,
            detail);
-    int denied = r != PC_REASON_NONE && r != PC_REASON_PROTOCOL && r != PC_REASON_TIMEOUT &&
-                 r != PC_REASON_LIMIT && r != PC_REASON_CIPHER;
-    reply_error(x, status, denied ? PC_DECISION_DENY : PC_DECISION_ERROR, r, detail, 0);
+    reply_error(x, status, pc_reason_is_identity(r) ? PC_DECISION_DENY : PC_DECISION_ERROR, r,
+                detail, 0);
   } else {
     log_request(x, x->status, PC_DECISION_ERROR, PC_REASON_PROTOCOL);
     end_request(x, PC_POOL_ABORT);
@@ -1076,6 +1068,18 @@ void pc_l7_on_shutdown(pc_l7_t *x, int status) {
 /* ---- lifecycle ---------------------------------------------------------- */
 
 /* "x-forwarded-client-cert: By=<us>;Hash=<sha256 of the peer's leaf>;URI=<peer>" */
+pc_gen_t *pc_l7_decider(const pc_l7_env_t *env, const pc_listener_cfg_t **lc) {
+  pc_gen_t *g = env->w->gen;
+  const pc_listener_cfg_t *l = pc_config_listener(g->cfg, env->lc->name);
+  if (!l || l->direction != env->lc->direction || l->protocol != PC_PROTO_HTTP) {
+    g = env->gen;
+    l = env->lc;
+  }
+  pc_gen_ref(g);
+  *lc = l;
+  return g;
+}
+
 char *pc_l7_make_xfcc(pc_stream_t *down, const pc_l7_env_t *env) {
   uint8_t md[SHA256_DIGEST_LENGTH];
   if (!env->peer_id || pc_tls_peer_leaf_sha256(down->ssl, md) != 0) return NULL;

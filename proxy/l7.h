@@ -71,6 +71,13 @@ void pc_l7_on_shutdown(pc_l7_t *x, int status);
  * No callback into the connection fires afterwards. */
 int pc_l7_close(pc_l7_t *x, uv_close_cb close_cb, void *data);
 
+/* The generation that decides a request arriving now on env's connection:
+ * the worker's current one, under the same listener name, if that listener
+ * is still an HTTP listener of the same direction; else the connection's
+ * own. *lc gets that generation's listener config. Returns the generation
+ * with a reference taken (the caller unrefs it). */
+pc_gen_t *pc_l7_decider(const pc_l7_env_t *env, const pc_listener_cfg_t **lc);
+
 /* Inbound: the line "x-forwarded-client-cert: By=<us>;Hash=<sha256 of the
  * peer's leaf>;URI=<peer>\r\n" for requests from down's verified peer
  * (malloc'd), or NULL if there is no peer. */

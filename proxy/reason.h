@@ -38,4 +38,8 @@ const char *pc_reason_word(pc_reason_t r);
 /* The TLS alert to send for a refusal decided during the handshake (0: none). */
 uint8_t pc_reason_alert(pc_reason_t r);
 
+/* Non-zero if r refuses a peer's identity (its certificate or the policy):
+ * a decision "deny" rather than an "error" of the path to it. */
+int pc_reason_is_identity(pc_reason_t r);
+
 #endif
