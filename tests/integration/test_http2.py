@@ -240,3 +240,18 @@ def test_http2_metrics(h2env):
     hk.wait_metric(h2env.sc, "portcullis_http2_resets_total", lambda v: v == c0 + 1,
                    side="received", code="CANCEL", **lab)
     s.close()
+
+
+def test_upgrade_to_an_h2c_app_is_refused_and_never_reaches_it(tr):
+    """An HTTP/2 hop has no Upgrade: a WebSocket request to an app behind
+    app_protocol = "h2c" gets 502 (reason protocol) and the app hears nothing."""
+    n = tr.h2app.nreq()
+    c = HttpConn.tls(tr.ports["h2app"], tr.ctx)
+    c.send(req("GET", "/ws", [("Connection", "Upgrade"), ("Upgrade", "websocket"),
+                              ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+                              ("Sec-WebSocket-Version", "13")], host="svc"))
+    r = c.read_response()
+    assert r.status == 502 and r.json()["reason"] == "protocol", r.head
+    line = tr.sc.wait_for_log(lambda e: e.get("listener") == "h2app" and e.get("path") == "/ws")
+    assert line["status"] == 502 and line["reason"] == "protocol"
+    assert tr.h2app.nreq() == n

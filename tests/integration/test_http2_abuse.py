@@ -861,6 +861,9 @@ def test_well_behaved_client_is_not_cut_off(abuse):
     got = abuse.app.reqs_since(b.nreq)
     assert len(got) == 56, len(got)
     assert_not_cut_off(abuse, b, c, "well-behaved client")
+    # lines are written as streams close: wait for the last one before counting
+    assert abuse.sc.wait_for_log(lambda e: e.get("peer") == c.peer and e.get("path") == "/echo/last",
+                                 start=b.log), "no access-log line for /echo/last"
     lines = abuse.sc.access_log()[b.log:]
     mine = [e for e in lines if e.get("peer") == c.peer and e.get("protocol") == "HTTP/2"]
     assert sum(e.get("status") == 200 for e in mine) == 51, mine[-3:]
@@ -926,3 +929,39 @@ def test_content_length_with_leading_zeros_smuggles_nothing(abuse):
     assert [(r.method, r.path) for r in seen] == [("POST", "/api/x")], \
         [(r.method, r.target) for r in seen]
     assert seen[0].hv("content-length") == [str(len(smuggled))]
+
+
+def test_connect_over_http2_400(abuse):
+    """CONNECT (no :path) is not served over HTTP/2: 400, and the app hears nothing."""
+    b = mark(abuse)
+    c = H2Peer(abuse.port, abuse.pki, validate=False)
+    try:
+        sid = c.h2.get_next_available_stream_id()
+        c.h2.send_headers(sid, [(":method", "CONNECT"), (":authority", "db.internal:5432")],
+                          end_stream=True)
+        c.streams[sid] = Stream()
+        c.flush()
+        assert_refusal(abuse, b, c, sid, 400, "protocol", None)
+    finally:
+        c.close()
+
+
+def test_trailers_over_the_limits_refuse_the_request(abuse):
+    """Trailers count against http.max_headers too: 101 trailer fields after a body turn
+    the request into a 431, and the app never gets a complete request."""
+    b = mark(abuse)
+    c = H2Peer(abuse.port, abuse.pki)
+    try:
+        sid = c.request("POST", "/upload/trailers", end_stream=False)
+        c.h2.send_data(sid, b"x" * 100)
+        c.h2.send_headers(sid, [(f"x-t{i}", "v") for i in range(101)], end_stream=True)
+        c.flush()
+        s = c.response(sid)
+        assert s.reset is None and s.status == 431, (s.status, s.reset, bytes(s.body)[:200])
+        assert s.json()["reason"] == "limit"
+    finally:
+        c.close()
+    line = abuse.sc.wait_for_log(lambda e: e.get("path") == "/upload/trailers", start=b.log)
+    assert line["status"] == 431 and line["reason"] == "limit" and line["decision"] == "deny"
+    seen = abuse.app.reqs_since(b.nreq)
+    assert all(not r.complete for r in seen), [(r.method, r.target, r.complete) for r in seen]
