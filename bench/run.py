@@ -783,8 +783,11 @@ def tables(idle_counts):
     return t
 
 
-def best_peer(summaries, key, higher):
-    vals = [summaries[p][key] for p in PEERS if p in summaries and summaries[p].get(key) is not None]
+def best_peer(summaries, key, higher, peers=None):
+    """The best value of key among the peer rows (PEERS, or peers): the highest if higher,
+    else the lowest; zero does not count (except for an added latency)."""
+    vals = [summaries[p][key] for p in (peers or PEERS)
+            if p in summaries and summaries[p].get(key) is not None]
     vals = [v for v in vals if v > 0] if key != "fr_added_p99_us" else vals
     if not vals:
         return None

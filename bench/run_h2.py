@@ -838,11 +838,7 @@ FIG_WORKLOAD = {"get_rps": "get", "grpc_rps": "grpc", "fr_p50_us": "fixedrate",
 
 
 def best_peer(summaries, key, higher):
-    vals = [summaries[p][key] for p in PEERS
-            if p in summaries and summaries[p].get(key) not in (None, 0)]
-    if not vals:
-        return None
-    return max(vals) if higher else min(vals)
+    return b1.best_peer(summaries, key, higher, PEERS)
 
 
 def cell(summaries, row, key, higher, fmt):
