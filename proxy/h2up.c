@@ -36,8 +36,9 @@ struct h2conn {
   int state, handles;
   uint8_t rechecked;
   pc_h2call_t *calls;
-  uint32_t ncalls; /* calls not yet released */
-  uint64_t served; /* streams that ended with a whole response */
+  pc_h2call_t *sent_list; /* calls with body bytes framed and not yet reported */
+  uint32_t ncalls;        /* calls not yet released */
+  uint64_t served;        /* streams that ended with a whole response */
   uint64_t hs_start;
   pc_jbuf_t out;
   unsigned in_flush : 1, again : 1, goaway : 1, send_bp : 1, retired : 1, in_recv : 1;
@@ -61,8 +62,9 @@ struct pc_h2call {
   hfield_t *hf;
   uint32_t nhf, hfcap, hbytes;
   int status;
-  size_t unconsumed; /* response bytes received and not yet consumed */
-  size_t sent;       /* request body bytes framed, not yet reported by on_sent */
+  size_t unconsumed;      /* response bytes received and not yet consumed */
+  size_t sent;            /* request body bytes framed, not yet reported by on_sent */
+  pc_h2call_t *sent_next; /* on the connection's list of calls with sent > 0 */
   unsigned head : 1, ended : 1, end_req : 1, released : 1, closed : 1, deferred : 1, any : 1,
       over : 1, dying : 1; /* dying: its stream is closing; release only marks it */
   pc_h2call_t *prev, *next;
@@ -110,6 +112,12 @@ static void conn_maybe_free(h2conn_t *c);
 
 static void call_free(pc_h2call_t *k) {
   h2conn_t *c = k->conn;
+  if (k->sent) { /* still waiting to be reported: off that list (rare) */
+    pc_h2call_t **pp = &c->sent_list;
+    while (*pp != k)
+      pp = &(*pp)->sent_next;
+    *pp = k->sent_next;
+  }
   if (k->prev)
     k->prev->next = k->next;
   else
@@ -145,7 +153,11 @@ static ssize_t read_req(nghttp2_session *ss, int32_t id, uint8_t *buf, size_t le
   if (n) memcpy(buf, k->sbuf.data + k->soff, n);
   k->soff += n;
   if (k->soff == k->sbuf.len) k->soff = k->sbuf.len = 0;
-  k->sent += n; /* reported after the send (report_sent), outside nghttp2 */
+  if (n && !k->sent) { /* reported after the send (report_sent), outside nghttp2 */
+    k->sent_next = k->conn->sent_list;
+    k->conn->sent_list = k;
+  }
+  k->sent += n;
   if (k->end_req && k->sbuf.len == 0) {
     *flags |= NGHTTP2_DATA_FLAG_EOF;
     return (ssize_t)n;
@@ -439,18 +451,17 @@ static void maybe_idle(h2conn_t *c) {
   uv_timer_start(&c->timer, on_idle_timer, c->pool->gen->cfg->http.pool_idle_timeout_ms, 0);
 }
 
-/* Tells callers how much of their request bodies went out. Callers may do
- * anything from on_sent, including releasing calls: one report at a time,
- * looked for afresh each time. */
+/* Tells callers how much of their request bodies went out: one report per
+ * call on sent_list, popped before its callback, so that a caller may do
+ * anything from on_sent, releasing calls included (call_free takes a call
+ * off the list). */
 static void report_sent(h2conn_t *c) {
-  for (;;) {
-    pc_h2call_t *k = c->calls;
-    while (k && (!k->sent || k->released || k->ended || k->dying))
-      k = k->next;
-    if (!k) return;
+  pc_h2call_t *k;
+  while ((k = c->sent_list)) {
+    c->sent_list = k->sent_next;
     size_t n = k->sent;
     k->sent = 0;
-    k->cbs->on_sent(k->user, n);
+    if (!k->released && !k->ended && !k->dying) k->cbs->on_sent(k->user, n);
   }
 }
 
