@@ -640,6 +640,55 @@ int pc_h1_finish(pc_h1_parser_t *p) {
   return fail(p, 400, "connection closed in the middle of a message");
 }
 
+static void put_field(pc_jbuf_t *out, const char *name, size_t nlen, const char *v, size_t vlen);
+
+static int nv_is(const nghttp2_nv *f, const char *name, size_t len) {
+  return f->namelen == len && memcmp(f->name, name, len) == 0;
+}
+
+/* Methods whose requests have no body by convention: sent without one, they
+ * need no content-length: 0. */
+static const char *const no_body_methods[] = {"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"};
+
+void pc_h1_head_from_nv(pc_jbuf_t *o, const nghttp2_nv *nv, size_t n, int end, int *chunked) {
+  const nghttp2_nv *method = NULL, *path = NULL, *authority = NULL;
+  int has_len = 0;
+  for (size_t i = 0; i < n; i++) {
+    if (nv_is(&nv[i], ":method", 7))
+      method = &nv[i];
+    else if (nv_is(&nv[i], ":path", 5))
+      path = &nv[i];
+    else if (nv_is(&nv[i], ":authority", 10))
+      authority = &nv[i];
+    else if (nv_is(&nv[i], "content-length", 14))
+      has_len = 1;
+  }
+  *chunked = 0;
+  if (method) pc_jbuf_raw(o, (const char *)method->value, method->valuelen);
+  pc_jbuf_raw(o, " ", 1);
+  if (path) pc_jbuf_raw(o, (const char *)path->value, path->valuelen);
+  pc_jbuf_raw(o, " HTTP/1.1\r\nhost: ", 17);
+  if (authority) pc_jbuf_raw(o, (const char *)authority->value, authority->valuelen);
+  pc_jbuf_raw(o, "\r\n", 2);
+  for (size_t i = 0; i < n; i++) {
+    const nghttp2_nv *f = &nv[i];
+    if ((f->namelen && f->name[0] == ':') || nv_is(f, "te", 2)) continue;
+    put_field(o, (const char *)f->name, f->namelen, (const char *)f->value, f->valuelen);
+  }
+  if (!has_len && !end) {
+    pc_jbuf_raw(o, "transfer-encoding: chunked\r\n", 28);
+    *chunked = 1;
+  } else if (!has_len) {
+    int quiet = 0;
+    for (size_t i = 0; method && i < PC_ARRAY_SIZE(no_body_methods); i++)
+      if (method->valuelen == strlen(no_body_methods[i]) &&
+          memcmp(method->value, no_body_methods[i], method->valuelen) == 0)
+        quiet = 1;
+    if (!quiet) pc_jbuf_raw(o, "content-length: 0\r\n", 19);
+  }
+  pc_jbuf_raw(o, "\r\n", 2);
+}
+
 static void put_field(pc_jbuf_t *out, const char *name, size_t nlen, const char *v, size_t vlen) {
   pc_jbuf_raw(out, name, nlen);
   pc_jbuf_raw(out, ": ", 2);

@@ -10,16 +10,12 @@
 #include "h1.h"
 #include "h2io.h"
 #include "h2req.h"
-#include "h2up.h"
 #include "log.h"
-#include "pool.h"
+#include "exchange.h"
+#include "upcall.h"
 
 /* How long a client gets to read a closing GOAWAY before the socket closes. */
 #define LINGER_MS 1000
-/* Response bytes kept per stream for a client that does not take them; above
- * it that stream's upstream is not read. */
-#define RES_HIGH (64 * 1024)
-#define RES_LOW (16 * 1024)
 /* A stale pooled connection makes a body-less request go again at most this
  * often. */
 #define MAX_RETRIES 3
@@ -67,38 +63,19 @@ struct h2s {
   pc_h2_t *h;
   int32_t id;
   h2s_t *prev, *next;
-  pc_h2req_t rq; /* the request head as it arrives */
-  /* the exchange */
-  pc_gen_t *rgen;
-  const pc_listener_cfg_t *rlc;
-  pc_upconn_t *up;
-  pc_h2call_t *call;    /* an HTTP/2 upstream, in place of up */
+  pc_h2req_t rq;        /* the request head as it arrives */
+  pc_exchange_t ex;     /* the exchange (exchange.h) */
   size_t res_consume;   /* response bytes the client took */
-  nghttp2_nv *trailers; /* response trailers to relay (HTTP/2 upstream) */
+  nghttp2_nv *trailers; /* response trailers to relay */
   size_t ntrailers;
   char *tdata;
-  char *up_peer;                  /* outbound: the upstream's SPIFFE ID, for the log */
-  const char *up_tls, *up_cipher; /* outbound: its TLS, for the log (static strings) */
-  pc_jbuf_t head_out;             /* the request head, kept for a retry */
-  pc_jbuf_t reqbuf;               /* body bytes waiting for the upstream to be ready */
-  size_t to_consume;              /* body bytes passed on, to give back to the client's window */
-  size_t held;                    /* body bytes passed on while the upstream's queue was full */
-  pc_h1_parser_t res;
-  pc_h1_limits_t lim;
-  int retries;
+  size_t to_consume; /* body bytes passed on, to give back to the client's window */
   /* the response as it goes out */
   char *rb;
   size_t rb_off, rb_len, rb_cap;
-  int status, grpc_status;
-  pc_decision_t decision;
-  pc_reason_t reason;
   uint64_t due; /* loop time of the response-head deadline; 0: none */
-  uint64_t t_start, t_sent;
-  double upstream_ms;
-  uint64_t req_bytes, res_bytes;
-  unsigned req_end : 1, up_ready : 1, chunked_out : 1, req_sent : 1, res_head : 1, res_any : 1,
-      res_end : 1, answered : 1, submitted : 1, deferred : 1, up_paused : 1, reset_by_peer : 1,
-      logged : 1, we_reset : 1,
+  unsigned req_end : 1, res_head : 1, res_any : 1, res_end : 1, answered : 1, submitted : 1,
+      deferred : 1, reset_by_peer : 1, we_reset : 1,
       malformed : 1; /* nghttp2 reset the stream for a protocol error of the client's */
 };
 
@@ -197,17 +174,17 @@ static int submit_response(h2s_t *s, const nghttp2_nv *nv, size_t n, int has_bod
 #define NV(n, v, vl)                                                                               \
   { (uint8_t *)(n), (uint8_t *)(v), sizeof(n) - 1, (vl), NGHTTP2_NV_FLAG_NONE }
 
-static void release_up(h2s_t *s, int how);
+static void release_call(h2s_t *s);
 
 /* The sidecar answers stream s itself (refusal, upstream failure). */
 static void reply(h2s_t *s, int status, pc_decision_t d, pc_reason_t r, const char *detail) {
   pc_h2_t *h = s->h;
-  release_up(s, PC_POOL_ABORT);
+  release_call(s);
   s->answered = 1;
   s->due = 0;
-  s->status = status;
-  s->decision = d;
-  s->reason = r;
+  s->ex.status = status;
+  s->ex.decision = d;
+  s->ex.reason = r;
   if (s->submitted) { /* a response already started: cut it */
     nghttp2_submit_rst_stream(h->ss, NGHTTP2_FLAG_NONE, s->id, NGHTTP2_INTERNAL_ERROR);
     s->we_reset = 1;
@@ -216,9 +193,9 @@ static void reply(h2s_t *s, int status, pc_decision_t d, pc_reason_t r, const ch
   char st[8];
   int stn = snprintf(st, sizeof(st), "%d", status);
   if (s->rq.grpc) {
-    s->grpc_status = grpc_code(status, r);
+    s->ex.grpc_status = grpc_code(status, r);
     char gs[8];
-    int gsn = snprintf(gs, sizeof(gs), "%d", s->grpc_status);
+    int gsn = snprintf(gs, sizeof(gs), "%d", s->ex.grpc_status);
     pc_jbuf_t msg = {0};
     if (r != PC_REASON_NONE) pc_jbuf_printf(&msg, "%s: ", pc_reason_word(r));
     grpc_message(&msg, detail ? detail : "");
@@ -227,7 +204,7 @@ static void reply(h2s_t *s, int status, pc_decision_t d, pc_reason_t r, const ch
                        NV("grpc-message", msg.data ? msg.data : "", msg.len)};
     submit_response(s, nv, PC_ARRAY_SIZE(nv), 0);
     pc_jbuf_free(&msg);
-    s->status = 200;
+    s->ex.status = 200;
     return;
   }
   pc_jbuf_t body = {0};
@@ -260,8 +237,8 @@ static ssize_t read_res(nghttp2_session *ss, int32_t id, uint8_t *buf, size_t le
   s->rb_off += n;
   s->rb_len -= n;
   if (s->rb_len == 0) s->rb_off = 0;
-  s->res_bytes += n;
-  if (s->call) s->res_consume += n;
+  s->ex.res_bytes += n;
+  if (s->ex.call) s->res_consume += n;
   if (n) s->h->scan = 1;
   if (s->rb_len == 0 && s->res_end) {
     *flags |= NGHTTP2_DATA_FLAG_EOF;
@@ -301,54 +278,21 @@ static void res_append(h2s_t *s, const char *data, size_t len) {
 /* ---- the access log ----------------------------------------------------- */
 
 static void log_stream(h2s_t *s) {
-  if (s->logged) return;
-  s->logged = 1;
-  pc_h2_t *h = s->h;
-  pc_decision_t d = s->decision;
+  if (s->ex.logged) return;
   if (!s->rq.done) {
     /* nghttp2 reset a malformed head (a refusal, with its reason); a head
      * the client never finished is not a request. */
     if (!s->malformed) return;
-    d = PC_DECISION_DENY;
-    s->reason = PC_REASON_PROTOCOL;
+    pc_exchange_name(&s->ex, s->rq.method, s->rq.method_len, s->rq.path,
+                     s->rq.path ? pc_h2req_path_len(&s->rq) : 0);
+    s->ex.decision = PC_DECISION_DENY;
+    s->ex.reason = PC_REASON_PROTOCOL;
   }
   /* A stream that ended without a whole response is an error unless a
    * refusal or the sidecar's own answer already said what it was. */
-  if (d == PC_DECISION_ALLOW && !s->answered && !(s->res_end && s->rb_len == 0))
-    d = PC_DECISION_ERROR;
-  int k = s->status / 100;
-  if (k < 1 || k >= PC_HTTP_CLASSES) k = 5;
-  double secs = (double)(uv_hrtime() - s->t_start) / 1e9;
-  h->env.l->stats.requests[k][d][s->reason]++;
-  h->env.l->stats.requests_by_proto[PC_HTTP_2]++;
-  pc_hist_observe(&h->env.l->stats.request, &pc_request_bounds, secs);
-  pc_request_rec_t rec = {
-      .listener = h->env.lc->name,
-      .direction = h->inbound ? "inbound" : "outbound",
-      .peer = h->env.peer_addr,
-      .app = h->env.app_addr,
-      .peer_id = h->inbound ? h->env.peer_id : s->up_peer,
-      .method = s->rq.method,
-      .method_len = s->rq.method_len,
-      .path = s->rq.path,
-      .path_len = pc_h2req_path_len(&s->rq), /* as HTTP/1: no query */
-      .protocol = "HTTP/2",
-      .status = s->status,
-      .grpc_status = s->grpc_status,
-      .decision = pc_decision_word(d),
-      .reason = s->reason,
-      .request_bytes = s->req_bytes,
-      .response_bytes = s->res_bytes,
-      .duration_ms = secs * 1e3,
-      .upstream_ms = s->upstream_ms,
-      .tls_version = h->inbound ? h->env.tls_version : NULL,
-      .cipher = h->inbound ? h->env.cipher : NULL,
-  };
-  if (!h->inbound) {
-    rec.tls_version = s->up_tls;
-    rec.cipher = s->up_cipher;
-  }
-  pc_log_request(&rec);
+  if (s->ex.decision == PC_DECISION_ALLOW && !s->answered && !(s->res_end && s->rb_len == 0))
+    s->ex.decision = PC_DECISION_ERROR;
+  pc_exchange_log(&s->ex, &s->h->env, PC_HTTP_2);
 }
 
 /* ---- deadlines ---------------------------------------------------------- */
@@ -391,300 +335,9 @@ static void on_timer(uv_timer_t *t) {
   settle(h);
 }
 
-/* ---- the upstream (HTTP/1.1 to the app or the upstream sidecar) --------- */
+/* ---- the upstream (upcall.h) ------------------------------------------- */
 
-static void up_on_data(pc_stream_t *u, const char *buf, size_t len);
-static void up_on_eof(pc_stream_t *u);
-static void up_on_error(pc_stream_t *u, int err);
-static void up_on_drain(pc_stream_t *u);
-static void up_on_shutdown(pc_stream_t *u, int status) {
-  (void)u;
-  (void)status;
-}
-static void up_on_handshake(pc_stream_t *u, int status) {
-  (void)u;
-  (void)status;
-}
-static const pc_stream_cbs_t up_cbs = {up_on_data,  up_on_eof,      up_on_error,
-                                       up_on_drain, up_on_shutdown, up_on_handshake};
-
-static void release_up(h2s_t *s, int how) {
-  if (s->call) {
-    pc_h2call_t *k = s->call;
-    s->call = NULL;
-    pc_h2call_release(k);
-  }
-  if (!s->up) return;
-  pc_upconn_t *up = s->up;
-  s->up = NULL;
-  s->up_ready = 0;
-  pc_pool_release(up, how);
-}
-
-static int send_up(h2s_t *s, const char *data, size_t len) {
-  if (pc_stream_write(&s->up->s, data, len) == 0) return 0;
-  return -1;
-}
-
-/* Request body bytes onwards, framed as the head said. */
-static int body_up(h2s_t *s, const char *data, size_t len) {
-  if (!s->chunked_out) return send_up(s, data, len);
-  char hdr[24];
-  int n = snprintf(hdr, sizeof(hdr), "%zx\r\n", len);
-  if (send_up(s, hdr, (size_t)n) || send_up(s, data, len)) return -1;
-  return send_up(s, "\r\n", 2);
-}
-
-/* Body bytes have left us: the client may send as many more, unless the
- * upstream's queue is full (given back on its drain). */
-static void passed_on(h2s_t *s, size_t n) {
-  if (s->up && pc_stream_queued(&s->up->s) > PC_STREAM_HIGH_WATER)
-    s->held += n;
-  else
-    s->to_consume += n;
-  s->h->scan = 1;
-}
-
-static void upstream_failed(h2s_t *s, const char *detail);
-
-static void request_end_up(h2s_t *s) {
-  if (s->req_sent || !s->up_ready || !s->req_end) return;
-  s->req_sent = 1;
-  if (s->chunked_out && send_up(s, "0\r\n\r\n", 5)) {
-    upstream_failed(s, "writing to the upstream failed");
-    return;
-  }
-  if (!s->res_head)
-    s->due = uv_now(s->h->timer.loop) + s->h->env.gen->cfg->http.response_timeout_ms;
-  arm_due(s->h, s->due);
-}
-
-static void up_ready(h2s_t *s) {
-  s->up_ready = 1;
-  if (!s->h->inbound && !s->up_peer) {
-    pc_upconn_t *up = s->up;
-    s->up_peer = up->peer.peer_id ? pc_strdup(up->peer.peer_id) : NULL;
-    if (up->s.ssl) {
-      s->up_tls = SSL_get_version(up->s.ssl);
-      s->up_cipher = SSL_CIPHER_get_name(SSL_get_current_cipher(up->s.ssl));
-    }
-  }
-  if (s->up->served > 0) s->h->env.l->stats.upstream_reuses++;
-  s->t_sent = uv_hrtime();
-  if (send_up(s, s->head_out.data, s->head_out.len)) {
-    upstream_failed(s, "writing to the upstream failed");
-    return;
-  }
-  if (s->reqbuf.len) {
-    size_t n = s->reqbuf.len;
-    s->reqbuf.len = 0;
-    if (body_up(s, s->reqbuf.data, n)) {
-      upstream_failed(s, "writing to the upstream failed");
-      return;
-    }
-    passed_on(s, n);
-  }
-  request_end_up(s);
-}
-
-static void on_up_ready(void *user, pc_upconn_t *up, int status, pc_reason_t reason,
-                        const char *detail) {
-  h2s_t *s = user;
-  pc_h2_t *h = s->h;
-  if (status != 0) {
-    s->up = NULL; /* the pool closes it */
-    int ours = up->peer.reason != PC_REASON_NONE;
-    reply(s, status, ours ? PC_DECISION_DENY : PC_DECISION_ERROR, reason, detail);
-  } else {
-    up_ready(s);
-  }
-  later(h);
-}
-
-static void acquire(h2s_t *s) {
-  pc_h2_t *h = s->h;
-  pc_pool_t *p = pc_pool_for(h->env.w, s->rgen, s->rlc);
-  int ready = 0;
-  s->up = pc_pool_acquire(p, &h->env.l->stats, &up_cbs, s, on_up_ready, s, &ready);
-  if (ready) up_ready(s);
-}
-
-static int retryable(const h2s_t *s) {
-  return s->up && s->up->served > 0 && !s->res_any && s->retries < MAX_RETRIES && s->req_end &&
-         s->req_bytes == 0;
-}
-
-static void upstream_failed(h2s_t *s, const char *detail) {
-  if (retryable(s)) {
-    release_up(s, PC_POOL_CLOSE);
-    s->retries++;
-    s->req_sent = 0;
-    s->due = 0;
-    acquire(s);
-    return;
-  }
-  if (!s->res_head)
-    pc_log(PC_LOG_WARN, "listener %s: upstream %s: %s", s->h->env.lc->name, s->rlc->target_str,
-           detail);
-  reply(s, 502, PC_DECISION_ERROR, PC_REASON_PROTOCOL, detail);
-}
-
-static int grpc_status_of(const pc_h1_msg_t *m) {
-  const pc_h1_field_t *f = pc_h1_find(m, "grpc-status");
-  if (!f || f->value_len == 0 || f->value_len > 3) return -1;
-  int v = 0;
-  for (uint32_t i = 0; i < f->value_len; i++) {
-    if (f->value[i] < '0' || f->value[i] > '9') return -1;
-    v = v * 10 + (f->value[i] - '0');
-  }
-  return v;
-}
-
-/* The HTTP/1.1 response head, as HEADERS: names lowercased, hop-by-hop
- * fields dropped. Returns 1 if the stream was answered otherwise. */
-static int response_head(h2s_t *s) {
-  const pc_h1_msg_t *m = &s->res.msg;
-  if (s->upstream_ms < 0) s->upstream_ms = (double)(uv_hrtime() - s->t_sent) / 1e6;
-  if (m->status < 200) {
-    if (m->status == 101) {
-      upstream_failed(s, "101 Switching Protocols to a request that asked for no switch");
-      return 1;
-    }
-    uint8_t rm = s->res.req_method;
-    pc_h1_reset(&s->res);
-    s->res.req_method = rm;
-    return 0; /* interim answers are not relayed over HTTP/2 */
-  }
-  s->res_head = 1;
-  s->due = 0;
-  s->status = m->status;
-  s->grpc_status = grpc_status_of(m);
-  nghttp2_nv *nv = pc_calloc(m->nfields + 2, sizeof(*nv));
-  char st[8];
-  int stn = snprintf(st, sizeof(st), "%d", m->status);
-  size_t n = 0;
-  nv[n++] = (nghttp2_nv)NV(":status", st, (size_t)stn);
-  pc_jbuf_t names = {0};
-  size_t *offs = pc_calloc(m->nfields + 1, sizeof(*offs));
-  for (size_t i = 0; i < m->nfields; i++) {
-    const pc_h1_field_t *f = &m->fields[i];
-    if (pc_h1_hop_by_hop(m, f)) continue;
-    offs[i] = names.len;
-    for (uint32_t j = 0; j < f->name_len; j++) {
-      char c = f->name[j];
-      if (c >= 'A' && c <= 'Z') c = (char)(c - 'A' + 'a');
-      pc_jbuf_raw(&names, &c, 1);
-    }
-  }
-  int bodiless = s->rq.is_head || m->status == 204 || m->status == 304;
-  char cl[24];
-  if (m->has_length && m->status != 204) {
-    int cln = snprintf(cl, sizeof(cl), "%llu", (unsigned long long)m->length);
-    nv[n++] = (nghttp2_nv)NV("content-length", cl, (size_t)cln);
-  }
-  for (size_t i = 0; i < m->nfields; i++) {
-    const pc_h1_field_t *f = &m->fields[i];
-    if (pc_h1_hop_by_hop(m, f)) continue;
-    nv[n++] = (nghttp2_nv){(uint8_t *)names.data + offs[i], (uint8_t *)f->value, f->name_len,
-                           f->value_len, NGHTTP2_NV_FLAG_NONE};
-  }
-  if (bodiless) s->res_end = 1;
-  submit_response(s, nv, n, !bodiless);
-  free(nv);
-  free(offs);
-  pc_jbuf_free(&names);
-  return 0;
-}
-
-static void response_done(h2s_t *s, int extra) {
-  if (extra)
-    pc_log(PC_LOG_WARN,
-           "listener %s: upstream %s sent bytes after its response (a second response?); closing "
-           "that connection",
-           s->h->env.lc->name, s->rlc->target_str);
-  const pc_h1_msg_t *m = &s->res.msg;
-  int reusable = !extra && m->keep_alive && !m->until_close && s->req_sent;
-  s->res_end = 1;
-  s->decision = PC_DECISION_ALLOW;
-  s->reason = PC_REASON_NONE;
-  release_up(s, reusable ? PC_POOL_KEEP : PC_POOL_CLOSE);
-  res_more(s);
-}
-
-static void on_res_body(void *user, const char *data, size_t len) {
-  h2s_t *s = user;
-  res_append(s, data, len);
-}
-
-static void up_data(h2s_t *s, pc_stream_t *u, const char *buf, size_t len) {
-  pc_h2_t *h = s->h;
-  touch(h);
-  if (h->inbound)
-    h->env.l->stats.bytes_to_peer += len;
-  else
-    h->env.l->stats.bytes_from_peer += len;
-  if (s->answered || s->res_end) return;
-  s->res_any = 1;
-  size_t off = 0;
-  for (;;) {
-    size_t used = 0;
-    int rc = pc_h1_feed(&s->res, buf + off, len - off, &used);
-    off += used;
-    if (rc == PC_H1_MORE) break;
-    if (rc == PC_H1_HEAD) {
-      if (response_head(s)) return;
-    } else if (rc == PC_H1_DONE) {
-      response_done(s, off < len);
-      return;
-    } else {
-      upstream_failed(s, s->res.detail);
-      return;
-    }
-  }
-  res_more(s);
-  if (s->rb_len > RES_HIGH && !s->up_paused) {
-    s->up_paused = 1;
-    s->h->scan = 1;
-    pc_stream_read_stop(u);
-  }
-}
-
-static void up_on_data(pc_stream_t *u, const char *buf, size_t len) {
-  h2s_t *s = u->owner;
-  pc_h2_t *h = s->h;
-  up_data(s, u, buf, len);
-  later(h);
-}
-
-static void up_on_eof(pc_stream_t *u) {
-  h2s_t *s = u->owner;
-  pc_h2_t *h = s->h;
-  if (!s->answered && !s->res_end) {
-    if (s->res_head && pc_h1_finish(&s->res) == PC_H1_DONE)
-      response_done(s, 0);
-    else
-      upstream_failed(s, "the upstream closed the connection before the response ended");
-  }
-  later(h);
-}
-
-static void up_on_error(pc_stream_t *u, int err) {
-  h2s_t *s = u->owner;
-  pc_h2_t *h = s->h;
-  if (!s->answered && !s->res_end)
-    upstream_failed(s, err == PC_STREAM_ETLS && !s->res_any
-                           ? "the upstream ended TLS (it may have refused this sidecar's identity)"
-                           : "the upstream connection failed");
-  later(h);
-}
-
-static void up_on_drain(pc_stream_t *u) {
-  h2s_t *s = u->owner;
-  s->to_consume += s->held;
-  s->held = 0;
-  s->h->scan = 1;
-  later(s->h);
-}
+static void release_call(h2s_t *s) { pc_exchange_release_call(&s->ex); }
 
 /* ---- requests ----------------------------------------------------------- */
 
@@ -699,10 +352,8 @@ static int on_begin_headers(nghttp2_session *ss, const nghttp2_frame *f, void *u
   h2s_t *s = pc_calloc(1, sizeof(*s));
   s->h = h;
   s->id = f->hd.stream_id;
-  s->grpc_status = -1;
-  s->upstream_ms = -1;
-  s->t_start = uv_hrtime();
-  s->decision = PC_DECISION_ALLOW;
+  pc_exchange_init(&s->ex);
+  s->ex.t_start = uv_hrtime();
   s->next = h->streams;
   if (h->streams) h->streams->prev = s;
   h->streams = s;
@@ -723,17 +374,7 @@ static int on_header(nghttp2_session *ss, const nghttp2_frame *f, const uint8_t 
   return 0;
 }
 
-static void go_h1(h2s_t *s);
-
-/* ---- onwards as HTTP/2 (h2up.h) ----------------------------------------- */
-
-static void keep_peer(h2s_t *s) {
-  if (s->h->inbound || s->up_peer || !s->call) return;
-  const char *id = pc_h2call_peer_id(s->call);
-  s->up_peer = id ? pc_strdup(id) : NULL;
-  s->up_tls = pc_h2call_tls_version(s->call);
-  s->up_cipher = pc_h2call_cipher(s->call);
-}
+/* ---- the response ------------------------------------------------------- */
 
 static int grpc_status_nv(const nghttp2_nv *nv, size_t n) {
   for (size_t i = 0; i < n; i++)
@@ -749,15 +390,29 @@ static int grpc_status_nv(const nghttp2_nv *nv, size_t n) {
   return -1;
 }
 
+/* An interim answer (100 Continue, 103 Early Hints) goes to the client as
+ * a HEADERS frame of its own, before the response. */
+static void c_on_info(void *user, int status, const nghttp2_nv *nv, size_t n) {
+  h2s_t *s = user;
+  if (s->submitted || s->answered) return;
+  nghttp2_nv *out = pc_calloc(n + 1, sizeof(*out));
+  char st[8];
+  int stn = snprintf(st, sizeof(st), "%d", status);
+  out[0] = (nghttp2_nv)NV(":status", st, (size_t)stn);
+  memcpy(out + 1, nv, n * sizeof(*nv));
+  nghttp2_submit_headers(s->h->ss, NGHTTP2_FLAG_NONE, s->id, NULL, out, n + 1, NULL);
+  free(out);
+  later(s->h);
+}
+
 static void c_on_head(void *user, int status, const nghttp2_nv *nv, size_t n, int end) {
   h2s_t *s = user;
-  keep_peer(s);
-  if (s->upstream_ms < 0) s->upstream_ms = (double)(uv_hrtime() - s->t_sent) / 1e6;
+  if (s->ex.upstream_ms < 0) s->ex.upstream_ms = (double)(uv_hrtime() - s->ex.t_sent) / 1e6;
   s->res_head = 1;
   s->res_any = 1;
   s->due = 0;
-  s->status = status;
-  if (end) s->grpc_status = grpc_status_nv(nv, n); /* trailers-only */
+  s->ex.status = status;
+  if (end) s->ex.grpc_status = grpc_status_nv(nv, n); /* trailers-only */
   nghttp2_nv *out = pc_calloc(n + 1, sizeof(*out));
   char st[8];
   int stn = snprintf(st, sizeof(st), "%d", status);
@@ -803,11 +458,11 @@ static void c_on_end(void *user, const nghttp2_nv *nv, size_t n) {
       off += nv[i].namelen + nv[i].valuelen;
     }
     s->ntrailers = n;
-    s->grpc_status = grpc_status_nv(nv, n);
+    s->ex.grpc_status = grpc_status_nv(nv, n);
   }
   s->res_end = 1;
-  s->decision = PC_DECISION_ALLOW;
-  s->reason = PC_REASON_NONE;
+  s->ex.decision = PC_DECISION_ALLOW;
+  s->ex.reason = PC_REASON_NONE;
   res_more(s);
   later(s->h);
 }
@@ -819,45 +474,35 @@ static void c_on_sent(void *user, size_t n) {
   later(s->h);
 }
 
-static void go_h2(h2s_t *s);
+static void go(h2s_t *s);
 
 static void c_on_fail(void *user, int status, pc_reason_t r, const char *detail, int retry) {
   h2s_t *s = user;
   pc_h2_t *h = s->h;
-  keep_peer(s);
-  int fresh = s->req_bytes == 0 && !s->res_any;
-  if (status == PC_H2CALL_USE_H1 && fresh) {
-    release_up(s, PC_POOL_ABORT);
-    go_h1(s);
-  } else if (retry && fresh && s->retries < MAX_RETRIES) {
-    release_up(s, PC_POOL_ABORT);
-    s->retries++;
+  if (retry && s->ex.req_bytes == 0 && !s->res_any && s->req_end && s->ex.retries < MAX_RETRIES) {
+    release_call(s);
+    s->ex.retries++;
     s->due = 0;
-    go_h2(s);
+    go(s);
   } else {
-    if (status == PC_H2CALL_USE_H1) status = 502;
-    if (!s->res_head && status > 0)
-      pc_log(PC_LOG_WARN, "listener %s: upstream %s: %s", h->env.lc->name, s->rlc->target_str,
-             detail);
-    reply(s, status > 0 ? status : 502,
-          pc_reason_is_identity(r) ? PC_DECISION_DENY : PC_DECISION_ERROR, r, detail);
+    reply(s, status > 0 ? status : 502, pc_exchange_fail_decision(r), r, detail);
   }
   later(h);
 }
 
-static const pc_h2call_cbs_t call_cbs = {c_on_head, c_on_data, c_on_end, c_on_fail, c_on_sent};
+/* No tunnel: CONNECT is refused (h2req.h) and Upgrade is no HTTP/2 field. */
+static const pc_upcall_cbs_t call_cbs = {c_on_info, c_on_head, c_on_data, c_on_end,
+                                         c_on_fail, c_on_sent, NULL};
 
-/* The request's head as HTTP/2 fields: pseudo-headers, then the kept
- * fields (stored as "name: value\r\n" lines), the joined cookie, te and
- * x-forwarded-client-cert. */
-static void go_h2(h2s_t *s) {
+/* Onwards: the request's head as neutral fields (pseudo-headers, then the
+ * kept fields, the joined cookie, te and x-forwarded-client-cert). */
+static void go(h2s_t *s) {
   pc_h2_t *h = s->h;
   nghttp2_nv *nv = pc_calloc(pc_h2req_nv_cap(&s->rq), sizeof(*nv));
   char cl[24];
-  size_t n = pc_h2req_nv(&s->rq, nv, h->inbound ? h->xfcc : NULL, cl);
-  s->t_sent = uv_hrtime();
-  s->call =
-      pc_h2call_start(h->env.w, s->rgen, s->rlc, &h->env.l->stats, nv, n, s->req_end, &call_cbs, s);
+  pc_upreq_t req = {.nv = nv, .end = s->req_end, .prefer_h2 = 1};
+  req.n = pc_h2req_nv(&s->rq, nv, h->inbound ? h->xfcc : NULL, cl);
+  pc_exchange_send(&s->ex, &h->env, &req, &call_cbs, s);
   free(nv);
   if (s->req_end && !s->res_head) {
     s->due = uv_now(h->timer.loop) + h->env.gen->cfg->http.response_timeout_ms;
@@ -865,62 +510,35 @@ static void go_h2(h2s_t *s) {
   }
 }
 
-/* Onwards as HTTP/1.1 over the pool (pool.h). */
-static void go_h1(h2s_t *s) {
-  pc_h2_t *h = s->h;
-  int chunked;
-  s->head_out.len = 0;
-  pc_h2req_h1_head(&s->rq, &s->head_out, h->inbound ? h->xfcc : NULL, s->req_end, &chunked);
-  s->chunked_out = chunked != 0;
-  s->lim =
-      (pc_h1_limits_t){h->env.gen->cfg->http.max_request_line,
-                       h->env.gen->cfg->http.max_header_bytes, h->env.gen->cfg->http.max_headers};
-  pc_h1_init(&s->res, 0, &s->lim, on_res_body, s);
-  s->res.req_method = s->rq.is_head ? HTTP_HEAD : HTTP_GET;
-  acquire(s);
-}
-
 /* The head is complete: decide, then borrow an upstream. */
 static void begin_request(h2s_t *s, int end_stream) {
   pc_h2_t *h = s->h;
   s->req_end = end_stream != 0;
   pc_h2req_finish(&s->rq);
-  const pc_listener_cfg_t *lc;
-  pc_gen_t *g = s->rgen = pc_l7_decider(&h->env, &lc);
-  s->rlc = lc;
   const pc_h2req_t *r = &s->rq;
   if (r->bad_status) {
+    pc_exchange_name(&s->ex, r->method, r->method_len, r->path, r->path ? pc_h2req_path_len(r) : 0);
     reply(s, r->bad_status, PC_DECISION_DENY,
           r->bad_status == 431 ? PC_REASON_LIMIT : PC_REASON_PROTOCOL, r->bad_detail);
     return;
   }
-  if (h->inbound && pc_policy_check_request(lc->policy, h->env.peer_id, r->method, r->method_len,
-                                            r->path, pc_h2req_path_len(r)) != PC_REASON_NONE) {
-    char detail[160];
-    snprintf(detail, sizeof(detail), "%.16s %.96s is not allowed for this peer", r->method,
-             r->path);
+  char detail[160];
+  if (pc_exchange_begin(&s->ex, &h->env, r->method, r->method_len, r->path, pc_h2req_path_len(r),
+                        detail, sizeof(detail)) != PC_REASON_NONE) {
     reply(s, 403, PC_DECISION_DENY, PC_REASON_NOT_ALLOWED, detail);
     return;
   }
-  if (h->inbound ? lc->app_protocol == PC_APP_H2C
-                 : lc->upstream_protocol == PC_UP_H2 ||
-                       (lc->upstream_protocol == PC_UP_AUTO && !pc_h2up_h1_only(h->env.w, g, lc)))
-    go_h2(s);
-  else
-    go_h1(s);
+  go(s);
 }
 
 static void request_end(h2s_t *s) {
   if (s->req_end) return;
   s->req_end = 1;
-  if (s->call) {
-    pc_h2call_end(s->call);
-    if (!s->res_head) {
-      s->due = uv_now(s->h->timer.loop) + s->h->env.gen->cfg->http.response_timeout_ms;
-      arm_due(s->h, s->due);
-    }
-  } else if (s->up_ready) {
-    request_end_up(s);
+  if (!s->ex.call) return;
+  pc_upcall_end(s->ex.call);
+  if (!s->res_head) {
+    s->due = uv_now(s->h->timer.loop) + s->h->env.gen->cfg->http.response_timeout_ms;
+    arm_due(s->h, s->due);
   }
 }
 
@@ -945,20 +563,8 @@ static int on_data_chunk(nghttp2_session *ss, uint8_t flags, int32_t id, const u
     }
     return 0;
   }
-  s->req_bytes += len;
-  if (s->call) {
-    pc_h2call_send(s->call, (const char *)data, len);
-    return 0;
-  }
-  if (!s->up_ready) {
-    pc_jbuf_raw(&s->reqbuf, (const char *)data, len);
-    return 0;
-  }
-  if (body_up(s, (const char *)data, len)) {
-    upstream_failed(s, "writing to the upstream failed");
-    return 0;
-  }
-  passed_on(s, len);
+  s->ex.req_bytes += len;
+  if (s->ex.call) pc_upcall_send(s->ex.call, (const char *)data, len);
   return 0;
 }
 
@@ -1050,8 +656,8 @@ static int on_stream_close(nghttp2_session *ss, int32_t id, uint32_t code, void 
 static void stream_free(h2s_t *s) {
   pc_h2_t *h = s->h;
   log_stream(s);
-  release_up(s, PC_POOL_ABORT);
-  h->conn_consume += s->to_consume + s->held;
+  release_call(s);
+  h->conn_consume += s->to_consume;
   if (s->prev)
     s->prev->next = s->next;
   else
@@ -1059,15 +665,11 @@ static void stream_free(h2s_t *s) {
   if (s->next) s->next->prev = s->prev;
   h->nstreams--;
   h->env.l->stats.h2_streams--;
-  if (s->rgen) pc_gen_unref(s->rgen);
-  if (s->lim.max_head) pc_h1_free(&s->res);
+  pc_exchange_end(&s->ex);
   pc_h2req_free(&s->rq);
-  free(s->up_peer);
   free(s->trailers);
   free(s->tdata);
   free(s->rb);
-  pc_jbuf_free(&s->head_out);
-  pc_jbuf_free(&s->reqbuf);
   free(s);
 }
 
@@ -1102,10 +704,10 @@ static void settle(pc_h2_t *h) {
     int scan = h->scan;
     h->scan = 0;
     for (h2s_t *s = scan ? h->streams : NULL; s; s = s->next)
-      if (s->call && s->res_consume) {
+      if (s->ex.call && s->res_consume) {
         size_t n = s->res_consume;
         s->res_consume = 0;
-        pc_h2call_consumed(s->call, n);
+        pc_upcall_consumed(s->ex.call, n);
       }
     for (h2s_t *s = scan ? h->streams : NULL; s; s = s->next)
       if (s->to_consume) {
@@ -1135,11 +737,6 @@ static void settle(pc_h2_t *h) {
       pc_stream_read_stop(h->down);
     else if (!h->send_bp && !h->down->reading && nghttp2_session_want_read(h->ss))
       pc_stream_read_start(h->down);
-    for (h2s_t *s = scan ? h->streams : NULL; s; s = s->next)
-      if (s->up_paused && s->rb_len < RES_LOW && s->up) {
-        s->up_paused = 0;
-        pc_stream_read_start(&s->up->s);
-      }
   } while (h->again && !h->done);
   h->in_settle = 0;
   if (h->done) return;

@@ -9,10 +9,11 @@
  * Each stream is one exchange, decided like an HTTP/1 request (l7.h): the
  * generation in force when its head completes, the allow entries' methods and
  * paths per stream (inbound), x-forwarded-client-cert replaced (inbound), one
- * access-log line per stream ("protocol": "HTTP/2"). The request goes on over
- * a pooled HTTP/1.1 connection to the app or upstream (pool.h), translated:
- * :authority becomes Host, a body without content-length is chunked, cookies
- * split by HPACK are joined. Answers the sidecar gives itself are JSON, or a
+ * access-log line per stream ("protocol": "HTTP/2"). The request goes on
+ * through upcall.h, which carries it over HTTP/2 or HTTP/1.1 as the listener
+ * says (for HTTP/1.1: :authority becomes Host, a body without content-length
+ * is chunked; cookies split by HPACK are joined either way); interim (1xx)
+ * answers are relayed as HEADERS. Answers the sidecar gives itself are JSON, or a
  * trailers-only gRPC response (grpc-status, grpc-message) when the request's
  * content-type starts with application/grpc.
  *

@@ -116,41 +116,6 @@ size_t pc_h2req_path_len(const pc_h2req_t *r) {
   return q ? (size_t)(q - r->path) : r->path_len;
 }
 
-static const char *const no_body_methods[] = {"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"};
-
-void pc_h2req_h1_head(const pc_h2req_t *r, pc_jbuf_t *o, const char *extra, int end_stream,
-                      int *chunked) {
-  *chunked = 0;
-  pc_jbuf_raw(o, r->method, r->method_len);
-  pc_jbuf_raw(o, " ", 1);
-  pc_jbuf_raw(o, r->path, r->path_len);
-  pc_jbuf_raw(o, " HTTP/1.1\r\nhost: ", 17);
-  if (r->authority)
-    pc_jbuf_raw(o, r->authority, r->authority_len);
-  else
-    pc_jbuf_raw(o, r->host, r->host_len);
-  pc_jbuf_raw(o, "\r\n", 2);
-  if (r->fields.len) pc_jbuf_raw(o, r->fields.data, r->fields.len);
-  if (r->cookie.len) {
-    pc_jbuf_raw(o, "cookie: ", 8);
-    pc_jbuf_raw(o, r->cookie.data, r->cookie.len);
-    pc_jbuf_raw(o, "\r\n", 2);
-  }
-  if (extra) pc_jbuf_raw(o, extra, strlen(extra));
-  if (r->has_len) {
-    pc_jbuf_printf(o, "content-length: %llu\r\n", (unsigned long long)r->length);
-  } else if (!end_stream) {
-    pc_jbuf_raw(o, "transfer-encoding: chunked\r\n", 28);
-    *chunked = 1;
-  } else {
-    int quiet = 0;
-    for (size_t i = 0; i < PC_ARRAY_SIZE(no_body_methods); i++)
-      if (strcmp(r->method, no_body_methods[i]) == 0) quiet = 1;
-    if (!quiet) pc_jbuf_raw(o, "content-length: 0\r\n", 19);
-  }
-  pc_jbuf_raw(o, "\r\n", 2);
-}
-
 size_t pc_h2req_nv_cap(const pc_h2req_t *r) {
   size_t cap = 8; /* 4 pseudo-headers, cookie, te, xfcc, content-length */
   for (size_t i = 0; i < r->fields.len; i++)

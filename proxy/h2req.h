@@ -1,7 +1,8 @@
 /*
  * h2req.h - one HTTP/2 request head: its decoded fields collected, checked
- * and translated, either to an HTTP/1.1 head or to the fields of an onward
- * HTTP/2 stream.
+ * and translated to the neutral fields of an onward request (upcall.h),
+ * which an HTTP/1.1 upstream gets written as HTTP/1.1 (h1.h,
+ * pc_h1_head_from_nv).
  *
  * nghttp2 (with its HTTP messaging checks on) has already refused what RFC
  * 9113 forbids: uppercase or invalid names, connection-specific fields, a
@@ -55,13 +56,6 @@ int pc_h2req_finish(pc_h2req_t *r);
 
 /* Length of the path without its query (what the policy and the log see). */
 size_t pc_h2req_path_len(const pc_h2req_t *r);
-
-/* Appends the HTTP/1.1 head: request line, host, the kept fields, cookie,
- * extra (complete lines, may be NULL), framing: content-length if the
- * request had one, else chunked if a body follows (*chunked = 1), else
- * "content-length: 0" for methods that expect a body. */
-void pc_h2req_h1_head(const pc_h2req_t *r, pc_jbuf_t *out, const char *extra, int end_stream,
-                      int *chunked);
 
 /* Fields for an onward HTTP/2 stream: pseudo-headers, kept fields, cookie,
  * te, then xfcc_line's field ("x-forwarded-client-cert: V\r\n", may be NULL)

@@ -53,7 +53,7 @@ typedef struct {
 struct pc_h2call {
   h2conn_t *conn;
   int32_t id;
-  const pc_h2call_cbs_t *cbs;
+  const pc_upcall_cbs_t *cbs;
   void *user;
   pc_metrics_t *stats;
   pc_jbuf_t sbuf; /* request body not yet framed */
@@ -299,12 +299,19 @@ static int on_frame_recv(nghttp2_session *ss, const nghttp2_frame *f, void *user
   if (f->hd.type == NGHTTP2_HEADERS) {
     if (k->over) {
       nghttp2_submit_rst_stream(c->ss, NGHTTP2_FLAG_NONE, k->id, NGHTTP2_INTERNAL_ERROR);
+      pc_log(PC_LOG_WARN, "listener %s: upstream %s: response header fields over the limits",
+             c->pool->lc->name, c->pool->lc->target_str);
       call_fail(k, 502, PC_REASON_PROTOCOL,
                 "the upstream's response header fields exceed the sidecar's limits", 0);
       return 0;
     }
     if (!k->head && k->status >= 100 && k->status < 200) {
-      reset_fields(k); /* interim answers are not relayed */
+      if (k->cbs->on_info && !k->released && !k->ended && k->status != 101) {
+        nghttp2_nv *nv = fields_nv(k);
+        k->cbs->on_info(k->user, k->status, nv, k->nhf);
+        free(nv);
+      }
+      reset_fields(k);
       return 0;
     }
     k->any = 1;
@@ -356,6 +363,9 @@ static int on_stream_close(nghttp2_session *ss, int32_t id, uint32_t code, void 
   k->dying = 1;
   if (!k->ended && !k->released) {
     int retry = !k->any && code == NGHTTP2_REFUSED_STREAM;
+    if (!retry)
+      pc_log(PC_LOG_WARN, "listener %s: upstream %s reset a stream (%s)", c->pool->lc->name,
+             c->pool->lc->target_str, pc_h2_error_word(code));
     call_fail(k, 502, PC_REASON_PROTOCOL,
               retry ? "the upstream refused the stream" : "the upstream reset the stream", retry);
   }
@@ -413,7 +423,7 @@ static void conn_fail(h2conn_t *c, int status, pc_reason_t r, const char *detail
     k->dying = k->closed = 1;
   for (pc_h2call_t *k = c->calls; k; k = k->next) {
     if (status == 503 && k->stats && !k->released) k->stats->connect_failures++;
-    call_fail(k, status, r, detail, status == PC_H2CALL_USE_H1 || (was_ready && !k->any));
+    call_fail(k, status, r, detail, status == PC_UPCALL_USE_H1 || (was_ready && !k->any));
   }
   pc_h2call_t *k = c->calls;
   while (k) {
@@ -567,7 +577,7 @@ static void s_on_handshake(pc_stream_t *s, int status) {
       pc_log(PC_LOG_INFO, "listener %s: upstream %s does not offer h2; using HTTP/1.1", lc->name,
              lc->target_str);
       c->pool->h1_only = 1;
-      conn_fail(c, PC_H2CALL_USE_H1, PC_REASON_NONE, "the upstream speaks HTTP/1.1 only");
+      conn_fail(c, PC_UPCALL_USE_H1, PC_REASON_NONE, "the upstream speaks HTTP/1.1 only");
     } else {
       pc_log(PC_LOG_WARN, "listener %s: upstream %s did not select h2 by ALPN", lc->name,
              lc->target_str);
@@ -706,7 +716,7 @@ static h2conn_t *conn_for(h2pool_t *p, int *reused) {
 
 pc_h2call_t *pc_h2call_start(pc_worker_t *w, pc_gen_t *g, const pc_listener_cfg_t *lc,
                              pc_metrics_t *stats, const nghttp2_nv *nv, size_t n, int end,
-                             const pc_h2call_cbs_t *cbs, void *user) {
+                             const pc_upcall_cbs_t *cbs, void *user) {
   h2pool_t *p = pool_find(w, g, lc, 1);
   int reused;
   h2conn_t *c = conn_for(p, &reused);

@@ -14,8 +14,9 @@
  *
  * An upstream that does not select h2 by ALPN is remembered (per listener
  * and generation): with upstream_protocol = "auto" its calls fail with
- * status PC_H2CALL_USE_H1 so that the caller uses the HTTP/1.1 pool instead;
- * with "h2" they fail with 502.
+ * status PC_UPCALL_USE_H1 so that upcall.c sends them over HTTP/1.1
+ * instead; with "h2" they fail with 502. The callbacks are upcall.h's;
+ * interim (1xx) heads go to on_info, on_tunnel is never called.
  *
  * Response bytes count against the stream's and the connection's windows
  * until the caller says they were consumed (pc_h2call_consumed), so a slow
@@ -32,36 +33,17 @@
 #include "gen.h"
 #include "metrics.h"
 #include "reason.h"
+#include "upcall.h"
 
 struct pc_worker;
 typedef struct pc_h2call pc_h2call_t;
-
-/* on_fail status: the upstream speaks only HTTP/1.1; use the pool (pool.h). */
-#define PC_H2CALL_USE_H1 (-1)
-
-typedef struct {
-  /* The final response head. nv holds the regular fields (lowercase; no
-   * pseudo-headers), valid during the callback. end: nothing follows. */
-  void (*on_head)(void *user, int status, const nghttp2_nv *nv, size_t n, int end);
-  void (*on_data)(void *user, const uint8_t *data, size_t len);
-  /* The response ended, with trailers (n may be 0). */
-  void (*on_end)(void *user, const nghttp2_nv *nv, size_t n);
-  /* The call failed. Before the head, status is what to answer (502, 503,
-   * 504, or PC_H2CALL_USE_H1) with reason and detail (static text), and
-   * retry says the upstream never processed the request (REFUSED_STREAM,
-   * past a GOAWAY, or a connection that died before answering). After the
-   * head, status is 0: the response was cut. No callback follows. */
-  void (*on_fail)(void *user, int status, pc_reason_t reason, const char *detail, int retry);
-  /* n request body bytes were handed to the upstream connection. */
-  void (*on_sent)(void *user, size_t n);
-} pc_h2call_cbs_t;
 
 /* Starts a request: nv is the whole head (pseudo-headers first), copied.
  * end: the request has no body. Callbacks fire later, never from inside
  * this call. stats counts connects and reuses (must outlive the call). */
 pc_h2call_t *pc_h2call_start(struct pc_worker *w, pc_gen_t *g, const pc_listener_cfg_t *lc,
                              pc_metrics_t *stats, const nghttp2_nv *nv, size_t n, int end,
-                             const pc_h2call_cbs_t *cbs, void *user);
+                             const pc_upcall_cbs_t *cbs, void *user);
 
 /* Request body bytes (copied; on_sent tells when they left) and its end. */
 void pc_h2call_send(pc_h2call_t *c, const char *data, size_t len);

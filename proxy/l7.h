@@ -1,5 +1,7 @@
 /*
- * l7.h - HTTP/1.1 proxying for one client connection (protocol = "http").
+ * l7.h - HTTP/1.1 proxying for one client connection (protocol = "http"):
+ * the HTTP/1 client codec, each request an exchange carried onwards by
+ * upcall.h (HTTP/1.1 over the pool, or HTTP/2 where the listener says so).
  *
  * Inbound: peer --mTLS--> [down] portcullis --pooled plaintext--> app.
  * Outbound: app --plain--> [down] portcullis --pooled mTLS--> upstream.
@@ -10,11 +12,12 @@
  * each request the current generation's listener decides (a reload applies
  * to the next request on a keep-alive connection): inbound, the peer's
  * identity against the allow entries' methods and paths (403 otherwise);
- * then an upstream connection is borrowed from the worker's pool (pool.h) and
- * the head is forwarded without hop-by-hop fields, inbound with the peer's
- * identity in x-forwarded-client-cert (any copy from the peer dropped).
- * Bodies stream both ways under the stream watermarks; chunked bodies are
- * re-chunked, trailers dropped. A 101 to an Upgrade request, or a 2xx to
+ * then the head goes onwards without hop-by-hop fields, inbound with the
+ * peer's identity in x-forwarded-client-cert (any copy from the peer
+ * dropped). Bodies stream both ways under the stream watermarks; chunked
+ * bodies are re-chunked; request trailers are dropped, response trailers
+ * (an HTTP/2 upstream's) go into the last chunk; interim answers are
+ * relayed to HTTP/1.1 clients. A 101 to an Upgrade request, or a 2xx to
  * CONNECT, turns the connection into an L4 splice.
  *
  * Every answered request writes one access-log line and counts in the

@@ -105,28 +105,30 @@ static void lend(pc_upconn_t *up) {
 }
 
 /* Tells the borrower how the attempt ended; a failed connection closes. */
-static void finish_attempt(pc_upconn_t *up, int status, pc_reason_t reason, const char *detail) {
+static void finish_attempt(pc_upconn_t *up, pc_upconn_fail_t fail, pc_reason_t reason,
+                           const char *detail) {
   pc_upconn_ready_cb cb = up->on_ready;
   void *user = up->user;
   up->on_ready = NULL;
-  if (status == 0) {
+  if (fail == PC_UPCONN_OK) {
     lend(up);
   } else {
-    if (up->stats && status == 503) up->stats->connect_failures++;
+    if (up->stats && fail == PC_UPCONN_CONNECT) up->stats->connect_failures++;
     close_up(up, 1);
   }
-  if (cb) cb(user, up, status, reason, detail);
+  if (cb) cb(user, up, fail, reason, detail);
 }
 
 static void on_fail_timer(uv_timer_t *t) {
   pc_upconn_t *up = t->data;
-  finish_attempt(up, up->fail_status, up->fail_reason, up->fail_detail);
+  finish_attempt(up, up->fail_kind, up->fail_reason, up->fail_detail);
 }
 
 /* Failures found while starting are reported from the loop, not from inside
  * pc_pool_acquire. */
-static void fail_later(pc_upconn_t *up, int status, pc_reason_t reason, const char *detail) {
-  up->fail_status = status;
+static void fail_later(pc_upconn_t *up, pc_upconn_fail_t fail, pc_reason_t reason,
+                       const char *detail) {
+  up->fail_kind = fail;
   up->fail_reason = reason;
   up->fail_detail = detail;
   uv_timer_start(&up->timer, on_fail_timer, 0, 0);
@@ -139,9 +141,11 @@ static void on_attempt_timer(uv_timer_t *t) {
   pc_log(PC_LOG_WARN, "listener %s: %s to %s timed out", up->pool->lc->name, what,
          up->pool->lc->target_str);
   if (up->state == UP_CONNECTING)
-    finish_attempt(up, 503, PC_REASON_TIMEOUT, "connecting to the upstream timed out");
+    finish_attempt(up, PC_UPCONN_CONNECT, PC_REASON_TIMEOUT,
+                   "connecting to the upstream timed out");
   else
-    finish_attempt(up, 504, PC_REASON_TIMEOUT, "TLS handshake with the upstream timed out");
+    finish_attempt(up, PC_UPCONN_TLS, PC_REASON_TIMEOUT,
+                   "TLS handshake with the upstream timed out");
 }
 
 static void on_idle_timer(uv_timer_t *t) {
@@ -162,7 +166,7 @@ static void on_handshake(pc_stream_t *s, int status) {
     pc_reason_t r = pc_tls_failure_reason(s->ssl);
     pc_log(PC_LOG_WARN, "listener %s: TLS with upstream %s (%s) failed: %s", up->pool->lc->name,
            up->pool->lc->target_str, up->peer.peer_id ? up->peer.peer_id : "?", pc_reason_word(r));
-    finish_attempt(up, 502, r,
+    finish_attempt(up, PC_UPCONN_TLS, r,
                    up->peer.reason != PC_REASON_NONE ? "the upstream's identity was refused"
                                                      : "TLS with the upstream failed");
     return;
@@ -170,7 +174,7 @@ static void on_handshake(pc_stream_t *s, int status) {
   if (up->stats)
     pc_hist_observe(&up->stats->handshake, &pc_hs_bounds,
                     (double)(uv_hrtime() - up->hs_start) / 1e9);
-  finish_attempt(up, 0, PC_REASON_NONE, NULL);
+  finish_attempt(up, PC_UPCONN_OK, PC_REASON_NONE, NULL);
 }
 
 static void on_connect(uv_connect_t *req, int status) {
@@ -180,13 +184,13 @@ static void on_connect(uv_connect_t *req, int status) {
   if (status < 0) {
     pc_log(PC_LOG_WARN, "listener %s: cannot connect to %s: %s", p->lc->name, p->lc->target_str,
            uv_strerror(status));
-    finish_attempt(up, 503, PC_REASON_NONE, "cannot connect to the upstream");
+    finish_attempt(up, PC_UPCONN_CONNECT, PC_REASON_NONE, "cannot connect to the upstream");
     return;
   }
   uv_tcp_nodelay(&up->s.tcp, 1);
   if (p->lc->direction == PC_DIR_INBOUND) {
     pc_stream_read_start(&up->s);
-    finish_attempt(up, 0, PC_REASON_NONE, NULL);
+    finish_attempt(up, PC_UPCONN_OK, PC_REASON_NONE, NULL);
     return;
   }
   up->state = UP_HANDSHAKE;
@@ -202,7 +206,7 @@ static void on_connect(uv_connect_t *req, int status) {
   SSL_set_tlsext_host_name(ssl, p->lc->server_name);
   up->hs_start = uv_hrtime();
   if (pc_stream_start_tls(&up->s, ssl, 0) != 0)
-    fail_later(up, 502, PC_REASON_PROTOCOL, "cannot start TLS");
+    fail_later(up, PC_UPCONN_TLS, PC_REASON_PROTOCOL, "cannot start TLS");
 }
 
 pc_upconn_t *pc_pool_acquire(pc_pool_t *p, pc_metrics_t *stats, const pc_stream_cbs_t *cbs,
@@ -250,7 +254,7 @@ pc_upconn_t *pc_pool_acquire(pc_pool_t *p, pc_metrics_t *stats, const pc_stream_
   if (rc < 0) {
     pc_log(PC_LOG_WARN, "listener %s: cannot connect to %s: %s", p->lc->name, p->lc->target_str,
            uv_strerror(rc));
-    fail_later(up, 503, PC_REASON_NONE, "cannot connect to the upstream");
+    fail_later(up, PC_UPCONN_CONNECT, PC_REASON_NONE, "cannot connect to the upstream");
   } else {
     up->rechecked = 0;
     uv_timer_start(&up->timer, on_attempt_timer, p->gen->cfg->limits.connect_timeout_ms, 0);
@@ -300,7 +304,8 @@ static void on_error(pc_stream_t *s, int err) {
   pc_upconn_t *up = s->owner;
   (void)err;
   if (up->state == UP_CONNECTING || up->state == UP_HANDSHAKE)
-    finish_attempt(up, 502, PC_REASON_PROTOCOL, "the upstream closed during the TLS handshake");
+    finish_attempt(up, PC_UPCONN_TLS, PC_REASON_PROTOCOL,
+                   "the upstream closed during the TLS handshake");
   else
     close_up(up, 1);
 }

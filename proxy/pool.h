@@ -30,14 +30,21 @@ struct pc_worker;
 typedef struct pc_pool pc_pool_t;
 typedef struct pc_upconn pc_upconn_t;
 
-/* A connection attempt ended. status 0: up is ready and lent to the
- * borrower. Otherwise up is closing (readable during the callback only:
- * up->peer.reason is set when our verify callback refused the upstream) and
- * status is the HTTP status to answer with: 503 (cannot connect), 502 (TLS
- * failed or the upstream's identity was refused; reason says why), 504 (TLS
- * handshake timed out); detail is static text. */
-typedef void (*pc_upconn_ready_cb)(void *user, pc_upconn_t *up, int status, pc_reason_t reason,
-                                   const char *detail);
+/* How a connection attempt failed (pc_upconn_ready_cb). */
+typedef enum {
+  PC_UPCONN_OK = 0,
+  PC_UPCONN_CONNECT, /* no TCP connection: refused, unreachable, or timed out */
+  PC_UPCONN_TLS,     /* the TLS handshake failed, timed out, or refused the upstream */
+} pc_upconn_fail_t;
+
+/* A connection attempt ended. fail PC_UPCONN_OK: up is ready and lent to the
+ * borrower. Otherwise up is closing (readable during the callback only) and
+ * reason says why (PC_REASON_TIMEOUT for a deadline; an identity reason when
+ * our verify callback refused the upstream; PC_REASON_NONE when the upstream
+ * could not be reached); detail is static text. What to answer is the
+ * borrower's business (h1up.h). */
+typedef void (*pc_upconn_ready_cb)(void *user, pc_upconn_t *up, pc_upconn_fail_t fail,
+                                   pc_reason_t reason, const char *detail);
 
 struct pc_upconn {
   pc_stream_t s;      /* lent: s.cbs and s.owner are the borrower's */
@@ -52,7 +59,8 @@ struct pc_upconn {
   void *user;
   const pc_stream_cbs_t *user_cbs;
   void *user_owner;
-  int state, handles, fail_status;
+  int state, handles;
+  pc_upconn_fail_t fail_kind;
   pc_reason_t fail_reason;
   const char *fail_detail;
   uint64_t hs_start;

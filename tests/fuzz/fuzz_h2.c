@@ -212,6 +212,16 @@ static int path_ok(const char *s, size_t n) {
   return 1;
 }
 
+/* Methods the HTTP/1 parser knows (llhttp's HTTP method map). */
+static int h1_method(const char *m, size_t n) {
+#define PC_NAME(num, name, string) #string,
+  static const char *const names[] = {HTTP_METHOD_MAP(PC_NAME)};
+#undef PC_NAME
+  for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+    if (span_eq(m, n, names[i])) return 1;
+  return 0;
+}
+
 /* The verdict the rules give for the head's fields (see the top). */
 static int expected_status(const ctx_t *c, const req_t *q) {
   uint64_t n = 0, bytes = 0;
@@ -232,16 +242,6 @@ static int expected_status(const ctx_t *c, const req_t *q) {
   int star = p->vlen == 1 && p->value[0] == '*';
   if (!star && !path_ok(p->value, p->vlen)) return 400;
   if (star && !span_eq(m->value, m->vlen, "OPTIONS")) return 400;
-  return 0;
-}
-
-/* Methods the HTTP/1 parser knows (llhttp's HTTP method map). */
-static int h1_method(const char *m, size_t n) {
-#define PC_NAME(num, name, string) #string,
-  static const char *const names[] = {HTTP_METHOD_MAP(PC_NAME)};
-#undef PC_NAME
-  for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
-    if (span_eq(m, n, names[i])) return 1;
   return 0;
 }
 
@@ -319,7 +319,11 @@ static void check_h1(const ctx_t *c, const req_t *q, const pc_jbuf_t *cookie, in
   const pc_h2req_t *r = &q->rq;
   pc_jbuf_t out = {0};
   int chunked = -1;
-  pc_h2req_h1_head(r, &out, c->extra ? XFCC_LINE : NULL, end_stream, &chunked);
+  nghttp2_nv *nv = calloc(pc_h2req_nv_cap(r), sizeof(*nv));
+  char cl[24];
+  size_t n = pc_h2req_nv(r, nv, c->extra ? XFCC_LINE : NULL, cl);
+  pc_h1_head_from_nv(&out, nv, n, end_stream, &chunked);
+  free(nv);
   ASSERT(chunked == 0 || chunked == 1);
   ASSERT(out.len >= 4 && memcmp(out.data + out.len - 4, "\r\n\r\n", 4) == 0);
   const field_t *m = find(q, ":method"), *a = find(q, ":authority"), *h = find(q, "host"),

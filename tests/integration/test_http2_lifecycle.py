@@ -6,6 +6,7 @@ clients: python3-h2 over TLS, grpcio, curl."""
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 import subprocess
@@ -257,3 +258,41 @@ def test_grpc_oversized_metadata_is_resource_exhausted(grpc_tight):
     assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "limit" in ei.value.details()
     assert app.ncalls() == n
+
+
+def test_interim_100_continue_reaches_the_h2_client_before_the_body_is_sent(env):
+    """An HTTP/1.1 app's 100 Continue is relayed to an HTTP/2 client as an interim HEADERS
+    frame: a client that waits for it before sending its body (Expect: 100-continue) is not
+    left hanging."""
+    app = hk.HttpApp(name="continueapp")
+    env.apps.append(app)
+    sc, port, _ = _inbound_sidecar(env, app.addr, name="h2-continue")
+    c = H2Client(port, h.client_context(env.pki, "web-frontend"))
+    try:
+        sid = c.conn.get_next_available_stream_id()
+        c.conn.send_headers(sid, [(":method", "POST"), (":scheme", "https"),
+                                  (":authority", c.authority), (":path", "/continue"),
+                                  ("expect", "100-continue"), ("content-length", "5")])
+        c.sock.sendall(c.conn.data_to_send())
+        c.bodies[sid] = bytearray()
+
+        def interim(cl):
+            return [e for e in cl.of(h2.events.InformationalResponseReceived)
+                    if e.stream_id == sid]
+        assert c.pump(lambda cl: interim(cl) or cl.status(sid) is not None), \
+            "no answer at all while the body was held back"
+        assert interim(c), f"no 100 Continue before the body: {c.events}"
+        assert dict(interim(c)[0].headers)[b":status"] == b"100"
+        assert c.status(sid) is None, "a final answer before the body was sent"
+        c.conn.send_data(sid, b"hello", end_stream=True)
+        c.sock.sendall(c.conn.data_to_send())
+        assert c.pump(lambda cl: cl.ended(sid)), c.events
+        assert c.status(sid) == 200
+        seen = json.loads(bytes(c.bodies[sid]))
+        assert seen["body_len"] == 5 and seen["target"] == "/continue", seen
+    finally:
+        c.close()
+    assert h.wait_until(lambda: any(e.get("path") == "/continue" for e in sc.access_log()),
+                        h.WAIT_S), "no access-log line"
+    line = [e for e in sc.access_log() if e.get("path") == "/continue"]
+    assert line[0]["status"] == 200 and line[0]["protocol"] == "HTTP/2", line
