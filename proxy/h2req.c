@@ -90,11 +90,30 @@ void pc_h2req_field(pc_h2req_t *r, const pc_h2req_limits_t *lim, const uint8_t *
   pc_jbuf_raw(&r->fields, "\r\n", 2);
 }
 
+/* Methods an HTTP/1 client could send us: llhttp's table (which the HTTP/1
+ * parser accepts), less CONNECT (no :path over HTTP/2) and PRI (the
+ * preface's). Any other method is refused over HTTP/2 as it is over
+ * HTTP/1, so that both codecs let the same requests through. */
+static int known_method(const char *m, size_t len) {
+  static const char *const names[] = {
+#define PC_METHOD_NAME(num, name, string) #string,
+      HTTP_METHOD_MAP(PC_METHOD_NAME)
+#undef PC_METHOD_NAME
+  };
+  if ((len == 7 && memcmp(m, "CONNECT", 7) == 0) || (len == 3 && memcmp(m, "PRI", 3) == 0))
+    return 0;
+  for (size_t i = 0; i < PC_ARRAY_SIZE(names); i++)
+    if (strlen(names[i]) == len && memcmp(names[i], m, len) == 0) return 1;
+  return 0;
+}
+
 int pc_h2req_finish(pc_h2req_t *r) {
   r->done = 1;
   if (r->bad_status) return r->bad_status;
   if (!r->method || !r->path) /* CONNECT has no :path */
     set_bad(r, 400, "CONNECT is not supported over HTTP/2");
+  else if (!known_method(r->method, r->method_len))
+    set_bad(r, 400, "unknown method");
   else if (r->authority && r->host &&
            (r->authority_len != r->host_len || strncasecmp(r->authority, r->host, r->host_len)))
     set_bad(r, 400, ":authority and host differ");

@@ -22,14 +22,15 @@
  * Besides not crashing, read independently of h2req.c from the fields as
  * nghttp2 delivered them: the verdict is exactly what the rules give (431
  * once the count or the bytes, name + value + 4 per field, pass a limit;
- * 400 for a second host, no :method or :path, :authority differing from
+ * 400 for a second host, no :method or :path, a method llhttp does not know
+ * (and PRI, CONNECT), :authority differing from
  * host, neither, an authority with characters a uri-host cannot have, a
  * path that is not origin-form or has a dot-segment, an encoded slash or
  * backslash, a backslash or a '#', "*" for anything but OPTIONS; else 0);
  * the content-length kept is the number nghttp2 read; the grpc and te flags
  * match the fields. For an accepted request: the HTTP/1.1 head is one valid
- * head to a fresh strict parser (h1.h), with the same method (when it is one
- * llhttp knows), target and host, the kept fields in order, the cookie
+ * head to a fresh strict parser (h1.h), with the same method, target and
+ * host, the kept fields in order, the cookie
  * crumbs joined, the extra line, and framing that matches content-length
  * and END_STREAM; the HTTP/2 list fits pc_h2req_nv_cap, has the
  * pseudo-headers first, lowercase non-empty names, values without CR, LF,
@@ -236,6 +237,9 @@ static int expected_status(const ctx_t *c, const req_t *q) {
   const field_t *m = find(q, ":method"), *p = find(q, ":path"), *a = find(q, ":authority"),
                 *h = find(q, "host");
   if (!m || !p) return 400;
+  if (!h1_method(m->value, m->vlen) || span_eq(m->value, m->vlen, "PRI") ||
+      span_eq(m->value, m->vlen, "CONNECT"))
+    return 400;
   if (a && h && (a->vlen != h->vlen || strncasecmp(a->value, h->value, a->vlen) != 0)) return 400;
   if (!a && !h) return 400;
   if (!authority_chars_ok(a ? a->value : h->value, a ? a->vlen : h->vlen)) return 400;
@@ -333,10 +337,7 @@ static void check_h1(const ctx_t *c, const req_t *q, const pc_jbuf_t *cookie, in
   ASSERT(memcmp(out.data, m->value, m->vlen) == 0 && out.data[m->vlen] == ' ');
   ASSERT(memcmp(out.data + m->vlen + 1, p->value, p->vlen) == 0);
   ASSERT(memcmp(out.data + m->vlen + 1 + p->vlen, " HTTP/1.1\r\n", 11) == 0);
-  if (!h1_method(m->value, m->vlen)) { /* not an HTTP/1 method llhttp knows */
-    pc_jbuf_free(&out);
-    return;
-  }
+  ASSERT(h1_method(m->value, m->vlen)); /* others were refused */
 
   pc_h1_parser_t hp;
   pc_h1_init(&hp, 1, &lim_big, NULL, NULL);

@@ -98,6 +98,21 @@ def test_inbound_h2_policy_per_stream(h2env):
     assert line["status"] == 403 and line["reason"] == "not_allowed"
 
 
+def test_unknown_method_refused_over_h2_as_over_http1(h2env):
+    """A method the HTTP/1 parser would refuse is refused over HTTP/2 too, before the app."""
+    n = h2env.app.nreq()
+    r = curl(h2env, "-X", "FROB", "URL/anything")
+    body, ver, code = split(r)
+    assert (ver, code) == ("2", 400), r.stderr
+    assert json.loads(body)["reason"] == "protocol" and "unknown method" in json.loads(body)["detail"]
+    c = HttpConn.tls(h2env.ports["api"], h.client_context(h2env.pki, "web-admin"))
+    c.send(b"FROB /anything HTTP/1.1\r\nhost: a\r\n\r\n")
+    assert c.read_response().status == 400
+    assert h2env.app.nreq() == n, "an unknown method reached the app"
+    line = h2env.sc.wait_for_log(lambda e: e.get("method") == "FROB" and e.get("protocol") == "HTTP/2")
+    assert line["status"] == 400 and line["decision"] == "deny" and line["reason"] == "protocol"
+
+
 def test_outbound_h2c_prior_knowledge_through_the_pair(h2env):
     n = h2env.app.nreq()
     r = curl(h2env, "-d", "hello", "URL/upload/z", inbound=False)

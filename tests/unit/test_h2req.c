@@ -126,11 +126,11 @@ static void test_accepts(void) {
       0);
   CHECK_INT_EQ(r.is_head, 1);
   pc_h2req_free(&r);
-  /* "HEADX" is not HEAD. */
+  /* "HEADX" is not HEAD (and no method at all). */
   CHECK_INT_EQ(
       run(&r, &lim_default,
           KV({":method", "HEADX"}, {":scheme", "https"}, {":authority", "a"}, {":path", "/h"})),
-      0);
+      400);
   CHECK_INT_EQ(r.is_head, 0);
   pc_h2req_free(&r);
 
@@ -205,6 +205,19 @@ static void test_refusals(void) {
   expect_why("GET *", KV(GET_("*")), 400, "OPTIONS");
   expect_why("CONNECT", KV({":method", "CONNECT"}, {":authority", "a:443"}), 400, "CONNECT");
   expect_why("two hosts", KV(GET_("/"), {"host", "a"}, {"host", "a"}), 400, "host");
+  /* Methods the HTTP/1 parser would refuse are refused here too. */
+  expect_why("unknown method",
+             KV({":method", "FROB"}, {":scheme", "https"}, {":authority", "a"}, {":path", "/"}),
+             400, "unknown method");
+  expect_why("lowercase get",
+             KV({":method", "get"}, {":scheme", "https"}, {":authority", "a"}, {":path", "/"}), 400,
+             "unknown method");
+  expect_why("PRI",
+             KV({":method", "PRI"}, {":scheme", "https"}, {":authority", "a"}, {":path", "/"}), 400,
+             "unknown method");
+  expect("PROPFIND (WebDAV, in llhttp's table)", &lim_default,
+         KV({":method", "PROPFIND"}, {":scheme", "https"}, {":authority", "a"}, {":path", "/d"}),
+         0);
 
   /* The first reason stays. */
   pc_h2req_t r;
