@@ -279,6 +279,10 @@ static void render_metrics(pc_jbuf_t *b) {
        offsetof(pc_metrics_t, upstream_connects)},
       {"http_upstream_reuses_total", "HTTP mode: requests sent over a pooled connection.",
        offsetof(pc_metrics_t, upstream_reuses)},
+      {"http_upstream_expired_total",
+       "HTTP mode: pooled connections closed, not reused, because the upstream's certificate "
+       "(or its trust-bundle chain) expired more than limits.revoke_grace_ms ago.",
+       offsetof(pc_metrics_t, upstream_expired)},
   };
   for (size_t c = 0; c < PC_ARRAY_SIZE(counters); c++) {
     help(b, counters[c].name, "counter", counters[c].text);

@@ -154,12 +154,24 @@ void pc_certs_serial(X509 *x, char *out, size_t n) {
 }
 
 int pc_certs_verify_chain(X509_STORE *store, X509 *leaf, STACK_OF(X509) * chain, int as_server,
-                          int depth) {
+                          int depth, time_t *from, time_t *until) {
   X509_STORE_CTX *xc = X509_STORE_CTX_new();
   if (!xc || !X509_STORE_CTX_init(xc, store, leaf, chain)) pc_fatal("out of memory");
   X509_STORE_CTX_set_default(xc, as_server ? "ssl_server" : "ssl_client");
   X509_VERIFY_PARAM_set_depth(X509_STORE_CTX_get0_param(xc), depth);
   int verr = X509_verify_cert(xc) == 1 ? X509_V_OK : X509_STORE_CTX_get_error(xc);
+  if (verr == X509_V_OK && (from || until)) {
+    time_t nb = 0, na = 0;
+    STACK_OF(X509) *path = X509_STORE_CTX_get0_chain(xc);
+    for (size_t i = 0; path && i < sk_X509_num(path); i++) {
+      time_t b = pc_certs_time(X509_get0_notBefore(sk_X509_value(path, i)));
+      time_t a = pc_certs_time(X509_get0_notAfter(sk_X509_value(path, i)));
+      if (b > nb) nb = b;
+      if (a && (!na || a < na)) na = a;
+    }
+    if (from) *from = nb;
+    if (until) *until = na;
+  }
   X509_STORE_CTX_free(xc);
   ERR_clear_error();
   return verr;
@@ -250,7 +262,8 @@ int pc_certs_load(const pc_config_t *cfg, pc_certs_t **out, char *err, size_t er
   /* Our own chain must verify for both roles we play: server for inbound,
    * client for outbound; peers would refuse it otherwise. */
   for (int as_server = 1; as_server >= 0; as_server--) {
-    int verr = pc_certs_verify_chain(c->store, c->leaf, c->chain, as_server, cfg->tls.verify_depth);
+    int verr = pc_certs_verify_chain(c->store, c->leaf, c->chain, as_server, cfg->tls.verify_depth,
+                                     NULL, NULL);
     if (verr != X509_V_OK) {
       snprintf(err, errlen, "%s:%d: identity.cert: \"%s\" does not verify against \"%s\" as %s: %s",
                file, cfg->identity.line_cert, cfg->identity.cert, cfg->identity.ca,

@@ -46,9 +46,12 @@ int pc_certs_load(const pc_config_t *cfg, pc_certs_t **out, char *err, size_t er
 /* Verifies leaf (with the untrusted chain) against store for a TLS role:
  * as_server requires a certificate usable by a TLS server, otherwise by a
  * client; at most depth intermediates. Returns X509_V_OK or the
- * X509_V_ERR_* code. Any thread (the store is shared read-only). */
+ * X509_V_ERR_* code. On success, *from and *until (either may be NULL) get
+ * the window in which every certificate of the verified path is valid: the
+ * latest notBefore and the earliest notAfter, trust-bundle certificates the
+ * peer did not send included. Any thread (the store is shared read-only). */
 int pc_certs_verify_chain(X509_STORE *store, X509 *leaf, STACK_OF(X509) * chain, int as_server,
-                          int depth);
+                          int depth, time_t *from, time_t *until);
 
 /* The Unix time an ASN1_TIME denotes, or 0 if it cannot be read. */
 time_t pc_certs_time(const ASN1_TIME *t);

@@ -59,6 +59,15 @@ int pc_conn_active(void) { return __atomic_load_n(&active_conns, __ATOMIC_SEQ_CS
 
 static pc_stream_t *tls_side(pc_conn_t *c) { return c->inbound ? &c->down : &c->up; }
 static pc_reason_t recheck(pc_conn_t *c, const pc_gen_t *g);
+
+/* The connection ends at na (wall clock) + grace_ms: the expiry of the path
+ * the latest decision verified (a reload's re-check replaces the
+ * handshake's). */
+static void expire_by(pc_conn_t *c, time_t na, uint64_t grace_ms) {
+  if (!na) return;
+  int64_t left_ms = ((int64_t)na - (int64_t)time(NULL)) * 1000;
+  c->expire_at = uv_now(c->timer.loop) + (uint64_t)(left_ms > 0 ? left_ms : 0) + grace_ms;
+}
 static pc_stream_t *app_side(pc_conn_t *c) { return c->inbound ? &c->up : &c->down; }
 
 static void on_data(pc_stream_t *s, const char *buf, size_t len);
@@ -377,12 +386,7 @@ static void on_handshake(pc_stream_t *s, int status) {
   c->handshaken = 1;
   pc_hist_observe(&c->l->stats.handshake, &pc_hs_bounds,
                   (double)(uv_hrtime() - c->hs_start_ns) / 1e9);
-  time_t na = c->peer.not_after;
-  if (na) {
-    int64_t left_ms = ((int64_t)na - (int64_t)time(NULL)) * 1000;
-    c->expire_at = uv_now(c->timer.loop) + (uint64_t)(left_ms > 0 ? left_ms : 0) +
-                   c->gen->cfg->limits.revoke_grace_ms;
-  }
+  expire_by(c, c->peer.not_after, c->gen->cfg->limits.revoke_grace_ms);
   /* A reload published while this handshake was running: the peer must pass
    * the policy in force now, before the app sees a byte. */
   if (c->w->gen != c->gen) {
@@ -544,10 +548,14 @@ void pc_conn_close_all(pc_worker_t *w) {
 }
 
 /* Re-runs the peer decision of c against generation g (a newer one than c
- * started with). PC_REASON_NONE if it passes or g has no listener by c's name. */
+ * started with): g's trust bundle, trust domain and depth, validity, and the
+ * allow or expect list of g's listener by c's name. A connection whose
+ * listener g renamed or removed keeps its own list, but is judged on g's
+ * bundle like any other. PC_REASON_NONE if it passes; then the connection
+ * also ends by the expiry of the path g's bundle verified. */
 static pc_reason_t recheck(pc_conn_t *c, const pc_gen_t *g) {
   const pc_listener_cfg_t *lc = pc_config_listener(g->cfg, c->lc->name);
-  if (!lc || lc->direction != c->lc->direction) return PC_REASON_NONE;
+  if (!lc || lc->direction != c->lc->direction) lc = c->lc;
   pc_tls_peer_t pv = {.policy = lc->policy,
                       .trust_domain = g->cfg->trust_domain,
                       .store = g->certs->store,
@@ -555,6 +563,7 @@ static pc_reason_t recheck(pc_conn_t *c, const pc_gen_t *g) {
                       .is_server = c->inbound};
   pc_reason_t r = pc_tls_recheck(&pv, tls_side(c)->ssl);
   free(pv.peer_id);
+  if (r == PC_REASON_NONE) expire_by(c, pv.not_after, g->cfg->limits.revoke_grace_ms);
   return r;
 }
 
@@ -563,7 +572,6 @@ void pc_conn_recheck_all(pc_worker_t *w) {
   uint64_t now = uv_now(&w->loop);
   for (pc_conn_t *c = w->conns; c; c = c->next) {
     if (!c->handshaken || c->state == ST_CLOSED || c->state == ST_LINGER) continue;
-    /* A removed listener's connections keep running under their generation. */
     pc_reason_t r = recheck(c, g);
     if (r == PC_REASON_NONE) {
       if (c->revoke_at) {

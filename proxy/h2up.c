@@ -693,11 +693,25 @@ static h2conn_t *conn_new(h2pool_t *p) {
   return c;
 }
 
-/* A connection with room for one more stream, or a new one. */
-static h2conn_t *conn_for(h2pool_t *p, int *reused) {
+/* A connection with room for one more stream, or a new one. A connection
+ * whose upstream's credentials expired (plus limits.revoke_grace_ms) takes
+ * no new stream: it closes once its streams are done. */
+static h2conn_t *conn_for(h2pool_t *p, pc_metrics_t *stats, int *reused) {
   uint32_t ours = p->gen->cfg->http2.max_concurrent_streams;
-  for (h2conn_t *c = p->conns; c; c = c->next) {
+  h2conn_t *next;
+  for (h2conn_t *c = p->conns; c; c = next) {
+    next = c->next;
     if (c->state == C_CLOSED || c->goaway || c->retired) continue;
+    if (c->state == C_READY && pc_tls_peer_expired(&c->peer, p->gen->cfg->limits.revoke_grace_ms)) {
+      pc_log(PC_LOG_INFO,
+             "listener %s: the certificate of upstream %s (%s) expired; its HTTP/2 connection "
+             "takes no new streams",
+             p->lc->name, p->lc->target_str, c->peer.peer_id ? c->peer.peer_id : "?");
+      stats->upstream_expired++;
+      c->retired = 1;
+      if (!c->ncalls && !c->calls) conn_close(c, "expired");
+      continue;
+    }
     if (nghttp2_session_get_next_stream_id(c->ss) > (1u << 31) - 1024) {
       c->retired = 1; /* running out of stream ids: new streams go elsewhere */
       continue;
@@ -719,7 +733,7 @@ pc_h2call_t *pc_h2call_start(pc_worker_t *w, pc_gen_t *g, const pc_listener_cfg_
                              const pc_upcall_cbs_t *cbs, void *user) {
   h2pool_t *p = pool_find(w, g, lc, 1);
   int reused;
-  h2conn_t *c = conn_for(p, &reused);
+  h2conn_t *c = conn_for(p, stats, &reused);
   if (reused)
     stats->upstream_reuses++;
   else

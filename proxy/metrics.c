@@ -50,6 +50,7 @@ void pc_metrics_add(pc_metrics_t *dst, const pc_metrics_t *src) {
         dst->requests[k][d][r] += LOAD(src->requests[k][d][r]);
   dst->upstream_connects += LOAD(src->upstream_connects);
   dst->upstream_reuses += LOAD(src->upstream_reuses);
+  dst->upstream_expired += LOAD(src->upstream_expired);
   for (int k = 0; k < PC_HTTP_PROTOS; k++)
     dst->requests_by_proto[k] += LOAD(src->requests_by_proto[k]);
   dst->h2_streams += LOAD(src->h2_streams);

@@ -63,6 +63,7 @@ typedef struct {
   uint64_t requests[PC_HTTP_CLASSES][PC_DECISION_COUNT][PC_REASON_COUNT];
   pc_hist_t request; /* request durations */
   uint64_t upstream_connects, upstream_reuses;
+  uint64_t upstream_expired; /* pooled upstream connections closed: certificate expired */
   uint64_t connect_failures; /* forward / upstream could not be reached */
   uint64_t accept_errors;    /* accept(2) failed, e.g. out of descriptors */
   uint64_t accept_pauses;    /* times accepting paused at max_connections */

@@ -217,9 +217,20 @@ pc_upconn_t *pc_pool_acquire(pc_pool_t *p, pc_metrics_t *stats, const pc_stream_
    * to this borrower's request. This matters most for a connection lent
    * again inside the read that completed its last response (a pipelined next
    * request), where libuv reads the rest of the socket only afterwards. */
-  while ((up = p->idle) && pc_stream_has_input(&up->s)) {
-    pc_log(PC_LOG_WARN, "listener %s: %s sent unrequested bytes; closing that connection",
-           p->lc->name, p->lc->target_str);
+  while ((up = p->idle)) {
+    if (pc_stream_has_input(&up->s)) {
+      pc_log(PC_LOG_WARN, "listener %s: %s sent unrequested bytes; closing that connection",
+             p->lc->name, p->lc->target_str);
+    } else if (pc_tls_peer_expired(&up->peer, p->gen->cfg->limits.revoke_grace_ms)) {
+      /* Credentials bind every request, not only the handshake. */
+      pc_log(PC_LOG_INFO,
+             "listener %s: the certificate of upstream %s (%s) expired; closing a pooled "
+             "connection to it",
+             p->lc->name, p->lc->target_str, up->peer.peer_id ? up->peer.peer_id : "?");
+      stats->upstream_expired++;
+    } else {
+      break;
+    }
     close_up(up, 1);
   }
   if (up) {

@@ -23,25 +23,21 @@ static pc_reason_t chain_reason(int verr) {
   }
 }
 
-/* Chain, SVID leaf rules and identity: everything but the policy. */
-static pc_reason_t check_identity(pc_tls_peer_t *pv, STACK_OF(X509) * chain) {
+/* Chain, SVID leaf rules and identity: everything but the policy. On
+ * success *from..*until is when the whole verified path is valid. */
+static pc_reason_t check_identity(pc_tls_peer_t *pv, STACK_OF(X509) * chain, time_t *from,
+                                  time_t *until) {
   if (!chain || sk_X509_num(chain) == 0) return PC_REASON_NO_CERT;
   X509 *leaf = sk_X509_value(chain, 0);
   /* Inbound peers are TLS clients and must carry clientAuth; upstreams are
    * servers and must carry serverAuth. */
-  int verr = pc_certs_verify_chain(pv->store, leaf, chain, !pv->is_server, pv->depth);
+  int verr = pc_certs_verify_chain(pv->store, leaf, chain, !pv->is_server, pv->depth, from, until);
   if (verr != X509_V_OK) return chain_reason(verr);
   pc_reason_t r = pc_identity_check_leaf(leaf);
   if (r != PC_REASON_NONE) return r;
   free(pv->peer_id);
   pv->peer_id = NULL;
   return pc_identity_from_cert(leaf, pv->trust_domain, &pv->peer_id);
-}
-
-static time_t leaf_not_after(STACK_OF(X509) * chain) {
-  return chain && sk_X509_num(chain) > 0
-             ? pc_certs_time(X509_get0_notAfter(sk_X509_value(chain, 0)))
-             : 0;
 }
 
 /* The peer's chain as parsed certificates, built from the DER BoringSSL kept
@@ -66,25 +62,26 @@ static STACK_OF(X509) * peer_chain(const SSL *ssl, int *malformed) {
 }
 
 /* check_identity on the peer's chain as BoringSSL holds it. */
-static pc_reason_t check_peer(pc_tls_peer_t *pv, const SSL *ssl, time_t *leaf_na,
-                              STACK_OF(X509) * *kept) {
+static pc_reason_t check_peer(pc_tls_peer_t *pv, const SSL *ssl, time_t *from, time_t *until) {
   int malformed;
   STACK_OF(X509) *chain = peer_chain(ssl, &malformed);
-  pc_reason_t r = malformed ? PC_REASON_BAD_CHAIN : check_identity(pv, chain);
-  *leaf_na = r == PC_REASON_NONE ? leaf_not_after(chain) : 0;
-  if (kept && r == PC_REASON_NONE)
-    *kept = chain;
-  else
-    sk_X509_pop_free(chain, X509_free);
+  *from = *until = 0;
+  pc_reason_t r = malformed ? PC_REASON_BAD_CHAIN : check_identity(pv, chain, from, until);
+  sk_X509_pop_free(chain, X509_free);
   return r;
 }
 
 pc_reason_t pc_tls_recheck(pc_tls_peer_t *pv, const SSL *ssl) {
-  time_t na;
-  pc_reason_t r = check_peer(pv, ssl, &na, NULL);
+  time_t nb, na;
+  pc_reason_t r = check_peer(pv, ssl, &nb, &na);
   if (r != PC_REASON_NONE) return r;
   pv->not_after = na;
   return pc_policy_check(pv->policy, pv->peer_id);
+}
+
+int pc_tls_peer_expired(const pc_tls_peer_t *pv, uint64_t grace_ms) {
+  if (!pv->not_after) return 0;
+  return (int64_t)time(NULL) * 1000 >= (int64_t)pv->not_after * 1000 + (int64_t)grace_ms;
 }
 
 int pc_tls_peer_leaf_sha256(const SSL *ssl, uint8_t out[SHA256_DIGEST_LENGTH]) {
@@ -101,7 +98,8 @@ int pc_tls_peer_leaf_sha256(const SSL *ssl, uint8_t out[SHA256_DIGEST_LENGTH]) {
  * bytes. Each worker thread remembers chains that passed everything but the
  * policy, keyed by SHA-256 over the chain's DER and the inputs of the check
  * (generation, role, depth), and reuses the result while every certificate of
- * the chain is within its validity period. The policy is always checked
+ * the verified path (the trust bundle's too, which the peer did not send) is
+ * within its validity period. The policy is always checked
  * afresh; failures are never cached. A new generation (bundle, trust domain,
  * depth) misses by construction. */
 
@@ -109,9 +107,8 @@ int pc_tls_peer_leaf_sha256(const SSL *ssl, uint8_t out[SHA256_DIGEST_LENGTH]) {
 
 typedef struct {
   uint8_t key[SHA256_DIGEST_LENGTH];
-  time_t not_before, not_after; /* intersection of the chain's validity */
-  time_t leaf_not_after;
-  char *peer_id; /* NULL: empty slot */
+  time_t not_before, not_after; /* when the whole verified path is valid */
+  char *peer_id;                /* NULL: empty slot */
 } cache_ent_t;
 
 static _Thread_local cache_ent_t *cache;
@@ -140,21 +137,13 @@ static cache_ent_t *cache_slot(const uint8_t *key) {
   return &cache[i % CACHE_SLOTS];
 }
 
-static void cache_put(const uint8_t *key, STACK_OF(X509) * chain, const pc_tls_peer_t *pv) {
+static void cache_put(const uint8_t *key, const pc_tls_peer_t *pv, time_t nb, time_t na) {
+  if (!nb || !na) return;
   cache_ent_t *e = cache_slot(key);
-  time_t nb = 0, na = 0;
-  for (size_t i = 0; i < sk_X509_num(chain); i++) {
-    time_t b = pc_certs_time(X509_get0_notBefore(sk_X509_value(chain, i)));
-    time_t a = pc_certs_time(X509_get0_notAfter(sk_X509_value(chain, i)));
-    if (!b || !a) return;
-    if (b > nb) nb = b;
-    if (!na || a < na) na = a;
-  }
   free(e->peer_id);
   memcpy(e->key, key, SHA256_DIGEST_LENGTH);
   e->not_before = nb;
   e->not_after = na;
-  e->leaf_not_after = pv->not_after; /* check_peer read it already */
   e->peer_id = pc_strdup(pv->peer_id);
 }
 
@@ -186,13 +175,12 @@ static enum ssl_verify_result_t verify_peer(SSL *ssl, uint8_t *out_alert) {
   if (known) {
     free(pv->peer_id);
     pv->peer_id = pc_strdup(known->peer_id);
-    pv->not_after = known->leaf_not_after;
+    pv->not_after = known->not_after;
     r = PC_REASON_NONE;
   } else {
-    STACK_OF(X509) *chain = NULL;
-    r = check_peer(pv, ssl, &pv->not_after, &chain);
-    if (chain && keyed) cache_put(key, chain, pv);
-    sk_X509_pop_free(chain, X509_free);
+    time_t nb;
+    r = check_peer(pv, ssl, &nb, &pv->not_after);
+    if (r == PC_REASON_NONE && keyed) cache_put(key, pv, nb, pv->not_after);
   }
   if (r == PC_REASON_NONE) r = pc_policy_check(pv->policy, pv->peer_id);
   if (r == PC_REASON_NONE) return ssl_verify_ok;

@@ -35,7 +35,8 @@ typedef struct {
   pc_reason_t reason; /* out: why the peer was refused, PC_REASON_NONE if not */
   char *peer_id;      /* out: the peer's SPIFFE ID (malloc'd) once parsed; the
                          connection frees it */
-  time_t not_after;   /* out: the peer leaf's notAfter once it passed (0: unknown) */
+  time_t not_after;   /* out: once the peer passed, the earliest notAfter of its verified
+                         path (its own certificates and the trust bundle's; 0: unknown) */
 } pc_tls_peer_t;
 
 /* Builds the server (inbound) or client (outbound) context for cfg and certs.
@@ -54,6 +55,10 @@ SSL_CTX *pc_tls_ctx_new(const pc_config_t *cfg, const pc_certs_t *certs, int is_
  * callback makes the same decision (through the verified-chain cache); this
  * is for established connections after a reload. Never cached. */
 pc_reason_t pc_tls_recheck(pc_tls_peer_t *pv, const SSL *ssl);
+
+/* Non-zero once pv's verified path expired more than grace_ms ago (wall
+ * clock): a connection to that peer may carry no new request. */
+int pc_tls_peer_expired(const pc_tls_peer_t *pv, uint64_t grace_ms);
 
 /* SHA-256 over the DER of the peer's leaf certificate into out. Returns 0, or
  * -1 if the peer sent none. */

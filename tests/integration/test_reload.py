@@ -936,6 +936,50 @@ def test_ca_roll_with_overlap(env, pki, pki2):
     held_b.close()
 
 
+def test_renamed_listeners_connection_is_rejudged_on_the_new_bundle(env, pki, pki2):
+    """A connection whose listener a reload renamed keeps its old allow-list, but its peer is
+    judged on the new trust bundle like any other (issue 14, item 2): dropping the peer's CA
+    revokes it after the grace."""
+    A, B = pki, pki2
+    both = env.tmp / "both-cas-rename.pem"
+    both.write_bytes(Path(A.ca).read_bytes() + Path(B.ca).read_bytes())
+    ctx_a = ctx_from(A.crt("web-frontend"), A.key("web-frontend"), str(both))
+    vol = SecretVolume(env.tmp / "secret-rename",
+                       files_for(A.crt("payments-api"), A.key("payments-api"), [A.ca, B.ca]))
+    app = env.app("echo")
+    port, port2 = h.free_port(), h.free_port()
+    cfg = inbound_cfg(A, port, app.addr, identity=vol.identity())
+    sc = env.sidecar(cfg, name="rename-rejudge")
+    held = connect(port, ctx_a)
+    held.sendall(b"hello\n")
+    assert h.recv_exact(held, 6) == b"hello\n"
+    held_port = held.getsockname()[1]
+
+    # the listener is renamed (and moved): the held connection's listener is gone
+    cfg2 = inbound_cfg(A, port2, app.addr, identity=vol.identity())
+    cfg2["inbound"][0]["name"] = "api-renamed"
+    sc.write_config(cfg2)
+    ev = sc.event_count()
+    sc.sighup()
+    wait_reload(sc, "config", True, ev)
+    held.sendall(b"still\n")
+    assert h.recv_exact(held, 6) == b"still\n", "the rename alone must not end the connection"
+
+    # then the bundle drops A's CA (own identity from B): the held A-peer no longer chains
+    ev = sc.event_count()
+    t_swap = time.monotonic()
+    vol.swap(files_for(B.crt("payments-api"), B.key("payments-api"), B.ca))
+    wait_reload(sc, "certs", True, ev)
+    closed, t_seen = wait_closed(held, GRACE_S + h.T(SLACK) + 1)
+    held.close()
+    check_revoked_in_time("a renamed listener's peer after its CA was dropped", closed,
+                          t_seen - t_swap, since="the swap")
+    rev = sc.log_for_peer_port(held_port, timeout=EVENT_WAIT)
+    assert rev is not None, "no access-log line for the revoked connection"
+    assert (rev["listener"], rev["decision"], rev["close"], rev["reason"]) == \
+        ("api", "deny", "revoked", "bad_chain"), rev
+
+
 # ===================================================================== 5. policy reload
 
 def test_sighup_policy_removes_namespace(env, pki):
