@@ -129,7 +129,12 @@ int pc_stream_has_input(const pc_stream_t *s);
 void pc_stream_shutdown(pc_stream_t *s, int skip_notify);
 
 /* Closes the handle (with an RST when reset is non-zero); close_cb fires from
- * the loop once libuv is done with it. Safe to call from any callback, once. */
+ * the loop once libuv is done with it. Safe to call from any callback, once.
+ * Without reset, a TLS stream whose handshake finished and which has not
+ * ended its sending yet (pc_stream_shutdown) sends close_notify first, if
+ * nothing is still queued before it: an orderly close must not look like a
+ * truncation to the peer. With bytes still queued, they are lost, and the
+ * peer rightly sees a FIN without close_notify. */
 void pc_stream_close(pc_stream_t *s, int reset, uv_close_cb close_cb);
 
 /* Frees the SSL and any kept input; call from the close callback. */
