@@ -221,10 +221,17 @@ static void tls_pump(pc_stream_t *s) {
     }
     int err = SSL_get_error(s->ssl, n);
     flush_out(s);
-    if (err == SSL_ERROR_WANT_READ) {
-      if (s->tcp_eof) deliver_eof(s); /* FIN without close_notify: treat as EOF */
-      break;
+    if (err == SSL_ERROR_WANT_READ && s->tcp_eof) {
+      /* FIN without close_notify: nothing tells a complete stream from one
+       * cut short, so it is no end of data. A partial record stays unread. */
+      s->eof_sent = 1;
+      s->truncated = 1;
+      s->in_pump = 0;
+      s->in_len = 0;
+      s->cbs->on_error(s, PC_STREAM_ETRUNC);
+      return;
     }
+    if (err == SSL_ERROR_WANT_READ) break;
     if (err == SSL_ERROR_ZERO_RETURN) {
       deliver_eof(s);
       break;
