@@ -271,6 +271,10 @@ static void render_metrics(pc_jbuf_t *b) {
   } counters[] = {
       {"upstream_connect_failures_total", "Connections to the app or upstream that failed.",
        offsetof(pc_metrics_t, connect_failures)},
+      {"tls_truncations_total",
+       "TLS connections in use that the peer (inbound) or upstream (outbound) ended with a FIN "
+       "but no close_notify; each was reset.",
+       offsetof(pc_metrics_t, tls_truncations)},
       {"accept_errors_total", "accept(2) failures (e.g. out of descriptors).",
        offsetof(pc_metrics_t, accept_errors)},
       {"accept_paused_total", "Times accepting paused at the connection cap.",

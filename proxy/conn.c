@@ -443,8 +443,22 @@ static void on_eof(pc_stream_t *s) {
     teardown(c, "eof", 0);
 }
 
+/* The TLS side ended with a FIN but no close_notify: what it sent last may be
+ * cut short, so the connection ends as a reset (the splice, l7 and h2 treat
+ * every stream error so), never as a clean end. Said once, for operators:
+ * a peer that keeps doing this crashes, or someone injects FINs. */
+static void note_truncation(pc_conn_t *c) {
+  c->l->stats.tls_truncations++;
+  pc_log(PC_LOG_INFO,
+         "listener %s: %s %s (%s) closed TCP without TLS close_notify: data may be truncated; "
+         "resetting the connection",
+         c->lc->name, c->inbound ? "peer" : "upstream", c->peer_addr,
+         c->peer.peer_id ? c->peer.peer_id : "?");
+}
+
 static void on_error(pc_stream_t *s, int err) {
   pc_conn_t *c = conn_of(s);
+  if (err == PC_STREAM_ETRUNC && c->state != ST_CLOSED) note_truncation(c);
   if (c->state == ST_ESTABLISHED && c->h2) {
     pc_h2_on_error(c->h2, err);
   } else if (c->state == ST_ESTABLISHED && c->l7) {

@@ -530,6 +530,16 @@ static void s_on_eof(pc_stream_t *s) {
 
 static void s_on_error(pc_stream_t *s, int err) {
   h2conn_t *c = s->owner;
+  pc_h2call_t *k = c->calls; /* a call in flight: the truncation cut it (counted once) */
+  while (k && (k->released || k->ended))
+    k = k->next;
+  if (err == PC_STREAM_ETRUNC && k) {
+    k->stats->tls_truncations++;
+    pc_log(PC_LOG_INFO,
+           "listener %s: upstream %s closed TCP without TLS close_notify: resetting"
+           " its streams",
+           c->pool->lc->name, c->pool->lc->target_str);
+  }
   if (c->state == C_HANDSHAKE || c->state == C_CONNECTING)
     conn_fail(c, 502, PC_REASON_PROTOCOL, "the upstream closed during the TLS handshake");
   else

@@ -39,6 +39,7 @@ void pc_metrics_add(pc_metrics_t *dst, const pc_metrics_t *src) {
   dst->bytes_from_peer += LOAD(src->bytes_from_peer);
   dst->bytes_to_peer += LOAD(src->bytes_to_peer);
   dst->connect_failures += LOAD(src->connect_failures);
+  dst->tls_truncations += LOAD(src->tls_truncations);
   dst->accept_errors += LOAD(src->accept_errors);
   dst->accept_pauses += LOAD(src->accept_pauses);
   dst->active += LOAD(src->active);

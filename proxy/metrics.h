@@ -65,6 +65,7 @@ typedef struct {
   uint64_t upstream_connects, upstream_reuses;
   uint64_t upstream_expired; /* pooled upstream connections closed: certificate expired */
   uint64_t connect_failures; /* forward / upstream could not be reached */
+  uint64_t tls_truncations;  /* TLS peer or upstream sent FIN without close_notify */
   uint64_t accept_errors;    /* accept(2) failed, e.g. out of descriptors */
   uint64_t accept_pauses;    /* times accepting paused at max_connections */
   int64_t active;

@@ -235,6 +235,7 @@ pc_upconn_t *pc_pool_acquire(pc_pool_t *p, pc_metrics_t *stats, const pc_stream_
   }
   if (up) {
     unlink_idle(up);
+    up->stats = stats;
     up->user_cbs = cbs;
     up->user_owner = owner;
     lend(up);
@@ -276,6 +277,14 @@ pc_upconn_t *pc_pool_acquire(pc_pool_t *p, pc_metrics_t *stats, const pc_stream_
 void pc_pool_release(pc_upconn_t *up, int how) {
   pc_pool_t *p = up->pool;
   if (up->state == UP_CLOSED) return;
+  if (up->s.truncated && up->stats) {
+    /* The borrower took the stream's PC_STREAM_ETRUNC as a failure. */
+    up->stats->tls_truncations++;
+    pc_log(PC_LOG_INFO,
+           "listener %s: upstream %s (%s) closed TCP without TLS close_notify: its response may "
+           "be truncated; not passed on as complete",
+           p->lc->name, p->lc->target_str, up->peer.peer_id ? up->peer.peer_id : "?");
+  }
   up->on_ready = NULL;
   up->stats = NULL;
   if (how != PC_POOL_KEEP || up->state != UP_LENT || p->gen != p->w->gen ||

@@ -78,8 +78,9 @@ pc_pool_t *pc_pool_for(struct pc_worker *w, pc_gen_t *g, const pc_listener_cfg_t
  * If an idle one is available it is returned with *ready = 1 and nothing else
  * fires. Otherwise a new one is started, *ready = 0, and on_ready(user, ...)
  * fires exactly once later (never from inside this call) unless the borrower
- * releases it first. stats counts connects, reuses and failures; it must stay
- * valid until on_ready fired or the connection was released. */
+ * releases it first. stats counts connects, reuses, failures and a TLS
+ * truncation (the lent stream's PC_STREAM_ETRUNC, counted and logged at
+ * release); it must stay valid until the connection was released. */
 pc_upconn_t *pc_pool_acquire(pc_pool_t *p, pc_metrics_t *stats, const pc_stream_cbs_t *cbs,
                              void *owner, pc_upconn_ready_cb on_ready, void *user, int *ready);
 

@@ -221,10 +221,17 @@ static void tls_pump(pc_stream_t *s) {
     }
     int err = SSL_get_error(s->ssl, n);
     flush_out(s);
-    if (err == SSL_ERROR_WANT_READ) {
-      if (s->tcp_eof) deliver_eof(s); /* FIN without close_notify: treat as EOF */
-      break;
+    if (err == SSL_ERROR_WANT_READ && s->tcp_eof) {
+      /* FIN without close_notify: nothing tells a complete stream from one
+       * cut short, so it is no end of data. A partial record stays unread. */
+      s->eof_sent = 1;
+      s->truncated = 1;
+      s->in_pump = 0;
+      s->in_len = 0;
+      s->cbs->on_error(s, PC_STREAM_ETRUNC);
+      return;
     }
+    if (err == SSL_ERROR_WANT_READ) break;
     if (err == SSL_ERROR_ZERO_RETURN) {
       deliver_eof(s);
       break;
@@ -364,6 +371,23 @@ void pc_stream_shutdown(pc_stream_t *s, int skip_notify) {
   }
 }
 
+/* An orderly close of a TLS stream says so with close_notify (best effort:
+ * one try, no write request), unless bytes are still queued: those are lost
+ * with the close, and the peer must not take what it got for the whole. */
+static void notify_close(pc_stream_t *s) {
+  if (!s->ssl || s->handshaking || s->shutting || !SSL_is_init_finished(s->ssl) ||
+      pc_stream_queued(s) > 0)
+    return;
+  s->shutting = 1;
+  SSL_shutdown(s->ssl);
+  ERR_clear_error();
+  pc_scratch_t *sc = s->scratch;
+  if (sc->olen == 0) return;
+  uv_buf_t b = uv_buf_init(sc->obuf, (unsigned)sc->olen);
+  sc->olen = 0;
+  uv_try_write((uv_stream_t *)&s->tcp, &b, 1);
+}
+
 void pc_stream_close(pc_stream_t *s, int reset, uv_close_cb close_cb) {
   if (s->closing || !s->initialised) {
     if (!s->initialised && !s->closing) {
@@ -371,6 +395,7 @@ void pc_stream_close(pc_stream_t *s, int reset, uv_close_cb close_cb) {
     }
     return;
   }
+  if (!reset && !uv_is_closing((uv_handle_t *)&s->tcp)) notify_close(s);
   s->closing = 1;
   if (uv_is_closing((uv_handle_t *)&s->tcp)) return;
   if (!reset || uv_tcp_close_reset(&s->tcp, close_cb) != 0)

@@ -36,6 +36,13 @@
 
 /* Error code passed to on_error for a TLS failure after the handshake. */
 #define PC_STREAM_ETLS (-100000)
+/* Error code passed to on_error when the TLS peer ended TCP (FIN) without a
+ * close_notify, possibly in the middle of a record: what it sent last may be
+ * cut short (a crashed peer, or a FIN injected by someone on the path), and
+ * nothing says otherwise. The owner must treat it as a reset, never as the
+ * end of the data. Bytes of complete records before the FIN were delivered
+ * through on_data first; a partial record is dropped. */
+#define PC_STREAM_ETRUNC (-100001)
 
 /* Per-worker scratch space shared by all streams of that worker. Only valid
  * within one callback: nothing may keep a pointer into it across loop turns. */
@@ -51,9 +58,12 @@ typedef struct pc_stream pc_stream_t;
 typedef struct {
   /* Plaintext bytes arrived. buf is scratch: copy what must be kept. */
   void (*on_data)(pc_stream_t *s, const char *buf, size_t len);
-  /* The peer finished sending (FIN, or TLS close_notify). Fires once. */
+  /* The peer finished sending: TLS close_notify (TLS streams), FIN
+   * (plaintext streams). Fires once. A TLS peer's FIN without close_notify
+   * is on_error(PC_STREAM_ETRUNC) instead. */
   void (*on_eof)(pc_stream_t *s);
-  /* Read or write failed: a negative libuv code or PC_STREAM_ETLS. */
+  /* Read or write failed: a negative libuv code, PC_STREAM_ETLS or
+   * PC_STREAM_ETRUNC. */
   void (*on_error)(pc_stream_t *s, int err);
   /* The write queue fell under PC_STREAM_LOW_WATER after exceeding
    * PC_STREAM_HIGH_WATER. */
@@ -77,8 +87,10 @@ struct pc_stream {
   size_t pending_cap;
   uv_shutdown_t shutdown_req;
   uint32_t tls_error; /* BoringSSL error that ended the stream (PC_STREAM_ETLS) */
+  /* eof_sent: the peer's end was reported, by on_eof or by the truncation's
+   * on_error; truncated: that was PC_STREAM_ETRUNC */
   unsigned reading : 1, uv_reading : 1, handshaking : 1, tcp_eof : 1, eof_sent : 1, shutting : 1,
-      closing : 1, above_high : 1, in_pump : 1, initialised : 1, discard : 1,
+      closing : 1, above_high : 1, in_pump : 1, initialised : 1, discard : 1, truncated : 1,
       delivering : 1; /* inside on_data from a socket read (plain streams) */
 };
 
@@ -98,7 +110,8 @@ int pc_stream_start_tls(pc_stream_t *s, SSL *ssl, int is_server);
 
 /* Starts (or resumes) delivering data. Bytes BoringSSL already decrypted or
  * buffered while paused are delivered through on_data before this returns,
- * so the owner must be ready for them. */
+ * so the owner must be ready for them; so is the end of the peer's data
+ * (on_eof, or on_error(PC_STREAM_ETRUNC)) when its FIN had already come. */
 void pc_stream_read_start(pc_stream_t *s);
 void pc_stream_read_stop(pc_stream_t *s);
 
@@ -129,7 +142,12 @@ int pc_stream_has_input(const pc_stream_t *s);
 void pc_stream_shutdown(pc_stream_t *s, int skip_notify);
 
 /* Closes the handle (with an RST when reset is non-zero); close_cb fires from
- * the loop once libuv is done with it. Safe to call from any callback, once. */
+ * the loop once libuv is done with it. Safe to call from any callback, once.
+ * Without reset, a TLS stream whose handshake finished and which has not
+ * ended its sending yet (pc_stream_shutdown) sends close_notify first, if
+ * nothing is still queued before it: an orderly close must not look like a
+ * truncation (PC_STREAM_ETRUNC) to the peer. With bytes still queued, they
+ * are lost, and the peer rightly sees a FIN without close_notify. */
 void pc_stream_close(pc_stream_t *s, int reset, uv_close_cb close_cb);
 
 /* Frees the SSL and any kept input; call from the close callback. */

@@ -464,10 +464,7 @@ class Stream(threading.Thread):
         self.stop_ev.set()
         self.join(h.T(2 * IO_TIMEOUT + 5))   # one round trip in flight finishes first
         assert not self.is_alive(), f"expected stream {self.seed} to stop, it is still running"
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        clean_close(self.sock)  # the app is to see EOF: a bare FIN would reset it
 
 
 def start_streams(port: int, ctx: ssl.SSLContext, n: int, seed0: int = 100) -> list[Stream]:
