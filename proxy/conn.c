@@ -458,6 +458,12 @@ static void note_truncation(pc_conn_t *c) {
 
 static void on_error(pc_stream_t *s, int err) {
   pc_conn_t *c = conn_of(s);
+  /* An HTTP/1 client that stops between requests, or after a whole one,
+   * cut nothing short: it is heard as an end (its answer still goes out). */
+  if (err == PC_STREAM_ETRUNC && c->state == ST_ESTABLISHED && c->l7 && pc_l7_at_boundary(c->l7)) {
+    pc_l7_on_eof(c->l7);
+    return;
+  }
   if (err == PC_STREAM_ETRUNC && c->state != ST_CLOSED) note_truncation(c);
   if (c->state == ST_ESTABLISHED && c->h2) {
     pc_h2_on_error(c->h2, err);

@@ -666,6 +666,12 @@ static void down_data(pc_l7_t *x, const char *buf, size_t len) {
   sync_down(x);
 }
 
+int pc_l7_at_boundary(const pc_l7_t *x) {
+  if (x->in_len) return 0; /* pipelined bytes of a next request */
+  if (x->state == X_HEAD) return !x->head_started;
+  return x->state == X_REQUEST && x->req_done;
+}
+
 void pc_l7_on_eof(pc_l7_t *x) {
   switch (x->state) {
   case X_TUNNEL: pc_splice_on_eof(&x->splice, x->down); return;

@@ -62,6 +62,11 @@ typedef struct {
 pc_l7_t *pc_l7_start(pc_stream_t *down, const pc_l7_env_t *env,
                      void (*on_done)(void *arg, const char *how, int reset), void *arg);
 
+/* Non-zero if the client's input so far ends at a message boundary: no
+ * request head begun, or the request in flight read whole. A TLS client
+ * that ends there without close_notify truncated nothing (conn.c). */
+int pc_l7_at_boundary(const pc_l7_t *x);
+
 void pc_l7_on_data(pc_l7_t *x, const char *buf, size_t len);
 void pc_l7_on_eof(pc_l7_t *x);
 void pc_l7_on_error(pc_l7_t *x, int err);

@@ -575,3 +575,29 @@ def test_http_inbound_peer_truncating_a_request_body_never_completes_it(env, pki
     for r in app.reqs_since(0):
         assert not r.complete, f"the app got a complete request: {vars(r)}"
         assert b"b" * 30 not in r.body
+
+
+def test_http_inbound_peer_ending_after_a_whole_request_still_gets_its_answer(env, pki):
+    """A FIN without close_notify right after a complete request cut nothing short (Python's
+    ssl half-closes exactly so): the request is answered, then the connection ends. Nothing
+    is counted as a truncation."""
+    app = hk.HttpApp(name="trunc-whole-app")
+    env.apps.append(app)
+    port = h.free_port()
+    sc = env.sidecar(h.base_config(pki, "payments-api", workers=1, inbound=[
+        h.inbound_listener("api", port, app.addr, [{"namespace": "web"}], protocol="http")]),
+        name="trunc-http-whole")
+    before = _truncations(sc, "inbound", "api")
+    start = len(sc.access_log())
+    c = BioTLS(socket.create_connection((h.HOST, port)), _peer_ctx(pki), server_side=False)
+    local = h.addr(c.sock.getsockname()[1])
+    try:
+        c.end("boundary", hk.req("GET", "/whole"))
+        got = c.read_until(b'"target": "/whole"')
+        assert got.startswith(b"HTTP/1.1 200 "), got[:200]
+    finally:
+        c.sock.close()
+    e = hk.find_request_line(sc, start=start, peer=local)
+    assert e is not None and (e["status"], e["decision"]) == (200, "allow"), e
+    assert app.nreq() == 1
+    assert _truncations(sc, "inbound", "api") == before
