@@ -182,14 +182,14 @@ static void reply(h2s_t *s, int status, pc_decision_t d, pc_reason_t r, const ch
   release_call(s);
   s->answered = 1;
   s->due = 0;
-  s->ex.status = status;
   s->ex.decision = d;
   s->ex.reason = r;
-  if (s->submitted) { /* a response already started: cut it */
+  if (s->submitted) { /* a response already started (its status stays logged): cut it */
     nghttp2_submit_rst_stream(h->ss, NGHTTP2_FLAG_NONE, s->id, NGHTTP2_INTERNAL_ERROR);
     s->we_reset = 1;
     return;
   }
+  s->ex.status = status;
   char st[8];
   int stn = snprintf(st, sizeof(st), "%d", status);
   if (s->rq.grpc) {
