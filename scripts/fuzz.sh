@@ -4,7 +4,8 @@
 # starting from its seed corpus (tests/fuzz/corpus/<target>, never written to).
 # Fails if any target crashes, leaks, hangs (one input over 10 s), runs out of
 # memory or trips a sanitizer; the input that did it is kept in
-# build-fuzz/fuzz/artifacts/ and the target's log in build-fuzz/fuzz/logs/.
+# build-fuzz/fuzz/artifacts/ and the target's log in build-fuzz/fuzz/logs/
+# (both until the next run).
 # Reproduce with: build-fuzz/tests/<target> <artifact>
 # Usage: scripts/fuzz.sh [SECONDS_PER_TARGET]   (default: $PC_FUZZ_SECONDS, else 40)
 set -euo pipefail
