@@ -5,11 +5,11 @@
 #include <string.h>
 #include <time.h>
 
-#include <llhttp.h>
 #include <openssl/bio.h>
 #include <openssl/digest.h>
 #include <openssl/x509.h>
 
+#include "adminreq.h"
 #include "certstore.h"
 #include "compat.h"
 #include "conn.h"
@@ -19,7 +19,6 @@
 #include "reload.h"
 #include "worker.h"
 
-#define HEAD_LIMIT 8192
 #define REQUEST_TIMEOUT_MS 5000
 
 typedef struct admin_conn {
@@ -27,11 +26,8 @@ typedef struct admin_conn {
   uv_timer_t timer;
   uv_write_t write_req;
   uv_shutdown_t shutdown_req;
-  llhttp_t parser;
-  llhttp_settings_t settings;
-  char url[1024];
-  size_t url_len, head_bytes;
-  int url_too_long, headers_done, complete, answered, handles;
+  pc_adminreq_t req;
+  int answered, handles;
   pc_jbuf_t out;
   struct admin_conn *prev, *next;
 } admin_conn_t;
@@ -498,17 +494,14 @@ static void render_certs(pc_jbuf_t *b, const pc_gen_t *g) {
 /* ---- routing ------------------------------------------------------------- */
 
 static void route(admin_conn_t *a) {
-  int method = llhttp_get_method(&a->parser);
+  int method = pc_adminreq_method(&a->req);
   int head = method == HTTP_HEAD;
   if (method != HTTP_GET && !head) {
     respond(a, 405, "Method Not Allowed", "text/plain; charset=utf-8", "Allow: GET, HEAD\r\n",
             "method not allowed\n", 19, 0);
     return;
   }
-  char *q = memchr(a->url, '?', a->url_len);
-  size_t plen = q ? (size_t)(q - a->url) : a->url_len;
-  a->url[plen] = '\0';
-  const char *path = a->url;
+  const char *path = pc_adminreq_path(&a->req);
   pc_jbuf_t body = {0};
   const char *json = "application/json";
   if (strcmp(path, "/healthz") == 0) {
@@ -552,30 +545,7 @@ static void route(admin_conn_t *a) {
   pc_jbuf_free(&body);
 }
 
-/* ---- parsing ------------------------------------------------------------ */
-
-static int on_url(llhttp_t *p, const char *at, size_t len) {
-  admin_conn_t *a = p->data;
-  if (a->url_len + len >= sizeof(a->url)) {
-    a->url_too_long = 1;
-    return 0;
-  }
-  memcpy(a->url + a->url_len, at, len);
-  a->url_len += len;
-  return 0;
-}
-
-static int on_message_complete(llhttp_t *p) {
-  admin_conn_t *a = p->data;
-  a->complete = 1;
-  return HPE_PAUSED; /* one request per connection: stop here */
-}
-
-static int on_headers_complete(llhttp_t *p) {
-  admin_conn_t *a = p->data;
-  a->headers_done = 1;
-  return 0;
-}
+/* ---- connections --------------------------------------------------------- */
 
 static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   static char scratch[4096]; /* main thread only; consumed before the next read */
@@ -590,19 +560,14 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
     return;
   }
   if (nread == 0) return;
-  a->head_bytes += (size_t)nread;
-  if (!a->headers_done && a->head_bytes > HEAD_LIMIT) {
+  switch (pc_adminreq_feed(&a->req, buf->base, (size_t)nread)) {
+  case 0: break;
+  case 200: route(a); break;
+  case 414: respond_text(a, 414, "URI Too Long", "uri too long\n"); break;
+  case 431:
     respond_text(a, 431, "Request Header Fields Too Large", "request head too large\n");
-    return;
-  }
-  llhttp_errno_t e = llhttp_execute(&a->parser, buf->base, (size_t)nread);
-  if (a->complete || e == HPE_PAUSED) {
-    if (a->url_too_long)
-      respond_text(a, 414, "URI Too Long", "uri too long\n");
-    else
-      route(a);
-  } else if (e != HPE_OK) {
-    respond_text(a, 400, "Bad Request", "bad request\n");
+    break;
+  default: respond_text(a, 400, "Bad Request", "bad request\n"); break;
   }
 }
 
@@ -625,12 +590,7 @@ static void on_connection(uv_stream_t *srv, int status) {
     close_conn(a);
     return;
   }
-  llhttp_settings_init(&a->settings);
-  a->settings.on_url = on_url;
-  a->settings.on_headers_complete = on_headers_complete;
-  a->settings.on_message_complete = on_message_complete;
-  llhttp_init(&a->parser, HTTP_REQUEST, &a->settings);
-  a->parser.data = a;
+  pc_adminreq_init(&a->req);
   uv_timer_start(&a->timer, on_timeout, REQUEST_TIMEOUT_MS, 0);
   uv_read_start((uv_stream_t *)&a->tcp, alloc_cb, on_read);
 }

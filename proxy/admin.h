@@ -2,7 +2,8 @@
  * admin.h - the admin HTTP/1.1 server (llhttp) on admin.listen, for probes,
  * scrapes and operators: /healthz, /ready, /metrics (Prometheus text),
  * /config (effective config as JSON, no secret material) and /certs (loaded
- * certificates). GET and HEAD only; one request per connection.
+ * certificates). GET and HEAD only; one request per connection, read by
+ * adminreq.h.
  *
  * Runs on the main thread's loop, away from the workers' data path; metrics
  * are per-worker counters summed at scrape time (worker.h pc_workers_collect).

@@ -232,7 +232,7 @@ static void establish(pc_conn_t *c) {
 static void sniff(pc_conn_t *c, const char *buf, size_t len) {
   size_t n = PC_H2_PREFACE_LEN - c->sniff_len;
   if (n > len) n = len;
-  if (memcmp(buf, PC_H2_PREFACE + c->sniff_len, n) != 0) {
+  if (memcmp(buf, &PC_H2_PREFACE[c->sniff_len], n) != 0) {
     c->sniffing = 0;
     if (c->sniff_len) {
       pc_l7_on_data(c->l7, c->sniff, c->sniff_len);

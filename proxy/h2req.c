@@ -153,7 +153,8 @@ size_t pc_h2req_nv(const pc_h2req_t *r, nghttp2_nv *nv, const char *xfcc_line, c
   nv[n++] = nv_of(":authority", 10, r->authority ? r->authority : r->host,
                   r->authority ? r->authority_len : r->host_len);
   nv[n++] = nv_of(":path", 5, r->path, r->path_len);
-  const char *p = r->fields.data, *e = p + r->fields.len;
+  /* No fields: data is NULL, and NULL + 0 is undefined in C. */
+  const char *p = r->fields.data, *e = p ? p + r->fields.len : NULL;
   while (p && p < e) {
     /* names carry no ':' and values no CR (nghttp2 checked both) */
     const char *colon = memchr(p, ':', (size_t)(e - p));

@@ -92,7 +92,10 @@ void pc_jbuf_raw(pc_jbuf_t *b, const char *s, size_t n) {
   b->data[b->len] = '\0';
 }
 
-static void jbuf_vprintf(pc_jbuf_t *b, const char *fmt, va_list ap) {
+/* The attribute lets callers' formats be checked through it (clang's
+ * -Wformat-nonliteral, part of -Wformat=2, asks for it). */
+__attribute__((format(printf, 2, 0))) static void jbuf_vprintf(pc_jbuf_t *b, const char *fmt,
+                                                               va_list ap) {
   va_list ap2;
   va_copy(ap2, ap);
   int n = vsnprintf(NULL, 0, fmt, ap2);

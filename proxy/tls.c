@@ -274,21 +274,25 @@ static int select_alpn(SSL *ssl, const uint8_t **out, uint8_t *outlen, const uin
   (void)arg;
   const pc_tls_peer_t *pv = SSL_get_ex_data(ssl, peer_idx);
   if (!pv || !pv->alpn_http) return SSL_TLSEXT_ERR_NOACK;
+  return pc_tls_alpn_choose(in, inlen, out, outlen) ? SSL_TLSEXT_ERR_OK : SSL_TLSEXT_ERR_NOACK;
+}
+
+int pc_tls_alpn_choose(const uint8_t *in, size_t inlen, const uint8_t **out, uint8_t *outlen) {
   static const char *const ours[] = {"h2", "http/1.1"};
   for (size_t k = 0; k < PC_ARRAY_SIZE(ours); k++) {
     size_t n = strlen(ours[k]);
-    for (unsigned i = 0; i < inlen;) {
-      unsigned len = in[i];
-      if (i + 1 + len > inlen) return SSL_TLSEXT_ERR_NOACK;
+    for (size_t i = 0; i < inlen;) {
+      size_t len = in[i];
+      if (len + 1 > inlen - i) return 0;
       if (len == n && memcmp(in + i + 1, ours[k], n) == 0) {
         *out = in + i + 1;
         *outlen = (uint8_t)len;
-        return SSL_TLSEXT_ERR_OK;
+        return 1;
       }
       i += 1 + len;
     }
   }
-  return SSL_TLSEXT_ERR_NOACK;
+  return 0;
 }
 
 int pc_tls_alpn_is_h2(const SSL *ssl) {

@@ -68,6 +68,15 @@ int pc_tls_peer_leaf_sha256(const SSL *ssl, uint8_t out[32]);
  * it before they exit. */
 void pc_tls_thread_done(void);
 
+/* The server's ALPN choice from a client's protocol list in wire format
+ * (each name preceded by its one-byte length): "h2" if listed, else
+ * "http/1.1" if listed. Returns 1 with *out pointing at the chosen name inside
+ * in and *outlen its length, or 0 (select nothing) when neither is listed.
+ * BoringSSL hands the callback only well-formed lists; on a malformed one this
+ * may return 0 even if a name of ours is listed, and never reads outside in.
+ * Pure; any thread. */
+int pc_tls_alpn_choose(const uint8_t *in, size_t inlen, const uint8_t **out, uint8_t *outlen);
+
 /* Non-zero if ALPN settled on "h2" for ssl (after the handshake). */
 int pc_tls_alpn_is_h2(const SSL *ssl);
 

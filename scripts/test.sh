@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds portcullis twice (plain, and with ASan+UBSan) and runs the whole test
-# suite (unit, fuzz-corpus replay, integration, format) against each build.
+# suite (unit, fuzz-corpus replay, integration with testssl.sh, format)
+# against each build; then fuzzes every libFuzzer target for a bounded time
+# (scripts/fuzz.sh; PC_FUZZ_SECONDS per target, default 40).
 # Usage: scripts/test.sh            (from anywhere; needs root or sudo for apt)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -23,4 +25,6 @@ echo "== ASan + UBSan build (build-asan/) =="
 # functional deadlines (handshake/idle timeouts under test) by this factor.
 PORTCULLIS_TIMEOUT_SCALE=3 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
   UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 run_suite build-asan -DCMAKE_BUILD_TYPE=Debug -DPC_SANITIZE=ON
-echo "test.sh: all suites passed (plain and ASan+UBSan)"
+echo "== libFuzzer targets, clang-14 + ASan + UBSan (build-fuzz/) =="
+bash scripts/fuzz.sh
+echo "test.sh: all suites passed (plain and ASan+UBSan) and every fuzz target ran clean"
