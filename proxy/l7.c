@@ -56,6 +56,7 @@ struct pc_l7 {
   pc_jbuf_t dq;       /* small writes collected for the client (put) */
   unsigned broken : 1, head_started : 1, req_done : 1, res_head : 1, res_any : 1, close_after : 1,
       out_chunked : 1, down_bp : 1, timer_on : 1, in_process : 1, peer_done : 1, shut_done : 1;
+  pc_deferred_t defer; /* settle after this loop iteration's I/O (later()) */
   pc_splice_t splice;
 };
 
@@ -182,6 +183,16 @@ static void settle(pc_l7_t *x) {
     pc_jbuf_release(&x->out);
     pc_jbuf_release(&x->dq);
   }
+}
+
+static void run_deferred(pc_deferred_t *d) { settle(pc_container_of(d, pc_l7_t, defer)); }
+
+/* From the upstream's callbacks: what they collected for the client goes
+ * out once, after the upstream's whole read was heard (an HTTP/1.1
+ * response's head, body and end arrive in one read: one write, one TLS
+ * record), in libuv's check phase of this loop iteration (worker.h). */
+static void later(pc_l7_t *x) {
+  if (x->state != X_DONE) pc_worker_defer(x->env.w, &x->defer);
 }
 
 static void on_linger_timer(uv_timer_t *t) { finish(t->data, "eof", 0); }
@@ -392,7 +403,7 @@ static void k_on_info(void *user, int status, const nghttp2_nv *nv, size_t n) {
   put_fields(&x->out, nv, n);
   pc_jbuf_raw(&x->out, "\r\n", 2);
   put(x, x->out.data, x->out.len);
-  settle(x);
+  later(x);
 }
 
 /* The response head, framed for this client: the length the upstream gave,
@@ -429,7 +440,7 @@ static void k_on_head(void *user, int status, const nghttp2_nv *nv, size_t n, in
     pc_jbuf_raw(&x->out, "connection: keep-alive\r\n", 24);
   pc_jbuf_raw(&x->out, "\r\n", 2);
   put(x, x->out.data, x->out.len);
-  settle(x);
+  later(x);
 }
 
 static void k_on_data(void *user, const uint8_t *data, size_t len) {
@@ -445,7 +456,7 @@ static void k_on_data(void *user, const uint8_t *data, size_t len) {
     x->unconsumed += len;
   else
     pc_upcall_consumed(x->ex.call, len);
-  settle(x);
+  later(x);
 }
 
 static void k_on_end(void *user, const nghttp2_nv *nv, size_t n) {
@@ -469,7 +480,7 @@ static void k_on_end(void *user, const nghttp2_nv *nv, size_t n) {
     x->state = X_HEAD;
     process(x);
   }
-  settle(x);
+  later(x);
 }
 
 /* A request the upstream never processed (a stale pooled connection, a
@@ -496,7 +507,7 @@ static void k_on_fail(void *user, int status, pc_reason_t r, const char *detail,
     end_request(x);
     finish(x, "reset", 1);
   }
-  settle(x);
+  later(x);
 }
 
 static void k_on_sent(void *user, size_t n) {
@@ -506,7 +517,7 @@ static void k_on_sent(void *user, size_t n) {
     x->down_bp = 0;
     process(x);
   }
-  settle(x);
+  later(x);
 }
 
 /* ---- tunnels (101 to an Upgrade, 2xx to CONNECT) ------------------------ */
@@ -764,6 +775,7 @@ pc_l7_t *pc_l7_start(pc_stream_t *down, const pc_l7_env_t *env,
   x->down = down;
   x->env = *env;
   x->inbound = env->lc->direction == PC_DIR_INBOUND;
+  x->defer.run = run_deferred;
   x->on_done = on_done;
   x->arg = arg;
   pc_exchange_init(&x->ex);
@@ -783,6 +795,7 @@ pc_l7_t *pc_l7_start(pc_stream_t *down, const pc_l7_env_t *env,
 
 int pc_l7_close(pc_l7_t *x, uv_close_cb close_cb, void *data) {
   x->state = X_DONE;
+  pc_worker_undefer(x->env.w, &x->defer);
   pc_exchange_release_call(&x->ex);
   if (x->tun) {
     pc_upconn_t *up = x->tun;
