@@ -113,6 +113,30 @@ def test_unknown_method_refused_over_h2_as_over_http1(h2env):
     assert line["status"] == 400 and line["decision"] == "deny" and line["reason"] == "protocol"
 
 
+def test_h2load_through_the_pair_multiplexes_over_one_connection(h2env):
+    """h2load (nghttp2-client), a real HTTP/2 load generator, through the sidecar pair:
+    app -> outbound (h2c) -> HTTP/2 over mTLS -> inbound -> app. Every request succeeds and
+    the two sidecars carry them all over at most one new mTLS connection (32 concurrent
+    streams stay under the 100 a connection takes)."""
+    n = 2000
+    m = hk.scrape(h2env.sc)
+    connects = m.get("portcullis_http_upstream_connects_total", listener="out")
+    seen = h2env.app.nreq()
+    r = subprocess.run(["h2load", "-n", str(n), "-c", "4", "-m", "8", "-t", "1",
+                        f"http://127.0.0.1:{h2env.ports['out']}/api/load"],
+                       capture_output=True, text=True, timeout=h.T(120))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"requests: {n} total, {n} started, {n} done, {n} succeeded, 0 failed, 0 errored" \
+        in r.stdout, r.stdout
+    assert f"status codes: {n} 2xx" in r.stdout, r.stdout
+    assert h.wait_until(lambda: h2env.app.nreq() - seen == n, h.WAIT_S), \
+        f"the app saw {h2env.app.nreq() - seen} of {n} requests"
+    m = hk.wait_metric(h2env.sc, "portcullis_http_requests_total", lambda v: v >= n,
+                       listener="out", **{"class": "2xx"})
+    new = m.get("portcullis_http_upstream_connects_total", listener="out") - connects
+    assert new <= 1, f"{new} new sidecar-to-sidecar connections for {n} requests"
+
+
 def test_outbound_h2c_prior_knowledge_through_the_pair(h2env):
     n = h2env.app.nreq()
     r = curl(h2env, "-d", "hello", "URL/upload/z", inbound=False)
