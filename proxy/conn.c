@@ -580,7 +580,8 @@ static pc_reason_t recheck(pc_conn_t *c, const pc_gen_t *g) {
                       .trust_domain = g->cfg->trust_domain,
                       .store = g->certs->store,
                       .depth = g->cfg->tls.verify_depth,
-                      .is_server = c->inbound};
+                      .is_server = c->inbound,
+                      .cache_tag = g->id};
   pc_reason_t r = pc_tls_recheck(&pv, tls_side(c)->ssl);
   free(pv.peer_id);
   if (r == PC_REASON_NONE) expire_by(c, pv.not_after, g->cfg->limits.revoke_grace_ms);

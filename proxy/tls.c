@@ -71,14 +71,6 @@ static pc_reason_t check_peer(pc_tls_peer_t *pv, const SSL *ssl, time_t *from, t
   return r;
 }
 
-pc_reason_t pc_tls_recheck(pc_tls_peer_t *pv, const SSL *ssl) {
-  time_t nb, na;
-  pc_reason_t r = check_peer(pv, ssl, &nb, &na);
-  if (r != PC_REASON_NONE) return r;
-  pv->not_after = na;
-  return pc_policy_check(pv->policy, pv->peer_id);
-}
-
 int pc_tls_peer_expired(const pc_tls_peer_t *pv, uint64_t grace_ms) {
   if (!pv->not_after) return 0;
   return (int64_t)time(NULL) * 1000 >= (int64_t)pv->not_after * 1000 + (int64_t)grace_ms;
@@ -113,7 +105,7 @@ typedef struct {
 
 static _Thread_local cache_ent_t *cache;
 
-static int cache_key(SSL *ssl, const pc_tls_peer_t *pv, uint8_t key[SHA256_DIGEST_LENGTH]) {
+static int cache_key(const SSL *ssl, const pc_tls_peer_t *pv, uint8_t key[SHA256_DIGEST_LENGTH]) {
   const STACK_OF(CRYPTO_BUFFER) *certs = SSL_get0_peer_certificates(ssl);
   if (!certs || sk_CRYPTO_BUFFER_num(certs) == 0 || pv->cache_tag == 0) return 0;
   SHA256_CTX h;
@@ -162,12 +154,10 @@ void pc_tls_thread_done(void) {
   cache = NULL;
 }
 
-static enum ssl_verify_result_t verify_peer(SSL *ssl, uint8_t *out_alert) {
-  pc_tls_peer_t *pv = SSL_get_ex_data(ssl, peer_idx);
-  if (!pv) {
-    *out_alert = SSL_AD_INTERNAL_ERROR;
-    return ssl_verify_invalid;
-  }
+/* The whole peer decision, through the verified-chain cache when
+ * pv->cache_tag is set: the chain (once per distinct chain and generation),
+ * then the policy (always). */
+static pc_reason_t decide(pc_tls_peer_t *pv, const SSL *ssl) {
   uint8_t key[SHA256_DIGEST_LENGTH];
   int keyed = cache_key(ssl, pv, key);
   const cache_ent_t *known = keyed ? cache_get(key) : NULL;
@@ -183,6 +173,18 @@ static enum ssl_verify_result_t verify_peer(SSL *ssl, uint8_t *out_alert) {
     if (r == PC_REASON_NONE && keyed) cache_put(key, pv, nb, pv->not_after);
   }
   if (r == PC_REASON_NONE) r = pc_policy_check(pv->policy, pv->peer_id);
+  return r;
+}
+
+pc_reason_t pc_tls_recheck(pc_tls_peer_t *pv, const SSL *ssl) { return decide(pv, ssl); }
+
+static enum ssl_verify_result_t verify_peer(SSL *ssl, uint8_t *out_alert) {
+  pc_tls_peer_t *pv = SSL_get_ex_data(ssl, peer_idx);
+  if (!pv) {
+    *out_alert = SSL_AD_INTERNAL_ERROR;
+    return ssl_verify_invalid;
+  }
+  pc_reason_t r = decide(pv, ssl);
   if (r == PC_REASON_NONE) return ssl_verify_ok;
   pv->reason = r;
   *out_alert = pc_reason_alert(r) ? pc_reason_alert(r) : SSL_AD_CERTIFICATE_UNKNOWN;

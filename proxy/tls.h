@@ -52,8 +52,11 @@ SSL_CTX *pc_tls_ctx_new(const pc_config_t *cfg, const pc_certs_t *certs, int is_
  * the chain against pv->store within pv->depth for the peer's role, SVID leaf
  * rules, identity, then pv->policy. Sets pv->peer_id when an ID could be read
  * (see identity.h) and pv->not_after when the chain passed. The verify
- * callback makes the same decision (through the verified-chain cache); this
- * is for established connections after a reload. Never cached. */
+ * callback makes the same decision; this is for established connections
+ * after a reload. Both go through the calling thread's verified-chain cache
+ * when pv->cache_tag is set (the new generation's id): re-judging thousands
+ * of connections that present a few distinct chains costs a few chain
+ * verifications, not thousands, so a reload does not stall the loop. */
 pc_reason_t pc_tls_recheck(pc_tls_peer_t *pv, const SSL *ssl);
 
 /* Non-zero once pv's verified path expired more than grace_ms ago (wall

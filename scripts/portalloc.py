@@ -147,5 +147,6 @@ if __name__ == "__main__":   # for shell scripts: print N ports, one a line
     import sys
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 1
     for _ in range(n):
-        # claimed for the calling script, which outlives this process
-        print(take_port(owner=os.getppid()))
+        # claimed for the calling script (PORTALLOC_OWNER: its pid, when a subshell runs
+        # this), which outlives this process
+        print(take_port(owner=int(os.environ.get("PORTALLOC_OWNER") or os.getppid())))
