@@ -35,6 +35,49 @@ fail:;
   return -1;
 }
 
+/* This worker's share of the listener's handshake budget is in use. The
+ * share is the budget divided among the workers, rounded up: SO_REUSEPORT
+ * spreads connections across them, and a per-worker count needs no
+ * cross-thread wake-up to resume. */
+static int over_budget(const pc_listener_t *l) {
+  if (l->cfg->direction != PC_DIR_INBOUND) return 0;
+  uint32_t n = (uint32_t)pc_workers_count(), max = l->w->gen->cfg->limits.max_pending_handshakes;
+  if (n < 1) n = 1;
+  return l->pending >= (max + n - 1) / n;
+}
+
+void pc_listener_handshake_begun(pc_listener_t *l) {
+  l->pending++;
+  l->stats.pending_handshakes++;
+}
+
+void pc_listener_handshake_done(pc_listener_t *l, const pc_throttle_key_t *failed_src) {
+  l->pending--;
+  l->stats.pending_handshakes--;
+  if (l->paused) uv_async_send(&l->w->wake); /* on_wake resumes it */
+  if (!failed_src || !failed_src->b[0]) return;
+  const pc_config_t *cfg = l->w->gen->cfg;
+  uint64_t now = uv_now(&l->w->loop);
+  if (!l->throttle) l->throttle = pc_throttle_new(uv_hrtime() ^ (uintptr_t)l);
+  if (pc_throttle_fail(l->throttle, failed_src, now, cfg->limits.handshake_failures_per_source,
+                       cfg->limits.throttle_window_ms, cfg->limits.throttle_cooldown_ms)) {
+    char src[64];
+    pc_throttle_source_str(failed_src, src, sizeof(src));
+    pc_log(PC_LOG_WARN,
+           "listener %s: source %s throttled for %llu ms after %u failed handshakes within %llu "
+           "ms: its connections are closed at accept (reason limit)",
+           l->name, src, (unsigned long long)cfg->limits.throttle_cooldown_ms,
+           cfg->limits.handshake_failures_per_source,
+           (unsigned long long)cfg->limits.throttle_window_ms);
+  }
+  /* O(table) but only on a failure, which costs a TLS handshake's start. */
+  l->stats.throttle_sources = (int64_t)pc_throttle_count(l->throttle, now);
+}
+
+int pc_listener_throttled(const pc_listener_t *l, const pc_throttle_key_t *src) {
+  return l->throttle && pc_throttle_blocked(l->throttle, src, uv_now(&l->w->loop));
+}
+
 static void on_connection(uv_stream_t *server, int status) {
   pc_listener_t *l = server->data;
   pc_worker_t *w = l->w;
@@ -47,14 +90,21 @@ static void on_connection(uv_stream_t *server, int status) {
   }
   if (__atomic_load_n(&w->stop_requested, __ATOMIC_ACQUIRE) || l->closed || l->stopping) return;
   if (pc_worker_check_drain(w)) return;
-  if (pc_workers_over_limit(w)) {
+  int budget = over_budget(l);
+  if (budget || pc_workers_over_limit(w, l->cfg->direction == PC_DIR_INBOUND)) {
     /* Leave the connection with libuv, which stops polling this socket until
      * pc_listener_resume accepts it: the kernel backlog queues the rest. */
     if (!l->paused) {
       l->paused = 1;
       w->npaused++;
       l->stats.accept_pauses++;
-      pc_log(PC_LOG_WARN, "listener %s: max_connections reached, accepting paused", l->name);
+      if (budget)
+        pc_log(PC_LOG_WARN,
+               "listener %s: max_pending_handshakes reached (%u handshakes in progress on worker "
+               "%d), accepting paused",
+               l->name, l->pending, w->index);
+      else
+        pc_log(PC_LOG_WARN, "listener %s: max_connections reached, accepting paused", l->name);
     }
     return;
   }
@@ -97,7 +147,7 @@ pc_listener_t *pc_listener_new(pc_worker_t *w, const pc_listener_cfg_t *cfg, int
 
 void pc_listener_resume(pc_listener_t *l) {
   if (!l->paused || l->closed || l->stopping || uv_is_closing((uv_handle_t *)&l->tcp) ||
-      pc_workers_over_limit(l->w))
+      over_budget(l) || pc_workers_over_limit(l->w, l->cfg->direction == PC_DIR_INBOUND))
     return;
   l->paused = 0;
   l->w->npaused--;
@@ -141,6 +191,7 @@ void pc_listener_ref(pc_listener_t *l) { l->refs++; }
 
 void pc_listener_unref(pc_listener_t *l) {
   if (--l->refs > 0) return;
+  pc_throttle_free(l->throttle);
   free(l->name);
   free(l);
 }

@@ -5,9 +5,11 @@
  *
  * Sockets are bound in the main thread (at startup and on reload, so a bind
  * error is reported before anything changes) and adopted by the worker's
- * loop. Accepting pauses while the process is at its connection cap: the
- * pending connection stays with libuv, which stops polling the socket until
- * pc_listener_resume accepts it.
+ * loop. Accepting pauses while the process is at its connection cap, and an
+ * inbound listener's also while its share of limits.max_pending_handshakes
+ * (the budget divided among the workers, rounded up) is in progress on this
+ * worker: the pending connection stays with libuv, which stops polling the
+ * socket until pc_listener_resume accepts it.
  *
  * A listener is refcounted: the worker holds one reference and every
  * connection accepted from it one more, so a listener removed by a reload
@@ -21,6 +23,7 @@
 
 #include "config.h"
 #include "metrics.h"
+#include "throttle.h"
 
 struct pc_worker;
 
@@ -34,6 +37,8 @@ typedef struct pc_listener {
   int release_on_close;
   int closed;
   int refs;
+  uint32_t pending;        /* inbound: this worker's connections still in their handshake */
+  pc_throttle_t *throttle; /* inbound: created at the first failed handshake */
   pc_metrics_t stats;
 } pc_listener_t;
 
@@ -47,8 +52,24 @@ int pc_listener_bind(const pc_config_t *conf, const pc_listener_cfg_t *cfg, char
  * closed then). */
 pc_listener_t *pc_listener_new(struct pc_worker *w, const pc_listener_cfg_t *cfg, int fd);
 
-/* Accepts the connection held while paused, if the cap allows now. */
+/* Accepts the connection held while paused, if the cap and l's handshake
+ * budget allow now. */
 void pc_listener_resume(pc_listener_t *l);
+
+/* Inbound: an accepted connection begins its TLS handshake; it counts
+ * against l's share of limits.max_pending_handshakes until
+ * pc_listener_handshake_done. */
+void pc_listener_handshake_begun(pc_listener_t *l);
+
+/* Inbound: a handshake counted by pc_listener_handshake_begun ended. If it
+ * failed (refused, timed out, or the peer went away or reset), failed_src is
+ * its source: it counts towards that source's throttling, and when that
+ * starts a cool-down one server event says so. NULL on success. If l was
+ * paused, its worker is woken to resume it (never from inside this call). */
+void pc_listener_handshake_done(pc_listener_t *l, const pc_throttle_key_t *failed_src);
+
+/* Inbound: 1 if connections from src are to be closed at accept. */
+int pc_listener_throttled(const pc_listener_t *l, const pc_throttle_key_t *src);
 
 /* Stops accepting and closes the socket, then drops the worker's reference. */
 void pc_listener_close(pc_listener_t *l);
