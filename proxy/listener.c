@@ -8,6 +8,8 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include <openssl/rand.h>
+
 #include "compat.h"
 #include "conn.h"
 #include "log.h"
@@ -58,7 +60,11 @@ void pc_listener_handshake_done(pc_listener_t *l, const pc_throttle_key_t *faile
   if (!failed_src || !failed_src->b[0]) return;
   const pc_config_t *cfg = l->w->gen->cfg;
   uint64_t now = uv_now(&l->w->loop);
-  if (!l->throttle) l->throttle = pc_throttle_new(uv_hrtime() ^ (uintptr_t)l);
+  if (!l->throttle) {
+    uint64_t seed = uv_hrtime();
+    RAND_bytes((uint8_t *)&seed, sizeof(seed)); /* collisions must not be choosable */
+    l->throttle = pc_throttle_new(seed);
+  }
   if (pc_throttle_fail(l->throttle, failed_src, now, cfg->limits.handshake_failures_per_source,
                        cfg->limits.throttle_window_ms, cfg->limits.throttle_cooldown_ms)) {
     char src[64];
