@@ -6,10 +6,10 @@
  * Sockets are bound in the main thread (at startup and on reload, so a bind
  * error is reported before anything changes) and adopted by the worker's
  * loop. Accepting pauses while the process is at its connection cap, and an
- * inbound listener's also while its share of limits.max_pending_handshakes
- * (the budget divided among the workers, rounded up) is in progress on this
- * worker: the pending connection stays with libuv, which stops polling the
- * socket until pc_listener_resume accepts it.
+ * inbound listener's also while limits.max_pending_handshakes of its
+ * connections (counted across all workers) are in their handshake: the
+ * pending connection stays with libuv, which stops polling the socket until
+ * pc_listener_resume accepts it.
  *
  * A listener is refcounted: the worker holds one reference and every
  * connection accepted from it one more, so a listener removed by a reload
@@ -27,6 +27,10 @@
 
 struct pc_worker;
 
+/* What the copies of one listener on every worker share: its handshake
+ * budget's count (opaque; listener.c). */
+typedef struct pc_listener_shared pc_listener_shared_t;
+
 typedef struct pc_listener {
   uv_tcp_t tcp;
   struct pc_worker *w;
@@ -37,8 +41,8 @@ typedef struct pc_listener {
   int release_on_close;
   int closed;
   int refs;
-  uint32_t pending;        /* inbound: this worker's connections still in their handshake */
-  pc_throttle_t *throttle; /* inbound: created at the first failed handshake */
+  pc_listener_shared_t *shared; /* with this listener's copies on the other workers */
+  pc_throttle_t *throttle;      /* inbound: created at the first failed handshake */
   pc_metrics_t stats;
 } pc_listener_t;
 
@@ -57,15 +61,16 @@ pc_listener_t *pc_listener_new(struct pc_worker *w, const pc_listener_cfg_t *cfg
 void pc_listener_resume(pc_listener_t *l);
 
 /* Inbound: an accepted connection begins its TLS handshake; it counts
- * against l's share of limits.max_pending_handshakes until
- * pc_listener_handshake_done. */
+ * against l's limits.max_pending_handshakes (shared by l's copies on every
+ * worker) until pc_listener_handshake_done. */
 void pc_listener_handshake_begun(pc_listener_t *l);
 
 /* Inbound: a handshake counted by pc_listener_handshake_begun ended. If it
  * failed (refused, timed out, or the peer went away or reset), failed_src is
  * its source: it counts towards that source's throttling, and when that
- * starts a cool-down one server event says so. NULL on success. If l was
- * paused, its worker is woken to resume it (never from inside this call). */
+ * starts a cool-down one server event says so. NULL on success. If a copy
+ * of l paused at the budget, every worker is woken to resume its copy (never
+ * from inside this call). */
 void pc_listener_handshake_done(pc_listener_t *l, const pc_throttle_key_t *failed_src);
 
 /* Inbound: 1 if connections from src are to be closed at accept. */

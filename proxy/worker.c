@@ -281,7 +281,10 @@ void pc_workers_stop(void) {
 
 void pc_workers_set_fd_cap(uint32_t cap) { fd_cap = cap; }
 
-int pc_workers_count(void) { return nworkers; }
+void pc_workers_wake(void) {
+  for (int i = 0; i < nworkers; i++)
+    uv_async_send(&workers[i].wake);
+}
 
 static uint32_t counted(int inbound) {
   int n = pc_conn_active() - (inbound ? 0 : pc_conn_pending());
@@ -301,8 +304,7 @@ int pc_workers_over_limit(const pc_worker_t *w, int inbound) {
 void pc_workers_conn_released(void) {
   if (!__atomic_load_n(&any_paused, __ATOMIC_SEQ_CST)) return;
   if (!__atomic_exchange_n(&any_paused, 0, __ATOMIC_SEQ_CST)) return;
-  for (int i = 0; i < nworkers; i++)
-    uv_async_send(&workers[i].wake);
+  pc_workers_wake();
 }
 
 void pc_workers_drain(void) {

@@ -119,8 +119,8 @@ void pc_workers_set_fd_cap(uint32_t cap);
  * calls. Any worker. */
 int pc_workers_over_limit(const pc_worker_t *w, int inbound);
 
-/* Number of workers (fixed at start). */
-int pc_workers_count(void);
+/* Wakes every worker, which then retries its paused listeners. Any thread. */
+void pc_workers_wake(void);
 
 /* A connection ended: if some worker paused accepting, let it try again.
  * Any worker thread. */

@@ -62,14 +62,14 @@ def test_silent_flood_pauses_only_its_listener(env):
     try:
         for _ in range(silent_n):
             silent.append(socket.create_connection((h.HOST, in_port), timeout=h.T(h.WAIT_S)))
-        # The inbound listener paused at its budget (per worker: budget / 2, rounded up),
-        # and no more handshakes than the budget are in progress.
+        # The inbound listener paused at its budget (counted across both workers; a race
+        # between them may take it one past), and no more handshakes are in progress.
         m = hk.wait_metric(sc, "portcullis_accept_paused_total", lambda v: v >= 1,
                            listener="api")
         assert sc.wait_for_event("max_pending_handshakes reached"), sc.all_output()[-2000:]
         pending = m.get("portcullis_pending_handshakes", listener="api")
-        assert 1 <= pending <= budget, m.lines("portcullis_pending_handshakes")
-        assert m.get("portcullis_active_connections", listener="api") <= budget
+        assert budget <= pending <= budget + 1, m.lines("portcullis_pending_handshakes")
+        assert m.get("portcullis_active_connections", listener="api") <= budget + 1
         # The app's own calls go out meanwhile, several times over.
         for i in range(3):
             with socket.create_connection((h.HOST, out_port), timeout=h.T(h.PROMPT_S)) as s:
@@ -88,7 +88,7 @@ def test_silent_flood_pauses_only_its_listener(env):
         m = hk.scrape(sc)
         assert m.get(CONNS, listener="api", decision="deny", reason="timeout") >= 1, \
             m.lines(CONNS)
-        assert m.get("portcullis_pending_handshakes", listener="api") <= budget
+        assert m.get("portcullis_pending_handshakes", listener="api") <= budget + 1
     finally:
         for s in silent:
             s.close()
