@@ -131,7 +131,7 @@ def test_failing_source_is_throttled_then_served_again(env):
     app = env.app("echo")
     port = h.free_port()
     n = 3
-    cooldown_ms = int(h.T(2000))
+    cooldown_ms = int(h.T(4000))
     # One worker: the threshold applies per worker (README), so the count here is exact.
     cfg = h.base_config(env.pki, "payments-api", workers=1, limits={
         "handshake_failures_per_source": n, "throttle_window_ms": h.GENEROUS_MS,
