@@ -189,6 +189,22 @@ static void render_metrics(pc_jbuf_t *b) {
     lbl(b, &set.v[i]);
     pc_jbuf_printf(b, "} %lld\n", (long long)set.v[i].m.active);
   }
+  help(b, "pending_handshakes", "gauge",
+       "Inbound connections accepted whose TLS handshake has not finished "
+       "(limits.max_pending_handshakes).");
+  for (size_t i = 0; i < set.n; i++) {
+    pc_jbuf_printf(b, "portcullis_pending_handshakes{");
+    lbl(b, &set.v[i]);
+    pc_jbuf_printf(b, "} %lld\n", (long long)set.v[i].m.pending_handshakes);
+  }
+  help(b, "throttle_sources", "gauge",
+       "Inbound: sources (IPv4 address or IPv6 /64) held in the handshake-failure throttle "
+       "tables, as of each table's last failure; at most 4096 per listener and worker.");
+  for (size_t i = 0; i < set.n; i++) {
+    pc_jbuf_printf(b, "portcullis_throttle_sources{");
+    lbl(b, &set.v[i]);
+    pc_jbuf_printf(b, "} %lld\n", (long long)set.v[i].m.throttle_sources);
+  }
   help(b, "handshake_duration_seconds", "histogram",
        "Duration of successful TLS handshakes (inbound: from accept).");
   for (size_t i = 0; i < set.n; i++)
@@ -273,7 +289,9 @@ static void render_metrics(pc_jbuf_t *b) {
        offsetof(pc_metrics_t, tls_truncations)},
       {"accept_errors_total", "accept(2) failures (e.g. out of descriptors).",
        offsetof(pc_metrics_t, accept_errors)},
-      {"accept_paused_total", "Times accepting paused at the connection cap.",
+      {"accept_paused_total",
+       "Times accepting paused at the connection cap or, inbound, at "
+       "limits.max_pending_handshakes.",
        offsetof(pc_metrics_t, accept_pauses)},
       {"http_upstream_connects_total", "HTTP mode: new connections opened to the app or upstream.",
        offsetof(pc_metrics_t, upstream_connects)},
@@ -390,6 +408,10 @@ static void render_config(pc_jbuf_t *b, const pc_gen_t *g) {
   pc_jbuf_kv_i64(b, "idle_timeout_ms", (long long)c->limits.idle_timeout_ms);
   pc_jbuf_kv_i64(b, "drain_timeout_ms", (long long)c->limits.drain_timeout_ms);
   pc_jbuf_kv_i64(b, "revoke_grace_ms", (long long)c->limits.revoke_grace_ms);
+  pc_jbuf_kv_i64(b, "max_pending_handshakes", c->limits.max_pending_handshakes);
+  pc_jbuf_kv_i64(b, "handshake_failures_per_source", c->limits.handshake_failures_per_source);
+  pc_jbuf_kv_i64(b, "throttle_window_ms", (long long)c->limits.throttle_window_ms);
+  pc_jbuf_kv_i64(b, "throttle_cooldown_ms", (long long)c->limits.throttle_cooldown_ms);
   pc_jbuf_raw(b, "},\"http\":{", 10);
   pc_jbuf_kv_i64(b, "max_request_line", c->http.max_request_line);
   pc_jbuf_kv_i64(b, "max_header_bytes", c->http.max_header_bytes);

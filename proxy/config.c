@@ -273,9 +273,12 @@ static void parse_tls(ctx_t *c, const config_setting_t *root, pc_config_t *cfg) 
 static void parse_groups(ctx_t *c, const config_setting_t *root, pc_config_t *cfg) {
   static const char *const admin_keys[] = {"listen"};
   static const char *const log_keys[] = {"level", "access", "buffer_bytes"};
-  static const char *const limit_keys[] = {"max_connections",    "handshake_timeout_ms",
-                                           "connect_timeout_ms", "idle_timeout_ms",
-                                           "drain_timeout_ms",   "revoke_grace_ms"};
+  static const char *const limit_keys[] = {
+      "max_connections",        "handshake_timeout_ms",
+      "connect_timeout_ms",     "idle_timeout_ms",
+      "drain_timeout_ms",       "revoke_grace_ms",
+      "max_pending_handshakes", "handshake_failures_per_source",
+      "throttle_window_ms",     "throttle_cooldown_ms"};
   static const char *const http_keys[] = {
       "max_request_line",    "max_header_bytes", "max_headers",         "request_timeout_ms",
       "response_timeout_ms", "pool_max_idle",    "pool_idle_timeout_ms"};
@@ -316,6 +319,24 @@ static void parse_groups(ctx_t *c, const config_setting_t *root, pc_config_t *cf
         (uint64_t)get_int(c, g, "limits", "drain_timeout_ms", 20000, 0, day);
     cfg->limits.revoke_grace_ms =
         (uint64_t)get_int(c, g, "limits", "revoke_grace_ms", 10000, 0, day);
+    cfg->limits.max_pending_handshakes =
+        (uint32_t)get_int(c, g, "limits", "max_pending_handshakes", 1024, 1, 1000000);
+    /* A budget above the cap would never be reached: the cap would pause
+     * first, which is the starvation the budget exists to prevent. */
+    if (cfg->limits.max_pending_handshakes > cfg->limits.max_connections) {
+      const config_setting_t *s = g ? config_setting_get_member(g, "max_pending_handshakes") : NULL;
+      if (s)
+        fail(c, line_of(s), "limits.max_pending_handshakes",
+             "must be between 1 and limits.max_connections (%u)", cfg->limits.max_connections);
+      else
+        cfg->limits.max_pending_handshakes = cfg->limits.max_connections;
+    }
+    cfg->limits.handshake_failures_per_source =
+        (uint32_t)get_int(c, g, "limits", "handshake_failures_per_source", 20, 1, 1000000);
+    cfg->limits.throttle_window_ms =
+        (uint64_t)get_int(c, g, "limits", "throttle_window_ms", 10000, 1, day);
+    cfg->limits.throttle_cooldown_ms =
+        (uint64_t)get_int(c, g, "limits", "throttle_cooldown_ms", 30000, 1, day);
   }
   g = member(c, root, "", "http", CONFIG_TYPE_GROUP, 0);
   if (!(g && check_keys(c, g, "http", http_keys, PC_ARRAY_SIZE(http_keys)))) {

@@ -80,6 +80,9 @@ typedef struct pc_config {
     uint32_t max_connections;
     uint64_t handshake_timeout_ms, connect_timeout_ms, idle_timeout_ms, drain_timeout_ms;
     uint64_t revoke_grace_ms;
+    uint32_t max_pending_handshakes;        /* inbound, per listener: handshakes in progress */
+    uint32_t handshake_failures_per_source; /* within throttle_window_ms: then throttled */
+    uint64_t throttle_window_ms, throttle_cooldown_ms;
   } limits;
   struct { /* HTTP mode (protocol = "http") */
     uint32_t max_request_line, max_header_bytes, max_headers;

@@ -48,14 +48,26 @@ typedef struct pc_conn {
   uint64_t revoke_at;   /* loop time at which a re-check's refusal takes effect; 0 = none */
   uint64_t expire_at;   /* loop time: peer certificate's not_after + grace; 0 = none */
   pc_reason_t revoke_reason;
-  int handshaken; /* the peer's chain was verified; re-checks apply */
+  int handshaken;        /* the peer's chain was verified; re-checks apply */
+  int pending;           /* inbound: counted in the listener's handshake budget */
+  pc_throttle_key_t src; /* inbound: the peer's source, for throttling */
   char peer_addr[64], app_addr[64];
   struct pc_conn *prev, *next;
 } pc_conn_t;
 
 static int active_conns;
+static int pending_conns;
 
 int pc_conn_active(void) { return __atomic_load_n(&active_conns, __ATOMIC_SEQ_CST); }
+int pc_conn_pending(void) { return __atomic_load_n(&pending_conns, __ATOMIC_SEQ_CST); }
+
+/* An inbound handshake ended, one way or another (once per connection). */
+static void end_handshake(pc_conn_t *c, int failed) {
+  if (!c->pending) return;
+  c->pending = 0;
+  __atomic_sub_fetch(&pending_conns, 1, __ATOMIC_SEQ_CST);
+  pc_listener_handshake_done(c->l, failed ? &c->src : NULL);
+}
 
 static pc_stream_t *tls_side(pc_conn_t *c) { return c->inbound ? &c->down : &c->up; }
 static pc_reason_t recheck(pc_conn_t *c, const pc_gen_t *g);
@@ -130,6 +142,7 @@ static void on_handle_closed(uv_handle_t *h) {
 static void teardown(pc_conn_t *c, const char *how, int reset) {
   if (c->state == ST_CLOSED) return;
   c->state = ST_CLOSED;
+  end_handshake(c, 1);
   if (!c->close_how) c->close_how = how;
   write_log(c);
   uv_timer_stop(&c->timer);
@@ -271,6 +284,7 @@ static void make_env(pc_conn_t *c, pc_l7_env_t *out) {
  * already queued; send FIN after it and drain the peer's input for a moment
  * so the close does not turn into an RST that destroys the alert. */
 static void refuse(pc_conn_t *c, pc_decision_t d, pc_reason_t r) {
+  end_handshake(c, 1);
   c->decision = d;
   c->reason = r;
   c->close_how = "refused";
@@ -381,6 +395,7 @@ static void on_handshake(pc_stream_t *s, int status) {
     }
     return;
   }
+  end_handshake(c, 0);
   c->tls_version = SSL_get_version(s->ssl);
   c->cipher = SSL_CIPHER_get_name(SSL_get_current_cipher(s->ssl));
   c->handshaken = 1;
@@ -497,6 +512,24 @@ static void on_shutdown(pc_stream_t *s, int status) {
     pc_splice_on_shutdown(&c->splice, s, status);
 }
 
+/* Inbound: a source that keeps failing handshakes is closed at accept,
+ * before any TLS, during its cool-down: counted (deny, limit), but not
+ * logged line by line; the listener said once that it is throttled. */
+static int throttle_at_accept(pc_conn_t *c) {
+  struct sockaddr_storage ss;
+  int len = sizeof(ss);
+  if (uv_tcp_getpeername(&c->down.tcp, (struct sockaddr *)&ss, &len) != 0 ||
+      pc_throttle_key((const struct sockaddr *)&ss, &c->src) != 0)
+    return 0;
+  if (!pc_listener_throttled(c->l, &c->src)) return 0;
+  c->decision = PC_DECISION_DENY;
+  c->reason = PC_REASON_LIMIT;
+  c->logged = 1;
+  c->l->stats.conns[PC_DECISION_DENY][PC_REASON_LIMIT]++;
+  teardown(c, "throttled", 1);
+  return 1;
+}
+
 int pc_conn_accept(pc_listener_t *l) {
   pc_worker_t *w = l->w;
   pc_conn_t *c = pc_calloc(1, sizeof(*c));
@@ -535,8 +568,12 @@ int pc_conn_accept(pc_listener_t *l) {
   c->peer.cache_tag = c->gen->id;
   c->peer.alpn_http = c->lc->protocol == PC_PROTO_HTTP;
   if (c->inbound) {
+    if (throttle_at_accept(c)) return 0;
     pc_stream_addr(&c->down, 1, c->peer_addr, sizeof(c->peer_addr));
     snprintf(c->app_addr, sizeof(c->app_addr), "%s", c->lc->target_str);
+    c->pending = 1;
+    __atomic_add_fetch(&pending_conns, 1, __ATOMIC_SEQ_CST);
+    pc_listener_handshake_begun(l);
     c->state = ST_HANDSHAKE;
     arm(c, c->gen->cfg->limits.handshake_timeout_ms, on_handshake_timer);
     c->hs_start_ns = c->start_ns;

@@ -41,4 +41,7 @@ void pc_conn_recheck_all(pc_worker_t *w);
 /* Live connections in the process (all workers). */
 int pc_conn_active(void);
 
+/* Of those, inbound connections whose TLS handshake is still in progress. */
+int pc_conn_pending(void);
+
 #endif

@@ -5,7 +5,9 @@
  *
  * Sockets are bound in the main thread (at startup and on reload, so a bind
  * error is reported before anything changes) and adopted by the worker's
- * loop. Accepting pauses while the process is at its connection cap: the
+ * loop. Accepting pauses while the process is at its connection cap, and an
+ * inbound listener's also while limits.max_pending_handshakes of its
+ * connections (counted across all workers) are in their handshake: the
  * pending connection stays with libuv, which stops polling the socket until
  * pc_listener_resume accepts it.
  *
@@ -21,8 +23,13 @@
 
 #include "config.h"
 #include "metrics.h"
+#include "throttle.h"
 
 struct pc_worker;
+
+/* What the copies of one listener on every worker share: its handshake
+ * budget's count (opaque; listener.c). */
+typedef struct pc_listener_shared pc_listener_shared_t;
 
 typedef struct pc_listener {
   uv_tcp_t tcp;
@@ -34,6 +41,8 @@ typedef struct pc_listener {
   int release_on_close;
   int closed;
   int refs;
+  pc_listener_shared_t *shared; /* with this listener's copies on the other workers */
+  pc_throttle_t *throttle;      /* inbound: created at the first failed handshake */
   pc_metrics_t stats;
 } pc_listener_t;
 
@@ -47,8 +56,25 @@ int pc_listener_bind(const pc_config_t *conf, const pc_listener_cfg_t *cfg, char
  * closed then). */
 pc_listener_t *pc_listener_new(struct pc_worker *w, const pc_listener_cfg_t *cfg, int fd);
 
-/* Accepts the connection held while paused, if the cap allows now. */
+/* Accepts the connection held while paused, if the cap and l's handshake
+ * budget allow now. */
 void pc_listener_resume(pc_listener_t *l);
+
+/* Inbound: an accepted connection begins its TLS handshake; it counts
+ * against l's limits.max_pending_handshakes (shared by l's copies on every
+ * worker) until pc_listener_handshake_done. */
+void pc_listener_handshake_begun(pc_listener_t *l);
+
+/* Inbound: a handshake counted by pc_listener_handshake_begun ended. If it
+ * failed (refused, timed out, or the peer went away or reset), failed_src is
+ * its source: it counts towards that source's throttling, and when that
+ * starts a cool-down one server event says so. NULL on success. If a copy
+ * of l paused at the budget, every worker is woken to resume its copy (never
+ * from inside this call). */
+void pc_listener_handshake_done(pc_listener_t *l, const pc_throttle_key_t *failed_src);
+
+/* Inbound: 1 if connections from src are to be closed at accept. */
+int pc_listener_throttled(const pc_listener_t *l, const pc_throttle_key_t *src);
 
 /* Stops accepting and closes the socket, then drops the worker's reference. */
 void pc_listener_close(pc_listener_t *l);

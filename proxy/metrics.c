@@ -43,6 +43,8 @@ void pc_metrics_add(pc_metrics_t *dst, const pc_metrics_t *src) {
   dst->accept_errors += LOAD(src->accept_errors);
   dst->accept_pauses += LOAD(src->accept_pauses);
   dst->active += LOAD(src->active);
+  dst->pending_handshakes += LOAD(src->pending_handshakes);
+  dst->throttle_sources += LOAD(src->throttle_sources);
   hist_add(&dst->handshake, &src->handshake);
   hist_add(&dst->request, &src->request);
   for (int k = 0; k < PC_HTTP_CLASSES; k++)

@@ -69,6 +69,8 @@ typedef struct {
   uint64_t accept_errors;    /* accept(2) failed, e.g. out of descriptors */
   uint64_t accept_pauses;    /* times accepting paused at max_connections */
   int64_t active;
+  int64_t pending_handshakes; /* inbound: accepted, TLS handshake not finished */
+  int64_t throttle_sources;   /* inbound: sources in the throttle table (throttle.h) */
   /* HTTP mode by protocol: answered requests (streams for HTTP/2) */
   uint64_t requests_by_proto[PC_HTTP_PROTOS];
   int64_t h2_streams;                        /* open HTTP/2 streams */

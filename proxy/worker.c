@@ -281,21 +281,30 @@ void pc_workers_stop(void) {
 
 void pc_workers_set_fd_cap(uint32_t cap) { fd_cap = cap; }
 
-int pc_workers_over_limit(const pc_worker_t *w) {
+void pc_workers_wake(void) {
+  for (int i = 0; i < nworkers; i++)
+    uv_async_send(&workers[i].wake);
+}
+
+static uint32_t counted(int inbound) {
+  int n = pc_conn_active() - (inbound ? 0 : pc_conn_pending());
+  return n > 0 ? (uint32_t)n : 0;
+}
+
+int pc_workers_over_limit(const pc_worker_t *w, int inbound) {
   uint32_t max = w->gen->cfg->limits.max_connections;
   if (fd_cap && fd_cap < max) max = fd_cap;
-  if ((uint32_t)pc_conn_active() < max) return 0;
+  if (counted(inbound) < max) return 0;
   /* Publish "someone may pause" before looking again, so a connection that
    * closes in between either sees the flag or is seen here. */
   __atomic_store_n(&any_paused, 1, __ATOMIC_SEQ_CST);
-  return (uint32_t)pc_conn_active() >= max;
+  return counted(inbound) >= max;
 }
 
 void pc_workers_conn_released(void) {
   if (!__atomic_load_n(&any_paused, __ATOMIC_SEQ_CST)) return;
   if (!__atomic_exchange_n(&any_paused, 0, __ATOMIC_SEQ_CST)) return;
-  for (int i = 0; i < nworkers; i++)
-    uv_async_send(&workers[i].wake);
+  pc_workers_wake();
 }
 
 void pc_workers_drain(void) {

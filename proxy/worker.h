@@ -111,8 +111,16 @@ int pc_workers_ready(const char **why);
 void pc_workers_set_fd_cap(uint32_t cap);
 
 /* Non-zero when the process is at its connection cap (max_connections or the
- * descriptor cap, whichever is lower): accepting must pause. Any worker. */
-int pc_workers_over_limit(const pc_worker_t *w);
+ * descriptor cap, whichever is lower) for a listener of this direction:
+ * accepting must pause. An inbound listener counts every live connection;
+ * an outbound one leaves out inbound connections still in their handshake,
+ * which limits.max_pending_handshakes bounds per inbound listener, so a
+ * flood of silent connects to an inbound port never pauses the app's own
+ * calls. Any worker. */
+int pc_workers_over_limit(const pc_worker_t *w, int inbound);
+
+/* Wakes every worker, which then retries its paused listeners. Any thread. */
+void pc_workers_wake(void);
 
 /* A connection ended: if some worker paused accepting, let it try again.
  * Any worker thread. */

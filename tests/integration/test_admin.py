@@ -840,7 +840,10 @@ def test_config_endpoint_defaults(env, pki):
     assert c["log"] == {"level": "info", "access": True}, c["log"]
     assert c["limits"] == {"max_connections": 10000, "handshake_timeout_ms": 10000,
                            "connect_timeout_ms": 5000, "idle_timeout_ms": 300000,
-                           "drain_timeout_ms": 20000, "revoke_grace_ms": 10000}, c["limits"]
+                           "drain_timeout_ms": 20000, "revoke_grace_ms": 10000,
+                           "max_pending_handshakes": 1024,
+                           "handshake_failures_per_source": 20, "throttle_window_ms": 10000,
+                           "throttle_cooldown_ms": 30000}, c["limits"]
     assert c["inbound"][0]["protocol"] == "tcp"
     assert c["outbound"] == []
     # nothing is open, so the exit on SIGTERM is immediate, not at the 20 s default drain

@@ -84,7 +84,8 @@ def test_check_good_config(tmp_path, pki, portcullis_bin):
     assert r.returncode == 0, f"expected exit 0, got {r.returncode}: {r.stderr}"
 
 
-@pytest.mark.parametrize("variant", ["tls13-only", "empty-allow", "workers0", "minimal"])
+@pytest.mark.parametrize("variant", ["tls13-only", "empty-allow", "workers0", "minimal",
+                                     "admission", "small-cap"])
 def test_check_good_variants(tmp_path, pki, portcullis_bin, variant):
     cfg = good_config(pki)
     if variant == "tls13-only":
@@ -93,6 +94,11 @@ def test_check_good_variants(tmp_path, pki, portcullis_bin, variant):
         cfg["inbound"][0]["allow"] = []          # allowed: deny all
     elif variant == "workers0":
         cfg["workers"] = 0
+    elif variant == "admission":   # every admission key at its bound
+        cfg["limits"].update({"max_pending_handshakes": 100, "handshake_failures_per_source": 1,
+                              "throttle_window_ms": 1, "throttle_cooldown_ms": 86400000})
+    elif variant == "small-cap":   # the 1024 default budget shrinks to fit max_connections
+        cfg["limits"]["max_connections"] = 10
     elif variant == "minimal":
         for k in ("tls", "admin", "log", "limits", "workers"):
             del cfg[k]
@@ -211,6 +217,21 @@ BAD = [
     ("protocol-unknown", _set("inbound[0].protocol", "udp"), "inbound[0].protocol", ()),
     ("min-version-number", _set("tls.min_version", 1.2), "tls.min_version", ()),
     ("negative-limit", _set("limits.handshake_timeout_ms", -5), "limits.handshake_timeout_ms", ()),
+    # issue 14: admission before authentication (good_config's max_connections is 100)
+    ("pending-handshakes-zero", _set("limits.max_pending_handshakes", 0),
+     "limits.max_pending_handshakes", ()),
+    ("pending-handshakes-over-cap", _set("limits.max_pending_handshakes", 101),
+     "limits.max_pending_handshakes", ()),
+    ("pending-handshakes-type", _set("limits.max_pending_handshakes", "many"),
+     "limits.max_pending_handshakes", ()),
+    ("failures-per-source-zero", _set("limits.handshake_failures_per_source", 0),
+     "limits.handshake_failures_per_source", ()),
+    ("throttle-window-zero", _set("limits.throttle_window_ms", 0), "limits.throttle_window_ms",
+     ()),
+    ("throttle-cooldown-negative", _set("limits.throttle_cooldown_ms", -1),
+     "limits.throttle_cooldown_ms", ()),
+    ("throttle-cooldown-type", _set("limits.throttle_cooldown_ms", 1.5),
+     "limits.throttle_cooldown_ms", ()),
 ]
 
 

@@ -242,6 +242,17 @@ static const bad_case_t bad_cases[] = {
     {"workers = 2;", "workers = -1;", "workers", "workers", "must be between 0 and 256"},
     {"max_connections = 10000;", "max_connections = 0;", "limits.max_connections",
      "max_connections", "must be between"},
+    {"drain_timeout_ms = 20000;", "drain_timeout_ms = 20000;\n  max_pending_handshakes = 0;",
+     "limits.max_pending_handshakes", "max_pending_handshakes", "must be between"},
+    {"drain_timeout_ms = 20000;", "drain_timeout_ms = 20000;\n  max_pending_handshakes = 10001;",
+     "limits.max_pending_handshakes", "max_pending_handshakes",
+     "must be between 1 and limits.max_connections (10000)"},
+    {"drain_timeout_ms = 20000;", "drain_timeout_ms = 20000;\n  handshake_failures_per_source = 0;",
+     "limits.handshake_failures_per_source", "handshake_failures_per_source", "must be between"},
+    {"drain_timeout_ms = 20000;", "drain_timeout_ms = 20000;\n  throttle_window_ms = 0;",
+     "limits.throttle_window_ms", "throttle_window_ms", "must be between"},
+    {"drain_timeout_ms = 20000;", "drain_timeout_ms = 20000;\n  throttle_cooldown_ms = 0;",
+     "limits.throttle_cooldown_ms", "throttle_cooldown_ms", "must be between"},
     {"idle_timeout_ms = 300000;", "idle_timeout_ms = 0;", "limits.idle_timeout_ms",
      "idle_timeout_ms", "must be between"},
     {"handshake_timeout_ms = 10000;", "handshake_timeout_ms = 100000000000L;",
@@ -605,6 +616,10 @@ static void test_good(void) {
   CHECK_INT_EQ(cfg->limits.connect_timeout_ms, 5000);
   CHECK_INT_EQ(cfg->limits.idle_timeout_ms, 300000);
   CHECK_INT_EQ(cfg->limits.drain_timeout_ms, 20000);
+  CHECK_INT_EQ(cfg->limits.max_pending_handshakes, 1024);
+  CHECK_INT_EQ(cfg->limits.handshake_failures_per_source, 20);
+  CHECK_INT_EQ(cfg->limits.throttle_window_ms, 10000);
+  CHECK_INT_EQ(cfg->limits.throttle_cooldown_ms, 30000);
   CHECK_INT_EQ(cfg->nlisteners, 2);
   if (cfg->nlisteners == 2) {
     const pc_listener_cfg_t *in = &cfg->listeners[0], *out = &cfg->listeners[1];
