@@ -135,12 +135,23 @@ void pc_worker_defer(pc_worker_t *w, pc_deferred_t *d) {
   if (!uv_is_active((uv_handle_t *)&w->check)) uv_check_start(&w->check, on_check);
 }
 
+/* Any thread. Another worker may still be closing its connections (each
+ * release may wake everyone) after w closed its wake handle: the flag,
+ * set under the lock before the close, keeps that send from touching a
+ * closed handle (or, later, a closed loop). */
+static void wake_worker(pc_worker_t *w) {
+  uv_mutex_lock(&w->lock);
+  if (!w->wake_closed) uv_async_send(&w->wake);
+  uv_mutex_unlock(&w->lock);
+}
+
 static void on_wake(uv_async_t *a) {
   pc_worker_t *w = a->data;
   if (__atomic_load_n(&w->stop_requested, __ATOMIC_ACQUIRE)) {
     uv_mutex_lock(&w->lock);
     size_t n = w->nlisteners;
     w->nlisteners = 0;
+    w->wake_closed = 1;
     uv_mutex_unlock(&w->lock);
     for (size_t i = 0; i < n; i++)
       if (w->listeners[i]) pc_listener_close(w->listeners[i]);
@@ -242,7 +253,7 @@ int pc_workers_publish(pc_gen_t *g, char *err, size_t errlen) {
   }
   for (int i = 0; i < nworkers; i++) {
     hand_over(&workers[i], g, fds[i]);
-    uv_async_send(&workers[i].wake);
+    wake_worker(&workers[i]);
   }
   free(fds);
   return 0;
@@ -259,11 +270,14 @@ int pc_workers_start(void) {
 void pc_workers_stop(void) {
   for (int i = 0; i < nworkers; i++) {
     __atomic_store_n(&workers[i].stop_requested, 1, __ATOMIC_RELEASE);
-    uv_async_send(&workers[i].wake);
+    wake_worker(&workers[i]);
   }
+  /* Every thread ends before any worker's loop or lock goes: a worker still
+   * closing connections wakes (locks) the others. */
+  for (int i = 0; i < nworkers; i++)
+    uv_thread_join(&workers[i].thread);
   for (int i = 0; i < nworkers; i++) {
     pc_worker_t *w = &workers[i];
-    uv_thread_join(&w->thread);
     uv_loop_close(&w->loop);
     free(w->listeners);
     free(w->scratch.obuf);
@@ -295,13 +309,13 @@ void pc_workers_conn_released(void) {
   if (!__atomic_load_n(&any_paused, __ATOMIC_SEQ_CST)) return;
   if (!__atomic_exchange_n(&any_paused, 0, __ATOMIC_SEQ_CST)) return;
   for (int i = 0; i < nworkers; i++)
-    uv_async_send(&workers[i].wake);
+    wake_worker(&workers[i]);
 }
 
 void pc_workers_drain(void) {
   for (int i = 0; i < nworkers; i++) {
     __atomic_store_n(&workers[i].drain_requested, 1, __ATOMIC_RELEASE);
-    uv_async_send(&workers[i].wake);
+    wake_worker(&workers[i]);
   }
 }
 

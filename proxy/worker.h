@@ -53,9 +53,11 @@ typedef struct pc_worker {
   int npaused;
   pc_scratch_t scratch;
   /* Guards listeners/nlisteners/all_bound for readers on other
-   * threads (only this worker writes them), and the hand-over fields. */
+   * threads (only this worker writes them), the hand-over fields, and every
+   * uv_async_send on wake (against its close: wake_closed). */
   uv_mutex_t lock;
   int all_bound;             /* every listener of the adopted generation is up */
+  int wake_closed;           /* wake is closing: no uv_async_send on it any more */
   pc_gen_t *pending;         /* handed over, not adopted yet */
   int *pending_fds;          /* per pending listener: new socket, or -1 to keep the old */
   const pc_config_t *handed; /* config of the newest generation handed over (main thread) */
