@@ -271,7 +271,7 @@ static void parse_tls(ctx_t *c, const config_setting_t *root, pc_config_t *cfg) 
 }
 
 static void parse_groups(ctx_t *c, const config_setting_t *root, pc_config_t *cfg) {
-  static const char *const admin_keys[] = {"listen"};
+  static const char *const admin_keys[] = {"listen", "max_connections", "write_timeout_ms"};
   static const char *const log_keys[] = {"level", "access", "buffer_bytes"};
   static const char *const limit_keys[] = {"max_connections",    "handshake_timeout_ms",
                                            "connect_timeout_ms", "idle_timeout_ms",
@@ -289,6 +289,11 @@ static void parse_groups(ctx_t *c, const config_setting_t *root, pc_config_t *cf
     if (cfg->admin.listen_str && pc_config_parse_addr(cfg->admin.listen_str, &cfg->admin.listen))
       fail(c, line, "admin.listen", "\"%s\" is not an address of the form IP:PORT",
            cfg->admin.listen_str);
+    /* Probes and a scraper need a handful; the cap bounds what a stuck or
+     * hostile local client can hold on the main thread. */
+    cfg->admin.max_connections = (uint32_t)get_int(c, g, "admin", "max_connections", 64, 1, 10000);
+    cfg->admin.write_timeout_ms =
+        (uint64_t)get_int(c, g, "admin", "write_timeout_ms", 10000, 1, 86400000LL);
   }
   g = member(c, root, "", "log", CONFIG_TYPE_GROUP, 0);
   cfg->log.level = PC_LOG_INFO;

@@ -70,6 +70,8 @@ typedef struct pc_config {
     char *listen_str;
     struct sockaddr_storage listen;
     int line;
+    uint32_t max_connections;  /* open admin connections; beyond, closed at once */
+    uint64_t write_timeout_ms; /* a response not taken by the client within: closed */
   } admin;
   struct {
     pc_log_level_t level;
