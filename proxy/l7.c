@@ -683,6 +683,15 @@ int pc_l7_at_boundary(const pc_l7_t *x) {
   return x->state == X_REQUEST && x->req_done;
 }
 
+void pc_l7_drain(pc_l7_t *x) {
+  if (x->state == X_HEAD && !x->head_started && !x->in_len && !x->ex.call) {
+    close_gently(x);
+    settle(x);
+  } else if (x->state == X_REQUEST) {
+    x->close_after = 1;
+  }
+}
+
 void pc_l7_on_eof(pc_l7_t *x) {
   switch (x->state) {
   case X_TUNNEL: pc_splice_on_eof(&x->splice, x->down); return;

@@ -92,6 +92,8 @@ int pc_worker_check_drain(pc_worker_t *w) {
     for (size_t i = 0; i < w->nlisteners; i++)
       if (w->listeners[i]) pc_listener_stop(w->listeners[i]);
     pc_conn_drain_all(w);
+    pc_pool_drain(w);
+    pc_h2up_drain(w);
   }
   return 1;
 }

@@ -5,6 +5,10 @@
      sidecar lifetimes. Each connection that ends while a worker is paused wakes every
      worker; a worker that has already closed its wake handle (and whose loop the main
      thread then closes) must not be woken any more.
+  2. A drain does not wait for idle connections: with drain_timeout_ms = 60 s, an idle
+     HTTP/1 keep-alive client and an idle HTTP/2 client are closed at once, a request in
+     flight is answered with "connection: close" and then closed, pooled connections to the
+     app close, and the process exits by itself ("drained"), never at the deadline.
 
 Every loop is bounded in count and time; ports come from h.free_port().
 """
@@ -17,6 +21,8 @@ import threading
 import time
 
 import harness as h
+import httpkit as hk
+from test_http2_lifecycle import H2Client  # noqa: E402  (python3-h2 over mTLS)
 
 SANITIZER_MARKS = ("AddressSanitizer", "LeakSanitizer", "UndefinedBehaviorSanitizer",
                    "runtime error:", "ThreadSanitizer")
@@ -107,3 +113,67 @@ def test_sigterm_twice_while_paused_exits_0(env, pki):
 def test_drain_deadline_while_paused_exits_0(env, pki):
     for i in range(5):
         _one_lifetime(env, pki, i, second_sigterm=False)
+
+
+def test_drain_closes_idle_http_connections_at_once(env, pki):
+    app = hk.HttpApp(name="drainidle")
+    env.apps.append(app)
+    port = h.free_port()
+    cfg = h.base_config(pki, "payments-api", workers=1,
+                        limits={"drain_timeout_ms": 60000},
+                        inbound=[h.inbound_listener("api", port, app.addr,
+                                                    [{"namespace": "web"}], protocol="http")])
+    sc = env.sidecar(cfg, name="drainidle")
+    web = h.client_context(pki, "web-frontend")
+    # An HTTP/1 request in flight when the drain begins: the app holds it until a second
+    # request with its gate key arrives (sent straight to the app, after the checks below).
+    n = app.nreq()
+    busy = hk.HttpConn.tls(port, web)
+    busy.send(hk.req("GET", "/gate?key=drain&n=2"))
+    assert app.wait_reqs(n + 1), "the request in flight never reached the app"
+    # an HTTP/1 keep-alive client that has been answered and is now idle; its request took
+    # a second connection to the app, now idle in the pool
+    idle1 = hk.HttpConn.tls(port, web)
+    idle1.send(hk.req("GET", "/echo"))
+    r = idle1.read_response()
+    assert r.status == 200 and not r.closes, (r.status, r.headers)
+    # an HTTP/2 client, idle after one stream
+    idle2 = H2Client(port, h.client_context(pki, "web-frontend"))
+    sid = idle2.get("/echo")
+    assert idle2.pump(lambda cl: cl.ended(sid)) and idle2.status(sid) == 200
+    assert app.count() == 2 and app.closed() == 0, (app.count(), app.closed())
+    ev = sc.event_count()
+    sc.signal(signal.SIGTERM)
+    assert sc.wait_for_event("draining", h.PROMPT_S, ev) is not None
+    try:
+        assert idle1.closed_by_peer(timeout=h.PROMPT_S), \
+            "the idle HTTP/1 keep-alive connection was not closed by the drain"
+        assert idle2.pump(lambda cl: cl.goaway() is not None and cl.eof, h.PROMPT_S), \
+            f"the idle HTTP/2 connection was not closed by the drain: {idle2.events[-5:]}"
+        assert idle2.goaway().error_code == 0
+        # the idle pooled connection to the app is closed by the drain too
+        assert h.wait_until(lambda: app.closed() == 1, h.T(h.PROMPT_S)), app.closed()
+        assert sc.alive(), "exited while a request was in flight"
+        opener = hk.HttpConn.plain(app.port)
+        opener.send(hk.req("GET", "/gate?key=drain&n=2"))
+        assert opener.read_response().status == 200
+        opener.close()
+        r = busy.read_response()
+        assert r.status == 200 and r.closes, (r.status, r.headers)
+        assert busy.closed_by_peer(timeout=h.PROMPT_S), "closed after the answer in flight"
+    finally:
+        idle1.close()
+        idle2.close()
+        busy.close()
+    # Far below the 60 s drain deadline even scaled: exiting here tells "as designed"
+    # from "waited for the deadline"; the events say which way it ended.
+    rc = sc.wait_exit(15)
+    assert rc == 0, f"exit code {rc} (None: still running, waiting for the deadline)"
+    assert sc.events_matching("drained: no connection left", ev), sc.stderr_lines[-10:]
+    assert not sc.events_matching("drain deadline reached", ev)
+    # every connection to the app ended (idle pooled ones at the drain, the busy one after
+    # its answer)
+    assert h.wait_until(lambda: app.closed() == app.count(), h.T(h.PROMPT_S)), \
+        (app.closed(), app.count())
+    got = [e for e in sc.access_log() if e.get("path") == "/gate"]
+    assert got and got[0]["status"] == 200 and got[0]["decision"] == "allow", got
