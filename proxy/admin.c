@@ -438,6 +438,7 @@ static void render_config(pc_jbuf_t *b, const pc_gen_t *g) {
   pc_jbuf_kv_i64(b, "max_headers", c->http.max_headers);
   pc_jbuf_kv_i64(b, "request_timeout_ms", (long long)c->http.request_timeout_ms);
   pc_jbuf_kv_i64(b, "response_timeout_ms", (long long)c->http.response_timeout_ms);
+  pc_jbuf_kv_i64(b, "body_timeout_ms", (long long)c->http.body_timeout_ms);
   pc_jbuf_kv_i64(b, "pool_max_idle", c->http.pool_max_idle);
   pc_jbuf_kv_i64(b, "pool_idle_timeout_ms", (long long)c->http.pool_idle_timeout_ms);
   pc_jbuf_raw(b, "},\"http2\":{", 11);

@@ -277,8 +277,8 @@ static void parse_groups(ctx_t *c, const config_setting_t *root, pc_config_t *cf
                                            "connect_timeout_ms", "idle_timeout_ms",
                                            "drain_timeout_ms",   "revoke_grace_ms"};
   static const char *const http_keys[] = {
-      "max_request_line",    "max_header_bytes", "max_headers",         "request_timeout_ms",
-      "response_timeout_ms", "pool_max_idle",    "pool_idle_timeout_ms"};
+      "max_request_line",    "max_header_bytes", "max_headers",          "request_timeout_ms",
+      "response_timeout_ms", "pool_max_idle",    "pool_idle_timeout_ms", "body_timeout_ms"};
   static const char *const http2_keys[] = {"max_concurrent_streams", "stream_window",
                                            "connection_window"};
   int line;
@@ -334,6 +334,9 @@ static void parse_groups(ctx_t *c, const config_setting_t *root, pc_config_t *cf
         (uint64_t)get_int(c, g, "http", "request_timeout_ms", 10000, 1, day);
     cfg->http.response_timeout_ms =
         (uint64_t)get_int(c, g, "http", "response_timeout_ms", 30000, 1, day);
+    /* A client that stops in the middle of a body holds an upstream
+     * connection (and, HTTP/1, the app's request) until it does. */
+    cfg->http.body_timeout_ms = (uint64_t)get_int(c, g, "http", "body_timeout_ms", 60000, 1, day);
     /* One HTTP/2 client connection may have 100 requests in flight, each on
      * its own HTTP/1.1 connection to the app: a pool that keeps fewer idle
      * reconnects for most of them (h2load -c16 -m32 through a pair: 15k

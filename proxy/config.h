@@ -87,6 +87,7 @@ typedef struct pc_config {
     uint32_t max_request_line, max_header_bytes, max_headers;
     uint64_t request_timeout_ms;  /* request head complete within: else 408 */
     uint64_t response_timeout_ms; /* response head after the request was sent: else 504 */
+    uint64_t body_timeout_ms;     /* gap between request body bytes: else 408 or reset */
     uint32_t pool_max_idle;       /* idle upstream connections per listener and worker */
     uint64_t pool_idle_timeout_ms;
   } http;

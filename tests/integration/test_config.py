@@ -211,6 +211,7 @@ BAD = [
     ("protocol-unknown", _set("inbound[0].protocol", "udp"), "inbound[0].protocol", ()),
     ("min-version-number", _set("tls.min_version", 1.2), "tls.min_version", ()),
     ("negative-limit", _set("limits.handshake_timeout_ms", -5), "limits.handshake_timeout_ms", ()),
+    ("body-timeout-0", _set("http", {"body_timeout_ms": 0}), "http.body_timeout_ms", ()),
     ("admin-max-connections-0", _set("admin.max_connections", 0), "admin.max_connections", ()),
     ("admin-write-timeout-0", _set("admin.write_timeout_ms", 0), "admin.write_timeout_ms", ()),
     ("admin-write-timeout-type", _set("admin.write_timeout_ms", "10s"),
