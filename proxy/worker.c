@@ -3,6 +3,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include "bufcache.h"
@@ -15,8 +16,8 @@
 
 static pc_worker_t *workers;
 static int nworkers;
-static int any_paused; /* set when a worker paused; cleared by the wake-up */
-static uint32_t fd_cap;
+static int any_paused;  /* set when a worker paused; cleared by the wake-up */
+static uint32_t fd_cap; /* atomic: written on publish, read by every worker */
 
 static void close_fds(int *fds, size_t n) {
   for (size_t i = 0; fds && i < n; i++)
@@ -224,6 +225,39 @@ static void hand_over(pc_worker_t *w, pc_gen_t *g, int *fds) {
   uv_mutex_unlock(&w->lock);
 }
 
+/* Each connection needs two descriptors. Besides them: stdio, logs, signal
+ * pipes; per worker epoll, async, libuv's reserve descriptor and one socket
+ * per listener; the admin server's connections; and per worker and HTTP
+ * listener up to http.pool_max_idle idle pooled upstream connections. If
+ * the descriptor limit cannot hold max_connections on top, live connections
+ * are capped so that accepting pauses before accept(2) or socket(2) fail
+ * with EMFILE (which would drop peers without a trace). */
+static void budget_descriptors(const pc_config_t *cfg) {
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) != 0) return;
+  uint64_t http = 0;
+  for (size_t i = 0; i < cfg->nlisteners; i++)
+    http += cfg->listeners[i].protocol == PC_PROTO_HTTP;
+  uint64_t reserve = 32 + (uint64_t)cfg->workers * (cfg->nlisteners + 8) +
+                     cfg->admin.max_connections +
+                     (uint64_t)cfg->workers * http * cfg->http.pool_max_idle;
+  uint64_t need = (uint64_t)cfg->limits.max_connections * 2 + reserve;
+  uint64_t have = rl.rlim_cur;
+  uint32_t cap = 0;
+  if (have < need) cap = have > reserve + 2 ? (uint32_t)((have - reserve) / 2) : 1;
+  uint32_t old = __atomic_exchange_n(&fd_cap, cap, __ATOMIC_RELAXED);
+  if (cap && cap != old)
+    pc_log(PC_LOG_WARN,
+           "descriptor limit %llu cannot hold limits.max_connections=%u (needs %llu, %llu of "
+           "them for listeners, admin.max_connections and idle pooled connections); at most %u "
+           "connections will be served at once and accepting pauses beyond that",
+           (unsigned long long)have, cfg->limits.max_connections, (unsigned long long)need,
+           (unsigned long long)reserve, cap);
+  else if (!cap && old)
+    pc_log(PC_LOG_INFO, "descriptor limit %llu holds limits.max_connections=%u again",
+           (unsigned long long)have, cfg->limits.max_connections);
+}
+
 int pc_workers_create(pc_gen_t *gen, char *err, size_t errlen) {
   nworkers = gen->cfg->workers;
   workers = pc_calloc((size_t)nworkers, sizeof(pc_worker_t));
@@ -253,6 +287,7 @@ int pc_workers_publish(pc_gen_t *g, char *err, size_t errlen) {
       return -1;
     }
   }
+  budget_descriptors(g->cfg);
   for (int i = 0; i < nworkers; i++) {
     hand_over(&workers[i], g, fds[i]);
     wake_worker(&workers[i]);
@@ -295,11 +330,10 @@ void pc_workers_stop(void) {
   workers = NULL;
 }
 
-void pc_workers_set_fd_cap(uint32_t cap) { fd_cap = cap; }
-
 int pc_workers_over_limit(const pc_worker_t *w) {
   uint32_t max = w->gen->cfg->limits.max_connections;
-  if (fd_cap && fd_cap < max) max = fd_cap;
+  uint32_t cap = __atomic_load_n(&fd_cap, __ATOMIC_RELAXED);
+  if (cap && cap < max) max = cap;
   if ((uint32_t)pc_conn_active() < max) return 0;
   /* Publish "someone may pause" before looking again, so a connection that
    * closes in between either sees the flag or is seen here. */

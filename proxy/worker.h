@@ -81,7 +81,10 @@ int pc_workers_start(void);
 
 /* Hands g to every worker (each takes its own reference). Sockets for
  * listeners that g adds are bound first: if any cannot be, nothing is handed
- * over and -1 is returned with one error line in err. Main thread. */
+ * over and -1 is returned with one error line in err. Otherwise the
+ * descriptor budget is recomputed for g's config (see
+ * pc_workers_over_limit; a warning names the cap when it changes). Main
+ * thread. */
 int pc_workers_publish(pc_gen_t *g, char *err, size_t errlen);
 
 /* Asks every worker to close its listeners and connections, waits for the
@@ -107,13 +110,11 @@ void pc_workers_collect(void (*fn)(const pc_listener_t *l, void *arg), void *arg
  * else 0 with a short reason in why (static storage). Main thread. */
 int pc_workers_ready(const char **why);
 
-/* Caps live connections below limits.max_connections when the descriptor
- * limit cannot hold that many (each connection needs two). 0 = no extra cap.
- * Main thread, before pc_workers_start. */
-void pc_workers_set_fd_cap(uint32_t cap);
-
 /* Non-zero when the process is at its connection cap (max_connections or the
- * descriptor cap, whichever is lower): accepting must pause. Any worker. */
+ * descriptor cap, whichever is lower): accepting must pause. The descriptor
+ * cap applies when the soft RLIMIT_NOFILE cannot hold two descriptors per
+ * connection on top of the listeners, admin connections and idle pooled
+ * upstream connections the config allows. Any worker. */
 int pc_workers_over_limit(const pc_worker_t *w);
 
 /* A connection ended: if some worker paused accepting, let it try again.

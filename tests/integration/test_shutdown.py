@@ -9,12 +9,16 @@
      HTTP/1 keep-alive client and an idle HTTP/2 client are closed at once, a request in
      flight is answered with "connection: close" and then closed, pooled connections to the
      app close, and the process exits by itself ("drained"), never at the deadline.
+  3. The descriptor budget (the cap on live connections when RLIMIT_NOFILE cannot hold
+     max_connections) counts admin.max_connections and idle pooled upstream connections,
+     and follows a reload.
 
 Every loop is bounded in count and time; ports come from h.free_port().
 """
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import threading
@@ -177,3 +181,44 @@ def test_drain_closes_idle_http_connections_at_once(env, pki):
         (app.closed(), app.count())
     got = [e for e in sc.access_log() if e.get("path") == "/gate"]
     assert got and got[0]["status"] == 200 and got[0]["decision"] == "allow", got
+
+
+def test_descriptor_budget_counts_admin_and_pool_and_follows_reload(env, pki):
+    """Two descriptors per connection, after what the listeners, admin.max_connections and
+    http.pool_max_idle (per worker and HTTP listener) may hold: 100 more idle pooled
+    connections or 100 more admin connections leave 50 fewer client connections. The
+    constant part is not asserted, only what each setting adds."""
+    app = env.app("echo")
+    port = h.free_port()
+    cfg = h.base_config(pki, "payments-api", workers=1,
+                        limits={"max_connections": 1000},
+                        extra={"admin": {"max_connections": 10},
+                               "http": {"pool_max_idle": 50}},
+                        inbound=[h.inbound_listener("api", port, app.addr,
+                                                    [{"namespace": "web"}], protocol="http")])
+    sc = env.sidecar(cfg, name="fdbudget", cmd_prefix=["prlimit", "--nofile=400:400"])
+
+    def cap_after(start: int) -> int:
+        e = sc.wait_for_event("descriptor limit 400 cannot hold", h.PROMPT_S, start)
+        assert e is not None, f"no descriptor-cap warning: {sc.stderr_lines[-10:]}"
+        return int(re.search(r"at most (\d+) connections", e["msg"]).group(1))
+
+    cap1 = cap_after(0)
+    assert 50 < cap1 < 200, cap1
+
+    def reload(admin_max: int, pool_max: int) -> int:
+        cfg["admin"]["max_connections"] = admin_max
+        cfg["http"]["pool_max_idle"] = pool_max
+        sc.write_config(cfg)
+        ev = sc.event_count()
+        sc.sighup()
+        assert sc.wait_for_event("reload ok: kind=config", h.PROMPT_S, ev) is not None, \
+            sc.stderr_lines[-10:]
+        return cap_after(ev)
+
+    cap2 = reload(10, 150)
+    assert cap2 == cap1 - 50, (cap1, cap2)
+    cap3 = reload(110, 150)
+    assert cap3 == cap2 - 50, (cap2, cap3)
+    m = sc.admin_get("/config").json()
+    assert m["admin"]["max_connections"] == 110 and m["http"]["pool_max_idle"] == 150
