@@ -29,7 +29,6 @@ typedef struct admin_conn {
   uv_shutdown_t shutdown_req;
   pc_adminreq_t req;
   int answered, handles;
-  int timed_out; /* the response was not taken within admin.write_timeout_ms */
   pc_jbuf_t out;
   struct admin_conn *prev, *next;
 } admin_conn_t;
@@ -84,7 +83,6 @@ static void on_written(uv_write_t *req, int status) {
 
 static void on_write_timeout(uv_timer_t *t) {
   admin_conn_t *a = t->data;
-  a->timed_out = 1;
   closed_timeout++;
   pc_log(PC_LOG_WARN,
          "admin: closing a connection whose client did not read its response within "
