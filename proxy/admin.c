@@ -20,6 +20,7 @@
 #include "worker.h"
 
 #define REQUEST_TIMEOUT_MS 5000
+#define ADMIN_SNDBUF (64 * 1024) /* SO_SNDBUF per admin connection (Linux doubles it) */
 
 typedef struct admin_conn {
   uv_tcp_t tcp;
@@ -36,6 +37,12 @@ static uv_tcp_t server;
 static admin_conn_t *conns; /* open admin connections, closed by pc_admin_stop */
 static int server_open;
 static int draining;
+static uint32_t nconns;         /* open, counted against admin.max_connections */
+static int at_cap;              /* refusing; logged once per episode */
+static uint64_t refused_limit;  /* closed at once at admin.max_connections */
+static uint64_t closed_timeout; /* response not taken within admin.write_timeout_ms */
+static uint32_t max_conns = 64;
+static uint64_t write_timeout_ms = 10000;
 
 void pc_admin_set_draining(void) { draining = 1; }
 
@@ -51,21 +58,37 @@ static void on_conn_closed(uv_handle_t *h) {
   if (a->next) a->next->prev = a->prev;
   pc_jbuf_free(&a->out);
   free(a);
+  nconns--;
 }
 
-static void close_conn(admin_conn_t *a) {
+/* reset: a client that stopped reading; RST drops what the kernel still
+ * holds for it too. */
+static void close_conn(admin_conn_t *a, int reset) {
   uv_timer_stop(&a->timer);
   if (!uv_is_closing((uv_handle_t *)&a->timer)) uv_close((uv_handle_t *)&a->timer, on_conn_closed);
-  if (!uv_is_closing((uv_handle_t *)&a->tcp)) uv_close((uv_handle_t *)&a->tcp, on_conn_closed);
+  if (uv_is_closing((uv_handle_t *)&a->tcp)) return;
+  if (!reset || uv_tcp_close_reset(&a->tcp, on_conn_closed) != 0)
+    uv_close((uv_handle_t *)&a->tcp, on_conn_closed);
 }
 
-static void on_shutdown(uv_shutdown_t *req, int status) { close_conn(req->data); }
+static void on_shutdown(uv_shutdown_t *req, int status) { close_conn(req->data, 0); }
 
 static void on_written(uv_write_t *req, int status) {
   admin_conn_t *a = req->data;
   a->shutdown_req.data = a;
-  if (status < 0 || uv_shutdown(&a->shutdown_req, (uv_stream_t *)&a->tcp, on_shutdown) != 0)
-    close_conn(a);
+  if (status < 0 || uv_is_closing((uv_handle_t *)&a->tcp) ||
+      uv_shutdown(&a->shutdown_req, (uv_stream_t *)&a->tcp, on_shutdown) != 0)
+    close_conn(a, 0);
+}
+
+static void on_write_timeout(uv_timer_t *t) {
+  admin_conn_t *a = t->data;
+  closed_timeout++;
+  pc_log(PC_LOG_WARN,
+         "admin: closing a connection whose client did not read its response within "
+         "admin.write_timeout_ms=%llu (timeout)",
+         (unsigned long long)write_timeout_ms);
+  close_conn(a, 1);
 }
 
 static void respond(admin_conn_t *a, int status, const char *reason, const char *ctype,
@@ -83,7 +106,13 @@ static void respond(admin_conn_t *a, int status, const char *reason, const char 
   pc_jbuf_free(&hdr);
   uv_buf_t b = uv_buf_init(a->out.data, (unsigned)a->out.len);
   a->write_req.data = a;
-  if (uv_write(&a->write_req, (uv_stream_t *)&a->tcp, &b, 1, on_written) != 0) close_conn(a);
+  if (uv_write(&a->write_req, (uv_stream_t *)&a->tcp, &b, 1, on_written) != 0) {
+    close_conn(a, 0);
+    return;
+  }
+  /* Until the kernel has taken the whole response and the FIN: a client
+   * that never reads would otherwise hold it here for ever. */
+  uv_timer_start(&a->timer, on_write_timeout, write_timeout_ms, 0);
 }
 
 static void respond_text(admin_conn_t *a, int status, const char *reason, const char *body) {
@@ -337,6 +366,15 @@ static void render_metrics(pc_jbuf_t *b) {
        "Log lines (access and server) dropped because stdout or stderr did not keep up.");
   pc_jbuf_printf(b, "portcullis_log_lines_dropped_total %llu\n",
                  (unsigned long long)pc_log_dropped());
+  help(b, "admin_refused_total", "counter",
+       "Admin connections closed unserved: at admin.max_connections (limit), or whose client "
+       "did not read its response within admin.write_timeout_ms (timeout).");
+  pc_jbuf_printf(b, "portcullis_admin_refused_total{reason=\"%s\"} %llu\n",
+                 pc_reason_word(PC_REASON_LIMIT), (unsigned long long)refused_limit);
+  pc_jbuf_printf(b, "portcullis_admin_refused_total{reason=\"%s\"} %llu\n",
+                 pc_reason_word(PC_REASON_TIMEOUT), (unsigned long long)closed_timeout);
+  help(b, "admin_connections", "gauge", "Open admin connections (this scrape's included).");
+  pc_jbuf_printf(b, "portcullis_admin_connections %u\n", nconns);
   help(b, "draining", "gauge", "1 while draining after SIGTERM.");
   pc_jbuf_printf(b, "portcullis_draining %d\n", draining);
   help(b, "build_info", "gauge", "Build information.");
@@ -397,6 +435,8 @@ static void render_config(pc_jbuf_t *b, const pc_gen_t *g) {
   pc_jbuf_kv_i64(b, "verify_depth", c->tls.verify_depth);
   pc_jbuf_raw(b, "},\"admin\":{", 11);
   pc_jbuf_kv_str(b, "listen", c->admin.listen_str);
+  pc_jbuf_kv_i64(b, "max_connections", c->admin.max_connections);
+  pc_jbuf_kv_i64(b, "write_timeout_ms", (long long)c->admin.write_timeout_ms);
   pc_jbuf_raw(b, "},\"log\":{", 9);
   static const char *const levels[] = {"debug", "info", "warn", "error"};
   pc_jbuf_kv_str(b, "level", levels[c->log.level]);
@@ -418,6 +458,7 @@ static void render_config(pc_jbuf_t *b, const pc_gen_t *g) {
   pc_jbuf_kv_i64(b, "max_headers", c->http.max_headers);
   pc_jbuf_kv_i64(b, "request_timeout_ms", (long long)c->http.request_timeout_ms);
   pc_jbuf_kv_i64(b, "response_timeout_ms", (long long)c->http.response_timeout_ms);
+  pc_jbuf_kv_i64(b, "body_timeout_ms", (long long)c->http.body_timeout_ms);
   pc_jbuf_kv_i64(b, "pool_max_idle", c->http.pool_max_idle);
   pc_jbuf_kv_i64(b, "pool_idle_timeout_ms", (long long)c->http.pool_idle_timeout_ms);
   pc_jbuf_raw(b, "},\"http2\":{", 11);
@@ -578,7 +619,7 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
   admin_conn_t *a = st->data;
   if (a->answered) return;
   if (nread < 0) {
-    close_conn(a);
+    close_conn(a, 0);
     return;
   }
   if (nread == 0) return;
@@ -598,8 +639,37 @@ static void on_timeout(uv_timer_t *t) {
   respond_text(a, 408, "Request Timeout", "request timeout\n");
 }
 
+static void on_refused_closed(uv_handle_t *h) { free(h); }
+
+/* At admin.max_connections: take the connection off the backlog and close it
+ * at once (the client sees its end before any response). */
+static void refuse(uv_stream_t *srv) {
+  uv_tcp_t *t = pc_malloc(sizeof(*t));
+  uv_tcp_init(srv->loop, t);
+  if (uv_accept(srv, (uv_stream_t *)t) == 0) refused_limit++;
+  uv_close((uv_handle_t *)t, on_refused_closed);
+  if (!at_cap)
+    pc_log(PC_LOG_WARN,
+           "admin: admin.max_connections=%u reached, closing new admin connections (limit)",
+           max_conns);
+  at_cap = 1;
+}
+
 static void on_connection(uv_stream_t *srv, int status) {
   if (status < 0) return;
+  pc_gen_t *g = pc_gen_current();
+  if (g) {
+    max_conns = g->cfg->admin.max_connections;
+    write_timeout_ms = g->cfg->admin.write_timeout_ms;
+    pc_gen_unref(g);
+  }
+  if (nconns >= max_conns) {
+    refuse(srv);
+    return;
+  }
+  if (at_cap) pc_log(PC_LOG_INFO, "admin: accepting admin connections again");
+  at_cap = 0;
+  nconns++;
   admin_conn_t *a = pc_calloc(1, sizeof(*a));
   uv_tcp_init(srv->loop, &a->tcp);
   uv_timer_init(srv->loop, &a->timer);
@@ -609,15 +679,22 @@ static void on_connection(uv_stream_t *srv, int status) {
   if (conns) conns->prev = a;
   conns = a;
   if (uv_accept(srv, (uv_stream_t *)&a->tcp) != 0) {
-    close_conn(a);
+    close_conn(a, 0);
     return;
   }
+  /* A fixed send buffer (Linux would grow it to 4 MiB on loopback) bounds
+   * what a client that does not read makes the kernel hold, before and
+   * after the close; the write deadline covers the rest. */
+  int sndbuf = ADMIN_SNDBUF;
+  uv_send_buffer_size((uv_handle_t *)&a->tcp, &sndbuf);
   pc_adminreq_init(&a->req);
   uv_timer_start(&a->timer, on_timeout, REQUEST_TIMEOUT_MS, 0);
   uv_read_start((uv_stream_t *)&a->tcp, alloc_cb, on_read);
 }
 
 int pc_admin_start(uv_loop_t *loop, const pc_config_t *cfg, char *err, size_t errlen) {
+  max_conns = cfg->admin.max_connections;
+  write_timeout_ms = cfg->admin.write_timeout_ms;
   uv_tcp_init(loop, &server);
   server_open = 1;
   int rc = uv_tcp_bind(&server, (const struct sockaddr *)&cfg->admin.listen, 0);
@@ -634,5 +711,5 @@ void pc_admin_stop(void) {
   if (server_open && !uv_is_closing((uv_handle_t *)&server)) uv_close((uv_handle_t *)&server, NULL);
   server_open = 0;
   for (admin_conn_t *a = conns; a; a = a->next)
-    close_conn(a);
+    close_conn(a, 0);
 }

@@ -271,7 +271,7 @@ static void parse_tls(ctx_t *c, const config_setting_t *root, pc_config_t *cfg) 
 }
 
 static void parse_groups(ctx_t *c, const config_setting_t *root, pc_config_t *cfg) {
-  static const char *const admin_keys[] = {"listen"};
+  static const char *const admin_keys[] = {"listen", "max_connections", "write_timeout_ms"};
   static const char *const log_keys[] = {"level", "access", "buffer_bytes"};
   static const char *const limit_keys[] = {
       "max_connections",        "handshake_timeout_ms",
@@ -280,8 +280,8 @@ static void parse_groups(ctx_t *c, const config_setting_t *root, pc_config_t *cf
       "max_pending_handshakes", "handshake_failures_per_source",
       "throttle_window_ms",     "throttle_cooldown_ms"};
   static const char *const http_keys[] = {
-      "max_request_line",    "max_header_bytes", "max_headers",         "request_timeout_ms",
-      "response_timeout_ms", "pool_max_idle",    "pool_idle_timeout_ms"};
+      "max_request_line",    "max_header_bytes", "max_headers",          "request_timeout_ms",
+      "response_timeout_ms", "pool_max_idle",    "pool_idle_timeout_ms", "body_timeout_ms"};
   static const char *const http2_keys[] = {"max_concurrent_streams", "stream_window",
                                            "connection_window"};
   int line;
@@ -292,6 +292,11 @@ static void parse_groups(ctx_t *c, const config_setting_t *root, pc_config_t *cf
     if (cfg->admin.listen_str && pc_config_parse_addr(cfg->admin.listen_str, &cfg->admin.listen))
       fail(c, line, "admin.listen", "\"%s\" is not an address of the form IP:PORT",
            cfg->admin.listen_str);
+    /* Probes and a scraper need a handful; the cap bounds what a stuck or
+     * hostile local client can hold on the main thread. */
+    cfg->admin.max_connections = (uint32_t)get_int(c, g, "admin", "max_connections", 64, 1, 10000);
+    cfg->admin.write_timeout_ms =
+        (uint64_t)get_int(c, g, "admin", "write_timeout_ms", 10000, 1, 86400000LL);
   }
   g = member(c, root, "", "log", CONFIG_TYPE_GROUP, 0);
   cfg->log.level = PC_LOG_INFO;
@@ -350,6 +355,9 @@ static void parse_groups(ctx_t *c, const config_setting_t *root, pc_config_t *cf
         (uint64_t)get_int(c, g, "http", "request_timeout_ms", 10000, 1, day);
     cfg->http.response_timeout_ms =
         (uint64_t)get_int(c, g, "http", "response_timeout_ms", 30000, 1, day);
+    /* A client that stops in the middle of a body holds an upstream
+     * connection (and, HTTP/1, the app's request) until it does. */
+    cfg->http.body_timeout_ms = (uint64_t)get_int(c, g, "http", "body_timeout_ms", 60000, 1, day);
     /* One HTTP/2 client connection may have 100 requests in flight, each on
      * its own HTTP/1.1 connection to the app: a pool that keeps fewer idle
      * reconnects for most of them (h2load -c16 -m32 through a pair: 15k

@@ -70,6 +70,8 @@ typedef struct pc_config {
     char *listen_str;
     struct sockaddr_storage listen;
     int line;
+    uint32_t max_connections;  /* open admin connections; beyond, closed at once */
+    uint64_t write_timeout_ms; /* a response not taken by the client within: closed */
   } admin;
   struct {
     pc_log_level_t level;
@@ -88,6 +90,7 @@ typedef struct pc_config {
     uint32_t max_request_line, max_header_bytes, max_headers;
     uint64_t request_timeout_ms;  /* request head complete within: else 408 */
     uint64_t response_timeout_ms; /* response head after the request was sent: else 504 */
+    uint64_t body_timeout_ms;     /* gap between request body bytes: else 408 or reset */
     uint32_t pool_max_idle;       /* idle upstream connections per listener and worker */
     uint64_t pool_idle_timeout_ms;
   } http;

@@ -231,11 +231,15 @@ static void establish(pc_conn_t *c) {
   make_env(c, &env);
   if (c->inbound && pc_tls_alpn_is_h2(c->down.ssl)) {
     c->h2 = pc_h2_start(&c->down, &env, on_l7_done, c, NULL, 0);
+    /* Its handshake outlived the drain's start: GOAWAY at once. */
+    if (c->w->draining && c->state == ST_ESTABLISHED) pc_h2_drain(c->h2);
     return;
   }
   /* Outbound, the app may speak HTTP/2 with prior knowledge: its first bytes
    * decide (on_data). HTTP/1 is served meanwhile, so a silent app still
-   * gets its 408. */
+   * gets its 408. Inbound, a client whose handshake ended after the drain
+   * began still gets its first request served (it may be on its way); the
+   * answer closes the connection. */
   c->sniffing = !c->inbound;
   c->l7 = pc_l7_start(&c->down, &env, on_l7_done, c);
 }
@@ -264,6 +268,7 @@ static void sniff(pc_conn_t *c, const char *buf, size_t len) {
   make_env(c, &env);
   c->h2 = pc_h2_start(&c->down, &env, on_l7_done, c, c->sniff, c->sniff_len);
   if (len > n && c->state == ST_ESTABLISHED) pc_h2_on_data(c->h2, buf + n, len - n);
+  if (c->w->draining && c->state == ST_ESTABLISHED) pc_h2_drain(c->h2);
 }
 
 static void make_env(pc_conn_t *c, pc_l7_env_t *out) {
@@ -590,9 +595,17 @@ int pc_conn_accept(pc_listener_t *l) {
   return 0;
 }
 
+/* HTTP connections end as soon as nothing is in flight (l7.h, h2.h); the
+ * next pointer stays valid because a connection is freed only in its last
+ * close callback. */
 void pc_conn_drain_all(pc_worker_t *w) {
-  for (pc_conn_t *c = w->conns; c; c = c->next)
-    if (c->state == ST_ESTABLISHED && c->h2) pc_h2_drain(c->h2);
+  for (pc_conn_t *c = w->conns; c; c = c->next) {
+    if (c->state != ST_ESTABLISHED) continue;
+    if (c->h2)
+      pc_h2_drain(c->h2);
+    else if (c->l7 && !c->l7_closed && !(c->sniffing && c->sniff_len))
+      pc_l7_drain(c->l7); /* (a preface begun: drained once it is HTTP/2, sniff) */
+  }
 }
 
 void pc_conn_close_all(pc_worker_t *w) {

@@ -73,8 +73,10 @@ struct h2s {
   /* the response as it goes out */
   char *rb;
   size_t rb_off, rb_len, rb_cap;
-  uint64_t due; /* loop time of the response-head deadline; 0: none */
-  unsigned req_end : 1, res_head : 1, res_any : 1, res_end : 1, answered : 1, submitted : 1,
+  uint64_t due;              /* loop time of the response-head deadline; 0: none */
+  uint64_t body_due;         /* loop time by which the next request body byte is due; 0: none */
+  unsigned body_expired : 1, /* answered 408: reset once that answer is out */
+      req_end : 1, res_head : 1, res_any : 1, res_end : 1, answered : 1, submitted : 1,
       deferred : 1, reset_by_peer : 1, we_reset : 1,
       malformed : 1; /* nghttp2 reset the stream for a protocol error of the client's */
 };
@@ -181,7 +183,7 @@ static void reply(h2s_t *s, int status, pc_decision_t d, pc_reason_t r, const ch
   pc_h2_t *h = s->h;
   release_call(s);
   s->answered = 1;
-  s->due = 0;
+  s->due = s->body_due = 0;
   s->ex.decision = d;
   s->ex.reason = r;
   if (s->submitted) { /* a response already started (its status stays logged): cut it */
@@ -311,9 +313,30 @@ static void arm_due(pc_h2_t *h, uint64_t due) {
 
 static void arm_timer(pc_h2_t *h) {
   uint64_t first = 0;
-  for (h2s_t *s = h->streams; s; s = s->next)
+  for (h2s_t *s = h->streams; s; s = s->next) {
     if (s->due && (!first || s->due < first)) first = s->due;
+    if (s->body_due && (!first || s->body_due < first)) first = s->body_due;
+  }
   arm_due(h, first);
+}
+
+/* A stream's request body stopped arriving. If the client has no window
+ * left to send in, the wait is ours (the upstream is slow): not its fault.
+ * Otherwise reply() answers 408, or resets a response already begun, and
+ * releases the call, which resets the upstream's request: the app must not
+ * take the cut-off request as whole. */
+static void body_timed_out(h2s_t *s, uint64_t now) {
+  pc_h2_t *h = s->h;
+  uint64_t ms = h->env.gen->cfg->http.body_timeout_ms;
+  if (nghttp2_session_get_stream_local_window_size(h->ss, s->id) <= 0 ||
+      nghttp2_session_get_local_window_size(h->ss) <= 0) {
+    s->body_due = now + ms;
+    return;
+  }
+  pc_log(PC_LOG_INFO, "listener %s: HTTP/2 request body from %s stalled for %llu ms (timeout)",
+         h->env.lc->name, h->env.peer_addr, (unsigned long long)ms);
+  s->body_expired = 1;
+  reply(s, 408, PC_DECISION_DENY, PC_REASON_TIMEOUT, "the request body did not arrive in time");
 }
 
 static void on_timer(uv_timer_t *t) {
@@ -325,12 +348,15 @@ static void on_timer(uv_timer_t *t) {
   uint64_t now = uv_now(t->loop);
   int expired = 0;
   for (h2s_t *s = h->streams; s; s = s->next)
-    if (s->due && s->due <= now) expired = 1;
+    if ((s->due && s->due <= now) || (s->body_due && s->body_due <= now)) expired = 1;
   if (expired && pc_deadline_recheck(t, on_timer, &h->rechecked)) return;
   h->rechecked = 0;
-  for (h2s_t *s = h->streams; s; s = s->next)
-    if (s->due && s->due <= now && !s->res_head)
+  for (h2s_t *s = h->streams; s; s = s->next) {
+    if (s->body_due && s->body_due <= now && !s->req_end && !s->answered)
+      body_timed_out(s, now);
+    else if (s->due && s->due <= now && !s->res_head)
       reply(s, 504, PC_DECISION_ERROR, PC_REASON_TIMEOUT, "the upstream did not answer in time");
+  }
   arm_timer(h);
   settle(h);
 }
@@ -507,6 +533,9 @@ static void go(h2s_t *s) {
   if (s->req_end && !s->res_head) {
     s->due = uv_now(h->timer.loop) + h->env.gen->cfg->http.response_timeout_ms;
     arm_due(h, s->due);
+  } else if (!s->req_end && !s->answered) {
+    s->body_due = uv_now(h->timer.loop) + h->env.gen->cfg->http.body_timeout_ms;
+    arm_due(h, s->body_due);
   }
 }
 
@@ -534,6 +563,7 @@ static void begin_request(h2s_t *s, int end_stream) {
 static void request_end(h2s_t *s) {
   if (s->req_end) return;
   s->req_end = 1;
+  s->body_due = 0;
   if (!s->ex.call) return;
   pc_upcall_end(s->ex.call);
   if (!s->res_head) {
@@ -564,6 +594,10 @@ static int on_data_chunk(nghttp2_session *ss, uint8_t flags, int32_t id, const u
     return 0;
   }
   s->ex.req_bytes += len;
+  /* Progress moves the deadline; the timer, set for an earlier one, finds
+   * it when it fires (arm_timer). */
+  if (s->body_due && len)
+    s->body_due = uv_now(h->timer.loop) + h->env.gen->cfg->http.body_timeout_ms;
   if (s->ex.call) pc_upcall_send(s->ex.call, (const char *)data, len);
   return 0;
 }
@@ -616,6 +650,16 @@ static int on_frame_send(nghttp2_session *ss, const nghttp2_frame *f, void *user
   (void)ss;
   pc_h2_t *h = user;
   if (f->hd.type == NGHTTP2_DATA) h->data_sent++;
+  if ((f->hd.type == NGHTTP2_DATA || f->hd.type == NGHTTP2_HEADERS) &&
+      (f->hd.flags & NGHTTP2_FLAG_END_STREAM)) {
+    /* A 408 for a body that stopped is out: the client need not send the
+     * rest (RFC 9113 8.1), and the stream ends here. */
+    h2s_t *s = stream_of(h, f->hd.stream_id);
+    if (s && s->body_expired && !s->req_end && !s->we_reset) {
+      s->we_reset = 1;
+      nghttp2_submit_rst_stream(h->ss, NGHTTP2_FLAG_NONE, s->id, NGHTTP2_NO_ERROR);
+    }
+  }
   if (f->hd.type == NGHTTP2_GOAWAY) {
     /* Ours (goaway(), pc_h2_revoke) or nghttp2's own for a connection
      * error of the client's: each is counted, nghttp2's logged here. */

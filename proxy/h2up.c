@@ -454,7 +454,7 @@ static void on_idle_timer(uv_timer_t *t) {
 static void maybe_idle(h2conn_t *c) {
   if (c->state != C_READY || c->ncalls || c->calls) return;
   if (!c->out.len && c->out.data) pc_jbuf_release(&c->out);
-  if (c->retired || c->goaway || c->pool->gen != c->pool->w->gen) {
+  if (c->retired || c->goaway || c->pool->gen != c->pool->w->gen || c->pool->w->draining) {
     conn_close(c, "retired");
     return;
   }
@@ -783,6 +783,17 @@ void pc_h2up_sweep(pc_worker_t *w) {
       pool_free_if_done(p);
     }
     p = next;
+  }
+}
+
+void pc_h2up_drain(pc_worker_t *w) {
+  for (h2pool_t *p = w->h2pools; p; p = p->next) {
+    h2conn_t *c = p->conns;
+    while (c) {
+      h2conn_t *cn = c->next;
+      if (c->state == C_READY && !c->ncalls && !c->calls) conn_close(c, "drain");
+      c = cn;
+    }
   }
 }
 

@@ -69,6 +69,11 @@ int pc_h2up_h1_only(struct pc_worker *w, pc_gen_t *g, const pc_listener_cfg_t *l
  * close, busy ones stop taking streams and close when done. */
 void pc_h2up_sweep(struct pc_worker *w);
 
+/* SIGTERM drain: idle connections close now; busy ones still carry the
+ * requests of connections in flight and close when their last stream ends
+ * (maybe_idle). */
+void pc_h2up_drain(struct pc_worker *w);
+
 /* Worker stop: closes every connection (callers' teardown released their
  * calls first). */
 void pc_h2up_close_all(struct pc_worker *w);

@@ -241,8 +241,16 @@ static int write_body(pc_l7_t *x, const char *data, size_t len, int chunked) {
   return put(x, x->out.data, x->out.len);
 }
 
+static void on_timer(uv_timer_t *t);
+
+/* While a request body is incomplete, the timer is its progress deadline:
+ * each body byte moves it (arm() is lazy, so this costs no timer-heap
+ * update per read). */
+static void arm_body(pc_l7_t *x) { arm(x, x->env.gen->cfg->http.body_timeout_ms, on_timer); }
+
 static void on_req_body(void *user, const char *data, size_t len) {
   pc_l7_t *x = user;
+  arm_body(x);
   x->ex.req_bytes += len;
   pc_upcall_send(x->ex.call, data, len);
   x->call_queued += len;
@@ -251,11 +259,32 @@ static void on_req_body(void *user, const char *data, size_t len) {
 
 /* ---- requests ----------------------------------------------------------- */
 
+/* The client stopped sending a request body. Releasing the call resets its
+ * upstream connection (h1up.h; HTTP/2: RST_STREAM): the app must not take
+ * the cut-off request as whole. A response already begun is cut too. */
+static void body_timed_out(pc_l7_t *x) {
+  pc_log(PC_LOG_INFO, "listener %s: request body from %s stalled for %llu ms (timeout)",
+         x->env.lc->name, x->env.peer_addr,
+         (unsigned long long)x->env.gen->cfg->http.body_timeout_ms);
+  if (!x->res_head) {
+    reply_error(x, 408, PC_DECISION_DENY, PC_REASON_TIMEOUT,
+                "the request body did not arrive in time", 0);
+    return;
+  }
+  log_request(x, x->ex.status, PC_DECISION_DENY, PC_REASON_TIMEOUT);
+  end_request(x);
+  finish(x, "reset", 1);
+}
+
 static void timer_fired(uv_timer_t *t) {
   pc_l7_t *x = t->data;
   if (x->state == X_HEAD)
     reply_error(x, 408, PC_DECISION_DENY, PC_REASON_TIMEOUT,
                 "the request head did not arrive in time", 0);
+  else if (x->state == X_REQUEST && !x->req_done && (x->down_bp || !x->down->reading))
+    arm_body(x); /* not read because the upstream is slow: not the client's doing */
+  else if (x->state == X_REQUEST && !x->req_done)
+    body_timed_out(x);
   else if (x->state == X_REQUEST && !x->res_head)
     reply_error(x, 504, PC_DECISION_ERROR, PC_REASON_TIMEOUT, "the upstream did not answer in time",
                 0);
@@ -281,7 +310,10 @@ static int blocked(const pc_l7_t *x) {
 static void request_done(pc_l7_t *x) {
   x->req_done = 1;
   pc_upcall_end(x->ex.call);
-  if (!x->res_head) arm(x, x->env.gen->cfg->http.response_timeout_ms, on_timer);
+  if (!x->res_head)
+    arm(x, x->env.gen->cfg->http.response_timeout_ms, on_timer);
+  else
+    disarm(x); /* the body deadline */
 }
 
 /* Feeds client bytes to the request parser; returns how many it used (the
@@ -413,7 +445,7 @@ static void k_on_head(void *user, int status, const nghttp2_nv *nv, size_t n, in
   pc_l7_t *x = user;
   const pc_h1_msg_t *q = &x->req.msg;
   if (x->ex.upstream_ms < 0) x->ex.upstream_ms = (double)(uv_hrtime() - x->ex.t_sent) / 1e6;
-  disarm(x);
+  if (x->req_done) disarm(x); /* else the body deadline stays */
   x->res_head = x->res_any = 1;
   x->ex.status = status;
   if (x->env.w->draining || !x->req_done) x->close_after = 1;
@@ -643,7 +675,10 @@ static void go(pc_l7_t *x) {
   free(nv);
   free(off);
   names->len = 0;
-  if (x->req_done) arm(x, x->env.gen->cfg->http.response_timeout_ms, on_timer);
+  if (x->req_done)
+    arm(x, x->env.gen->cfg->http.response_timeout_ms, on_timer);
+  else if (!req.tunnel && x->state == X_REQUEST)
+    arm_body(x);
 }
 
 /* ---- the client side ---------------------------------------------------- */
@@ -681,6 +716,15 @@ int pc_l7_at_boundary(const pc_l7_t *x) {
   if (x->in_len) return 0; /* pipelined bytes of a next request */
   if (x->state == X_HEAD) return !x->head_started;
   return x->state == X_REQUEST && x->req_done;
+}
+
+void pc_l7_drain(pc_l7_t *x) {
+  if (x->state == X_HEAD && !x->head_started && !x->in_len && !x->ex.call) {
+    close_gently(x);
+    settle(x);
+  } else if (x->state == X_REQUEST) {
+    x->close_after = 1;
+  }
 }
 
 void pc_l7_on_eof(pc_l7_t *x) {

@@ -67,6 +67,14 @@ pc_l7_t *pc_l7_start(pc_stream_t *down, const pc_l7_env_t *env,
  * that ends there without close_notify truncated nothing (conn.c). */
 int pc_l7_at_boundary(const pc_l7_t *x);
 
+/* Graceful end (SIGTERM drain): a connection between requests (no byte of
+ * a next head read or kept) closes now, gently (close_notify, FIN, then the
+ * usual linger); one with a request in flight closes after its answer,
+ * which says "connection: close" if its head has not gone out yet. A head
+ * begun is read and answered the same way. Worker thread; may end the
+ * connection (on_done) before it returns. */
+void pc_l7_drain(pc_l7_t *x);
+
 void pc_l7_on_data(pc_l7_t *x, const char *buf, size_t len);
 void pc_l7_on_eof(pc_l7_t *x);
 void pc_l7_on_error(pc_l7_t *x, int err);

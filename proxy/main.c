@@ -35,29 +35,15 @@ static void print_version(void) {
          uv_version_string());
 }
 
-/* Each connection needs two descriptors. Ask for as many as the hard limit
- * allows, and if that is still short of max_connections, cap live
- * connections so that accepting pauses before accept(2) or socket(2) fail
- * with EMFILE (which would drop peers without a trace). */
-static void fit_descriptors(const pc_config_t *cfg) {
+/* Ask for as many descriptors as the hard limit allows; what they can hold
+ * is budgeted by every publish (worker.h pc_workers_publish). */
+static void raise_descriptor_limit(void) {
   struct rlimit rl;
-  uint32_t max_conns = cfg->limits.max_connections;
   if (getrlimit(RLIMIT_NOFILE, &rl) != 0) return;
   if (rl.rlim_cur < rl.rlim_max) {
     rl.rlim_cur = rl.rlim_max;
     setrlimit(RLIMIT_NOFILE, &rl);
   }
-  /* stdio, logs, signal pipes, and per worker: epoll, async, libuv's reserve
-   * descriptor and one socket per listener. */
-  rlim_t reserve = 32 + (rlim_t)cfg->workers * (cfg->nlisteners + 8);
-  rlim_t need = (rlim_t)max_conns * 2 + reserve;
-  if (rl.rlim_cur >= need) return;
-  uint32_t cap = rl.rlim_cur > reserve + 2 ? (uint32_t)((rl.rlim_cur - reserve) / 2) : 1;
-  pc_workers_set_fd_cap(cap);
-  pc_log(PC_LOG_WARN,
-         "descriptor limit %llu cannot hold limits.max_connections=%u (needs %llu); at most %u "
-         "connections will be served at once and accepting pauses beyond that",
-         (unsigned long long)rl.rlim_cur, max_conns, (unsigned long long)need, cap);
 }
 
 static const char *config_path;
@@ -143,7 +129,7 @@ int main(int argc, char **argv) {
   pc_log_init(gen->cfg->log.level, gen->cfg->log.access);
   pc_log_set_buffer(gen->cfg->log.buffer_bytes);
   pc_log_start_writer();
-  fit_descriptors(gen->cfg);
+  raise_descriptor_limit();
   pc_gen_publish(gen); /* the current generation keeps the build's reference */
 
   if (pc_workers_create(gen, err, sizeof(err)) != 0) {

@@ -287,7 +287,7 @@ void pc_pool_release(pc_upconn_t *up, int how) {
   }
   up->on_ready = NULL;
   up->stats = NULL;
-  if (how != PC_POOL_KEEP || up->state != UP_LENT || p->gen != p->w->gen ||
+  if (how != PC_POOL_KEEP || up->state != UP_LENT || p->gen != p->w->gen || p->w->draining ||
       p->nidle >= p->gen->cfg->http.pool_max_idle || up->s.tcp_eof || up->s.shutting) {
     close_up(up, how == PC_POOL_ABORT);
     return;
@@ -345,6 +345,11 @@ void pc_pool_sweep(pc_worker_t *w) {
     }
     p = next;
   }
+}
+
+void pc_pool_drain(pc_worker_t *w) {
+  for (pc_pool_t *p = w->pools; p; p = p->next)
+    close_idle(p);
 }
 
 void pc_pool_close_all(pc_worker_t *w) {

@@ -99,6 +99,10 @@ void pc_pool_release(pc_upconn_t *up, int how);
  * under older generations and frees pools with nothing left. */
 void pc_pool_sweep(struct pc_worker *w);
 
+/* SIGTERM drain: closes every idle connection of w's pools (gently); from
+ * now on a connection given back closes instead of waiting idle. */
+void pc_pool_drain(struct pc_worker *w);
+
 /* Closes every idle connection and frees every empty pool of w (worker stop;
  * lent connections are closed by their borrowers' teardown). */
 void pc_pool_close_all(struct pc_worker *w);

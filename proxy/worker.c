@@ -3,6 +3,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include "bufcache.h"
@@ -15,8 +16,8 @@
 
 static pc_worker_t *workers;
 static int nworkers;
-static int any_paused; /* set when a worker paused; cleared by the wake-up */
-static uint32_t fd_cap;
+static int any_paused;  /* set when a worker paused; cleared by the wake-up */
+static uint32_t fd_cap; /* atomic: written on publish, read by every worker */
 
 static void close_fds(int *fds, size_t n) {
   for (size_t i = 0; fds && i < n; i++)
@@ -92,6 +93,8 @@ int pc_worker_check_drain(pc_worker_t *w) {
     for (size_t i = 0; i < w->nlisteners; i++)
       if (w->listeners[i]) pc_listener_stop(w->listeners[i]);
     pc_conn_drain_all(w);
+    pc_pool_drain(w);
+    pc_h2up_drain(w);
   }
   return 1;
 }
@@ -135,12 +138,23 @@ void pc_worker_defer(pc_worker_t *w, pc_deferred_t *d) {
   if (!uv_is_active((uv_handle_t *)&w->check)) uv_check_start(&w->check, on_check);
 }
 
+/* Any thread. Another worker may still be closing its connections (each
+ * release may wake everyone) after w closed its wake handle: the flag,
+ * set under the lock before the close, keeps that send from touching a
+ * closed handle (or, later, a closed loop). */
+static void wake_worker(pc_worker_t *w) {
+  uv_mutex_lock(&w->lock);
+  if (!w->wake_closed) uv_async_send(&w->wake);
+  uv_mutex_unlock(&w->lock);
+}
+
 static void on_wake(uv_async_t *a) {
   pc_worker_t *w = a->data;
   if (__atomic_load_n(&w->stop_requested, __ATOMIC_ACQUIRE)) {
     uv_mutex_lock(&w->lock);
     size_t n = w->nlisteners;
     w->nlisteners = 0;
+    w->wake_closed = 1;
     uv_mutex_unlock(&w->lock);
     for (size_t i = 0; i < n; i++)
       if (w->listeners[i]) pc_listener_close(w->listeners[i]);
@@ -211,6 +225,39 @@ static void hand_over(pc_worker_t *w, pc_gen_t *g, int *fds) {
   uv_mutex_unlock(&w->lock);
 }
 
+/* Each connection needs two descriptors. Besides them: stdio, logs, signal
+ * pipes; per worker epoll, async, libuv's reserve descriptor and one socket
+ * per listener; the admin server's connections; and per worker and HTTP
+ * listener up to http.pool_max_idle idle pooled upstream connections. If
+ * the descriptor limit cannot hold max_connections on top, live connections
+ * are capped so that accepting pauses before accept(2) or socket(2) fail
+ * with EMFILE (which would drop peers without a trace). */
+static void budget_descriptors(const pc_config_t *cfg) {
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) != 0) return;
+  uint64_t http = 0;
+  for (size_t i = 0; i < cfg->nlisteners; i++)
+    http += cfg->listeners[i].protocol == PC_PROTO_HTTP;
+  uint64_t reserve = 32 + (uint64_t)cfg->workers * (cfg->nlisteners + 8) +
+                     cfg->admin.max_connections +
+                     (uint64_t)cfg->workers * http * cfg->http.pool_max_idle;
+  uint64_t need = (uint64_t)cfg->limits.max_connections * 2 + reserve;
+  uint64_t have = rl.rlim_cur;
+  uint32_t cap = 0;
+  if (have < need) cap = have > reserve + 2 ? (uint32_t)((have - reserve) / 2) : 1;
+  uint32_t old = __atomic_exchange_n(&fd_cap, cap, __ATOMIC_RELAXED);
+  if (cap && cap != old)
+    pc_log(PC_LOG_WARN,
+           "descriptor limit %llu cannot hold limits.max_connections=%u (needs %llu, %llu of "
+           "them for listeners, admin.max_connections and idle pooled connections); at most %u "
+           "connections will be served at once and accepting pauses beyond that",
+           (unsigned long long)have, cfg->limits.max_connections, (unsigned long long)need,
+           (unsigned long long)reserve, cap);
+  else if (!cap && old)
+    pc_log(PC_LOG_INFO, "descriptor limit %llu holds limits.max_connections=%u again",
+           (unsigned long long)have, cfg->limits.max_connections);
+}
+
 int pc_workers_create(pc_gen_t *gen, char *err, size_t errlen) {
   nworkers = gen->cfg->workers;
   workers = pc_calloc((size_t)nworkers, sizeof(pc_worker_t));
@@ -240,9 +287,10 @@ int pc_workers_publish(pc_gen_t *g, char *err, size_t errlen) {
       return -1;
     }
   }
+  budget_descriptors(g->cfg);
   for (int i = 0; i < nworkers; i++) {
     hand_over(&workers[i], g, fds[i]);
-    uv_async_send(&workers[i].wake);
+    wake_worker(&workers[i]);
   }
   free(fds);
   return 0;
@@ -259,11 +307,14 @@ int pc_workers_start(void) {
 void pc_workers_stop(void) {
   for (int i = 0; i < nworkers; i++) {
     __atomic_store_n(&workers[i].stop_requested, 1, __ATOMIC_RELEASE);
-    uv_async_send(&workers[i].wake);
+    wake_worker(&workers[i]);
   }
+  /* Every thread ends before any worker's loop or lock goes: a worker still
+   * closing connections wakes (locks) the others. */
+  for (int i = 0; i < nworkers; i++)
+    uv_thread_join(&workers[i].thread);
   for (int i = 0; i < nworkers; i++) {
     pc_worker_t *w = &workers[i];
-    uv_thread_join(&w->thread);
     uv_loop_close(&w->loop);
     free(w->listeners);
     free(w->scratch.obuf);
@@ -279,11 +330,9 @@ void pc_workers_stop(void) {
   workers = NULL;
 }
 
-void pc_workers_set_fd_cap(uint32_t cap) { fd_cap = cap; }
-
 void pc_workers_wake(void) {
   for (int i = 0; i < nworkers; i++)
-    uv_async_send(&workers[i].wake);
+    wake_worker(&workers[i]);
 }
 
 static uint32_t counted(int inbound) {
@@ -293,7 +342,8 @@ static uint32_t counted(int inbound) {
 
 int pc_workers_over_limit(const pc_worker_t *w, int inbound) {
   uint32_t max = w->gen->cfg->limits.max_connections;
-  if (fd_cap && fd_cap < max) max = fd_cap;
+  uint32_t cap = __atomic_load_n(&fd_cap, __ATOMIC_RELAXED);
+  if (cap && cap < max) max = cap;
   if (counted(inbound) < max) return 0;
   /* Publish "someone may pause" before looking again, so a connection that
    * closes in between either sees the flag or is seen here. */
@@ -310,7 +360,7 @@ void pc_workers_conn_released(void) {
 void pc_workers_drain(void) {
   for (int i = 0; i < nworkers; i++) {
     __atomic_store_n(&workers[i].drain_requested, 1, __ATOMIC_RELEASE);
-    uv_async_send(&workers[i].wake);
+    wake_worker(&workers[i]);
   }
 }
 

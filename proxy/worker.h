@@ -53,9 +53,11 @@ typedef struct pc_worker {
   int npaused;
   pc_scratch_t scratch;
   /* Guards listeners/nlisteners/all_bound for readers on other
-   * threads (only this worker writes them), and the hand-over fields. */
+   * threads (only this worker writes them), the hand-over fields, and every
+   * uv_async_send on wake (against its close: wake_closed). */
   uv_mutex_t lock;
   int all_bound;             /* every listener of the adopted generation is up */
+  int wake_closed;           /* wake is closing: no uv_async_send on it any more */
   pc_gen_t *pending;         /* handed over, not adopted yet */
   int *pending_fds;          /* per pending listener: new socket, or -1 to keep the old */
   const pc_config_t *handed; /* config of the newest generation handed over (main thread) */
@@ -79,7 +81,10 @@ int pc_workers_start(void);
 
 /* Hands g to every worker (each takes its own reference). Sockets for
  * listeners that g adds are bound first: if any cannot be, nothing is handed
- * over and -1 is returned with one error line in err. Main thread. */
+ * over and -1 is returned with one error line in err. Otherwise the
+ * descriptor budget is recomputed for g's config (see
+ * pc_workers_over_limit; a warning names the cap when it changes). Main
+ * thread. */
 int pc_workers_publish(pc_gen_t *g, char *err, size_t errlen);
 
 /* Asks every worker to close its listeners and connections, waits for the
@@ -105,21 +110,19 @@ void pc_workers_collect(void (*fn)(const pc_listener_t *l, void *arg), void *arg
  * else 0 with a short reason in why (static storage). Main thread. */
 int pc_workers_ready(const char **why);
 
-/* Caps live connections below limits.max_connections when the descriptor
- * limit cannot hold that many (each connection needs two). 0 = no extra cap.
- * Main thread, before pc_workers_start. */
-void pc_workers_set_fd_cap(uint32_t cap);
-
 /* Non-zero when the process is at its connection cap (max_connections or the
  * descriptor cap, whichever is lower) for a listener of this direction:
  * accepting must pause. An inbound listener counts every live connection;
  * an outbound one leaves out inbound connections still in their handshake,
  * which limits.max_pending_handshakes bounds per inbound listener, so a
  * flood of silent connects to an inbound port never pauses the app's own
- * calls. Any worker. */
+ * calls. The descriptor cap applies when the soft RLIMIT_NOFILE cannot hold
+ * two descriptors per connection on top of the listeners, admin connections
+ * and idle pooled upstream connections the config allows. Any worker. */
 int pc_workers_over_limit(const pc_worker_t *w, int inbound);
 
-/* Wakes every worker, which then retries its paused listeners. Any thread. */
+/* Wakes every worker (unless it is stopping), which then retries its paused
+ * listeners. Any thread. */
 void pc_workers_wake(void);
 
 /* A connection ended: if some worker paused accepting, let it try again.

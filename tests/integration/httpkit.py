@@ -249,6 +249,8 @@ class HttpApp:
                                     no-status, nul), then keeps the connection open
       /truncate?n=N&send=M          Content-Length N but only M body bytes, then closes
       /closeafter?ms=N              a normal keep-alive answer, then closes after N ms
+      /early                        sends a head (content-length 100) and 5 body bytes
+                                    BEFORE reading the request body, then reads it
       /gate?key=K&n=N               holds the request until N requests with key K have
                                     arrived (each on its own connection, as each is held),
                                     then /echo; 500 if that does not happen within
@@ -439,6 +441,9 @@ class HttpApp:
             time.sleep(int(q["pause_ms"]) / 1000)
         if path == "/continue" and expect:
             self._send(s, rec, b"HTTP/1.1 100 Continue\r\n\r\n")
+        if path == "/early":   # the response begins before the request body is read
+            self._send(s, rec, b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n"
+                               b"x-app-conn: %d\r\n\r\nearly" % rec.id)
         self._read_body(rd, req)
 
         conn_hdr = ",".join(req.hv("connection")).lower()

@@ -21,6 +21,7 @@ Every loop is bounded in count and time.
 from __future__ import annotations
 
 import calendar
+import http.client
 import json
 import os
 import re
@@ -443,6 +444,134 @@ def test_incomplete_head_times_out_and_does_not_block_admin(env, pki):
     sc.assert_alive()
 
 
+def _closed_unanswered(s: socket.socket, timeout: float) -> str | None:
+    """Reads s until its end: "eof" or "reset" if it ended without a byte, None if it
+    answered or stayed open for timeout (scaled)."""
+    s.settimeout(h.T(timeout))
+    try:
+        return "eof" if s.recv(4096) == b"" else None
+    except ConnectionResetError:
+        return "reset"
+    except (socket.timeout, TimeoutError):
+        return None
+
+
+def test_admin_connection_cap(env, pki):
+    """admin.max_connections: the connection past the cap is closed at once, unanswered,
+    counted (reason limit) and logged; once the others go, /ready answers again."""
+    cap = 3
+    app = env.app("echo")
+    port = h.free_port()
+    cfg = h.base_config(pki, "payments-api", extra={"admin": {"max_connections": cap}},
+                        inbound=[h.inbound_listener("api", port, app.addr,
+                                                    [{"namespace": "web"}])])
+    sc = env.sidecar(cfg, name="admincap")
+    assert wait_ready(sc).status == 200
+    assert scrape(sc).one("portcullis_admin_refused_total", reason="limit")[1] == 0
+    # Held connections send half a head (their 5 s head deadline is far off for this test;
+    # checked below). The listener accepts in order: each is counted before the next.
+    held = []
+    try:
+        for _ in range(cap - 1):
+            held.append(socket.create_connection((h.HOST, sc.admin_port), timeout=h.T(5)))
+            held[-1].sendall(b"GET /healthz HTTP/1.1\r\n")
+        m = scrape(sc)  # the last free place
+        assert m.one("portcullis_admin_connections")[1] == cap
+        held.append(socket.create_connection((h.HOST, sc.admin_port), timeout=h.T(5)))
+        held[-1].sendall(b"GET /healthz HTTP/1.1\r\n")
+        ev = sc.event_count()
+        extra = socket.create_connection((h.HOST, sc.admin_port), timeout=h.T(5))
+        try:
+            try:
+                extra.sendall(b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")
+            except OSError:
+                pass  # already closed: that is the point
+            how = _closed_unanswered(extra, h.PROMPT_S)
+        finally:
+            extra.close()
+        assert how in ("eof", "reset"), "the connection past admin.max_connections was " \
+            "answered or held open"
+        assert sc.wait_for_event("admin.max_connections=3 reached", h.PROMPT_S, ev), \
+            "no server event for the refused admin connection"
+        e = sc.events_matching("admin.max_connections=3 reached", ev)[0]
+        assert e["level"] == "warn" and "(limit)" in e["msg"], e
+        # the held ones were still waiting for their heads (not answered, not closed)
+        for s in held:
+            s.setblocking(False)
+            try:
+                got = s.recv(1, socket.MSG_PEEK)
+            except BlockingIOError:
+                got = None
+            assert got is None, f"a held admin connection ended early: {got!r}"
+    finally:
+        for s in held:
+            s.close()
+    # the held connections' closes reach the sidecar in their own time: until then a probe
+    # may still be refused (bounded retry)
+    def ready() -> bool:
+        try:
+            return sc.admin_get("/ready", timeout=h.PROMPT_S).status == 200
+        except (OSError, http.client.HTTPException):
+            return False
+    assert h.wait_until(ready, h.T(h.PROMPT_S)), "/ready does not answer after the cap"
+    m = scrape(sc)
+    assert m.one("portcullis_admin_refused_total", reason="limit")[1] >= 1
+    assert m.one("portcullis_admin_refused_total", reason="timeout")[1] == 0
+
+
+def test_admin_write_timeout_closes_a_client_that_does_not_read(env, pki):
+    """A client that asks for /metrics and never reads it is closed (reset) once
+    admin.write_timeout_ms passes without the kernel taking the whole response; not
+    before. Counted (reason timeout) and logged; others are served meanwhile."""
+    wt_ms = 500
+    app = env.app("echo")
+    # 40 HTTP listeners make /metrics about 200 KB: more than a non-reading client's
+    # receive buffer and the sidecar's send buffer hold
+    listeners = [h.inbound_listener(f"api{i}", h.free_port(), app.addr,
+                                    [{"namespace": "web"}], protocol="http")
+                 for i in range(40)]
+    cfg = h.base_config(pki, "payments-api", workers=1, inbound=listeners,
+                        extra={"admin": {"write_timeout_ms": wt_ms}})
+    sc = env.sidecar(cfg, name="adminwt")
+    size = len(sc.admin_get("/metrics").body)
+    assert size > 150000, size
+    ev = sc.event_count()
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(h.T(5))
+    s.connect((h.HOST, sc.admin_port))
+    try:
+        t0 = time.monotonic()
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        # served meanwhile
+        assert sc.admin_get("/healthz").status == 200
+        e = sc.wait_for_event("did not read its response", h.PROMPT_S, ev)
+        took = time.monotonic() - t0
+        assert e is not None, "the non-reading admin client was not closed"
+        assert e["level"] == "warn" and "(timeout)" in e["msg"], e
+        assert took >= wt_ms / 1000, f"closed {took:.3f} s after the request, before " \
+            f"admin.write_timeout_ms={wt_ms}"
+        got, ended = b"", None
+        s.settimeout(h.T(h.PROMPT_S))
+        try:
+            while len(got) < 2 * size:
+                b = s.recv(65536)
+                if not b:
+                    ended = "eof"
+                    break
+                got += b
+        except ConnectionResetError:
+            ended = "reset"
+        assert ended is not None, "the connection stayed open"
+        assert len(got) < size, f"the whole response ({len(got)} bytes) arrived"
+    finally:
+        s.close()
+    m = scrape(sc)
+    assert m.one("portcullis_admin_refused_total", reason="timeout")[1] == 1
+    assert m.one("portcullis_admin_refused_total", reason="limit")[1] == 0
+    assert m.one("portcullis_admin_connections")[1] == 1
+
+
 # ===================================================================== 2. metrics
 
 def test_metrics_basics_and_inbound_traffic(env, pki):
@@ -844,6 +973,8 @@ def test_config_endpoint_defaults(env, pki):
                            "max_pending_handshakes": 1024,
                            "handshake_failures_per_source": 20, "throttle_window_ms": 10000,
                            "throttle_cooldown_ms": 30000}, c["limits"]
+    assert c["admin"] == {"listen": sc.admin_listen, "max_connections": 64,
+                          "write_timeout_ms": 10000}, c["admin"]
     assert c["inbound"][0]["protocol"] == "tcp"
     assert c["outbound"] == []
     # nothing is open, so the exit on SIGTERM is immediate, not at the 20 s default drain

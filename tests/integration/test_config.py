@@ -232,6 +232,11 @@ BAD = [
      "limits.throttle_cooldown_ms", ()),
     ("throttle-cooldown-type", _set("limits.throttle_cooldown_ms", 1.5),
      "limits.throttle_cooldown_ms", ()),
+    ("body-timeout-0", _set("http", {"body_timeout_ms": 0}), "http.body_timeout_ms", ()),
+    ("admin-max-connections-0", _set("admin.max_connections", 0), "admin.max_connections", ()),
+    ("admin-write-timeout-0", _set("admin.write_timeout_ms", 0), "admin.write_timeout_ms", ()),
+    ("admin-write-timeout-type", _set("admin.write_timeout_ms", "10s"),
+     "admin.write_timeout_ms", ()),
 ]
 
 

@@ -508,8 +508,10 @@ def test_descriptor_exhaustion_pauses_accept_and_recovers(env):
     app connect with EMFILE, and serves again once connections close."""
     app = env.app("echo")
     port = h.free_port()
+    # the admin server's connections count against the descriptors too: keep them few
     cfg = h.base_config(env.pki, "payments-api", workers=1, inbound=[
-        h.inbound_listener("api", port, app.addr, [{"namespace": "web"}])])
+        h.inbound_listener("api", port, app.addr, [{"namespace": "web"}])],
+        extra={"admin": {"max_connections": 4}})
     sc = env.sidecar(cfg, name="fdlimit", cmd_prefix=["prlimit", "--nofile=80:80"])
     warn = [e for e in sc.events if "descriptor limit 80" in e.get("msg", "")]
     assert warn, f"no descriptor-cap warning in {sc.events}"

@@ -1,0 +1,181 @@
+"""Issue 14, item 6: a request body has a progress deadline (http.body_timeout_ms).
+
+A client that sends a request head announcing a body, some of the body, and then nothing,
+is answered 408 (reason timeout) once no body byte has arrived for http.body_timeout_ms,
+over HTTP/1.1 and HTTP/2, or reset (HTTP/2: RST_STREAM INTERNAL_ERROR) if the app's
+response had already begun; the request the app was receiving is cut off (its connection
+to the sidecar ends before the body is whole), never completed; one access-log line and
+the request counter say deny/timeout. The deadline does not fire early.
+
+Every wait is bounded; ports come from h.free_port().
+"""
+
+from __future__ import annotations
+
+import time
+
+import h2.events
+
+import harness as h
+import httpkit as hk
+from test_http2_lifecycle import H2Client  # noqa: E402  (python3-h2 over mTLS)
+
+BODY_TIMEOUT_MS = 1000
+ANNOUNCED = 100000
+SENT = 1000
+
+
+def _sidecar(env, pki, app, name: str) -> tuple[h.Sidecar, int]:
+    port = h.free_port()
+    cfg = h.base_config(pki, "payments-api", workers=1,
+                        extra={"http": {"body_timeout_ms": BODY_TIMEOUT_MS}},
+                        inbound=[h.inbound_listener("api", port, app.addr,
+                                                    [{"namespace": "web"}], protocol="http")])
+    return env.sidecar(cfg, name=name), port
+
+
+def _app_saw_cut_off_request(app: hk.HttpApp, n: int) -> None:
+    """The app got the head and the bytes sent, then its connection ended: never a whole
+    request."""
+    assert app.wait_reqs(n + 1), "the request never reached the app"
+    rq = app.reqs_since(n)[0]
+    conn = app.conns[rq.conn]
+    assert conn.done.wait(h.T(h.PROMPT_S)), "the app's connection stayed open"
+    assert not rq.complete, rq
+    assert rq.content_length == ANNOUNCED and rq.body_len == SENT, (rq.content_length,
+                                                                    rq.body_len)
+
+
+def _check_log_and_metric(sc: h.Sidecar, protocol: str, path: str = "/upload",
+                          status: int = 408) -> None:
+    e = sc.wait_for_log(lambda e: e.get("path") == path and e.get("protocol") == protocol,
+                        h.PROMPT_S, sc.test_mark)
+    assert e is not None, "no access-log line for the stalled request"
+    assert (e["status"], e["decision"], e["reason"]) == (status, "deny", "timeout"), e
+    assert e["request_bytes"] == SENT, e
+    hk.wait_metric(sc, hk.REQS, lambda v: v == 1, decision="deny", reason="timeout")
+    ev = sc.wait_for_event("stalled for", h.PROMPT_S)
+    assert ev is not None and "(timeout)" in ev["msg"], ev
+
+
+def test_http1_stalled_body_gets_408_and_the_app_request_is_cut(env, pki):
+    app = hk.HttpApp(name="bodyapp1")
+    env.apps.append(app)
+    sc, port = _sidecar(env, pki, app, "body1")
+    n = app.nreq()
+    c = hk.HttpConn.tls(port, h.client_context(pki, "web-frontend"))
+    try:
+        c.send(hk.req("POST", "/upload", [("Content-Length", str(ANNOUNCED))]) + b"x" * SENT)
+        t_sent = time.monotonic()
+        r = c.read_response(timeout=h.PROMPT_S)
+        took = time.monotonic() - t_sent
+        assert r.status == 408 and r.closes, (r.status, r.headers, r.body)
+        assert r.json()["reason"] == "timeout", r.body
+        assert took >= BODY_TIMEOUT_MS / 1000, f"408 after {took:.3f} s, before the deadline"
+        assert c.closed_by_peer(h.PROMPT_S), "the connection stayed open after the 408"
+    finally:
+        c.close()
+    _app_saw_cut_off_request(app, n)
+    _check_log_and_metric(sc, "HTTP/1.1")
+
+
+def test_http2_stalled_body_gets_408_and_the_app_request_is_cut(env, pki):
+    app = hk.HttpApp(name="bodyapp2")
+    env.apps.append(app)
+    sc, port = _sidecar(env, pki, app, "body2")
+    n = app.nreq()
+    c = H2Client(port, h.client_context(pki, "web-frontend"))
+    try:
+        sid = c.conn.get_next_available_stream_id()
+        c.conn.send_headers(sid, [(":method", "POST"), (":scheme", "https"),
+                                  (":authority", c.authority), (":path", "/upload"),
+                                  ("content-length", str(ANNOUNCED))], end_stream=False)
+        c.conn.send_data(sid, b"x" * SENT, end_stream=False)
+        c.sock.sendall(c.conn.data_to_send())
+        t_sent = time.monotonic()
+        c.bodies[sid] = bytearray()
+
+        def reset(cl) -> bool:
+            return any(isinstance(e, h2.events.StreamReset) and e.stream_id == sid
+                       for e in cl.events)
+        assert c.pump(lambda cl: cl.ended(sid) and reset(cl), h.PROMPT_S), c.events[-6:]
+        took = time.monotonic() - t_sent
+        assert c.status(sid) == 408, c.events[-6:]
+        assert b'"timeout"' in bytes(c.bodies[sid]), bytes(c.bodies[sid])
+        rst = [e for e in c.events if isinstance(e, h2.events.StreamReset)][0]
+        assert rst.error_code == 0, rst   # NO_ERROR: stop sending the rest (RFC 9113 8.1)
+        assert took >= BODY_TIMEOUT_MS / 1000, f"408 after {took:.3f} s, before the deadline"
+        # the connection itself goes on: another stream is served
+        sid2 = c.get("/echo")
+        assert c.pump(lambda cl: cl.ended(sid2)) and c.status(sid2) == 200
+    finally:
+        c.close()
+    _app_saw_cut_off_request(app, n)
+    _check_log_and_metric(sc, "HTTP/2")
+
+
+def test_http1_stalled_body_after_the_response_began_is_reset(env, pki):
+    app = hk.HttpApp(name="bodyapp3")
+    env.apps.append(app)
+    sc, port = _sidecar(env, pki, app, "body3")
+    n = app.nreq()
+    c = hk.HttpConn.tls(port, h.client_context(pki, "web-frontend"))
+    try:
+        c.send(hk.req("POST", "/early", [("Content-Length", str(ANNOUNCED))]) + b"x" * SENT)
+        t_sent = time.monotonic()
+        got, how = b"", None
+        c.sock.settimeout(h.T(h.PROMPT_S))
+        try:
+            while len(got) < 4096:
+                b = c.sock.recv(4096)
+                if not b:
+                    how = "eof"
+                    break
+                got += b
+        except (ConnectionResetError, OSError) as e:
+            how = f"reset: {e}"
+        took = time.monotonic() - t_sent
+        assert how is not None, f"still open after {took:.1f} s: {got!r}"
+        assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"\r\n\r\nearly"), got
+        assert took >= BODY_TIMEOUT_MS / 1000, f"cut after {took:.3f} s, before the deadline"
+    finally:
+        c.close()
+    _app_saw_cut_off_request_at(app, n, "/early")
+    _check_log_and_metric(sc, "HTTP/1.1", path="/early", status=200)
+
+
+def _app_saw_cut_off_request_at(app: hk.HttpApp, n: int, path: str) -> None:
+    assert app.wait_reqs(n + 1), "the request never reached the app"
+    rq = [r for r in app.reqs_since(n) if r.path == path][0]
+    assert app.conns[rq.conn].done.wait(h.T(h.PROMPT_S)), "the app's connection stayed open"
+    assert not rq.complete and rq.body_len == SENT, (rq.complete, rq.body_len)
+
+
+def test_http2_stalled_body_after_the_response_began_is_reset(env, pki):
+    app = hk.HttpApp(name="bodyapp4")
+    env.apps.append(app)
+    sc, port = _sidecar(env, pki, app, "body4")
+    n = app.nreq()
+    c = H2Client(port, h.client_context(pki, "web-frontend"))
+    try:
+        sid = c.conn.get_next_available_stream_id()
+        c.conn.send_headers(sid, [(":method", "POST"), (":scheme", "https"),
+                                  (":authority", c.authority), (":path", "/early"),
+                                  ("content-length", str(ANNOUNCED))], end_stream=False)
+        c.conn.send_data(sid, b"x" * SENT, end_stream=False)
+        c.sock.sendall(c.conn.data_to_send())
+        t_sent = time.monotonic()
+        c.bodies[sid] = bytearray()
+
+        def resets(cl) -> list:
+            return [e for e in cl.events
+                    if isinstance(e, h2.events.StreamReset) and e.stream_id == sid]
+        assert c.pump(lambda cl: resets(cl), h.PROMPT_S), c.events[-6:]
+        took = time.monotonic() - t_sent
+        assert c.status(sid) == 200 and not c.ended(sid), c.events[-6:]
+        assert resets(c)[0].error_code == 2, resets(c)   # INTERNAL_ERROR: cut, not whole
+        assert took >= BODY_TIMEOUT_MS / 1000, f"cut after {took:.3f} s, before the deadline"
+    finally:
+        c.close()
+    _app_saw_cut_off_request_at(app, n, "/early")
+    _check_log_and_metric(sc, "HTTP/2", path="/early", status=200)
