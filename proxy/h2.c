@@ -416,16 +416,23 @@ static int grpc_status_nv(const nghttp2_nv *nv, size_t n) {
   return -1;
 }
 
+/* ":status" (formatted into st) followed by the upstream's fields; the
+ * caller frees the array. */
+static nghttp2_nv *with_status(int status, char st[8], const nghttp2_nv *nv, size_t n) {
+  nghttp2_nv *out = pc_calloc(n + 1, sizeof(*out));
+  int stn = snprintf(st, 8, "%d", status);
+  out[0] = (nghttp2_nv)NV(":status", st, (size_t)stn);
+  memcpy(out + 1, nv, n * sizeof(*nv));
+  return out;
+}
+
 /* An interim answer (100 Continue, 103 Early Hints) goes to the client as
  * a HEADERS frame of its own, before the response. */
 static void c_on_info(void *user, int status, const nghttp2_nv *nv, size_t n) {
   h2s_t *s = user;
   if (s->submitted || s->answered) return;
-  nghttp2_nv *out = pc_calloc(n + 1, sizeof(*out));
   char st[8];
-  int stn = snprintf(st, sizeof(st), "%d", status);
-  out[0] = (nghttp2_nv)NV(":status", st, (size_t)stn);
-  memcpy(out + 1, nv, n * sizeof(*nv));
+  nghttp2_nv *out = with_status(status, st, nv, n);
   nghttp2_submit_headers(s->h->ss, NGHTTP2_FLAG_NONE, s->id, NULL, out, n + 1, NULL);
   free(out);
   later(s->h);
@@ -439,11 +446,8 @@ static void c_on_head(void *user, int status, const nghttp2_nv *nv, size_t n, in
   s->due = 0;
   s->ex.status = status;
   if (end) s->ex.grpc_status = grpc_status_nv(nv, n); /* trailers-only */
-  nghttp2_nv *out = pc_calloc(n + 1, sizeof(*out));
   char st[8];
-  int stn = snprintf(st, sizeof(st), "%d", status);
-  out[0] = (nghttp2_nv)NV(":status", st, (size_t)stn);
-  memcpy(out + 1, nv, n * sizeof(*nv));
+  nghttp2_nv *out = with_status(status, st, nv, n);
   submit_response(s, out, n + 1, !end && !s->rq.is_head && status != 204 && status != 304);
   free(out);
   later(s->h);

@@ -621,11 +621,28 @@ static const pc_upcall_cbs_t call_cbs = {k_on_info, k_on_head, k_on_data,  k_on_
 /* ---- onwards ------------------------------------------------------------ */
 
 /* The request goes onwards: its HTTP/1.1 head as written for the upstream
- * (head_out), and the neutral fields for an HTTP/2 upstream: pseudo-headers
- * from the request line and Host, field names lowercased, hop-by-hop fields
- * and any x-forwarded-client-cert from the peer dropped, ours added. */
+ * (head_out), and, only when an HTTP/2 upstream takes it, the neutral
+ * fields: pseudo-headers from the request line and Host, field names
+ * lowercased, hop-by-hop fields and any x-forwarded-client-cert from the
+ * peer dropped, ours added. */
 static void go(pc_l7_t *x) {
   const pc_h1_msg_t *m = &x->req.msg;
+  pc_upreq_t req = {
+      .end = x->req_done || (!m->chunked && (!m->has_length || m->length == 0)),
+      .tunnel = m->upgrade || m->method == HTTP_CONNECT,
+      .h1_head = x->head_out.data,
+      .h1_head_len = x->head_out.len,
+      .h1_chunked = m->chunked,
+  };
+  if (!pc_upcall_uses_h2(x->env.w, x->ex.gen, x->ex.lc, 0)) {
+    /* Over HTTP/1.1 the head goes as written: the fields are not needed. */
+    nghttp2_nv method = {(uint8_t *)":method", (uint8_t *)m->method_str, 7, m->method_len, 0};
+    req.nv = &method;
+    req.n = 1;
+    pc_exchange_send(&x->ex, &x->env, &req, &call_cbs, x);
+    if (x->req_done) arm(x, x->env.gen->cfg->http.response_timeout_ms, on_timer);
+    return;
+  }
   const pc_h1_field_t *host = pc_h1_find(m, "host");
   pc_jbuf_t *names = &x->names;
   names->len = 0;
@@ -662,15 +679,8 @@ static void go(pc_l7_t *x) {
     int cln = snprintf(cl, sizeof(cl), "%llu", (unsigned long long)m->length);
     nv[n++] = (nghttp2_nv){(uint8_t *)"content-length", (uint8_t *)cl, 14, (size_t)cln, 0};
   }
-  pc_upreq_t req = {
-      .nv = nv,
-      .n = n,
-      .end = x->req_done || (!m->chunked && (!m->has_length || m->length == 0)),
-      .tunnel = m->upgrade || m->method == HTTP_CONNECT,
-      .h1_head = x->head_out.data,
-      .h1_head_len = x->head_out.len,
-      .h1_chunked = m->chunked,
-  };
+  req.nv = nv;
+  req.n = n;
   pc_exchange_send(&x->ex, &x->env, &req, &call_cbs, x);
   free(nv);
   free(off);

@@ -55,7 +55,9 @@ typedef struct {
    * codec from the bytes it received (field case and order kept), used
    * instead of one built from nv when the request goes over HTTP/1.1.
    * h1_chunked: it says Transfer-Encoding: chunked, so body bytes are sent
-   * as chunks. Copied. */
+   * as chunks. Copied. With h1_head set, a request that goes over HTTP/1.1
+   * (pc_upcall_uses_h2 said so, prefer_h2 = 0: no fall-back) needs only
+   * :method in nv. */
   const char *h1_head;
   size_t h1_head_len;
   int h1_chunked;
