@@ -184,11 +184,14 @@ def test_failing_source_is_throttled_then_served_again(env):
     with _tls_from(port, good, "127.0.0.2") as s:
         _echo(s, b"other source\n")
     assert _closed_at_accept(port, "127.0.0.1")
+    # Of all these, only 127.0.0.2's connection reached the app.
+    assert app.count() == 1, f"the app saw {app.count()} connections, expected 1"
     hk.wait_metric(sc, CONNS, lambda v: v == 4, listener="api", decision="deny", reason="limit")
     # Waiting out the cool-down is the test condition.
     time.sleep(max(0.0, cooldown_ms / 1000 - (time.monotonic() - seen)) + 0.2)
     with _tls_from(port, good, "127.0.0.1") as s:
         _echo(s, b"served again\n")
+    assert app.count() == 2, f"the app saw {app.count()} connections, expected 2"
     m = hk.scrape(sc)
     assert m.get(CONNS, listener="api", decision="deny", reason="limit") == 4, m.lines(CONNS)
     # One server event for the source and cool-down, and no access-log line per throttled
