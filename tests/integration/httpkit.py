@@ -259,8 +259,11 @@ class HttpApp:
     Every response carries x-app-conn (connection id) and x-app-seq (request number on it).
     """
 
-    def __init__(self, *, tls_ctx: ssl.SSLContext | None = None, name: str = "httpapp"):
+    def __init__(self, *, tls_ctx: ssl.SSLContext | None = None, name: str = "httpapp",
+                 host: str = h.HOST, port: int = 0):
+        """host/port: where to listen (any 127.x.y.z or ::1 works; port 0 = any)."""
         self.tls_ctx = tls_ctx
+        self.host = host
         self.name = name
         self.conns: list[HConn] = []
         self.requests: list[HReq] = []
@@ -268,10 +271,7 @@ class HttpApp:
         self._stop = threading.Event()
         self._socks: list[socket.socket] = []
         self._gates: dict[str, _Gate] = {}
-        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind((h.HOST, 0))
-        self.lsock.listen(512)
+        self.lsock = h.listen_socket(host, port, 512)
         self.lsock.settimeout(0.2)
         self.port = self.lsock.getsockname()[1]
         self._thread = threading.Thread(target=self._accept_loop, daemon=True,
@@ -280,7 +280,7 @@ class HttpApp:
 
     @property
     def addr(self) -> str:
-        return h.addr(self.port)
+        return h.addr(self.port, self.host)
 
     # -- observation
     def count(self) -> int:
