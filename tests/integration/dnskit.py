@@ -4,10 +4,12 @@ a loopback port, answering from a hosts file the test rewrites, plus a minimal D
 
 * Dnsmasq(workdir, ttl=1)   -- starts dnsmasq on 127.0.0.1:<port from the harness allocator>
                                (UDP and TCP), names under the local domain only
-    .set_hosts({"app.test": ["127.0.0.2", "::1"], ...})
+    .set_hosts({"app.test": ["127.0.0.2", "::1"], ...}, servfail=["bad.test"])
                             -- rewrites the hosts file, SIGHUPs dnsmasq and waits (bounded)
                                until it answers exactly that: every name's A and AAAA sets,
-                               and NXDOMAIN for every name it answered before and no longer has
+                               SERVFAIL for the servfail names (dnsmasq forwards them to a
+                               stub server that answers only SERVFAIL, and relays that), and
+                               NXDOMAIN for every name it answered before and no longer has
     .stop() / .start()      -- kill it (its port closed: queries are refused) / start it again
                                on the same port with the current hosts file
     .pause() / .resume()    -- SIGSTOP / SIGCONT: the port stays bound, nothing is answered
@@ -19,6 +21,8 @@ a loopback port, answering from a hosts file the test rewrites, plus a minimal D
 What dnsmasq answers here (--local=/test/, --no-resolv, --no-hosts): a name in the hosts
 file: its A / AAAA records with TTL = ttl (NOERROR without records for a family it lacks);
 any other name under .test: NXDOMAIN; names outside .test: REFUSED (no upstream servers).
+The servers file (--servers-file, re-read on SIGHUP like the hosts file) forwards the
+servfail names to ServfailStub.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import signal
 import socket
 import struct
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +141,53 @@ def resolve(port: int, name: str, timeout: float = 1.0) -> tuple[int | None, set
 
 # --------------------------------------------------------------------------- server
 
+class ServfailStub:
+    """A UDP DNS server on 127.0.0.1 that answers every query SERVFAIL."""
+
+    def __init__(self):
+        self.sock = None
+        for _ in range(20):
+            p = h.free_port()
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                s.bind((h.HOST, p))
+            except OSError:
+                s.close()
+                continue
+            self.sock, self.port = s, p
+            break
+        if self.sock is None:
+            raise RuntimeError("no UDP port for the SERVFAIL stub")
+        self.sock.settimeout(0.2)
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True, name="servfail-stub")
+        self._t.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                d, peer = self.sock.recvfrom(4096)
+            except (socket.timeout, TimeoutError):
+                continue
+            except OSError:
+                return
+            if len(d) < 12:
+                continue
+            qid, flags = struct.unpack("!HH", d[:4])
+            # QR, the query's RD, RA, rcode 2; the question section echoed
+            resp = struct.pack("!HHHHHH", qid, 0x8000 | (flags & 0x0100) | 0x0080 | SERVFAIL,
+                               struct.unpack("!H", d[4:6])[0], 0, 0, 0) + d[12:]
+            try:
+                self.sock.sendto(resp, peer)
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._t.join(5)
+        self.sock.close()
+
+
 def _udp_free(port: int) -> bool:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -155,10 +207,13 @@ class Dnsmasq:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.ttl = ttl
         self.name = name
-        self.hosts_path = self.workdir / f"{name}.hosts"
+        self.hosts_path = (self.workdir / f"{name}.hosts").resolve()
+        self.servers_path = (self.workdir / f"{name}.servers").resolve()
         self.log_path = self.workdir / f"{name}.log"
         self.hosts: dict[str, list[str]] = {}
+        self.servfail: list[str] = []
         self.known: set[str] = set()      # every name ever served (removal -> NXDOMAIN)
+        self.stub: ServfailStub | None = None
         self.proc: subprocess.Popen | None = None
         self.paused = False
         self._log = None
@@ -182,10 +237,17 @@ class Dnsmasq:
         tmp = self.hosts_path.with_name(self.hosts_path.name + ".tmp")
         tmp.write_text("".join(ln + "\n" for ln in lines))
         os.replace(tmp, self.hosts_path)
+        if self.servfail and self.stub is None:
+            self.stub = ServfailStub()
+        lines = [f"server=/{n}/{h.HOST}#{self.stub.port}" for n in self.servfail]
+        tmp = self.servers_path.with_name(self.servers_path.name + ".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in lines))
+        os.replace(tmp, self.servers_path)
 
     def _cmd(self) -> list[str]:
         cmd = [DNSMASQ, "--keep-in-foreground", "--conf-file=/dev/null", "--pid-file",
                "--no-resolv", "--no-hosts", "--no-poll", f"--addn-hosts={self.hosts_path}",
+               f"--servers-file={self.servers_path}",
                f"--port={self.port}", f"--listen-address={h.HOST}", "--bind-interfaces",
                f"--local=/{DOMAIN}/", f"--local-ttl={self.ttl}", "--cache-size=0",
                "--log-facility=-", "--log-queries"]
@@ -223,7 +285,10 @@ class Dnsmasq:
         for n in self.known:
             want = set(self.hosts.get(n, []))
             rcode, got = resolve(self.port, n, 0.5)
-            if n in self.hosts:
+            if n in self.servfail:
+                if rcode != SERVFAIL:
+                    return False
+            elif n in self.hosts:
                 if rcode != NOERROR or got != {_norm(ip) for ip in want}:
                     return False
             elif rcode != NXDOMAIN:
@@ -235,12 +300,14 @@ class Dnsmasq:
             raise RuntimeError(f"dnsmasq on {self.server} does not answer {self.hosts} "
                                f"after {h.T(h.WAIT_S):.0f}s:\n" + self.log_tail())
 
-    def set_hosts(self, hosts: dict[str, list[str]]) -> None:
-        """Serve exactly these names (a name left out answers NXDOMAIN from now on); returns
-        once dnsmasq answers the new set (bounded)."""
+    def set_hosts(self, hosts: dict[str, list[str]], servfail: "list[str] | tuple" = ()
+                  ) -> None:
+        """Serve exactly these names, answer SERVFAIL for the servfail ones (a name left out
+        answers NXDOMAIN from now on); returns once dnsmasq answers that (bounded)."""
         assert self.alive() and not self.paused, "set_hosts needs a running dnsmasq"
-        self.hosts = {n: list(ips) for n, ips in hosts.items()}
-        self.known |= set(self.hosts)
+        self.hosts = {n: list(ips) for n, ips in hosts.items() if n not in servfail}
+        self.servfail = list(servfail)
+        self.known |= set(self.hosts) | set(self.servfail)
         self._write_hosts()
         self.proc.send_signal(signal.SIGHUP)
         self._wait_serving()
@@ -275,11 +342,18 @@ class Dnsmasq:
             self._log.close()
             self._log = None
 
+    def close(self) -> None:
+        """kill() and stop the SERVFAIL stub too (teardown)."""
+        self.kill()
+        if self.stub is not None:
+            self.stub.stop()
+            self.stub = None
+
     def __enter__(self):
         return self
 
     def __exit__(self, *a):
-        self.kill()
+        self.close()
 
 
 def _norm(ip: str) -> str:

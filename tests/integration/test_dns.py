@@ -46,7 +46,7 @@ def dns(tmp_path):
         pytest.fail(f"{dk.DNSMASQ} not found: install dnsmasq-base (scripts/install-deps.sh)")
     d = dk.Dnsmasq(tmp_path / "dns", ttl=1)
     yield d
-    d.kill()
+    d.close()
 
 
 def dns_settings(dns: dk.Dnsmasq, **kw) -> dict:
@@ -210,6 +210,9 @@ def test_dnsmasq_fixture_answers_and_follows_rewrites(dns):
     dns.set_hosts({"app.test": ["127.0.0.4"]})
     assert dk.resolve(dns.port, "app.test") == (dk.NOERROR, {"127.0.0.4"})
     assert dk.query(dns.port, "dual.test").rcode == dk.NXDOMAIN
+    dns.set_hosts({"app.test": ["127.0.0.4"]}, servfail=["bad.test"])
+    assert dk.query(dns.port, "bad.test").rcode == dk.SERVFAIL
+    assert dk.query(dns.port, "app.test").addresses == ["127.0.0.4"]
     dns.pause()
     assert dk.query(dns.port, "app.test", timeout=0.3) is None
     dns.resume()
@@ -218,6 +221,7 @@ def test_dnsmasq_fixture_answers_and_follows_rewrites(dns):
     assert dk.query(dns.port, "app.test", timeout=0.3) is None
     dns.start()
     assert dk.resolve(dns.port, "app.test") == (dk.NOERROR, {"127.0.0.4"})
+    assert dk.query(dns.port, "bad.test").rcode == dk.SERVFAIL
 
 
 # =========================================================================== spread
@@ -375,7 +379,7 @@ class _Killer:
         self.d = d
 
     def stop(self):
-        self.d.kill()
+        self.d.close()
 
 
 # =========================================================================== passive health
@@ -494,7 +498,7 @@ def test_tcp_connect_tried_on_at_most_three_endpoints(env, dns):
     e = sc.wait_for_log(lambda e: e.get("listener") == "api", timeout=h.PROMPT_S, start=start)
     assert e is not None
     h.check_access_entry(e)
-    assert e["decision"] == "error" and e.get("endpoint") is None, e
+    assert e["close"] == "connect_failed" and e.get("endpoint") is None, e
     assert Counter(states(view(sc, "api")).values()) == {"ejected": 3, "healthy": 2}
     assert hk.scrape(sc).get(EJECTIONS, listener="api") == 3
 
@@ -564,6 +568,18 @@ def test_nxdomain_after_good_answer_keeps_last_good_set(env, dns):
     hk.wait_metric(sc, STALE, lambda x: x == 1, listener="api")
     v = view(sc, "api")
     assert v["stale"] is True and v["last_result"] == "nxdomain" and addrs(v) == want, v
+    assert gets(lport, client_ctx(env), 10) == [200] * 10
+
+
+def test_servfail_after_good_answer_keeps_last_good_set(env, dns):
+    """The server answers SERVFAIL for the name after a good answer: counted as servfail,
+    the last good set keeps serving, stale."""
+    sc, lport, apps, want = _two_app_sidecar(env, dns)
+    dns.set_hosts({}, servfail=["app.test"])
+    hk.wait_metric(sc, RESOLUTIONS, lambda x: x >= 1, listener="api", result="servfail")
+    hk.wait_metric(sc, STALE, lambda x: x == 1, listener="api")
+    v = view(sc, "api")
+    assert v["stale"] is True and v["last_result"] == "servfail" and addrs(v) == want, v
     assert gets(lport, client_ctx(env), 10) == [200] * 10
 
 
