@@ -254,7 +254,8 @@ class HttpApp:
       /gate?key=K&n=N               holds the request until N requests with key K have
                                     arrived (each on its own connection, as each is held),
                                     then /echo; 500 if that does not happen within
-                                    GATE_TIMEOUT_S (scaled). gate_opened(K) = when it opened
+                                    GATE_TIMEOUT_S (scaled). gate_opened(K) = when it opened;
+                                    open_gate(K) opens it from the test
     HEAD gets the headers of the GET answer without a body.
     Every response carries x-app-conn (connection id) and x-app-seq (request number on it).
     """
@@ -320,6 +321,14 @@ class HttpApp:
         with self._lock:
             g = self._gates.get(key)
         return g.opened_at if g is not None else None
+
+    def open_gate(self, key: str) -> None:
+        """Let every request held at /gate?key=key go on (and later ones pass at once)."""
+        with self._lock:
+            g = self._gates.setdefault(key, _Gate())
+            if g.opened_at is None:
+                g.opened_at = time.monotonic()
+            g.event.set()
 
     def _gate(self, key: str, n: int) -> bool:
         """Count one arrival at gate key; wait (bounded) until n have arrived."""

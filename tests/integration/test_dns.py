@@ -745,16 +745,19 @@ def test_endpoints_document_and_metrics(env, dns):
     hk.wait_metric(sc, RESOLUTIONS, lambda x: x >= ok + 2, timeout=h.WAIT_S,
                    listener="named", result="ok")
 
-    # a request the app never answers is in flight on the endpoint that has it
+    # a request the app holds is in flight on the endpoint that has it, until answered
     c = HttpConn.tls(pn, client_ctx(env))
     try:
-        c.send(req("GET", "/silent"))
+        c.send(req("GET", "/gate?key=hold&n=1000000"))
         assert h.wait_until(lambda: sum(a.nreq() for a in apps) == 1, h.T(h.PROMPT_S))
         holder = ep(ips[0], port) if apps[0].nreq() else ep(ips[1], port)
         v = wait_view(sc, "named", lambda v: sum(e["in_flight"] for e in v["endpoints"]) == 1,
                       what="showed one request in flight")
         assert {e["address"]: e["in_flight"] for e in v["endpoints"]}[holder] == 1, v
+        for a in apps:
+            a.open_gate("hold")
+        assert c.read_response(timeout=h.PROMPT_S).status == 200
     finally:
         c.close()
     wait_view(sc, "named", lambda v: sum(e["in_flight"] for e in v["endpoints"]) == 0,
-              what="showed no request in flight after the client left")
+              what="showed no request in flight once it was answered")
