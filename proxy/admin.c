@@ -13,6 +13,7 @@
 #include "certstore.h"
 #include "compat.h"
 #include "conn.h"
+#include "endpoint.h"
 #include "gen.h"
 #include "identity.h"
 #include "log.h"
@@ -196,6 +197,103 @@ static void histogram(pc_jbuf_t *b, const char *name, const series_t *s, const p
   pc_jbuf_printf(b, "} %llu\n", (unsigned long long)h->count);
 }
 
+/* Endpoint sets and DNS (endpoint.h), per listener of the current
+ * generation. */
+static void render_endpoint_metrics(pc_jbuf_t *b, const pc_config_t *cfg) {
+  pc_target_view_t *v = pc_calloc(cfg->nlisteners + 1, sizeof(*v));
+  for (size_t i = 0; i < cfg->nlisteners; i++)
+    pc_target_view(cfg->listeners[i].tgt, &v[i]);
+  help(b, "upstream_endpoints", "gauge",
+       "Addresses in each listener's endpoint set, by state (healthy, ejected).");
+  for (size_t i = 0; i < cfg->nlisteners; i++) {
+    size_t ej = 0;
+    for (size_t k = 0; k < v[i].neps; k++)
+      ej += v[i].eps[k].ejected != 0;
+    for (int st = 0; st < 2; st++) {
+      pc_jbuf_printf(b, "portcullis_upstream_endpoints{listener=\"");
+      label_value(b, cfg->listeners[i].name);
+      pc_jbuf_printf(b, "\",state=\"%s\"} %zu\n", st ? "ejected" : "healthy",
+                     st ? ej : v[i].neps - ej);
+    }
+  }
+  help(b, "upstream_ejections_total", "counter",
+       "Endpoints ejected by passive health (failed connect or handshake, reset before any "
+       "response).");
+  for (size_t i = 0; i < cfg->nlisteners; i++) {
+    pc_jbuf_printf(b, "portcullis_upstream_ejections_total{listener=\"");
+    label_value(b, cfg->listeners[i].name);
+    pc_jbuf_printf(b, "\"} %llu\n", (unsigned long long)v[i].ejections);
+  }
+  help(b, "dns_resolutions_total", "counter",
+       "Lookups of a listener's NAME:PORT target by result (ok, nxdomain, servfail, timeout).");
+  for (size_t i = 0; i < cfg->nlisteners; i++)
+    for (int r = 0; r < PC_DNS_RESULTS && v[i].is_name; r++) {
+      pc_jbuf_printf(b, "portcullis_dns_resolutions_total{listener=\"");
+      label_value(b, cfg->listeners[i].name);
+      pc_jbuf_printf(b, "\",result=\"%s\"} %llu\n", pc_dns_result_word((pc_dns_result_t)r),
+                     (unsigned long long)v[i].resolutions[r]);
+    }
+  help(b, "dns_stale", "gauge",
+       "1 while a listener's name keeps the endpoints of its last good answer because later "
+       "lookups failed.");
+  for (size_t i = 0; i < cfg->nlisteners; i++) {
+    if (!v[i].is_name) continue;
+    pc_jbuf_printf(b, "portcullis_dns_stale{listener=\"");
+    label_value(b, cfg->listeners[i].name);
+    pc_jbuf_printf(b, "\"} %d\n", v[i].stale);
+  }
+  for (size_t i = 0; i < cfg->nlisteners; i++)
+    pc_target_view_free(&v[i]);
+  free(v);
+}
+
+static void utc_ms(pc_jbuf_t *b, const char *key, uint64_t ms) {
+  if (!ms) {
+    pc_jbuf_printf(b, ",\"%s\":null", key);
+    return;
+  }
+  char t[40];
+  pc_log_utc((time_t)(ms / 1000u), t, sizeof(t));
+  pc_jbuf_kv_str(b, key, t);
+}
+
+/* GET /endpoints: every listener's target, its answer and its endpoints. */
+static void render_endpoints(pc_jbuf_t *b, const pc_gen_t *g) {
+  const pc_config_t *cfg = g->cfg;
+  pc_jbuf_printf(b, "{\"listeners\":[");
+  for (size_t i = 0; i < cfg->nlisteners; i++) {
+    const pc_listener_cfg_t *l = &cfg->listeners[i];
+    pc_target_view_t v;
+    pc_target_view(l->tgt, &v);
+    pc_jbuf_raw(b, i ? ",{" : "{", i ? 2 : 1);
+    pc_jbuf_kv_str(b, "name", l->name);
+    pc_jbuf_kv_str(b, "direction", dir_word(l->direction));
+    pc_jbuf_kv_str(b, "target", l->target_str);
+    pc_jbuf_kv_bool(b, "dns", v.is_name);
+    pc_jbuf_kv_str(b, "last_result", pc_dns_result_word(v.last_result));
+    pc_jbuf_kv_bool(b, "stale", v.stale);
+    utc_ms(b, "resolved_at", v.resolved_at_ms);
+    if (v.is_name && v.resolved_at_ms)
+      pc_jbuf_kv_u64(b, "ttl_ms", v.ttl_ms);
+    else
+      pc_jbuf_printf(b, ",\"ttl_ms\":null");
+    pc_jbuf_kv_u64(b, "ejections", v.ejections);
+    pc_jbuf_printf(b, ",\"endpoints\":[");
+    for (size_t k = 0; k < v.neps; k++) {
+      const pc_endpoint_view_t *e = &v.eps[k];
+      pc_jbuf_raw(b, k ? ",{" : "{", k ? 2 : 1);
+      pc_jbuf_kv_str(b, "address", e->address);
+      pc_jbuf_kv_str(b, "state", e->ejected ? "ejected" : "healthy");
+      utc_ms(b, "ejected_until", e->ejected_until_ms);
+      pc_jbuf_kv_u64(b, "in_flight", e->in_flight);
+      pc_jbuf_printf(b, "}");
+    }
+    pc_jbuf_printf(b, "]}");
+    pc_target_view_free(&v);
+  }
+  pc_jbuf_printf(b, "]}\n");
+}
+
 static void render_metrics(pc_jbuf_t *b) {
   series_set_t set = {0};
   pc_workers_collect(collect_one, &set);
@@ -345,6 +443,7 @@ static void render_metrics(pc_jbuf_t *b) {
   free(set.v);
 
   pc_gen_t *g = pc_gen_current();
+  if (g) render_endpoint_metrics(b, g->cfg);
   help(b, "certificate_expiry_timestamp_seconds", "gauge",
        "notAfter of this sidecar's certificate (Unix time).");
   pc_jbuf_printf(b, "portcullis_certificate_expiry_timestamp_seconds %lld\n",
@@ -576,8 +675,8 @@ static void route(admin_conn_t *a) {
       why = "draining";
     else if (!g)
       why = "no certificates loaded";
-    else
-      pc_workers_ready(&why);
+    else if (pc_workers_ready(&why))
+      pc_targets_pending(&why); /* the first answer for every name */
     if (g) pc_gen_unref(g);
     if (why) {
       pc_jbuf_printf(&body, "%s\n", why);
@@ -590,6 +689,15 @@ static void route(admin_conn_t *a) {
     render_metrics(&body);
     respond(a, 200, "OK", "text/plain; version=0.0.4; charset=utf-8", NULL, body.data, body.len,
             head);
+  } else if (strcmp(path, "/endpoints") == 0) {
+    pc_gen_t *g = pc_gen_current();
+    if (!g) {
+      respond_text(a, 503, "Service Unavailable", "starting\n");
+    } else {
+      render_endpoints(&body, g);
+      pc_gen_unref(g);
+      respond(a, 200, "OK", json, NULL, body.data, body.len, head);
+    }
   } else if (strcmp(path, "/config") == 0 || strcmp(path, "/certs") == 0) {
     pc_gen_t *g = pc_gen_current();
     if (!g) {

@@ -12,6 +12,7 @@
 #include <uv.h>
 
 #include "compat.h"
+#include "endpoint.h"
 #include "identity.h"
 
 #define DEFAULT_CIPHERS                                                                            \
@@ -270,6 +271,58 @@ static void parse_tls(ctx_t *c, const config_setting_t *root, pc_config_t *cfg) 
   cfg->tls.verify_depth = (int)get_int(c, g, "tls", "verify_depth", 8, 1, 16);
 }
 
+/* dns = { servers; min_ttl_ms; max_ttl_ms; timeout_ms; } and
+ * health = { ejection_base_ms; ejection_max_ms; } (README "Service names"). */
+static void parse_dns(ctx_t *c, const config_setting_t *root, pc_config_t *cfg) {
+  static const char *const dns_keys[] = {"servers", "min_ttl_ms", "max_ttl_ms", "timeout_ms"};
+  static const char *const health_keys[] = {"ejection_base_ms", "ejection_max_ms"};
+  const long long day = 86400000LL;
+  const config_setting_t *g = member(c, root, "", "dns", CONFIG_TYPE_GROUP, 0);
+  if (!(g && check_keys(c, g, "dns", dns_keys, PC_ARRAY_SIZE(dns_keys)))) {
+    const config_setting_t *sv = g ? config_setting_get_member(g, "servers") : NULL;
+    if (sv) {
+      int t = config_setting_type(sv), len = config_setting_length(sv);
+      if ((t != CONFIG_TYPE_LIST && t != CONFIG_TYPE_ARRAY) || len == 0) {
+        fail(c, line_of(sv), "dns.servers", "expected a non-empty list of \"IP:PORT\" strings");
+      } else {
+        pc_jbuf_t b = {0};
+        for (int i = 0; i < len && !c->failed; i++) {
+          const config_setting_t *x = config_setting_get_elem(sv, (unsigned)i);
+          const char *str =
+              config_setting_type(x) == CONFIG_TYPE_STRING ? config_setting_get_string(x) : NULL;
+          struct sockaddr_storage a;
+          if (!str || pc_config_parse_addr(str, &a) != 0)
+            fail(c, line_of(x), "dns.servers", "entry %d is not an address of the form IP:PORT",
+                 i);
+          else
+            pc_jbuf_printf(&b, "%s%s", i ? "," : "", str);
+        }
+        if (!c->failed) cfg->dns.servers = pc_strdup(b.data);
+        pc_jbuf_free(&b);
+      }
+    }
+    /* A TTL of 0 would have a busy resolver ask again in a loop; an hour
+     * caps how long a name can point at a pod that moved. */
+    cfg->dns.min_ttl_ms = (uint64_t)get_int(c, g, "dns", "min_ttl_ms", 1000, 100, day);
+    cfg->dns.max_ttl_ms = (uint64_t)get_int(c, g, "dns", "max_ttl_ms", 30000, 100, day);
+    cfg->dns.timeout_ms = (uint64_t)get_int(c, g, "dns", "timeout_ms", 2000, 10, 600000);
+    if (!c->failed && cfg->dns.max_ttl_ms < cfg->dns.min_ttl_ms)
+      fail(c, line_of(config_setting_get_member(g, "max_ttl_ms")), "dns.max_ttl_ms",
+           "must not be below dns.min_ttl_ms (%llu)", (unsigned long long)cfg->dns.min_ttl_ms);
+  }
+  g = member(c, root, "", "health", CONFIG_TYPE_GROUP, 0);
+  if (!(g && check_keys(c, g, "health", health_keys, PC_ARRAY_SIZE(health_keys)))) {
+    cfg->health.ejection_base_ms =
+        (uint64_t)get_int(c, g, "health", "ejection_base_ms", 1000, 1, day);
+    cfg->health.ejection_max_ms =
+        (uint64_t)get_int(c, g, "health", "ejection_max_ms", 30000, 1, day);
+    if (!c->failed && cfg->health.ejection_max_ms < cfg->health.ejection_base_ms)
+      fail(c, line_of(config_setting_get_member(g, "ejection_max_ms")), "health.ejection_max_ms",
+           "must not be below health.ejection_base_ms (%llu)",
+           (unsigned long long)cfg->health.ejection_base_ms);
+  }
+}
+
 static void parse_groups(ctx_t *c, const config_setting_t *root, pc_config_t *cfg) {
   static const char *const admin_keys[] = {"listen", "max_connections", "write_timeout_ms"};
   static const char *const log_keys[] = {"level", "access", "buffer_bytes"};
@@ -380,6 +433,7 @@ static void parse_groups(ctx_t *c, const config_setting_t *root, pc_config_t *cf
     cfg->http2.connection_window =
         (uint32_t)get_int(c, g, "http2", "connection_window", 1024 * 1024, 65535, (1LL << 31) - 1);
   }
+  parse_dns(c, root, cfg);
 }
 
 static int method_ok(const char *m) {
@@ -513,9 +567,13 @@ static void parse_listener(ctx_t *c, const config_setting_t *e, const char *path
   }
   const char *tkey = in ? "forward" : "upstream";
   l->target_str = get_str(c, e, path, tkey, 1, NULL, &line);
-  if (l->target_str && pc_config_parse_addr(l->target_str, &l->target)) {
-    snprintf(sp, sizeof(sp), "%s.%s", path, tkey);
-    fail(c, line, sp, "\"%s\" is not an address of the form IP:PORT", l->target_str);
+  if (l->target_str && l->name) {
+    char why[300];
+    l->tgt = pc_target_get(l->name, in, l->target_str, why, sizeof(why));
+    if (!l->tgt) {
+      snprintf(sp, sizeof(sp), "%s.%s", path, tkey);
+      fail(c, line, sp, "%s", why);
+    }
   }
   char *proto = get_str(c, e, path, "protocol", 0, "tcp", &line);
   if (proto && strcmp(proto, "tcp") == 0) {
@@ -615,7 +673,8 @@ static void parse_listeners(ctx_t *c, const config_setting_t *root, pc_config_t 
 int pc_config_load(const char *path, pc_config_t **out, char *err, size_t errlen) {
   static const char *const top_keys[] = {"trust_domain", "workers", "identity", "tls",
                                          "admin",        "log",     "limits",   "http",
-                                         "http2",        "inbound", "outbound"};
+                                         "http2",        "dns",     "health",
+                                         "inbound",      "outbound"};
   ctx_t c = {.file = path, .err = err, .errlen = errlen};
   config_t lc;
   config_init(&lc);
@@ -683,6 +742,7 @@ void pc_config_free(pc_config_t *cfg) {
     free(l->name);
     free(l->listen_str);
     free(l->target_str);
+    pc_target_unref(l->tgt);
     free(l->server_name);
     pc_policy_free(l->policy);
   }
@@ -696,5 +756,6 @@ void pc_config_free(pc_config_t *cfg) {
   free(cfg->tls.ciphers);
   free(cfg->tls.curves);
   free(cfg->admin.listen_str);
+  free(cfg->dns.servers);
   free(cfg);
 }

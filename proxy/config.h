@@ -40,8 +40,8 @@ typedef struct {
   pc_up_protocol_t upstream_protocol; /* outbound, protocol = "http" */
   char *listen_str;
   struct sockaddr_storage listen;
-  char *target_str; /* inbound: forward; outbound: upstream */
-  struct sockaddr_storage target;
+  char *target_str;         /* inbound: forward; outbound: upstream */
+  struct pc_target *tgt;    /* its endpoints (endpoint.h); one reference */
   char *server_name;   /* outbound only: SNI sent upstream */
   pc_policy_t *policy; /* inbound: allow; outbound: expect */
   int line, line_name, line_listen;
@@ -99,6 +99,13 @@ typedef struct pc_config {
     uint32_t stream_window;     /* initial window we grant each stream, bytes */
     uint32_t connection_window; /* window we grant the whole connection, bytes */
   } http2;
+  struct { /* resolving NAME:PORT targets (dns.h) */
+    char *servers; /* "IP:PORT,IP:PORT" replacing resolv.conf's; NULL: resolv.conf */
+    uint64_t min_ttl_ms, max_ttl_ms, timeout_ms;
+  } dns;
+  struct { /* passive health of endpoints (endpoint.h) */
+    uint64_t ejection_base_ms, ejection_max_ms;
+  } health;
   pc_listener_cfg_t *listeners;
   size_t nlisteners;
 } pc_config_t;

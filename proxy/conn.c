@@ -7,6 +7,7 @@
 
 #include "compat.h"
 #include "deadline.h"
+#include "endpoint.h"
 #include "h2.h"
 #include "l7.h"
 #include "log.h"
@@ -16,7 +17,18 @@
 /* How long a refused peer gets to read its alert before the socket closes. */
 #define LINGER_MS 1000
 
-typedef enum { ST_HANDSHAKE, ST_CONNECTING, ST_ESTABLISHED, ST_LINGER, ST_CLOSED } state_t;
+typedef enum {
+  ST_HANDSHAKE,
+  ST_CONNECTING,
+  ST_RETRY, /* a failed connect's socket is closing; the next endpoint follows */
+  ST_ESTABLISHED,
+  ST_LINGER,
+  ST_CLOSED
+} state_t;
+
+/* Connect attempts per connection, each to another endpoint while the set
+ * has one (endpoint.h). */
+#define MAX_CONNECT_ATTEMPTS 3
 
 typedef struct pc_conn {
   pc_stream_t down; /* accepted: the peer (inbound) or the app (outbound) */
@@ -52,6 +64,8 @@ typedef struct pc_conn {
   int pending;           /* inbound: counted in the listener's handshake budget */
   pc_throttle_key_t src; /* inbound: the peer's source, for throttling */
   char peer_addr[64], app_addr[64];
+  pc_endpoint_t *ep; /* the upstream / app endpoint connected to (counted in flight) */
+  uint8_t attempts;  /* connects started */
   struct pc_conn *prev, *next;
 } pc_conn_t;
 
@@ -110,6 +124,7 @@ static void write_log(pc_conn_t *c) {
       .close = c->close_how,
       .tls_version = c->tls_version,
       .cipher = c->cipher,
+      .endpoint = c->ep ? c->ep->str : NULL,
       .bytes_from_peer = from_peer,
       .bytes_to_peer = to_peer,
       .duration_ms = (double)(uv_hrtime() - c->start_ns) / 1e6,
@@ -124,6 +139,7 @@ static void on_handle_closed(uv_handle_t *h) {
   pc_stream_release(&c->up);
   pc_l7_free(c->l7);
   pc_h2_free(c->h2);
+  pc_endpoint_done(c->ep);
   free(c->peer.peer_id);
   if (c->prev)
     c->prev->next = c->next;
@@ -314,18 +330,52 @@ static void on_handshake_timer(uv_timer_t *t) {
     c->reason = PC_REASON_TIMEOUT;
     teardown(c, "timeout", 1);
   } else {
+    const pc_config_t *cfg = c->gen->cfg;
+    pc_endpoint_failed(c->ep, cfg->health.ejection_base_ms, cfg->health.ejection_max_ms,
+                       "TLS handshake timed out");
     c->decision = PC_DECISION_ERROR;
     c->reason = PC_REASON_TIMEOUT;
     teardown(c, "timeout", 1);
   }
 }
 
+static void start_connect(pc_conn_t *c);
+
+/* The socket of a failed attempt is closed: try the next endpoint. */
+static void on_retry_closed(uv_handle_t *h) {
+  pc_conn_t *c = h->data;
+  if (c->state == ST_CLOSED) {
+    on_handle_closed(h);
+    return;
+  }
+  c->handles--;
+  pc_stream_release(&c->up);
+  start_connect(c);
+}
+
+/* A connect failed (why, for the log): the endpoint is ejected, and another
+ * one tried if the set has one and attempts are left. Returns 1 if a retry
+ * is under way. */
+static int connect_failed(pc_conn_t *c, const char *why) {
+  const pc_config_t *cfg = c->gen->cfg;
+  c->l->stats.connect_failures++;
+  pc_endpoint_failed(c->ep, cfg->health.ejection_base_ms, cfg->health.ejection_max_ms, why);
+  size_t n = pc_target_size(c->lc->tgt);
+  if (c->attempts >= MAX_CONNECT_ATTEMPTS || c->attempts >= n) return 0;
+  c->state = ST_RETRY;
+  uv_timer_stop(&c->timer);
+  pc_stream_close(&c->up, 1, on_retry_closed);
+  return 1;
+}
+
 static void on_connect_timer(uv_timer_t *t) {
   pc_conn_t *c = t->data;
   if (pc_deadline_recheck(t, on_connect_timer, &c->rechecked)) return;
+  pc_log(PC_LOG_WARN, "listener %s: connecting to %s (%s) timed out", c->lc->name, c->ep->str,
+         c->lc->target_str);
+  if (connect_failed(c, "connect timed out")) return;
   c->decision = PC_DECISION_ERROR;
   c->reason = PC_REASON_TIMEOUT;
-  c->l->stats.connect_failures++;
   teardown(c, "connect_failed", 1);
 }
 
@@ -336,7 +386,7 @@ static void start_upstream_tls(pc_conn_t *c) {
   SSL_set_tlsext_host_name(ssl, c->lc->server_name);
   c->hs_start_ns = uv_hrtime();
   if (pc_stream_start_tls(&c->up, ssl, 0) != 0) {
-    pc_log(PC_LOG_ERROR, "listener %s: cannot start TLS to %s: %s", c->lc->name, c->lc->target_str,
+    pc_log(PC_LOG_ERROR, "listener %s: cannot start TLS to %s: %s", c->lc->name, c->ep->str,
            pc_tls_error_string());
     c->decision = PC_DECISION_ERROR;
     teardown(c, "error", 1);
@@ -345,15 +395,16 @@ static void start_upstream_tls(pc_conn_t *c) {
 
 static void on_connect(uv_connect_t *req, int status) {
   pc_conn_t *c = req->data;
-  if (c->state == ST_CLOSED) return;
+  if (c->state != ST_CONNECTING) return;
   if (status < 0) {
-    pc_log(PC_LOG_WARN, "listener %s: cannot connect to %s: %s", c->lc->name, c->lc->target_str,
-           uv_strerror(status));
+    pc_log(PC_LOG_WARN, "listener %s: cannot connect to %s (%s): %s", c->lc->name, c->ep->str,
+           c->lc->target_str, uv_strerror(status));
+    if (connect_failed(c, "connect failed")) return;
     c->decision = PC_DECISION_ERROR;
-    c->l->stats.connect_failures++;
     teardown(c, "connect_failed", 1);
     return;
   }
+  if (c->inbound) pc_endpoint_ok(c->ep); /* outbound: once the handshake passed */
   uv_tcp_nodelay(&c->up.tcp, 1);
   if (c->inbound)
     establish(c);
@@ -362,6 +413,18 @@ static void on_connect(uv_connect_t *req, int status) {
 }
 
 static void start_connect(pc_conn_t *c) {
+  pc_endpoint_t *prev = c->ep;
+  c->ep = pc_target_pick(c->lc->tgt, prev);
+  pc_endpoint_done(prev);
+  if (!c->ep) {
+    /* A name that never resolved: fail fast, nothing to wait for. */
+    pc_log(PC_LOG_WARN, "listener %s: %s", c->lc->name, pc_target_unresolved_text(c->lc->tgt));
+    c->decision = PC_DECISION_ERROR;
+    teardown(c, "unresolved", 1);
+    return;
+  }
+  c->attempts++;
+  snprintf(c->inbound ? c->app_addr : c->peer_addr, sizeof(c->app_addr), "%s", c->ep->str);
   c->state = ST_CONNECTING;
   arm(c, c->gen->cfg->limits.connect_timeout_ms, on_connect_timer);
   int rc = pc_stream_init(&c->up, c->timer.loop, &c->w->scratch, &stream_cbs, c);
@@ -369,14 +432,15 @@ static void start_connect(pc_conn_t *c) {
     c->handles++;
     c->up.tcp.data = c;
     c->connect_req.data = c;
-    rc = uv_tcp_connect(&c->connect_req, &c->up.tcp, (const struct sockaddr *)&c->lc->target,
+    rc = uv_tcp_connect(&c->connect_req, &c->up.tcp, (const struct sockaddr *)&c->ep->addr,
                         on_connect);
   }
   if (rc < 0) {
-    pc_log(PC_LOG_WARN, "listener %s: cannot connect to %s: %s", c->lc->name, c->lc->target_str,
-           uv_strerror(rc));
+    pc_log(PC_LOG_WARN, "listener %s: cannot connect to %s (%s): %s", c->lc->name, c->ep->str,
+           c->lc->target_str, uv_strerror(rc));
+    if (c->up.initialised && connect_failed(c, "connect failed")) return;
+    if (!c->up.initialised) c->l->stats.connect_failures++;
     c->decision = PC_DECISION_ERROR;
-    c->l->stats.connect_failures++;
     teardown(c, "connect_failed", 1);
   }
 }
@@ -388,12 +452,17 @@ static void on_handshake(pc_stream_t *s, int status) {
   if (c->state != ST_HANDSHAKE) return;
   if (status < 0) {
     pc_reason_t r = pc_tls_failure_reason(s->ssl);
+    const pc_config_t *cfg = c->gen->cfg;
+    if (!c->inbound)
+      pc_endpoint_failed(c->ep, cfg->health.ejection_base_ms, cfg->health.ejection_max_ms,
+                         c->peer.reason != PC_REASON_NONE ? "its identity was refused"
+                                                          : "TLS handshake failed");
     if (c->inbound || c->peer.reason != PC_REASON_NONE) {
       refuse(c, PC_DECISION_DENY, r);
     } else {
       /* The upstream refused us, or spoke something other than TLS. */
-      pc_log(PC_LOG_WARN, "listener %s: TLS handshake with upstream %s failed (%s)", c->lc->name,
-             c->lc->target_str, pc_reason_word(r));
+      pc_log(PC_LOG_WARN, "listener %s: TLS handshake with upstream %s (%s) failed (%s)",
+             c->lc->name, c->ep->str, c->lc->target_str, pc_reason_word(r));
       c->decision = PC_DECISION_ERROR;
       c->reason = r;
       teardown(c, "upstream_refused", 1);
@@ -401,6 +470,7 @@ static void on_handshake(pc_stream_t *s, int status) {
     return;
   }
   end_handshake(c, 0);
+  if (!c->inbound) pc_endpoint_ok(c->ep);
   c->tls_version = SSL_get_version(s->ssl);
   c->cipher = SSL_CIPHER_get_name(SSL_get_current_cipher(s->ssl));
   c->handshaken = 1;
@@ -585,7 +655,7 @@ int pc_conn_accept(pc_listener_t *l) {
     if (pc_stream_start_tls(&c->down, pc_tls_new(c->gen->server_ctx, &c->peer), 1) != 0)
       teardown(c, "error", 1);
   } else {
-    snprintf(c->peer_addr, sizeof(c->peer_addr), "%s", c->lc->target_str);
+    snprintf(c->peer_addr, sizeof(c->peer_addr), "%s", c->lc->target_str); /* until connected */
     pc_stream_addr(&c->down, 1, c->app_addr, sizeof(c->app_addr));
     if (c->lc->protocol == PC_PROTO_HTTP)
       establish(c);

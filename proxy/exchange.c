@@ -55,7 +55,10 @@ void pc_exchange_send(pc_exchange_t *e, const pc_l7_env_t *env, const pc_upreq_t
 }
 
 static void keep_peer(pc_exchange_t *e) {
-  if (!e->call || e->up_peer) return;
+  if (!e->call) return;
+  const char *ep = pc_upcall_endpoint(e->call);
+  if (ep) snprintf(e->endpoint, sizeof(e->endpoint), "%s", ep);
+  if (e->up_peer) return;
   const char *id = pc_upcall_peer_id(e->call);
   if (id) e->up_peer = pc_strdup(id);
   e->up_tls = pc_upcall_tls_version(e->call);
@@ -111,6 +114,7 @@ void pc_exchange_log(pc_exchange_t *e, const pc_l7_env_t *env, int protocol) {
       .upstream_ms = e->upstream_ms,
       .tls_version = inbound ? env->tls_version : e->up_tls,
       .cipher = inbound ? env->cipher : e->up_cipher,
+      .endpoint = e->endpoint[0] ? e->endpoint : NULL,
   };
   pc_log_request(&rec);
 }

@@ -36,6 +36,7 @@ typedef struct {
   pc_upcall_t *call;
   char *up_peer;                  /* outbound: the upstream's SPIFFE ID */
   const char *up_tls, *up_cipher; /* outbound: its TLS (static strings) */
+  char endpoint[56];              /* "ip:port" the request went to last; "" if none */
   int retries;
   /* the answer, as the log line will say it */
   int status;

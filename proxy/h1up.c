@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "compat.h"
+#include "endpoint.h"
 #include "h1.h"
 #include "log.h"
 #include "pool.h"
@@ -36,6 +37,7 @@ struct pc_h1call {
   int busy; /* depth of this module's callbacks on the stack: free only at 0 */
   char *peer_id;
   const char *tls_version, *cipher;
+  char endpoint[56]; /* "ip:port" of the connection used, for the access log */
   int fail_status, fail_retry;
   pc_reason_t fail_reason;
   const char *fail_detail;
@@ -187,6 +189,7 @@ static void frame_end(pc_h1call_t *k) {
 
 /* For the access log, also of an upstream that was refused. */
 static void keep_peer(pc_h1call_t *k, const pc_upconn_t *up) {
+  if (up->ep) memcpy(k->endpoint, up->ep->str, sizeof(k->endpoint));
   if (up->peer.peer_id && !k->peer_id) k->peer_id = pc_strdup(up->peer.peer_id);
   if (up->s.ssl) {
     k->tls_version = SSL_get_version(up->s.ssl);
@@ -214,8 +217,13 @@ static void on_ready(void *user, pc_upconn_t *up, pc_upconn_fail_t fail, pc_reas
   if (fail != PC_UPCONN_OK) {
     keep_peer(k, up); /* up is closing, but readable now */
     k->up = NULL;     /* the pool closes it */
-    int status = fail == PC_UPCONN_CONNECT ? 503 : reason == PC_REASON_TIMEOUT ? 504 : 502;
-    call_fail(k, status, reason, detail, 0);
+    int status = fail == PC_UPCONN_CONNECT || fail == PC_UPCONN_UNRESOLVED ? 503
+                 : reason == PC_REASON_TIMEOUT                              ? 504
+                                                                            : 502;
+    /* Nothing reached the upstream: another endpoint may take it (the
+     * failed one is ejected now). */
+    int retry = fail == PC_UPCONN_CONNECT && pc_target_size(k->lc->tgt) > 1;
+    call_fail(k, status, reason, detail, retry);
   } else {
     start_sending(k);
   }
@@ -256,6 +264,9 @@ void pc_h1call_release(pc_h1call_t *k) {
 const char *pc_h1call_peer_id(const pc_h1call_t *k) { return k->peer_id; }
 const char *pc_h1call_tls_version(const pc_h1call_t *k) { return k->tls_version; }
 const char *pc_h1call_cipher(const pc_h1call_t *k) { return k->cipher; }
+const char *pc_h1call_endpoint(const pc_h1call_t *k) {
+  return k->endpoint[0] ? k->endpoint : NULL;
+}
 
 /* ---- the response ------------------------------------------------------- */
 
@@ -387,10 +398,19 @@ static void s_on_data(pc_stream_t *s, const char *buf, size_t len) {
   leave(k);
 }
 
+/* A new connection that ends before any response byte: the endpoint is
+ * ejected (a reused one may just have timed out idle, which says nothing). */
+static void eject_if_fresh(pc_h1call_t *k, const char *why) {
+  if (k->any || k->reused || !k->up || !k->up->ep) return;
+  const pc_config_t *cfg = k->w->gen->cfg;
+  pc_endpoint_failed(k->up->ep, cfg->health.ejection_base_ms, cfg->health.ejection_max_ms, why);
+}
+
 static void s_on_eof(pc_stream_t *s) {
   pc_h1call_t *k = s->owner;
   if (!live(k)) return;
   enter(k);
+  if (!k->head) eject_if_fresh(k, "closed before responding");
   if (k->head && pc_h1_finish(&k->res) == PC_H1_DONE)
     response_done(k, 0);
   else
@@ -403,6 +423,7 @@ static void s_on_error(pc_stream_t *s, int err) {
   pc_h1call_t *k = s->owner;
   if (!live(k)) return;
   enter(k);
+  eject_if_fresh(k, "reset before responding");
   /* With TLS 1.3 an upstream that refuses our certificate says so with an
    * alert just after the handshake. */
   call_fail(k, 502, PC_REASON_PROTOCOL,

@@ -44,5 +44,6 @@ void pc_h1call_release(pc_h1call_t *k);
 const char *pc_h1call_peer_id(const pc_h1call_t *k);
 const char *pc_h1call_tls_version(const pc_h1call_t *k);
 const char *pc_h1call_cipher(const pc_h1call_t *k);
+const char *pc_h1call_endpoint(const pc_h1call_t *k);
 
 #endif

@@ -5,6 +5,7 @@
 
 #include "compat.h"
 #include "deadline.h"
+#include "endpoint.h"
 #include "h2io.h"
 #include "log.h"
 #include "stream.h"
@@ -32,6 +33,7 @@ struct h2conn {
   uv_timer_t timer; /* connect / handshake deadline, then the idle timer */
   uv_connect_t req;
   h2pool_t *pool;
+  pc_endpoint_t *ep; /* where it goes (a reference); NULL: the name has no address */
   nghttp2_session *ss;
   int state, handles;
   uint8_t rechecked;
@@ -52,6 +54,7 @@ typedef struct {
 
 struct pc_h2call {
   h2conn_t *conn;
+  pc_endpoint_t *ep; /* picked for it: counted in flight until it is freed */
   int32_t id;
   const pc_upcall_cbs_t *cbs;
   void *user;
@@ -126,6 +129,7 @@ static void call_free(pc_h2call_t *k) {
   pc_jbuf_free(&k->sbuf);
   pc_jbuf_free(&k->hb);
   free(k->hf);
+  pc_endpoint_done(k->ep);
   free(k);
   if (c->state == C_CLOSED) conn_maybe_free(c);
 }
@@ -231,6 +235,10 @@ const char *pc_h2call_tls_version(const pc_h2call_t *k) {
   return k->conn->s.ssl ? SSL_get_version(k->conn->s.ssl) : NULL;
 }
 
+const char *pc_h2call_endpoint(const pc_h2call_t *k) {
+  return k->conn->ep ? k->conn->ep->str : NULL;
+}
+
 const char *pc_h2call_cipher(const pc_h2call_t *k) {
   return k->conn->s.ssl ? SSL_CIPHER_get_name(SSL_get_current_cipher(k->conn->s.ssl)) : NULL;
 }
@@ -300,7 +308,7 @@ static int on_frame_recv(nghttp2_session *ss, const nghttp2_frame *f, void *user
     if (k->over) {
       nghttp2_submit_rst_stream(c->ss, NGHTTP2_FLAG_NONE, k->id, NGHTTP2_INTERNAL_ERROR);
       pc_log(PC_LOG_WARN, "listener %s: upstream %s: response header fields over the limits",
-             c->pool->lc->name, c->pool->lc->target_str);
+             c->pool->lc->name, c->ep->str);
       call_fail(k, 502, PC_REASON_PROTOCOL,
                 "the upstream's response header fields exceed the sidecar's limits", 0);
       return 0;
@@ -365,7 +373,7 @@ static int on_stream_close(nghttp2_session *ss, int32_t id, uint32_t code, void 
     int retry = !k->any && code == NGHTTP2_REFUSED_STREAM;
     if (!retry)
       pc_log(PC_LOG_WARN, "listener %s: upstream %s reset a stream (%s)", c->pool->lc->name,
-             c->pool->lc->target_str, pc_h2_error_word(code));
+             c->ep->str, pc_h2_error_word(code));
     call_fail(k, 502, PC_REASON_PROTOCOL,
               retry ? "the upstream refused the stream" : "the upstream reset the stream", retry);
   }
@@ -386,6 +394,7 @@ static void conn_maybe_free(h2conn_t *c) {
   free(c->peer.peer_id);
   if (c->ss) nghttp2_session_del(c->ss);
   pc_jbuf_free(&c->out);
+  pc_endpoint_unref(c->ep);
   h2pool_t *p = c->pool;
   free(c);
   p->nconns--;
@@ -414,6 +423,18 @@ static void unlink_conn(h2conn_t *c) {
 static void conn_fail(h2conn_t *c, int status, pc_reason_t r, const char *detail) {
   if (c->state == C_CLOSED) return;
   int was_ready = c->state == C_READY;
+  /* Passive health: a failed connect or handshake, or a connection that
+   * ends before answering anything, ejects its endpoint; what never reached
+   * it may go to another. A fall-back to HTTP/1.1 is no failure. */
+  int any = 0;
+  for (pc_h2call_t *k = c->calls; k; k = k->next)
+    any |= k->any;
+  int fresh_fail = status != PC_UPCALL_USE_H1 && c->ep && !any && c->served == 0;
+  if (fresh_fail) {
+    const pc_config_t *cfg = c->pool->gen->cfg;
+    pc_endpoint_failed(c->ep, cfg->health.ejection_base_ms, cfg->health.ejection_max_ms, detail);
+  }
+  int elsewhere = fresh_fail && !was_ready && status == 503 && pc_target_size(c->pool->lc->tgt) > 1;
   c->state = C_CLOSED;
   unlink_conn(c);
   /* Callers may release any call of c from inside on_fail: all are marked
@@ -423,7 +444,8 @@ static void conn_fail(h2conn_t *c, int status, pc_reason_t r, const char *detail
     k->dying = k->closed = 1;
   for (pc_h2call_t *k = c->calls; k; k = k->next) {
     if (status == 503 && k->stats && !k->released) k->stats->connect_failures++;
-    call_fail(k, status, r, detail, status == PC_UPCALL_USE_H1 || (was_ready && !k->any));
+    call_fail(k, status, r, detail,
+              status == PC_UPCALL_USE_H1 || (was_ready && !k->any) || elsewhere);
   }
   pc_h2call_t *k = c->calls;
   while (k) {
@@ -440,7 +462,7 @@ static void conn_fail(h2conn_t *c, int status, pc_reason_t r, const char *detail
 
 static void conn_close(h2conn_t *c, const char *why) {
   pc_log(PC_LOG_DEBUG, "listener %s: HTTP/2 connection to %s closes (%s)", c->pool->lc->name,
-         c->pool->lc->target_str, why);
+         c->ep ? c->ep->str : c->pool->lc->target_str, why);
   conn_fail(c, 502, PC_REASON_PROTOCOL, "the upstream connection closed");
 }
 
@@ -454,7 +476,8 @@ static void on_idle_timer(uv_timer_t *t) {
 static void maybe_idle(h2conn_t *c) {
   if (c->state != C_READY || c->ncalls || c->calls) return;
   if (!c->out.len && c->out.data) pc_jbuf_release(&c->out);
-  if (c->retired || c->goaway || c->pool->gen != c->pool->w->gen || c->pool->w->draining) {
+  if (c->retired || c->goaway || c->pool->gen != c->pool->w->gen || c->pool->w->draining ||
+      (c->ep && pc_endpoint_removed(c->ep))) {
     conn_close(c, "retired");
     return;
   }
@@ -516,7 +539,7 @@ static void s_on_data(pc_stream_t *s, const char *buf, size_t len) {
   if (c->state != C_READY) return;
   if (rv < 0) {
     pc_log(PC_LOG_WARN, "listener %s: HTTP/2 from %s: %s", c->pool->lc->name,
-           c->pool->lc->target_str, nghttp2_strerror((int)rv));
+           c->ep->str, nghttp2_strerror((int)rv));
     conn_fail(c, 502, PC_REASON_PROTOCOL, "the upstream broke HTTP/2");
     return;
   }
@@ -538,7 +561,7 @@ static void s_on_error(pc_stream_t *s, int err) {
     pc_log(PC_LOG_INFO,
            "listener %s: upstream %s closed TCP without TLS close_notify: resetting"
            " its streams",
-           c->pool->lc->name, c->pool->lc->target_str);
+           c->pool->lc->name, c->ep->str);
   }
   if (c->state == C_HANDSHAKE || c->state == C_CONNECTING)
     conn_fail(c, 502, PC_REASON_PROTOCOL, "the upstream closed during the TLS handshake");
@@ -573,7 +596,7 @@ static void s_on_handshake(pc_stream_t *s, int status) {
   if (status < 0) {
     pc_reason_t r = pc_tls_failure_reason(s->ssl);
     pc_log(PC_LOG_WARN, "listener %s: TLS with upstream %s (%s) failed: %s", lc->name,
-           lc->target_str, c->peer.peer_id ? c->peer.peer_id : "?", pc_reason_word(r));
+           c->ep->str, c->peer.peer_id ? c->peer.peer_id : "?", pc_reason_word(r));
     conn_fail(c, 502, r,
               c->peer.reason != PC_REASON_NONE ? "the upstream's identity was refused"
                                                : "TLS with the upstream failed");
@@ -595,6 +618,7 @@ static void s_on_handshake(pc_stream_t *s, int status) {
     }
     return;
   }
+  pc_endpoint_ok(c->ep);
   become_ready(c);
 }
 
@@ -605,8 +629,12 @@ static void on_attempt_timer(uv_timer_t *t) {
   h2conn_t *c = t->data;
   if (pc_deadline_recheck(t, on_attempt_timer, &c->rechecked)) return;
   const pc_listener_cfg_t *lc = c->pool->lc;
-  pc_log(PC_LOG_WARN, "listener %s: %s to %s timed out", lc->name,
-         c->state == C_CONNECTING ? "connect" : "TLS handshake", lc->target_str);
+  if (!c->ep) {
+    conn_fail(c, 503, PC_REASON_NONE, pc_target_unresolved_text(lc->tgt));
+    return;
+  }
+  pc_log(PC_LOG_WARN, "listener %s: %s to %s (%s) timed out", lc->name,
+         c->state == C_CONNECTING ? "connect" : "TLS handshake", c->ep->str, lc->target_str);
   if (c->state == C_CONNECTING)
     conn_fail(c, 503, PC_REASON_TIMEOUT, "connecting to the upstream timed out");
   else
@@ -619,8 +647,8 @@ static void on_connect(uv_connect_t *req, int status) {
   h2pool_t *p = c->pool;
   const pc_listener_cfg_t *lc = p->lc;
   if (status < 0) {
-    pc_log(PC_LOG_WARN, "listener %s: cannot connect to %s: %s", lc->name, lc->target_str,
-           uv_strerror(status));
+    pc_log(PC_LOG_WARN, "listener %s: cannot connect to %s (%s): %s", lc->name, c->ep->str,
+           lc->target_str, uv_strerror(status));
     conn_fail(c, 503, PC_REASON_NONE, "cannot connect to the upstream");
     return;
   }
@@ -651,9 +679,11 @@ static void on_connect(uv_connect_t *req, int status) {
     conn_fail(c, 502, PC_REASON_PROTOCOL, "cannot start TLS");
 }
 
-static h2conn_t *conn_new(h2pool_t *p) {
+static h2conn_t *conn_new(h2pool_t *p, pc_endpoint_t *ep) {
   h2conn_t *c = pc_calloc(1, sizeof(*c));
   c->pool = p;
+  c->ep = ep;
+  if (ep) pc_endpoint_ref(ep);
   c->state = C_CONNECTING;
   c->defer.run = run_deferred;
   p->nconns++;
@@ -689,11 +719,16 @@ static h2conn_t *conn_new(h2pool_t *p) {
     c->handles++;
     c->s.tcp.data = c;
     c->req.data = c;
-    rc = uv_tcp_connect(&c->req, &c->s.tcp, (const struct sockaddr *)&p->lc->target, on_connect);
+    if (!ep) { /* fails from the loop (on_attempt_timer), as any attempt */
+      c->rechecked = 1;
+      uv_timer_start(&c->timer, on_attempt_timer, 0, 0);
+      return c;
+    }
+    rc = uv_tcp_connect(&c->req, &c->s.tcp, (const struct sockaddr *)&ep->addr, on_connect);
   }
   if (rc < 0) {
-    pc_log(PC_LOG_WARN, "listener %s: cannot connect to %s: %s", p->lc->name, p->lc->target_str,
-           uv_strerror(rc));
+    pc_log(PC_LOG_WARN, "listener %s: cannot connect to %s (%s): %s", p->lc->name,
+           ep ? ep->str : "?", p->lc->target_str, uv_strerror(rc));
     c->rechecked = 1; /* report at once, from the loop */
     uv_timer_start(&c->timer, on_attempt_timer, 0, 0);
   } else {
@@ -706,17 +741,17 @@ static h2conn_t *conn_new(h2pool_t *p) {
 /* A connection with room for one more stream, or a new one. A connection
  * whose upstream's credentials expired (plus limits.revoke_grace_ms) takes
  * no new stream: it closes once its streams are done. */
-static h2conn_t *conn_for(h2pool_t *p, pc_metrics_t *stats, int *reused) {
+static h2conn_t *conn_for(h2pool_t *p, pc_endpoint_t *ep, pc_metrics_t *stats, int *reused) {
   uint32_t ours = p->gen->cfg->http2.max_concurrent_streams;
   h2conn_t *next;
-  for (h2conn_t *c = p->conns; c; c = next) {
+  for (h2conn_t *c = p->conns; ep && c; c = next) {
     next = c->next;
-    if (c->state == C_CLOSED || c->goaway || c->retired) continue;
+    if (c->ep != ep || c->state == C_CLOSED || c->goaway || c->retired) continue;
     if (c->state == C_READY && pc_tls_peer_expired(&c->peer, p->gen->cfg->limits.revoke_grace_ms)) {
       pc_log(PC_LOG_INFO,
              "listener %s: the certificate of upstream %s (%s) expired; its HTTP/2 connection "
              "takes no new streams",
-             p->lc->name, p->lc->target_str, c->peer.peer_id ? c->peer.peer_id : "?");
+             p->lc->name, c->ep->str, c->peer.peer_id ? c->peer.peer_id : "?");
       stats->upstream_expired++;
       c->retired = 1;
       if (!c->ncalls && !c->calls) conn_close(c, "expired");
@@ -735,7 +770,7 @@ static h2conn_t *conn_for(h2pool_t *p, pc_metrics_t *stats, int *reused) {
     }
   }
   *reused = 0;
-  return conn_new(p);
+  return conn_new(p, ep);
 }
 
 pc_h2call_t *pc_h2call_start(pc_worker_t *w, pc_gen_t *g, const pc_listener_cfg_t *lc,
@@ -743,13 +778,15 @@ pc_h2call_t *pc_h2call_start(pc_worker_t *w, pc_gen_t *g, const pc_listener_cfg_
                              const pc_upcall_cbs_t *cbs, void *user) {
   h2pool_t *p = pool_find(w, g, lc, 1);
   int reused;
-  h2conn_t *c = conn_for(p, stats, &reused);
+  pc_endpoint_t *ep = pc_target_pick(lc->tgt, NULL);
+  h2conn_t *c = conn_for(p, ep, stats, &reused);
   if (reused)
     stats->upstream_reuses++;
-  else
+  else if (ep)
     stats->upstream_connects++;
   pc_h2call_t *k = pc_calloc(1, sizeof(*k));
   k->conn = c;
+  k->ep = ep;
   k->cbs = cbs;
   k->user = user;
   k->stats = stats;
@@ -781,6 +818,18 @@ void pc_h2up_sweep(pc_worker_t *w) {
         c = cn;
       }
       pool_free_if_done(p);
+    } else {
+      /* Connections to endpoints a newer answer left out take no new
+       * streams and close once the ones they carry are done. */
+      h2conn_t *c = p->conns;
+      while (c) {
+        h2conn_t *cn = c->next;
+        if (c->ep && pc_endpoint_removed(c->ep)) {
+          c->retired = 1;
+          if (c->state == C_READY && !c->ncalls && !c->calls) conn_close(c, "endpoint removed");
+        }
+        c = cn;
+      }
     }
     p = next;
   }

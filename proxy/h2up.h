@@ -61,6 +61,8 @@ void pc_h2call_release(pc_h2call_t *c);
 const char *pc_h2call_peer_id(const pc_h2call_t *c);
 const char *pc_h2call_tls_version(const pc_h2call_t *c);
 const char *pc_h2call_cipher(const pc_h2call_t *c);
+/* "ip:port" of the endpoint its connection goes to; NULL if none. */
+const char *pc_h2call_endpoint(const pc_h2call_t *c);
 
 /* Non-zero if lc's upstream (under generation g) answered ALPN without h2. */
 int pc_h2up_h1_only(struct pc_worker *w, pc_gen_t *g, const pc_listener_cfg_t *lc);

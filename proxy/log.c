@@ -348,6 +348,7 @@ void pc_log_access(const pc_access_rec_t *r) {
   pc_jbuf_printf(&b, ",\"duration_ms\":%.3f", r->duration_ms);
   pc_jbuf_kv_str(&b, "tls_version", r->tls_version);
   pc_jbuf_kv_str(&b, "cipher", r->cipher);
+  pc_jbuf_kv_str(&b, "endpoint", r->endpoint);
   pc_jbuf_raw(&b, "}", 1);
   emit(STDOUT_FILENO, &b);
   pc_jbuf_free(&b);
@@ -384,6 +385,7 @@ void pc_log_request(const pc_request_rec_t *r) {
     pc_jbuf_raw(&b, ",\"upstream_ms\":null", 19);
   pc_jbuf_kv_str(&b, "tls_version", r->tls_version);
   pc_jbuf_kv_str(&b, "cipher", r->cipher);
+  pc_jbuf_kv_str(&b, "endpoint", r->endpoint);
   pc_jbuf_raw(&b, "}", 1);
   emit(STDOUT_FILENO, &b);
   pc_jbuf_release(&b);

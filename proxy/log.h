@@ -88,6 +88,7 @@ typedef struct {
   pc_reason_t reason;               /* PC_REASON_NONE when allowed */
   const char *close;                /* how it ended */
   const char *tls_version, *cipher; /* NULL if no handshake completed */
+  const char *endpoint;             /* "ip:port" connected to (endpoint.h); NULL if none */
   uint64_t bytes_from_peer, bytes_to_peer;
   double duration_ms;
 } pc_access_rec_t;
@@ -109,6 +110,7 @@ typedef struct {
   double duration_ms;
   double upstream_ms; /* request sent -> response head; < 0: the upstream was not involved */
   const char *tls_version, *cipher;
+  const char *endpoint; /* "ip:port" the request went to (endpoint.h); NULL if none */
 } pc_request_rec_t;
 
 /* Writes rec as one JSON line on stdout, unless access logging is off. */

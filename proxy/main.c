@@ -15,6 +15,7 @@
 
 #include "compat.h"
 #include "conn.h"
+#include "dns.h"
 #include "gen.h"
 #include "log.h"
 #include "admin.h"
@@ -121,6 +122,9 @@ int main(int argc, char **argv) {
     return 1;
   }
   if (check) {
+    /* A name that does not resolve now may well resolve once its Service
+     * exists: worth a warning, not a failed check. */
+    pc_dns_check(gen->cfg);
     printf("portcullis: %s: OK (identity %s, %zu listeners)\n", path, gen->certs->spiffe_id,
            gen->cfg->nlisteners);
     pc_gen_unref(gen);
@@ -147,6 +151,7 @@ int main(int argc, char **argv) {
     fprintf(stderr, "portcullis: %s\n", err);
     return 1;
   }
+  pc_dns_start(loop, gen->cfg);
   uv_timer_init(loop, &drain_deadline);
   uv_timer_init(loop, &drain_poll);
   if (pc_workers_start() != 0) pc_fatal("cannot start worker threads");
@@ -166,6 +171,7 @@ int main(int argc, char **argv) {
   uv_run(loop, UV_RUN_DEFAULT);
 
   pc_reload_stop();
+  pc_dns_stop();
   pc_admin_stop();
   uv_close((uv_handle_t *)&drain_deadline, NULL);
   uv_close((uv_handle_t *)&drain_poll, NULL);

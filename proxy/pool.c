@@ -5,6 +5,7 @@
 
 #include "compat.h"
 #include "deadline.h"
+#include "endpoint.h"
 #include "log.h"
 #include "worker.h"
 
@@ -78,6 +79,8 @@ static void on_closed(uv_handle_t *h) {
   if (--up->handles > 0) return;
   pc_stream_release(&up->s);
   free(up->peer.peer_id);
+  if (up->counted) pc_endpoint_settle(up->ep);
+  pc_endpoint_unref(up->ep);
   pc_pool_t *p = up->pool;
   free(up);
   p->nconns--;
@@ -111,9 +114,15 @@ static void finish_attempt(pc_upconn_t *up, pc_upconn_fail_t fail, pc_reason_t r
   void *user = up->user;
   up->on_ready = NULL;
   if (fail == PC_UPCONN_OK) {
+    pc_endpoint_ok(up->ep);
     lend(up);
   } else {
     if (up->stats && fail == PC_UPCONN_CONNECT) up->stats->connect_failures++;
+    if (up->ep) {
+      const pc_config_t *cfg = up->pool->gen->cfg;
+      pc_endpoint_failed(up->ep, cfg->health.ejection_base_ms, cfg->health.ejection_max_ms,
+                         detail ? detail : "connection failed");
+    }
     close_up(up, 1);
   }
   if (cb) cb(user, up, fail, reason, detail);
@@ -138,8 +147,8 @@ static void on_attempt_timer(uv_timer_t *t) {
   pc_upconn_t *up = t->data;
   if (pc_deadline_recheck(t, on_attempt_timer, &up->rechecked)) return;
   const char *what = up->state == UP_CONNECTING ? "connect" : "TLS handshake";
-  pc_log(PC_LOG_WARN, "listener %s: %s to %s timed out", up->pool->lc->name, what,
-         up->pool->lc->target_str);
+  pc_log(PC_LOG_WARN, "listener %s: %s to %s (%s) timed out", up->pool->lc->name, what,
+         up->ep->str, up->pool->lc->target_str);
   if (up->state == UP_CONNECTING)
     finish_attempt(up, PC_UPCONN_CONNECT, PC_REASON_TIMEOUT,
                    "connecting to the upstream timed out");
@@ -165,7 +174,7 @@ static void on_handshake(pc_stream_t *s, int status) {
   if (status < 0) {
     pc_reason_t r = pc_tls_failure_reason(s->ssl);
     pc_log(PC_LOG_WARN, "listener %s: TLS with upstream %s (%s) failed: %s", up->pool->lc->name,
-           up->pool->lc->target_str, up->peer.peer_id ? up->peer.peer_id : "?", pc_reason_word(r));
+           up->ep->str, up->peer.peer_id ? up->peer.peer_id : "?", pc_reason_word(r));
     finish_attempt(up, PC_UPCONN_TLS, r,
                    up->peer.reason != PC_REASON_NONE ? "the upstream's identity was refused"
                                                      : "TLS with the upstream failed");
@@ -182,8 +191,8 @@ static void on_connect(uv_connect_t *req, int status) {
   if (up->state != UP_CONNECTING) return;
   pc_pool_t *p = up->pool;
   if (status < 0) {
-    pc_log(PC_LOG_WARN, "listener %s: cannot connect to %s: %s", p->lc->name, p->lc->target_str,
-           uv_strerror(status));
+    pc_log(PC_LOG_WARN, "listener %s: cannot connect to %s (%s): %s", p->lc->name, up->ep->str,
+           p->lc->target_str, uv_strerror(status));
     finish_attempt(up, PC_UPCONN_CONNECT, PC_REASON_NONE, "cannot connect to the upstream");
     return;
   }
@@ -209,32 +218,44 @@ static void on_connect(uv_connect_t *req, int status) {
     fail_later(up, PC_UPCONN_TLS, PC_REASON_PROTOCOL, "cannot start TLS");
 }
 
-pc_upconn_t *pc_pool_acquire(pc_pool_t *p, pc_metrics_t *stats, const pc_stream_cbs_t *cbs,
-                             void *owner, pc_upconn_ready_cb on_ready, void *user, int *ready) {
-  pc_upconn_t *up;
+/* Whether an idle connection may not be lent again (and is closed). */
+static int unusable(pc_pool_t *p, pc_upconn_t *up, pc_metrics_t *stats) {
   /* Bytes an idle connection holds were never asked for (an app that
    * answered twice): it is closed, never lent, or they would be the answer
    * to this borrower's request. This matters most for a connection lent
    * again inside the read that completed its last response (a pipelined next
    * request), where libuv reads the rest of the socket only afterwards. */
-  while ((up = p->idle)) {
-    if (pc_stream_has_input(&up->s)) {
-      pc_log(PC_LOG_WARN, "listener %s: %s sent unrequested bytes; closing that connection",
-             p->lc->name, p->lc->target_str);
-    } else if (pc_tls_peer_expired(&up->peer, p->gen->cfg->limits.revoke_grace_ms)) {
-      /* Credentials bind every request, not only the handshake. */
-      pc_log(PC_LOG_INFO,
-             "listener %s: the certificate of upstream %s (%s) expired; closing a pooled "
-             "connection to it",
-             p->lc->name, p->lc->target_str, up->peer.peer_id ? up->peer.peer_id : "?");
-      stats->upstream_expired++;
-    } else {
-      break;
-    }
+  if (pc_stream_has_input(&up->s)) {
+    pc_log(PC_LOG_WARN, "listener %s: %s sent unrequested bytes; closing that connection",
+           p->lc->name, up->ep->str);
+    return 1;
+  }
+  if (pc_tls_peer_expired(&up->peer, p->gen->cfg->limits.revoke_grace_ms)) {
+    /* Credentials bind every request, not only the handshake. */
+    pc_log(PC_LOG_INFO,
+           "listener %s: the certificate of upstream %s (%s) expired; closing a pooled "
+           "connection to it",
+           p->lc->name, up->ep->str, up->peer.peer_id ? up->peer.peer_id : "?");
+    stats->upstream_expired++;
+    return 1;
+  }
+  return pc_endpoint_removed(up->ep); /* a newer answer left it out */
+}
+
+pc_upconn_t *pc_pool_acquire(pc_pool_t *p, pc_metrics_t *stats, const pc_stream_cbs_t *cbs,
+                             void *owner, pc_upconn_ready_cb on_ready, void *user, int *ready) {
+  pc_endpoint_t *ep = pc_target_pick(p->lc->tgt, NULL);
+  pc_upconn_t *up = p->idle, *next;
+  for (; up; up = next) {
+    next = up->next;
+    if (up->ep != ep) continue;
+    if (!unusable(p, up, stats)) break;
     close_up(up, 1);
   }
   if (up) {
+    pc_endpoint_unref(ep); /* the connection holds one; the count stays */
     unlink_idle(up);
+    up->counted = 1;
     up->stats = stats;
     up->user_cbs = cbs;
     up->user_owner = owner;
@@ -245,6 +266,8 @@ pc_upconn_t *pc_pool_acquire(pc_pool_t *p, pc_metrics_t *stats, const pc_stream_
   *ready = 0;
   up = pc_calloc(1, sizeof(*up));
   up->pool = p;
+  up->ep = ep;
+  up->counted = ep != NULL;
   up->stats = stats;
   up->user_cbs = cbs;
   up->user_owner = owner;
@@ -255,17 +278,23 @@ pc_upconn_t *pc_pool_acquire(pc_pool_t *p, pc_metrics_t *stats, const pc_stream_
   uv_timer_init(&p->w->loop, &up->timer);
   up->timer.data = up;
   up->handles = 1;
-  stats->upstream_connects++;
   int rc = pc_stream_init(&up->s, &p->w->loop, &p->w->scratch, &pool_cbs, up);
   if (rc == 0) {
     up->handles++;
     up->s.tcp.data = up;
+  }
+  if (!ep) {
+    fail_later(up, PC_UPCONN_UNRESOLVED, PC_REASON_NONE, pc_target_unresolved_text(p->lc->tgt));
+    return up;
+  }
+  stats->upstream_connects++;
+  if (rc == 0) {
     up->req.data = up;
-    rc = uv_tcp_connect(&up->req, &up->s.tcp, (const struct sockaddr *)&p->lc->target, on_connect);
+    rc = uv_tcp_connect(&up->req, &up->s.tcp, (const struct sockaddr *)&ep->addr, on_connect);
   }
   if (rc < 0) {
-    pc_log(PC_LOG_WARN, "listener %s: cannot connect to %s: %s", p->lc->name, p->lc->target_str,
-           uv_strerror(rc));
+    pc_log(PC_LOG_WARN, "listener %s: cannot connect to %s (%s): %s", p->lc->name, ep->str,
+           p->lc->target_str, uv_strerror(rc));
     fail_later(up, PC_UPCONN_CONNECT, PC_REASON_NONE, "cannot connect to the upstream");
   } else {
     up->rechecked = 0;
@@ -287,8 +316,11 @@ void pc_pool_release(pc_upconn_t *up, int how) {
   }
   up->on_ready = NULL;
   up->stats = NULL;
+  if (up->counted) pc_endpoint_settle(up->ep);
+  up->counted = 0;
   if (how != PC_POOL_KEEP || up->state != UP_LENT || p->gen != p->w->gen || p->w->draining ||
-      p->nidle >= p->gen->cfg->http.pool_max_idle || up->s.tcp_eof || up->s.shutting) {
+      p->nidle >= p->gen->cfg->http.pool_max_idle || up->s.tcp_eof || up->s.shutting ||
+      pc_endpoint_removed(up->ep)) {
     close_up(up, how == PC_POOL_ABORT);
     return;
   }
@@ -314,7 +346,7 @@ static void on_data(pc_stream_t *s, const char *buf, size_t len) {
   pc_upconn_t *up = s->owner;
   if (up->state == UP_IDLE)
     pc_log(PC_LOG_WARN, "listener %s: %s sent %zu unrequested bytes; closing that connection",
-           up->pool->lc->name, up->pool->lc->target_str, len);
+           up->pool->lc->name, up->ep->str, len);
   close_up(up, 1);
 }
 
@@ -342,6 +374,12 @@ void pc_pool_sweep(pc_worker_t *w) {
     if (p->gen != w->gen) {
       close_idle(p);
       pool_free_if_done(p);
+    } else {
+      pc_upconn_t *up = p->idle, *un;
+      for (; up; up = un) {
+        un = up->next;
+        if (pc_endpoint_removed(up->ep)) close_up(up, 0);
+      }
     }
     p = next;
   }

@@ -35,6 +35,7 @@ typedef enum {
   PC_UPCONN_OK = 0,
   PC_UPCONN_CONNECT, /* no TCP connection: refused, unreachable, or timed out */
   PC_UPCONN_TLS,     /* the TLS handshake failed, timed out, or refused the upstream */
+  PC_UPCONN_UNRESOLVED, /* the target is a name that has no address yet (endpoint.h) */
 } pc_upconn_fail_t;
 
 /* A connection attempt ended. fail PC_UPCONN_OK: up is ready and lent to the
@@ -50,6 +51,7 @@ struct pc_upconn {
   pc_stream_t s;      /* lent: s.cbs and s.owner are the borrower's */
   pc_tls_peer_t peer; /* outbound: peer.peer_id is the upstream's SPIFFE ID */
   uint64_t served;    /* requests completed over it before this one */
+  struct pc_endpoint *ep; /* where it goes (NULL: unresolved); counted in flight while lent */
   /* private */
   uv_timer_t timer;
   uv_connect_t req;
@@ -67,6 +69,7 @@ struct pc_upconn {
   uint64_t idle_since; /* loop time (ms) it last went idle */
   int idle_timer;      /* the timer, if active, is the (lazy) idle timer */
   uint8_t rechecked;   /* the connect/handshake deadline expired once (deadline.h) */
+  uint8_t counted;     /* lent: counted in ep's in_flight */
   pc_upconn_t *prev, *next;
 };
 
@@ -75,6 +78,8 @@ struct pc_upconn {
 pc_pool_t *pc_pool_for(struct pc_worker *w, pc_gen_t *g, const pc_listener_cfg_t *lc);
 
 /* Lends a connection to a borrower whose stream callbacks are cbs with owner.
+ * The endpoint is picked first (endpoint.h: power of two choices over the
+ * listener's set); an idle connection to it is reused if there is one.
  * If an idle one is available it is returned with *ready = 1 and nothing else
  * fires. Otherwise a new one is started, *ready = 0, and on_ready(user, ...)
  * fires exactly once later (never from inside this call) unless the borrower
@@ -95,8 +100,9 @@ pc_upconn_t *pc_pool_acquire(pc_pool_t *p, pc_metrics_t *stats, const pc_stream_
  * fires). The borrower must not touch up afterwards. */
 void pc_pool_release(pc_upconn_t *up, int how);
 
-/* After w adopted a new generation: closes idle connections of pools made
- * under older generations and frees pools with nothing left. */
+/* After w adopted a new generation, or an endpoint set changed: closes
+ * idle connections of pools made under older generations or to endpoints
+ * no longer in their set, and frees pools with nothing left. */
 void pc_pool_sweep(struct pc_worker *w);
 
 /* SIGTERM drain: closes every idle connection of w's pools (gently); from

@@ -8,6 +8,7 @@
 
 #include "certstore.h"
 #include "compat.h"
+#include "dns.h"
 #include "gen.h"
 #include "log.h"
 #include "worker.h"
@@ -243,6 +244,7 @@ void pc_reload_config(void) {
   }
   pc_gen_ref(g);
   pc_gen_publish(g);
+  pc_dns_sync(g->cfg);
   pc_log_init(g->cfg->log.level, g->cfg->log.access);
   pc_log_set_buffer(g->cfg->log.buffer_bytes);
   count(PC_RELOAD_CONFIG, 1);

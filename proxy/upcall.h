@@ -131,5 +131,7 @@ void pc_upcall_release(pc_upcall_t *c);
 const char *pc_upcall_peer_id(const pc_upcall_t *c);
 const char *pc_upcall_tls_version(const pc_upcall_t *c);
 const char *pc_upcall_cipher(const pc_upcall_t *c);
+/* The endpoint ("ip:port") the request went to last; NULL if none. */
+const char *pc_upcall_endpoint(const pc_upcall_t *c);
 
 #endif

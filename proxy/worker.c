@@ -9,6 +9,7 @@
 #include "bufcache.h"
 #include "compat.h"
 #include "conn.h"
+#include "endpoint.h"
 #include "h2up.h"
 #include "pool.h"
 #include "tls.h"
@@ -168,6 +169,12 @@ static void on_wake(uv_async_t *a) {
   }
   pc_worker_check_drain(w);
   adopt(w);
+  uint64_t e = pc_endpoint_epoch();
+  if (e != w->ep_epoch) { /* some name's answer changed: idle connections to left endpoints go */
+    w->ep_epoch = e;
+    pc_pool_sweep(w);
+    pc_h2up_sweep(w);
+  }
   for (size_t i = 0; i < w->nlisteners && w->npaused; i++)
     if (w->listeners[i]) pc_listener_resume(w->listeners[i]);
 }

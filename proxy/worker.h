@@ -51,6 +51,7 @@ typedef struct pc_worker {
   int drain_requested;
   int draining; /* worker thread: listeners stopped */
   int npaused;
+  uint64_t ep_epoch; /* pc_endpoint_epoch when its pools were last swept */
   pc_scratch_t scratch;
   /* Guards listeners/nlisteners/all_bound for readers on other
    * threads (only this worker writes them), the hand-over fields, and every

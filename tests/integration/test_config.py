@@ -185,7 +185,7 @@ BAD = [
     ("listen-no-port", _set("inbound[0].listen", "1.2.3.4"), "inbound[0].listen", ()),
     ("listen-bad-host", _set("inbound[0].listen", "x:80"), "inbound[0].listen", ()),
     ("listen-port-range", _set("inbound[0].listen", "127.0.0.1:99999"), "inbound[0].listen", ()),
-    ("forward-bad", _set("inbound[0].forward", "x:80"), "inbound[0].forward", ()),
+    ("forward-bad", _set("inbound[0].forward", "not a name:80"), "inbound[0].forward", ()),
     ("upstream-bad", _set("outbound[0].upstream", "127.0.0.1:99999"), "outbound[0].upstream", ()),
     ("outbound-listen-bad", _set("outbound[0].listen", "1.2.3.4"), "outbound[0].listen", ()),
     ("admin-listen-bad", _set("admin.listen", "x:80"), "admin.listen", ()),

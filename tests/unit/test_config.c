@@ -20,6 +20,7 @@
 
 #include "check.h"
 #include "config.h"
+#include "endpoint.h"
 #include "policy.h"
 
 /* libconfig 1.5 leaks the string token it was holding when a syntax error
@@ -330,6 +331,18 @@ static const bad_case_t bad_cases[] = {
      "forward =", "\"127.0.0.1:http\" is not an address"},
     {"upstream = \"10.0.4.7:15443\";", "upstream = \"10.0.4.7\";", "outbound[0].upstream",
      "upstream =", "is not an address"},
+    {"upstream = \"10.0.4.7:15443\";", "upstream = \"api.payments svc:80\";",
+     "outbound[0].upstream", "upstream =", "is not an address of the form IP:PORT, [IPv6]:PORT or NAME:PORT"},
+    {"upstream = \"10.0.4.7:15443\";", "upstream = \"api.payments.svc:0\";",
+     "outbound[0].upstream", "upstream =", "is not an address"},
+    {"forward = \"127.0.0.1:8080\";", "forward = \"app.local\";", "inbound[0].forward",
+     "forward =", "is not an address"},
+    {"trust_domain = ", "dns = { servers = [ \"10.0.0.1\" ]; };\ntrust_domain = ", "dns.servers",
+     "dns =", "entry 0 is not an address of the form IP:PORT"},
+    {"trust_domain = ", "dns = { min_ttl_ms = 5000; max_ttl_ms = 1000; };\ntrust_domain = ",
+     "dns.max_ttl_ms", "dns =", "must not be below dns.min_ttl_ms"},
+    {"trust_domain = ", "health = { ejection_base_ms = 0; };\ntrust_domain = ",
+     "health.ejection_base_ms", "health =", "between"},
     {"listen = \"127.0.0.1:15001\";", "listen = \"127.0.0.1:\";", "outbound[0].listen",
      "listen = \"127.0.0.1:\"", "is not an address"},
     {"admin = { listen = \"127.0.0.1:15000\"; };", "admin = { listen = \"15000\"; };",
@@ -629,7 +642,8 @@ static void test_good(void) {
     CHECK_STR_EQ(in->listen_str, "0.0.0.0:15443");
     CHECK_INT_EQ(port(&in->listen), 15443);
     CHECK_STR_EQ(in->target_str, "127.0.0.1:8080");
-    CHECK_INT_EQ(port(&in->target), 8080);
+    CHECK_INT_EQ(pc_target_port(in->tgt), 8080);
+    CHECK(!pc_target_is_name(in->tgt));
     CHECK(in->server_name == NULL);
     CHECK_INT_EQ(in->line, 31);
     CHECK_INT_EQ(pc_policy_count(in->policy), 2);
@@ -648,7 +662,7 @@ static void test_good(void) {
     CHECK_INT_EQ(out->direction, PC_DIR_OUTBOUND);
     CHECK_STR_EQ(out->listen_str, "127.0.0.1:15001");
     CHECK_STR_EQ(out->target_str, "10.0.4.7:15443");
-    CHECK_INT_EQ(port(&out->target), 15443);
+    CHECK_INT_EQ(pc_target_port(out->tgt), 15443);
     CHECK_STR_EQ(out->server_name, "api.payments.svc");
     CHECK_INT_EQ(out->line, 41);
     CHECK_INT_EQ(pc_policy_count(out->policy), 1);
