@@ -443,11 +443,11 @@ def test_get_retried_on_at_most_three_endpoints(env, dns):
     wait_addrs(sc, "api", {ep(ip, port) for ip in ips})
     start = len(sc.access_log())
     assert gets(lport, client_ctx(env), 1) == [503]
-    e = request_lines(sc, start, 1)[0]
-    assert e["status"] == 503 and e.get("endpoint") is None, e
     v = view(sc, "api")
     assert Counter(states(v).values()) == {"ejected": 3, "healthy": 2}, v
     assert hk.scrape(sc).get(EJECTIONS, listener="api") == 3
+    e = request_lines(sc, start, 1)[0]
+    assert e["status"] == 503 and e.get("endpoint") is None, e
 
 
 def test_tcp_connect_failure_tries_another_endpoint(env, dns):
