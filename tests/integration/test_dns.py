@@ -16,7 +16,9 @@ from __future__ import annotations
 import re
 import socket
 import ssl
+import time
 from collections import Counter
+from datetime import datetime
 
 import grpc
 import pytest
@@ -130,6 +132,11 @@ def wait_view(sc: h.Sidecar, listener: str, pred, timeout: float = 2 * h.WAIT_S,
 
 def wait_addrs(sc, listener, want: set[str]) -> dict:
     return wait_view(sc, listener, lambda v: addrs(v) == want, what=f"had addresses {want}")
+
+
+def wall(rfc3339: str) -> float:
+    """Seconds since the epoch of an RFC 3339 UTC time."""
+    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
 
 
 def has_sample(m: hk.Metrics, name: str, **labels) -> bool:
@@ -299,6 +306,61 @@ def test_http_outbound_upstream_name_spread(env, dns):
         assert all(c.peer_uris == [h.spiffe("web", "frontend")] for c in a.conns_since(0))
 
 
+def test_tcp_new_connection_goes_to_the_less_loaded_endpoint(env, dns):
+    """Power of two choices over a two-address set is the less loaded of the two: with
+    connections held open, each new one goes where fewer are open, so 2k open connections
+    sit k and k."""
+    port = h.free_port()
+    ips = ["127.0.0.2", "127.0.0.3"]
+    apps = tcp_apps(env, ips, port)
+    dns.set_hosts({"app.test": ips})
+    sc, lport = inbound_sidecar(env, dns, f"app.test:{port}")
+    wait_addrs(sc, "api", {ep(ip, port) for ip in ips})
+    ctx = client_ctx(env)
+    held = []
+    try:
+        for i in range(10):
+            s, _ = tcp_echo(lport, ctx, b"held-%d\n" % i)   # open at the app once it echoes
+            held.append(s)
+            if i % 2 == 1:
+                assert [a.count() for a in apps] == [(i + 1) // 2] * 2, \
+                    f"after {i + 1} open connections: {[a.count() for a in apps]}"
+        v = view(sc, "api")
+        assert [e["in_flight"] for e in v["endpoints"]] == [5, 5], v
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_http_request_goes_to_the_endpoint_with_fewer_in_flight(env, dns):
+    """HTTP load is requests in flight: with requests held by the apps, each new request
+    goes to the endpoint holding fewer, so 4 held requests sit 2 and 2."""
+    port = h.free_port()
+    ips = ["127.0.0.2", "127.0.0.3"]
+    apps = http_apps(env, ips, port)
+    dns.set_hosts({"app.test": ips})
+    sc, lport = inbound_sidecar(env, dns, f"app.test:{port}", protocol="http")
+    wait_addrs(sc, "api", {ep(ip, port) for ip in ips})
+    ctx = client_ctx(env)
+    conns = []
+    try:
+        for i in range(4):
+            c = HttpConn.tls(lport, ctx)
+            conns.append(c)
+            c.send(req("GET", "/gate?key=held&n=1000000"))
+            assert h.wait_until(lambda: sum(a.nreq() for a in apps) == i + 1,
+                                h.T(h.PROMPT_S)), "the held request did not reach an app"
+            if i % 2 == 1:
+                assert [a.nreq() for a in apps] == [(i + 1) // 2] * 2, \
+                    f"after {i + 1} held requests: {[a.nreq() for a in apps]}"
+        for a in apps:
+            a.open_gate("held")
+        assert [c.read_response(timeout=h.PROMPT_S).status for c in conns] == [200] * 4
+    finally:
+        for c in conns:
+            c.close()
+
+
 # =========================================================================== changes
 
 def test_changed_answer_followed_and_old_pool_closed(env, dns):
@@ -405,6 +467,8 @@ def test_dead_endpoint_ejected_without_a_failed_get(env, dns):
     assert by[ep(ips[1], port)]["state"] == "healthy", v
     assert by[ep(ips[1], port)]["ejected_until"] is None, v
     assert RFC3339.fullmatch(by[ep(ips[0], port)]["ejected_until"] or ""), v
+    # a first ejection lasts at most about health.ejection_base_ms
+    assert wall(by[ep(ips[0], port)]["ejected_until"]) <= time.time() + EJECT_MS / 1000 + 1, v
     m = hk.scrape(sc)
     assert m.get(EJECTIONS, listener="api") >= 1, m.lines(EJECTIONS)
     assert m.get(ENDPOINTS, listener="api", state="ejected") == 1, m.lines(ENDPOINTS)
@@ -431,6 +495,28 @@ def test_all_ejected_endpoints_are_still_tried(env, dns):
     app = http_apps(env, [ips[0]], port)[0]
     assert gets(lport, ctx, 3) == [200] * 3
     assert app.nreq() == 3
+
+
+def test_ejection_backoff_is_capped(env, dns):
+    """Consecutive failures lengthen an ejection, never past health.ejection_max_ms: two
+    dead endpoints fail again and again (with none healthy they are still tried: 4 GETs
+    make several failures in a row each, uncapped 4x the base and more), and neither is
+    ejected for longer than the cap."""
+    base_ms, max_ms = 30000, 40000
+    port = h.free_port()
+    ips = ["127.0.0.2", "127.0.0.3"]
+    dns.set_hosts({"app.test": ips})
+    sc, lport = inbound_sidecar(env, dns, f"app.test:{port}", protocol="http",
+                                health={"ejection_base_ms": base_ms, "ejection_max_ms": max_ms})
+    wait_addrs(sc, "api", {ep(ip, port) for ip in ips})
+    assert gets(lport, client_ctx(env), 4) == [503] * 4
+    m = hk.scrape(sc)
+    assert m.get(EJECTIONS, listener="api") >= 2, m.lines(EJECTIONS)
+    v = view(sc, "api")
+    now = time.time()
+    for e in v["endpoints"]:
+        assert e["state"] == "ejected", v
+        assert wall(e["ejected_until"]) <= now + max_ms / 1000 + 1, (now, v)
 
 
 def test_get_retried_on_at_most_three_endpoints(env, dns):
