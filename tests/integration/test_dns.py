@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import socket
 import ssl
+import struct
 import time
 from collections import Counter
 from datetime import datetime
@@ -519,6 +520,57 @@ def test_ejection_backoff_is_capped(env, dns):
         assert wall(e["ejected_until"]) <= now + max_ms / 1000 + 1, (now, v)
 
 
+def _reset_after_request(ctx: ssl.SSLContext):
+    """A TLS upstream (handler for AppServer) that completes the handshake, reads the
+    request, and resets the connection without any response (SO_LINGER 0, close)."""
+    def handler(sock: socket.socket, rec) -> None:
+        sock.settimeout(h.T(h.PROMPT_S))
+        t = ctx.wrap_socket(sock, server_side=True)
+        try:
+            t.recv(65536)
+        finally:
+            t.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            t.close()
+    return handler
+
+
+@pytest.mark.parametrize("bad", ["handshake", "reset"])
+def test_failed_handshake_or_early_reset_ejects(env, dns, bad):
+    """Outbound HTTP to a name whose 127.0.0.2 upstream fails the TLS handshake (a
+    certificate from another CA) or, after the handshake, resets every new connection
+    before any response (the request read, nothing answered): that
+    endpoint is ejected after its first failure, and from then on every request goes to
+    the good one (127.0.0.3)."""
+    port = h.free_port()
+    if bad == "handshake":
+        http_apps(env, ["127.0.0.2"], port,
+                  tls_ctx=hk.tls_server_context(env.pki, "bad-other-ca"))
+    else:
+        env.apps.append(h.AppServer(
+            "handler", host="127.0.0.2", port=port,
+            handler=_reset_after_request(hk.tls_server_context(env.pki, "payments-api"))))
+    good = http_apps(env, ["127.0.0.3"], port,
+                     tls_ctx=hk.tls_server_context(env.pki, "payments-api"))[0]
+    dns.set_hosts({"mesh.test": ["127.0.0.2", "127.0.0.3"]})
+    lport = h.free_port()
+    sc = env.sidecar(config(env, dns, identity="web-frontend", outbound=[
+        h.outbound_listener("payments", lport, f"mesh.test:{port}", EXPECT,
+                            protocol="http")]))
+    bad_ep, good_ep = ep("127.0.0.2", port), ep("127.0.0.3", port)
+    wait_addrs(sc, "payments", {bad_ep, good_ep})
+    # requests until the bad endpoint has been tried once (each has even odds of it)
+    for _ in range(40):
+        gets(lport, None, 1)
+        if states(view(sc, "payments"))[bad_ep] == "ejected":
+            break
+    v = view(sc, "payments")
+    assert states(v) == {bad_ep: "ejected", good_ep: "healthy"}, v
+    assert hk.scrape(sc).get(EJECTIONS, listener="payments") == 1
+    n0 = good.nreq()
+    assert gets(lport, None, 10) == [200] * 10
+    assert good.nreq() == n0 + 10
+
+
 def test_get_retried_on_at_most_three_endpoints(env, dns):
     """Five dead endpoints: one bodiless GET is tried on another endpoint after each failed
     connect, 3 attempts in all, then answered 503; each failed endpoint is ejected."""
@@ -743,6 +795,19 @@ def test_check_warns_about_unresolvable_name_and_passes(env, dns, tmp_path):
     assert not any("app.test" in ln and "warn" in ln.lower() for ln in lines), r.stderr
 
 
+def test_check_rejects_a_malformed_dns_server(env, dns, tmp_path):
+    """dns.servers entries are IP:PORT: anything else is a config error naming the
+    setting (exit 1)."""
+    cfg = config(env, dns, inbound=[
+        h.inbound_listener("api", h.free_port(), "app.test:8080", ALLOW)])
+    cfg["dns"]["servers"] = ["not an address"]
+    p = tmp_path / "bad-dns.conf"
+    p.write_text(h.render_config(cfg)[0])
+    r = h.run_binary("--check", "-c", str(p))
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert "dns.servers" in r.stderr, r.stderr
+
+
 # =========================================================================== IPv6
 
 def test_ipv6_and_dual_stack_names(env, dns):
@@ -780,15 +845,16 @@ def test_endpoints_document_and_metrics(env, dns):
     apps = http_apps(env, ips, port)
     dns.set_hosts({"app.test": ips})
     static_app = env.app("echo")
-    pn, ps, po = h.free_port(), h.free_port(), h.free_port()
+    pn, ps, po, p6 = h.free_port(), h.free_port(), h.free_port(), h.free_port()
     sc = env.sidecar(config(env, dns, dns_extra={"max_ttl_ms": 30000}, inbound=[
         h.inbound_listener("named", pn, f"app.test:{port}", ALLOW, protocol="http"),
-        h.inbound_listener("static", ps, static_app.addr, ALLOW)], outbound=[
+        h.inbound_listener("static", ps, static_app.addr, ALLOW),
+        h.inbound_listener("static6", p6, "[::1]:9", ALLOW)], outbound=[
         h.outbound_listener("out", po, "mesh.test:8443", EXPECT)]))
     want = {ep(ip, port) for ip in ips}
     wait_addrs(sc, "named", want)
     doc = endpoints_doc(sc)
-    assert {x["name"] for x in doc["listeners"]} == {"named", "static", "out"}, doc
+    assert {x["name"] for x in doc["listeners"]} == {"named", "static", "static6", "out"}, doc
     for x in doc["listeners"]:
         for k in ("name", "direction", "target", "dns", "last_result", "stale",
                   "resolved_at", "ttl_ms", "endpoints"):
@@ -810,6 +876,9 @@ def test_endpoints_document_and_metrics(env, dns):
     assert static["target"] == static_app.addr and static["stale"] is False, static
     assert [(e["address"], e["state"]) for e in static["endpoints"]] == \
         [(static_app.addr, "healthy")], static
+    static6 = view(sc, "static6")
+    assert static6["dns"] is False and static6["last_result"] == "static", static6
+    assert [e["address"] for e in static6["endpoints"]] == ["[::1]:9"], static6
     out = view(sc, "out")
     assert out["direction"] == "outbound" and out["dns"] is True, out
     assert out["target"] == "mesh.test:8443" and out["last_result"] == "nxdomain", out
