@@ -25,6 +25,7 @@ import grpc
 import pytest
 
 import dnskit as dk
+import grpckit as gk
 import harness as h
 import httpkit as hk
 from httpkit import HttpConn, req
@@ -360,6 +361,49 @@ def test_http_request_goes_to_the_endpoint_with_fewer_in_flight(env, dns):
     finally:
         for c in conns:
             c.close()
+
+
+def test_grpc_through_a_name_spread_over_two_sidecars(env, dns):
+    """gRPC (HTTP/2 end to end) through an outbound listener whose upstream is a name for
+    two real inbound sidecars (127.0.0.2:P and 127.0.0.3:P, both in front of one gRPC
+    app): calls on one client channel are spread over both, each on an HTTP/2 connection
+    of its own endpoint."""
+    app = gk.GrpcApp()
+    env.apps.append(app)
+    port = h.free_port()
+    servers = []
+    for ip in ("127.0.0.2", "127.0.0.3"):
+        lst = dict(h.inbound_listener("api", port, app.addr, ALLOW, protocol="http"),
+                   listen=ep(ip, port), app_protocol="h2c")
+        servers.append(env.sidecar(h.base_config(env.pki, "payments-api", workers=1,
+                                                 inbound=[lst]), name=f"server-{ip}"))
+    dns.set_hosts({"mesh.test": ["127.0.0.2", "127.0.0.3"]})
+    lport = h.free_port()
+    sc = env.sidecar(config(env, dns, identity="web-frontend", outbound=[dict(
+        h.outbound_listener("api", lport, f"mesh.test:{port}", EXPECT, protocol="http"),
+        upstream_protocol="h2")]), name="client")
+    wait_addrs(sc, "api", {ep("127.0.0.2", port), ep("127.0.0.3", port)})
+    start = len(sc.access_log())
+    n = 30
+    ch = grpc.insecure_channel(f"127.0.0.1:{lport}")
+    try:
+        call = ch.unary_unary(f"/{gk.SERVICE}/Unary")
+        for i in range(n):
+            assert call(b"call-%d" % i, timeout=h.T(h.PROMPT_S)) == b"call-%d" % i
+    finally:
+        ch.close()
+    served = [sum(1 for e in s.access_log() if e.get("path") == f"/{gk.SERVICE}/Unary")
+              for s in servers]
+    assert sum(served) == n and min(served) >= 4, f"calls per inbound sidecar: {served}"
+    lines = request_lines(sc, start, n)
+    assert all(e.get("protocol") == "HTTP/2" and e.get("grpc_status") == 0 for e in lines), lines
+    assert Counter(e.get("endpoint") for e in lines) == \
+        {ep("127.0.0.2", port): served[0], ep("127.0.0.3", port): served[1]}, lines
+    # calls to one endpoint share its pooled HTTP/2 connection(s): a handful of client
+    # connections per inbound sidecar, not one per call
+    for s in servers:
+        conns = {e.get("peer") for e in s.access_log() if e.get("path")}
+        assert 1 <= len(conns) <= 2, conns
 
 
 # =========================================================================== changes
