@@ -313,8 +313,8 @@ static void on_answer(void *arg, pc_dns_result_t r, const struct sockaddr_storag
                listener, spec, pc_dns_result_word(r), detail ? detail : "", v.neps,
                v.neps == 1 ? "" : "es");
       else
-        pc_log(PC_LOG_WARN, "listener %s: cannot resolve %s (%s: %s); its requests fail",
-               listener, spec, pc_dns_result_word(r), detail ? detail : "");
+        pc_log(PC_LOG_WARN, "listener %s: cannot resolve %s (%s: %s); its requests fail", listener,
+               spec, pc_dns_result_word(r), detail ? detail : "");
     }
     pc_target_view_free(&v);
     ttl = cur.min_ttl_ms;

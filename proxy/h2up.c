@@ -538,8 +538,8 @@ static void s_on_data(pc_stream_t *s, const char *buf, size_t len) {
   c->in_recv = 0;
   if (c->state != C_READY) return;
   if (rv < 0) {
-    pc_log(PC_LOG_WARN, "listener %s: HTTP/2 from %s: %s", c->pool->lc->name,
-           c->ep->str, nghttp2_strerror((int)rv));
+    pc_log(PC_LOG_WARN, "listener %s: HTTP/2 from %s: %s", c->pool->lc->name, c->ep->str,
+           nghttp2_strerror((int)rv));
     conn_fail(c, 502, PC_REASON_PROTOCOL, "the upstream broke HTTP/2");
     return;
   }
@@ -595,8 +595,8 @@ static void s_on_handshake(pc_stream_t *s, int status) {
   const pc_listener_cfg_t *lc = c->pool->lc;
   if (status < 0) {
     pc_reason_t r = pc_tls_failure_reason(s->ssl);
-    pc_log(PC_LOG_WARN, "listener %s: TLS with upstream %s (%s) failed: %s", lc->name,
-           c->ep->str, c->peer.peer_id ? c->peer.peer_id : "?", pc_reason_word(r));
+    pc_log(PC_LOG_WARN, "listener %s: TLS with upstream %s (%s) failed: %s", lc->name, c->ep->str,
+           c->peer.peer_id ? c->peer.peer_id : "?", pc_reason_word(r));
     conn_fail(c, 502, r,
               c->peer.reason != PC_REASON_NONE ? "the upstream's identity was refused"
                                                : "TLS with the upstream failed");
