@@ -292,8 +292,7 @@ static void parse_dns(ctx_t *c, const config_setting_t *root, pc_config_t *cfg) 
               config_setting_type(x) == CONFIG_TYPE_STRING ? config_setting_get_string(x) : NULL;
           struct sockaddr_storage a;
           if (!str || pc_config_parse_addr(str, &a) != 0)
-            fail(c, line_of(x), "dns.servers", "entry %d is not an address of the form IP:PORT",
-                 i);
+            fail(c, line_of(x), "dns.servers", "entry %d is not an address of the form IP:PORT", i);
           else
             pc_jbuf_printf(&b, "%s%s", i ? "," : "", str);
         }
@@ -671,10 +670,9 @@ static void parse_listeners(ctx_t *c, const config_setting_t *root, pc_config_t 
 }
 
 int pc_config_load(const char *path, pc_config_t **out, char *err, size_t errlen) {
-  static const char *const top_keys[] = {"trust_domain", "workers", "identity", "tls",
-                                         "admin",        "log",     "limits",   "http",
-                                         "http2",        "dns",     "health",
-                                         "inbound",      "outbound"};
+  static const char *const top_keys[] = {"trust_domain", "workers", "identity", "tls",   "admin",
+                                         "log",          "limits",  "http",     "http2", "dns",
+                                         "health",       "inbound", "outbound"};
   ctx_t c = {.file = path, .err = err, .errlen = errlen};
   config_t lc;
   config_init(&lc);

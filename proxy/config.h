@@ -40,10 +40,10 @@ typedef struct {
   pc_up_protocol_t upstream_protocol; /* outbound, protocol = "http" */
   char *listen_str;
   struct sockaddr_storage listen;
-  char *target_str;         /* inbound: forward; outbound: upstream */
-  struct pc_target *tgt;    /* its endpoints (endpoint.h); one reference */
-  char *server_name;   /* outbound only: SNI sent upstream */
-  pc_policy_t *policy; /* inbound: allow; outbound: expect */
+  char *target_str;      /* inbound: forward; outbound: upstream */
+  struct pc_target *tgt; /* its endpoints (endpoint.h); one reference */
+  char *server_name;     /* outbound only: SNI sent upstream */
+  pc_policy_t *policy;   /* inbound: allow; outbound: expect */
   int line, line_name, line_listen;
 } pc_listener_cfg_t;
 
@@ -99,7 +99,7 @@ typedef struct pc_config {
     uint32_t stream_window;     /* initial window we grant each stream, bytes */
     uint32_t connection_window; /* window we grant the whole connection, bytes */
   } http2;
-  struct { /* resolving NAME:PORT targets (dns.h) */
+  struct {         /* resolving NAME:PORT targets (dns.h) */
     char *servers; /* "IP:PORT,IP:PORT" replacing resolv.conf's; NULL: resolv.conf */
     uint64_t min_ttl_ms, max_ttl_ms, timeout_ms;
   } dns;

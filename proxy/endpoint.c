@@ -40,8 +40,8 @@ static void reg_init(void) {
   if (uv_mutex_init(&reg_lock) != 0) pc_fatal("cannot create a mutex");
 }
 
-static const char *const result_words[] = {"ok", "nxdomain", "servfail", "timeout", "pending",
-                                           "static"};
+static const char *const result_words[] = {"ok",      "nxdomain", "servfail",
+                                           "timeout", "pending",  "static"};
 
 const char *pc_dns_result_word(pc_dns_result_t r) { return result_words[r]; }
 
@@ -177,7 +177,8 @@ pc_target_t *pc_target_get(const char *listener, int inbound, const char *spec, 
     for (const char *c = spec; *c && *c != ':'; c++)
       if (!((*c >= '0' && *c <= '9') || *c == '.')) digits_only = 0;
     if (spec[0] == '[' || digits_only || parse_name(spec, &host, &port) != 0) {
-      snprintf(err, errlen, "\"%s\" is not an address of the form IP:PORT, [IPv6]:PORT or NAME:PORT", spec);
+      snprintf(err, errlen,
+               "\"%s\" is not an address of the form IP:PORT, [IPv6]:PORT or NAME:PORT", spec);
       return NULL;
     }
     is_name = 1;

@@ -53,7 +53,7 @@ typedef struct pc_endpoint {
   /* private: atomics */
   int refs;
   uint32_t in_flight;
-  uint32_t failures; /* consecutive */
+  uint32_t failures;      /* consecutive */
   uint64_t ejected_until; /* pc_endpoint_now_ms; 0: healthy */
   int removed;
 } pc_endpoint_t;
@@ -143,9 +143,9 @@ typedef struct {
 typedef struct {
   int is_name;
   pc_dns_result_t last_result;
-  int stale;                   /* a failure after a good answer: the last good set is kept */
-  uint64_t resolved_at_ms;     /* wall clock of the last good answer, 0 if none */
-  uint64_t ttl_ms;             /* of the last good answer */
+  int stale;               /* a failure after a good answer: the last good set is kept */
+  uint64_t resolved_at_ms; /* wall clock of the last good answer, 0 if none */
+  uint64_t ttl_ms;         /* of the last good answer */
   uint64_t resolutions[PC_DNS_RESULTS];
   uint64_t ejections;
   pc_endpoint_view_t *eps; /* malloc'd; free with pc_target_view_free */

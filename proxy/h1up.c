@@ -218,8 +218,8 @@ static void on_ready(void *user, pc_upconn_t *up, pc_upconn_fail_t fail, pc_reas
     keep_peer(k, up); /* up is closing, but readable now */
     k->up = NULL;     /* the pool closes it */
     int status = fail == PC_UPCONN_CONNECT || fail == PC_UPCONN_UNRESOLVED ? 503
-                 : reason == PC_REASON_TIMEOUT                              ? 504
-                                                                            : 502;
+                 : reason == PC_REASON_TIMEOUT                             ? 504
+                                                                           : 502;
     /* Nothing reached the upstream: another endpoint may take it (the
      * failed one is ejected now). */
     int retry = fail == PC_UPCONN_CONNECT && pc_target_size(k->lc->tgt) > 1;
@@ -264,9 +264,7 @@ void pc_h1call_release(pc_h1call_t *k) {
 const char *pc_h1call_peer_id(const pc_h1call_t *k) { return k->peer_id; }
 const char *pc_h1call_tls_version(const pc_h1call_t *k) { return k->tls_version; }
 const char *pc_h1call_cipher(const pc_h1call_t *k) { return k->cipher; }
-const char *pc_h1call_endpoint(const pc_h1call_t *k) {
-  return k->endpoint[0] ? k->endpoint : NULL;
-}
+const char *pc_h1call_endpoint(const pc_h1call_t *k) { return k->endpoint[0] ? k->endpoint : NULL; }
 
 /* ---- the response ------------------------------------------------------- */
 

@@ -43,7 +43,8 @@ struct h2conn {
   uint64_t served;        /* streams that ended with a whole response */
   uint64_t hs_start;
   pc_jbuf_t out;
-  unsigned in_flush : 1, again : 1, goaway : 1, send_bp : 1, retired : 1, in_recv : 1;
+  unsigned in_flush : 1, again : 1, goaway : 1, send_bp : 1, retired : 1, in_recv : 1,
+      gentle : 1;      /* closed by us (idle, retired, drain): no failure of the endpoint */
   pc_deferred_t defer; /* flush after this loop iteration's I/O (flush_later) */
   h2conn_t *prev, *next;
 };
@@ -429,7 +430,7 @@ static void conn_fail(h2conn_t *c, int status, pc_reason_t r, const char *detail
   int any = 0;
   for (pc_h2call_t *k = c->calls; k; k = k->next)
     any |= k->any;
-  int fresh_fail = status != PC_UPCALL_USE_H1 && c->ep && !any && c->served == 0;
+  int fresh_fail = status != PC_UPCALL_USE_H1 && !c->gentle && c->ep && !any && c->served == 0;
   if (fresh_fail) {
     const pc_config_t *cfg = c->pool->gen->cfg;
     pc_endpoint_failed(c->ep, cfg->health.ejection_base_ms, cfg->health.ejection_max_ms, detail);
@@ -463,6 +464,7 @@ static void conn_fail(h2conn_t *c, int status, pc_reason_t r, const char *detail
 static void conn_close(h2conn_t *c, const char *why) {
   pc_log(PC_LOG_DEBUG, "listener %s: HTTP/2 connection to %s closes (%s)", c->pool->lc->name,
          c->ep ? c->ep->str : c->pool->lc->target_str, why);
+  c->gentle = 1;
   conn_fail(c, 502, PC_REASON_PROTOCOL, "the upstream connection closed");
 }
 
@@ -538,8 +540,8 @@ static void s_on_data(pc_stream_t *s, const char *buf, size_t len) {
   c->in_recv = 0;
   if (c->state != C_READY) return;
   if (rv < 0) {
-    pc_log(PC_LOG_WARN, "listener %s: HTTP/2 from %s: %s", c->pool->lc->name,
-           c->ep->str, nghttp2_strerror((int)rv));
+    pc_log(PC_LOG_WARN, "listener %s: HTTP/2 from %s: %s", c->pool->lc->name, c->ep->str,
+           nghttp2_strerror((int)rv));
     conn_fail(c, 502, PC_REASON_PROTOCOL, "the upstream broke HTTP/2");
     return;
   }
@@ -595,8 +597,8 @@ static void s_on_handshake(pc_stream_t *s, int status) {
   const pc_listener_cfg_t *lc = c->pool->lc;
   if (status < 0) {
     pc_reason_t r = pc_tls_failure_reason(s->ssl);
-    pc_log(PC_LOG_WARN, "listener %s: TLS with upstream %s (%s) failed: %s", lc->name,
-           c->ep->str, c->peer.peer_id ? c->peer.peer_id : "?", pc_reason_word(r));
+    pc_log(PC_LOG_WARN, "listener %s: TLS with upstream %s (%s) failed: %s", lc->name, c->ep->str,
+           c->peer.peer_id ? c->peer.peer_id : "?", pc_reason_word(r));
     conn_fail(c, 502, r,
               c->peer.reason != PC_REASON_NONE ? "the upstream's identity was refused"
                                                : "TLS with the upstream failed");

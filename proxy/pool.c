@@ -147,8 +147,8 @@ static void on_attempt_timer(uv_timer_t *t) {
   pc_upconn_t *up = t->data;
   if (pc_deadline_recheck(t, on_attempt_timer, &up->rechecked)) return;
   const char *what = up->state == UP_CONNECTING ? "connect" : "TLS handshake";
-  pc_log(PC_LOG_WARN, "listener %s: %s to %s (%s) timed out", up->pool->lc->name, what,
-         up->ep->str, up->pool->lc->target_str);
+  pc_log(PC_LOG_WARN, "listener %s: %s to %s (%s) timed out", up->pool->lc->name, what, up->ep->str,
+         up->pool->lc->target_str);
   if (up->state == UP_CONNECTING)
     finish_attempt(up, PC_UPCONN_CONNECT, PC_REASON_TIMEOUT,
                    "connecting to the upstream timed out");

@@ -33,8 +33,8 @@ typedef struct pc_upconn pc_upconn_t;
 /* How a connection attempt failed (pc_upconn_ready_cb). */
 typedef enum {
   PC_UPCONN_OK = 0,
-  PC_UPCONN_CONNECT, /* no TCP connection: refused, unreachable, or timed out */
-  PC_UPCONN_TLS,     /* the TLS handshake failed, timed out, or refused the upstream */
+  PC_UPCONN_CONNECT,    /* no TCP connection: refused, unreachable, or timed out */
+  PC_UPCONN_TLS,        /* the TLS handshake failed, timed out, or refused the upstream */
   PC_UPCONN_UNRESOLVED, /* the target is a name that has no address yet (endpoint.h) */
 } pc_upconn_fail_t;
 
@@ -48,9 +48,9 @@ typedef void (*pc_upconn_ready_cb)(void *user, pc_upconn_t *up, pc_upconn_fail_t
                                    pc_reason_t reason, const char *detail);
 
 struct pc_upconn {
-  pc_stream_t s;      /* lent: s.cbs and s.owner are the borrower's */
-  pc_tls_peer_t peer; /* outbound: peer.peer_id is the upstream's SPIFFE ID */
-  uint64_t served;    /* requests completed over it before this one */
+  pc_stream_t s;          /* lent: s.cbs and s.owner are the borrower's */
+  pc_tls_peer_t peer;     /* outbound: peer.peer_id is the upstream's SPIFFE ID */
+  uint64_t served;        /* requests completed over it before this one */
   struct pc_endpoint *ep; /* where it goes (NULL: unresolved); counted in flight while lent */
   /* private */
   uv_timer_t timer;
