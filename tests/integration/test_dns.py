@@ -436,6 +436,28 @@ def test_changed_answer_followed_and_old_pool_closed(env, dns):
         f"{old.count() - old.closed()} connection(s) to the removed endpoint stay open"
 
 
+def test_changed_answer_request_in_flight_finishes_then_its_connection_closes(env, dns):
+    """A request in flight to an endpoint that leaves the answer is answered (200); its
+    connection then closes instead of going back to the pool, and the next request goes
+    to the new endpoint."""
+    port = h.free_port()
+    old, new = http_apps(env, ["127.0.0.2", "127.0.0.3"], port)
+    dns.set_hosts({"app.test": ["127.0.0.2"]})
+    sc, lport = inbound_sidecar(env, dns, f"app.test:{port}", protocol="http")
+    wait_addrs(sc, "api", {ep("127.0.0.2", port)})
+    with HttpConn.tls(lport, client_ctx(env)) as c:
+        c.send(req("GET", "/gate?key=held&n=1000000"))
+        assert h.wait_until(lambda: old.nreq() == 1, h.T(h.PROMPT_S))
+        dns.set_hosts({"app.test": ["127.0.0.3"]})
+        wait_addrs(sc, "api", {ep("127.0.0.3", port)})
+        old.open_gate("held")
+        assert c.read_response(timeout=h.PROMPT_S).status == 200
+        assert h.wait_until(lambda: old.closed() == old.count(), h.T(h.PROMPT_S)), \
+            "the connection to the removed endpoint stayed open after its request"
+        assert get(c).status == 200
+    assert (old.nreq(), new.nreq()) == (1, 1)
+
+
 def test_changed_answer_tcp_connection_in_flight_finishes(env, dns):
     """A TCP connection to an endpoint that leaves the answer carries on (it echoes after
     the change); the next connection goes to the new endpoint."""
@@ -770,6 +792,23 @@ def test_servfail_after_good_answer_keeps_last_good_set(env, dns):
 def _wait_unresolved(sc, listener):
     return wait_view(sc, listener, lambda v: v["last_result"] == "nxdomain",
                      what="answered nxdomain")
+
+
+def test_name_whose_server_never_answers_times_out_then_503(env, dns):
+    """The DNS server never answers (paused before the sidecar starts): the first lookup
+    ends as a timeout after dns.timeout_ms, the name has no set and is not stale, and an
+    HTTP request gets 503 naming it."""
+    dns.set_hosts({"app.test": ["127.0.0.2"]})
+    dns.pause()
+    sc, lport = inbound_sidecar(env, dns, "app.test:8080", protocol="http")
+    v = wait_view(sc, "api", lambda v: v["last_result"] == "timeout", what="timed out")
+    assert v["endpoints"] == [] and v["stale"] is False and v["resolved_at"] is None, v
+    m = hk.scrape(sc)
+    assert m.get(RESOLUTIONS, listener="api", result="timeout") >= 1, m.lines(RESOLUTIONS)
+    assert has_sample(m, STALE, listener="api") and m.get(STALE, listener="api") == 0
+    with HttpConn.tls(lport, client_ctx(env)) as c:
+        r = get(c)
+    assert r.status == 503 and b"app.test" in r.body, r
 
 
 def test_never_resolved_name_tcp_closed_unresolved(env, dns):
