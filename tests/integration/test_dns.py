@@ -17,9 +17,11 @@ import re
 import socket
 import ssl
 import struct
+import subprocess
 import time
 from collections import Counter
 from datetime import datetime
+from pathlib import Path
 
 import grpc
 import pytest
@@ -889,6 +891,34 @@ def test_check_rejects_a_malformed_dns_server(env, dns, tmp_path):
     r = h.run_binary("--check", "-c", str(p))
     assert r.returncode == 1, (r.returncode, r.stderr)
     assert "dns.servers" in r.stderr, r.stderr
+
+
+def _own_resolv_conf(path: Path) -> list[str]:
+    """A command prefix that runs the sidecar in a mount namespace of its own where path
+    is bind-mounted over /etc/resolv.conf (the machine's file stays as it is); skips the
+    test where namespaces are not allowed."""
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True, timeout=h.T(10))
+    if probe.returncode != 0:
+        pytest.skip(f"no mount namespace here (unshare -m: {probe.stderr.decode().strip()})")
+    return ["unshare", "-m", "sh", "-c", 'mount --bind "$0" /etc/resolv.conf && exec "$@"',
+            str(path)]
+
+
+def test_resolv_conf_search_list_and_ndots(env, dns, tmp_path):
+    """Names are looked up the way the pod's resolver would: /etc/resolv.conf's search
+    list and ndots apply (dns.servers replaces only the servers). With Kubernetes'
+    ndots:5, "app" is found as app.ns.svc.test and "other.ns" as other.ns.svc.test."""
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("nameserver 192.0.2.1\nsearch ns.svc.test svc.test\noptions ndots:5\n")
+    prefix = _own_resolv_conf(conf)
+    dns.set_hosts({"app.ns.svc.test": ["127.0.0.2"], "other.ns.svc.test": ["127.0.0.3"]})
+    p1, p2 = h.free_port(), h.free_port()
+    sc = env.sidecar(config(env, dns, inbound=[
+        h.inbound_listener("short", p1, "app:8080", ALLOW),
+        h.inbound_listener("dotted", p2, "other.ns:8080", ALLOW)]), cmd_prefix=prefix)
+    v = wait_addrs(sc, "short", {"127.0.0.2:8080"})
+    assert v["target"] == "app:8080" and v["last_result"] == "ok", v
+    wait_addrs(sc, "dotted", {"127.0.0.3:8080"})
 
 
 # =========================================================================== IPv6
