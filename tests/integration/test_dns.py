@@ -549,6 +549,31 @@ def test_dead_endpoint_ejected_without_a_failed_get(env, dns):
     assert back.nreq() == 0 and alive.nreq() == before + 10
 
 
+def test_http2_client_gets_retried_past_a_dead_endpoint(env, dns):
+    """The same for HTTP/2 clients: bodiless GETs from curl (prior-knowledge h2c) through
+    an outbound listener whose name has a dead upstream all succeed, and the dead one is
+    ejected."""
+    port = h.free_port()
+    dns.set_hosts({"mesh.test": ["127.0.0.2", "127.0.0.3"]})
+    good = http_apps(env, ["127.0.0.3"], port,
+                     tls_ctx=hk.tls_server_context(env.pki, "payments-api"))[0]
+    lport = h.free_port()
+    sc = env.sidecar(config(env, dns, identity="web-frontend", outbound=[
+        h.outbound_listener("payments", lport, f"mesh.test:{port}", EXPECT,
+                            protocol="http")]))
+    dead_ep = ep("127.0.0.2", port)
+    wait_addrs(sc, "payments", {dead_ep, ep("127.0.0.3", port)})
+    n = 12
+    for i in range(n):   # one curl each (curl 7.88 breaks reusing a prior-knowledge connection)
+        r = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "-o", "/dev/null",
+                            "-w", "%{http_version} %{http_code}",
+                            f"http://127.0.0.1:{lport}/echo?i={i}"],
+                           capture_output=True, text=True, timeout=h.T(60))
+        assert r.stdout == "2 200", (i, r.stdout, r.stderr)
+    assert good.nreq() == n
+    assert states(view(sc, "payments"))[dead_ep] == "ejected"
+
+
 def test_all_ejected_endpoints_are_still_tried(env, dns):
     """With every endpoint ejected there is no healthy one to prefer: the ejected ones are
     tried again, so a GET succeeds as soon as one of them listens."""
