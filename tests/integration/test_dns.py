@@ -412,8 +412,8 @@ def test_grpc_through_a_name_spread_over_two_sidecars(env, dns):
 
 def test_changed_answer_followed_and_old_pool_closed(env, dns):
     """The name moves from 127.0.0.2 to 127.0.0.3: /endpoints follows within a bounded
-    wait (TTL 1 s), every later request goes to the new address only, and the idle pooled
-    connection to the removed endpoint is closed."""
+    wait (TTL 1 s), the idle pooled connection to the removed endpoint is closed (without
+    waiting for more traffic), and every later request goes to the new address only."""
     port = h.free_port()
     old, new = http_apps(env, ["127.0.0.2", "127.0.0.3"], port)
     dns.set_hosts({"app.test": ["127.0.0.2"]})
@@ -429,13 +429,14 @@ def test_changed_answer_followed_and_old_pool_closed(env, dns):
     v = wait_addrs(sc, "api", {ep("127.0.0.3", port)})
     assert v["last_result"] == "ok" and v["stale"] is False, v
     assert hk.scrape(sc).get(RESOLUTIONS, listener="api", result="ok") > ok_before
+    # the pooled connection to the removed endpoint carries nothing: it is closed, with
+    # no further traffic needed to notice
+    assert h.wait_until(lambda: old.closed() == old.count(), h.T(h.PROMPT_S)), \
+        f"{old.count() - old.closed()} connection(s) to the removed endpoint stay open"
     start = len(sc.access_log())
     assert gets(lport, ctx, 10) == [200] * 10
     assert (old.nreq(), new.nreq()) == (5, 10), "a request went to the removed endpoint"
     assert {e.get("endpoint") for e in request_lines(sc, start, 10)} == {ep("127.0.0.3", port)}
-    # the pooled connection to the removed endpoint carries nothing: it is closed
-    assert h.wait_until(lambda: old.closed() == old.count(), h.T(h.PROMPT_S)), \
-        f"{old.count() - old.closed()} connection(s) to the removed endpoint stay open"
 
 
 def test_changed_answer_request_in_flight_finishes_then_its_connection_closes(env, dns):
