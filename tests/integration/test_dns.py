@@ -499,9 +499,23 @@ def test_ttl_clamped_to_max_drives_re_resolution(env, tmp_path):
     d.set_hosts({"app.test": ["127.0.0.2"]})
     assert dk.query(d.port, "app.test").ttls == [3600]
     sc, _ = inbound_sidecar(env, d, "app.test:9", dns_extra={"max_ttl_ms": 500})
-    wait_addrs(sc, "api", {"127.0.0.2:9"})
+    v = wait_addrs(sc, "api", {"127.0.0.2:9"})
+    assert v["ttl_ms"] == 500, v     # /endpoints shows the clamped TTL
     d.set_hosts({"app.test": ["127.0.0.3"]})
     wait_addrs(sc, "api", {"127.0.0.3:9"})
+
+
+def test_ttl_zero_clamped_to_min(env, tmp_path):
+    """A record TTL of 0 is clamped up to dns.min_ttl_ms (shown as ttl_ms), and the name
+    is still asked again."""
+    d = dk.Dnsmasq(tmp_path / "dns-zero", ttl=0)
+    env.apps.append(_Killer(d))
+    d.set_hosts({"app.test": ["127.0.0.2"]})
+    assert dk.query(d.port, "app.test").ttls == [0]
+    sc, _ = inbound_sidecar(env, d, "app.test:9", dns_extra={"min_ttl_ms": 700})
+    v = wait_addrs(sc, "api", {"127.0.0.2:9"})
+    assert v["ttl_ms"] == 700, v
+    hk.wait_metric(sc, RESOLUTIONS, lambda x: x >= 3, listener="api", result="ok")
 
 
 class _Killer:
