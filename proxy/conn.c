@@ -66,6 +66,7 @@ typedef struct pc_conn {
   char peer_addr[64], app_addr[64];
   pc_endpoint_t *ep; /* the upstream / app endpoint connected to (counted in flight) */
   uint8_t attempts;  /* connects started */
+  uint8_t connected; /* TCP reached ep (the access log names it only then) */
   struct pc_conn *prev, *next;
 } pc_conn_t;
 
@@ -124,7 +125,7 @@ static void write_log(pc_conn_t *c) {
       .close = c->close_how,
       .tls_version = c->tls_version,
       .cipher = c->cipher,
-      .endpoint = c->ep ? c->ep->str : NULL,
+      .endpoint = c->ep && c->connected ? c->ep->str : NULL,
       .bytes_from_peer = from_peer,
       .bytes_to_peer = to_peer,
       .duration_ms = (double)(uv_hrtime() - c->start_ns) / 1e6,
@@ -405,6 +406,7 @@ static void on_connect(uv_connect_t *req, int status) {
     return;
   }
   if (c->inbound) pc_endpoint_ok(c->ep); /* outbound: once the handshake passed */
+  c->connected = 1;
   uv_tcp_nodelay(&c->up.tcp, 1);
   if (c->inbound)
     establish(c);

@@ -124,7 +124,12 @@ static int resolver_open(resolver_t *r, uv_loop_t *loop, const settings_t *s, ch
   o.sock_state_cb_data = r;
   o.timeout = (int)s->timeout_ms;
   o.tries = 1;
-  int mask = ARES_OPT_SOCK_STATE_CB | ARES_OPT_TIMEOUTMS | ARES_OPT_TRIES;
+  /* Without NOCHECKRESP c-ares 1.18 reports a SERVFAIL (or REFUSED) as
+   * ECONNREFUSED, the same as a resolver that is down; with it, such an
+   * answer is final (the next resolver is not asked) and counted as what
+   * it is. A pod has one resolver (the cluster DNS) in all but odd cases. */
+  o.flags = ARES_FLAG_NOCHECKRESP;
+  int mask = ARES_OPT_SOCK_STATE_CB | ARES_OPT_TIMEOUTMS | ARES_OPT_TRIES | ARES_OPT_FLAGS;
   int rc = ares_init_options(&r->ch, &o, mask);
   if (rc != ARES_SUCCESS) {
     snprintf(err, errlen, "cannot start the resolver: %s", ares_strerror(rc));
@@ -181,7 +186,8 @@ static pc_dns_result_t result_of(int status) {
   case ARES_ENOTFOUND:
   case ARES_ENODATA:
   case ARES_ENONAME: return PC_DNS_NXDOMAIN;
-  case ARES_ESERVFAIL: return PC_DNS_SERVFAIL;
+  case ARES_ESERVFAIL:
+  case ARES_EREFUSED: return PC_DNS_SERVFAIL;
   default: return PC_DNS_TIMEOUT; /* no answer at all: timed out, refused, unreachable */
   }
 }

@@ -56,8 +56,8 @@ void pc_exchange_send(pc_exchange_t *e, const pc_l7_env_t *env, const pc_upreq_t
 
 static void keep_peer(pc_exchange_t *e) {
   if (!e->call) return;
-  const char *ep = pc_upcall_endpoint(e->call);
-  if (ep) snprintf(e->endpoint, sizeof(e->endpoint), "%s", ep);
+  const char *ep = pc_upcall_endpoint(e->call); /* the last attempt's, or none */
+  snprintf(e->endpoint, sizeof(e->endpoint), "%s", ep ? ep : "");
   if (e->up_peer) return;
   const char *id = pc_upcall_peer_id(e->call);
   if (id) e->up_peer = pc_strdup(id);

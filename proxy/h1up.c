@@ -189,7 +189,7 @@ static void frame_end(pc_h1call_t *k) {
 
 /* For the access log, also of an upstream that was refused. */
 static void keep_peer(pc_h1call_t *k, const pc_upconn_t *up) {
-  if (up->ep) memcpy(k->endpoint, up->ep->str, sizeof(k->endpoint));
+  if (up->ep && up->connected) memcpy(k->endpoint, up->ep->str, sizeof(k->endpoint));
   if (up->peer.peer_id && !k->peer_id) k->peer_id = pc_strdup(up->peer.peer_id);
   if (up->s.ssl) {
     k->tls_version = SSL_get_version(up->s.ssl);

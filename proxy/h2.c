@@ -18,7 +18,9 @@
 #define LINGER_MS 1000
 /* A stale pooled connection makes a body-less request go again at most this
  * often. */
-#define MAX_RETRIES 3
+/* A request is sent at most three times: the retries cover a stale pooled
+ * connection and a failed connect (README "Service names"). */
+#define MAX_RETRIES 2
 /* Abuse budgets (the sidecar's own counts; README "HTTP/2 and gRPC"). Each
  * allows BUDGET_BASE, plus a credit (control frames: streams the client
  * opened and DATA frames we sent, which a client answers with

@@ -44,7 +44,8 @@ struct h2conn {
   uint64_t hs_start;
   pc_jbuf_t out;
   unsigned in_flush : 1, again : 1, goaway : 1, send_bp : 1, retired : 1, in_recv : 1,
-      gentle : 1;      /* closed by us (idle, retired, drain): no failure of the endpoint */
+      gentle : 1,      /* closed by us (idle, retired, drain): no failure of the endpoint */
+      connected : 1;   /* TCP reached ep (the access log names it only then) */
   pc_deferred_t defer; /* flush after this loop iteration's I/O (flush_later) */
   h2conn_t *prev, *next;
 };
@@ -237,7 +238,7 @@ const char *pc_h2call_tls_version(const pc_h2call_t *k) {
 }
 
 const char *pc_h2call_endpoint(const pc_h2call_t *k) {
-  return k->conn->ep ? k->conn->ep->str : NULL;
+  return k->conn->ep && k->conn->connected ? k->conn->ep->str : NULL;
 }
 
 const char *pc_h2call_cipher(const pc_h2call_t *k) {
@@ -445,8 +446,13 @@ static void conn_fail(h2conn_t *c, int status, pc_reason_t r, const char *detail
     k->dying = k->closed = 1;
   for (pc_h2call_t *k = c->calls; k; k = k->next) {
     if (status == 503 && k->stats && !k->released) k->stats->connect_failures++;
+    /* A ready connection that served before and dies with a stream
+     * unanswered was most likely closed by the peer as it went idle; a
+     * fresh one that dies before answering anything (a TLS 1.3 server
+     * refusing our certificate just after the handshake) is no reason to
+     * try the same upstream again. */
     call_fail(k, status, r, detail,
-              status == PC_UPCALL_USE_H1 || (was_ready && !k->any) || elsewhere);
+              status == PC_UPCALL_USE_H1 || (was_ready && c->served > 0 && !k->any) || elsewhere);
   }
   pc_h2call_t *k = c->calls;
   while (k) {
@@ -655,6 +661,7 @@ static void on_connect(uv_connect_t *req, int status) {
     return;
   }
   uv_tcp_nodelay(&c->s.tcp, 1);
+  c->connected = 1;
   if (lc->direction == PC_DIR_INBOUND) {
     pc_stream_read_start(&c->s);
     become_ready(c);

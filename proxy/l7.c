@@ -18,7 +18,9 @@
 #define LINGER_MS 1000
 /* A request that met only stale pooled connections is retried at most this
  * often. */
-#define MAX_RETRIES 3
+/* A request is sent at most three times: the retries cover a stale pooled
+ * connection and a failed connect (README "Service names"). */
+#define MAX_RETRIES 2
 /* Client bytes kept, unparsed, while a request is in flight. */
 #define KEEP_MAX (64 * 1024)
 

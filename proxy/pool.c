@@ -197,6 +197,7 @@ static void on_connect(uv_connect_t *req, int status) {
     return;
   }
   uv_tcp_nodelay(&up->s.tcp, 1);
+  up->connected = 1;
   if (p->lc->direction == PC_DIR_INBOUND) {
     pc_stream_read_start(&up->s);
     finish_attempt(up, PC_UPCONN_OK, PC_REASON_NONE, NULL);

@@ -70,6 +70,7 @@ struct pc_upconn {
   int idle_timer;      /* the timer, if active, is the (lazy) idle timer */
   uint8_t rechecked;   /* the connect/handshake deadline expired once (deadline.h) */
   uint8_t counted;     /* lent: counted in ep's in_flight */
+  uint8_t connected;   /* TCP reached ep (the access log names it only then) */
   pc_upconn_t *prev, *next;
 };
 
