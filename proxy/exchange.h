@@ -36,6 +36,7 @@ typedef struct {
   pc_upcall_t *call;
   char *up_peer;                  /* outbound: the upstream's SPIFFE ID */
   const char *up_tls, *up_cipher; /* outbound: its TLS (static strings) */
+  int up_resumed;                 /* outbound: its handshake resumed a session */
   int retries;
   /* the answer, as the log line will say it */
   int status;

@@ -36,6 +36,7 @@ struct pc_h1call {
   int busy; /* depth of this module's callbacks on the stack: free only at 0 */
   char *peer_id;
   const char *tls_version, *cipher;
+  int resumed;
   int fail_status, fail_retry;
   pc_reason_t fail_reason;
   const char *fail_detail;
@@ -191,6 +192,7 @@ static void keep_peer(pc_h1call_t *k, const pc_upconn_t *up) {
   if (up->s.ssl) {
     k->tls_version = SSL_get_version(up->s.ssl);
     k->cipher = SSL_CIPHER_get_name(SSL_get_current_cipher(up->s.ssl));
+    k->resumed = up->peer.resumed;
   }
 }
 
@@ -255,6 +257,7 @@ void pc_h1call_release(pc_h1call_t *k) {
 
 const char *pc_h1call_peer_id(const pc_h1call_t *k) { return k->peer_id; }
 const char *pc_h1call_tls_version(const pc_h1call_t *k) { return k->tls_version; }
+int pc_h1call_tls_resumed(const pc_h1call_t *k) { return k->resumed; }
 const char *pc_h1call_cipher(const pc_h1call_t *k) { return k->cipher; }
 
 /* ---- the response ------------------------------------------------------- */

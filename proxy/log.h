@@ -88,6 +88,7 @@ typedef struct {
   pc_reason_t reason;               /* PC_REASON_NONE when allowed */
   const char *close;                /* how it ended */
   const char *tls_version, *cipher; /* NULL if no handshake completed */
+  int resumed;                      /* the handshake resumed a session (with tls_version) */
   uint64_t bytes_from_peer, bytes_to_peer;
   double duration_ms;
 } pc_access_rec_t;
@@ -109,6 +110,7 @@ typedef struct {
   double duration_ms;
   double upstream_ms; /* request sent -> response head; < 0: the upstream was not involved */
   const char *tls_version, *cipher;
+  int resumed; /* the TLS handshake resumed a session (with tls_version) */
 } pc_request_rec_t;
 
 /* Writes rec as one JSON line on stdout, unless access logging is off. */
