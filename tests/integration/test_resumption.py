@@ -325,3 +325,52 @@ def test_resumption_off_outbound(env, pki):
     assert [sc_out.log_for_app_port(p, timeout=h.PROMPT_S)["resumed"] for p in ports] == \
         [False] * 3
     assert hk.scrape(sc_in).get(RESUMED, listener="api") == 0
+
+
+def test_resumption_must_be_a_boolean(tmp_path, pki, portcullis_bin):
+    cfg = h.base_config(pki, tls={"resumption": "yes"}, inbound=[
+        h.inbound_listener("api", h.free_port(), "127.0.0.1:9", [{"namespace": "web"}])])
+    text, lines = h.render_config(cfg)
+    p = tmp_path / "bad.conf"
+    p.write_text(text)
+    r = h.run_binary("--check", "-c", str(p))
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert "tls.resumption" in r.stderr and f"{p}:{lines['tls.resumption']}" in r.stderr, r.stderr
+    cfg["tls"]["resumption"] = False
+    p.write_text(h.render_config(cfg)[0])
+    r = h.run_binary("--check", "-c", str(p))
+    assert r.returncode == 0, r.stderr
+
+
+# ------------------------------------------------------------------ HTTP mode's pooled upstreams
+
+@pytest.mark.parametrize("upstream_protocol", ["h2", "http/1.1"])
+def test_http_pool_reconnect_resumes(env, pki, upstream_protocol):
+    """An outbound HTTP listener's pooled connection closes when idle; the next request's
+    new connection resumes, and its request line says so."""
+    app = hk.HttpApp(name=f"resapp-{upstream_protocol.replace('/', '')}")
+    env.apps.append(app)
+    p_in, p_out = h.free_port(), h.free_port()
+    sc_in = env.sidecar(h.base_config(pki, "payments-api", workers=1, inbound=[
+        h.inbound_listener("api", p_in, app.addr, [{"namespace": "web"}], protocol="http")]))
+    out = h.outbound_listener("pay", p_out, h.addr(p_in),
+                              [{"namespace": "payments", "service_account": "api"}],
+                              protocol="http")
+    out["upstream_protocol"] = upstream_protocol
+    sc = env.sidecar(h.base_config(pki, "web-frontend", workers=1, outbound=[out],
+                                   extra={"http": {"pool_idle_timeout_ms": 100}}))
+    for i in range(2):
+        c = hk.HttpConn.plain(p_out)
+        try:
+            c.send(hk.req("GET", f"/r{i}", host="api.payments.svc"))
+            assert c.read_response().status == 200
+        finally:
+            c.close()
+        # the pooled upstream connection goes when idle: the next request makes a new one
+        hk.wait_metric(sc_in, "portcullis_active_connections", lambda v: v == 0,
+                       listener="api")
+    lines = [sc.wait_for_log(lambda e, i=i: e.get("path") == f"/r{i}") for i in range(2)]
+    assert [e["resumed"] for e in lines] == [False, True], lines
+    assert all(e["peer_id"] == h.spiffe("payments", "api") for e in lines), lines
+    hk.wait_metric(sc, RESUMED, lambda v: v == 1, listener="pay", direction="outbound")
+    hk.wait_metric(sc_in, RESUMED, lambda v: v == 1, listener="api", direction="inbound")
