@@ -193,6 +193,17 @@ static pc_reason_t decide(pc_tls_peer_t *pv, const SSL *ssl) {
 
 pc_reason_t pc_tls_recheck(pc_tls_peer_t *pv, const SSL *ssl) { return decide(pv, ssl); }
 
+/* The session being made (its tickets, once issued) lives no longer than
+ * the peer's verified path: a resumption past it is refused anyway (it is
+ * re-judged), but need not be attempted. */
+static void cap_session(SSL *ssl, time_t not_after) {
+  SSL_SESSION *sess = SSL_get_session(ssl);
+  if (!sess || !not_after) return;
+  int64_t left = (int64_t)not_after - (int64_t)SSL_SESSION_get_time(sess);
+  if (left < 1) left = 1;
+  if ((uint64_t)left < SSL_SESSION_get_timeout(sess)) SSL_SESSION_set_timeout(sess, (uint32_t)left);
+}
+
 static enum ssl_verify_result_t verify_peer(SSL *ssl, uint8_t *out_alert) {
   pc_tls_peer_t *pv = SSL_get_ex_data(ssl, peer_idx);
   if (!pv) {
@@ -200,11 +211,16 @@ static enum ssl_verify_result_t verify_peer(SSL *ssl, uint8_t *out_alert) {
     return ssl_verify_invalid;
   }
   pc_reason_t r = decide(pv, ssl);
-  if (r == PC_REASON_NONE) return ssl_verify_ok;
+  if (r == PC_REASON_NONE) {
+    cap_session(ssl, pv->not_after);
+    return ssl_verify_ok;
+  }
   pv->reason = r;
   *out_alert = pc_reason_alert(r) ? pc_reason_alert(r) : SSL_AD_CERTIFICATE_UNKNOWN;
   return ssl_verify_invalid;
 }
+
+static void forget_session(const char *name);
 
 pc_reason_t pc_tls_handshake_done(pc_tls_peer_t *pv, const SSL *ssl, uint8_t *alert) {
   if (!SSL_session_reused(ssl)) return PC_REASON_NONE;
@@ -216,6 +232,7 @@ pc_reason_t pc_tls_handshake_done(pc_tls_peer_t *pv, const SSL *ssl, uint8_t *al
   if (r == PC_REASON_NONE) return r;
   pv->reason = r;
   *alert = pc_reason_alert(r) ? pc_reason_alert(r) : SSL_AD_CERTIFICATE_UNKNOWN;
+  if (!pv->is_server && pv->name) forget_session(pv->name);
   return r;
 }
 
@@ -421,6 +438,11 @@ static int on_new_session(SSL *ssl, SSL_SESSION *sess) {
   e->until = (time_t)(SSL_SESSION_get_time(sess) + SSL_SESSION_get_timeout(sess));
   if (pv->not_after && pv->not_after < e->until) e->until = pv->not_after;
   return 1;
+}
+
+static void forget_session(const char *name) {
+  sess_ent_t *e = sess_find(name);
+  if (e) sess_drop((size_t)(e - sessions));
 }
 
 static void offer_session(SSL *ssl, pc_tls_peer_t *pv) {

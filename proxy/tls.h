@@ -16,7 +16,8 @@
  * (pc_tls_handshake_done), before the app sees a byte. Server ticket keys
  * belong to one context, that is to one generation (a reload makes every
  * earlier ticket undecryptable), and rotate every PC_TLS_TICKET_KEY_S
- * seconds with the previous key still accepted for decryption. A client
+ * seconds with the previous key still accepted for decryption; a session
+ * lives no longer than the peer's verified path (cap_session). A client
  * keeps the latest session of each outbound listener per worker thread and
  * drops it when the generation changes or its lifetime (capped by the
  * peer's certificate) ends.

@@ -208,6 +208,9 @@ def test_client_whose_certificate_expired_cannot_resume(env, pki):
             break
     assert time.time() < not_after - 1, "could not resume before the certificate expired"
     assert reused, "control: the session resumed while the certificate was valid"
+    # the ticket lives no longer than the certificate (whole seconds)
+    assert sess.ticket_lifetime_hint <= not_after - time.time() + margin, sess.ticket_lifetime_hint
+    assert sess.ticket_lifetime_hint < 3600, sess.ticket_lifetime_hint
     before = hk.scrape(sc)
 
     _wait_past(not_after)
