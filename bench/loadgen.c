@@ -15,7 +15,11 @@
  *             (no coordinated omission).
  *   connrate  --conns concurrent loops of: connect, full handshake (no
  *             resumption: no tickets, no session cache), one request with
- *             "Connection: close", wait for the server's close.
+ *             "Connection: close", wait for the server's close. With
+ *             --resume, each thread offers the latest TLS 1.3 session it
+ *             received (a ticket arrives with every connection, resumed or
+ *             not), so the handshakes are resumptions; "resumed" in the
+ *             result counts those the server accepted.
  *   bulk      one connection moving --bytes: a GET /bulk?bytes=N download,
  *             or with --upload a POST /sink of N bytes.
  *   idle      open --conns connections (at most --inflight per thread
@@ -60,7 +64,7 @@ static struct {
   int mode;
   const char *target;
   struct sockaddr_in addr;
-  int tls, tls12;
+  int tls, tls12, resume;
   const char *ca, *cert, *key, *ciphers, *path, *label;
   int threads, conns, inflight, upload;
   double duration, warmup, rate, grace, hold;
@@ -111,6 +115,8 @@ struct worker {
   int nslots, first, to_open, setting_up;
   hist_t hist, hs;
   uint64_t done, done_total, errors, reconnects, timeouts, unsent, established, failed, lost;
+  uint64_t resumed;     /* --resume: handshakes the server resumed */
+  SSL_SESSION *session; /* --resume: the latest session received */
   uint64_t bytes, t_req, t_first, t_done;
   char tlsdesc[96];
 };
@@ -118,6 +124,15 @@ struct worker {
 static worker workers[MAX_THREADS];
 
 static void start_client(worker *w, int slot);
+
+/* --resume: keep the thread's latest session (the SSL's loop thread). */
+static int on_new_session(SSL *ssl, SSL_SESSION *sess) {
+  client *c = (client *)SSL_get_app_data(ssl);
+  if (!c) return 0;
+  SSL_SESSION_free(c->w->session);
+  c->w->session = sess;
+  return 1;
+}
 static void finish(worker *w);
 
 static uint64_t now_ns(void) { return uv_hrtime(); }
@@ -200,6 +215,7 @@ static void on_open(bc_conn *bc) {
   c->opened = now;
   c->state = C_OPEN;
   if (!w->tlsdesc[0]) bc_describe(bc, w->tlsdesc, sizeof(w->tlsdesc));
+  if (bc->ssl && SSL_session_reused(bc->ssl) && c->started >= t_warm && now < t_end) w->resumed++;
   switch (opt.mode) {
   case M_CLOSED:
   case M_IDLE: send_request(c, req_small, req_small_len, now); break;
@@ -409,6 +425,8 @@ static void start_client(worker *w, int slot) {
   llhttp_init(&c->parser, HTTP_RESPONSE, &settings);
   c->parser.data = c;
   if (bc_init(&c->bc, &w->loop, &ops, ctx, 0) < 0) abort();
+  if (c->bc.ssl) SSL_set_app_data(c->bc.ssl, c);
+  if (opt.resume && w->session) SSL_set_session(c->bc.ssl, w->session);
   if (opt.mode == M_IDLE) w->setting_up++;
   int rc = bc_connect(&c->bc, (const struct sockaddr *)&opt.addr);
   if (rc < 0) {
@@ -513,7 +531,8 @@ static void json_hist(FILE *f, const char *name, const hist_t *h) {
 static void usage(void) {
   fprintf(stderr,
           "usage: pc-loadgen --mode closed|open|connrate|bulk|idle --target IP:PORT [--tls --ca F "
-          "--cert F --key F [--tls12]] [--threads N] [--conns N] [--duration S] [--warmup S] "
+          "--cert F --key F [--tls12] [--resume]] [--threads N] [--conns N] [--duration S] "
+          "[--warmup S] "
           "[--rate R] [--bytes N] [--upload] [--inflight N] [--hold S] [--grace S] [--path P] "
           "[--label L]\n");
   exit(2);
@@ -528,6 +547,10 @@ static void parse_args(int argc, char **argv) {
     }
     if (strcmp(a, "--tls12") == 0) {
       opt.tls12 = 1;
+      continue;
+    }
+    if (strcmp(a, "--resume") == 0) {
+      opt.resume = 1;
       continue;
     }
     if (strcmp(a, "--upload") == 0) {
@@ -623,6 +646,11 @@ int main(int argc, char **argv) {
   bc_global_init();
   if (opt.tls && !(ctx = bc_tls_ctx(0, opt.cert, opt.key, opt.ca, opt.ciphers, opt.tls12)))
     return 1;
+  if (ctx && opt.resume) {
+    SSL_CTX_clear_options(ctx, SSL_OP_NO_TICKET);
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT);
+    SSL_CTX_sess_set_new_cb(ctx, on_new_session);
+  }
   memset(blob, 'u', sizeof(blob));
   req_small_len = (size_t)snprintf(req_small, sizeof(req_small),
                                    "GET %s HTTP/1.1\r\nHost: payments-api\r\n\r\n", opt.path);
@@ -722,6 +750,7 @@ int main(int argc, char **argv) {
     tot.established += w->established;
     tot.failed += w->failed;
     tot.lost += w->lost;
+    tot.resumed += w->resumed;
     if (!tlsdesc[0]) tlsdesc = w->tlsdesc;
   }
   double window = opt.duration - opt.warmup;
@@ -747,8 +776,9 @@ int main(int argc, char **argv) {
     break;
   case M_CONNRATE:
     fprintf(f,
-            "\"connections\":%" PRIu64 ",\"connections_total\":%" PRIu64 ",\"conns_per_s\":%.1f,",
-            tot.done, tot.done_total, (double)tot.done / window);
+            "\"connections\":%" PRIu64 ",\"connections_total\":%" PRIu64 ",\"conns_per_s\":%.1f,"
+            "\"resumed\":%" PRIu64 ",",
+            tot.done, tot.done_total, (double)tot.done / window, tot.resumed);
     json_hist(f, "latency_us", &tot.hist);
     fputc(',', f);
     json_hist(f, "handshake_us", &tot.hs);

@@ -313,7 +313,8 @@ def portcullis_conf(env, name, proto, port, admin, backend):
 trust_domain = "cluster.local";
 workers = {CFG['workers']};
 identity = {{ cert = "{env.server_crt}"; key = "{env.server_key}"; ca = "{env.ca}"; watch = false; }};
-tls = {{ min_version = "1.2"; ciphers = "{TLS12_CIPHERS}"; curves = "X25519:P-256"; }};
+tls = {{ min_version = "1.2"; ciphers = "{TLS12_CIPHERS}"; curves = "X25519:P-256";
+        resumption = false; }};
 admin = {{ listen = "127.0.0.1:{admin}"; }};
 log = {{ level = "warn"; access = false; }};
 limits = {{ max_connections = {env.max_conns}; idle_timeout_ms = 900000; drain_timeout_ms = 1000; }};

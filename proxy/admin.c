@@ -414,6 +414,10 @@ static void render_metrics(pc_jbuf_t *b) {
        "TLS connections in use that the peer (inbound) or upstream (outbound) ended with a FIN "
        "but no close_notify; each was reset.",
        offsetof(pc_metrics_t, tls_truncations)},
+      {"tls_resumptions_total",
+       "Successful TLS handshakes that resumed a session (and passed the re-judgement of the "
+       "peer's stored chain); they are also counted in handshake_duration_seconds.",
+       offsetof(pc_metrics_t, tls_resumed)},
       {"accept_errors_total", "accept(2) failures (e.g. out of descriptors).",
        offsetof(pc_metrics_t, accept_errors)},
       {"accept_paused_total",
@@ -532,6 +536,7 @@ static void render_config(pc_jbuf_t *b, const pc_gen_t *g) {
   pc_jbuf_kv_str(b, "ciphers", c->tls.ciphers);
   pc_jbuf_kv_str(b, "curves", c->tls.curves);
   pc_jbuf_kv_i64(b, "verify_depth", c->tls.verify_depth);
+  pc_jbuf_kv_bool(b, "resumption", c->tls.resumption);
   pc_jbuf_raw(b, "},\"admin\":{", 11);
   pc_jbuf_kv_str(b, "listen", c->admin.listen_str);
   pc_jbuf_kv_i64(b, "max_connections", c->admin.max_connections);

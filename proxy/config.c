@@ -248,7 +248,8 @@ static void parse_identity(ctx_t *c, const config_setting_t *root, pc_config_t *
 }
 
 static void parse_tls(ctx_t *c, const config_setting_t *root, pc_config_t *cfg) {
-  static const char *const keys[] = {"min_version", "ciphers", "curves", "verify_depth"};
+  static const char *const keys[] = {"min_version", "ciphers", "curves", "verify_depth",
+                                     "resumption"};
   const config_setting_t *g = member(c, root, "", "tls", CONFIG_TYPE_GROUP, 0);
   if (g && check_keys(c, g, "tls", keys, PC_ARRAY_SIZE(keys))) return;
   int line;
@@ -269,6 +270,7 @@ static void parse_tls(ctx_t *c, const config_setting_t *root, pc_config_t *cfg) 
     check_list(c, cfg->tls.curves, cfg->tls.line_curves, "tls.curves", curve_ok,
                "one of X25519, P-256, P-384");
   cfg->tls.verify_depth = (int)get_int(c, g, "tls", "verify_depth", 8, 1, 16);
+  cfg->tls.resumption = get_bool(c, g, "tls", "resumption", 1);
 }
 
 /* dns = { servers; min_ttl_ms; max_ttl_ms; timeout_ms; } and

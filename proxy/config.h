@@ -64,6 +64,7 @@ typedef struct pc_config {
     int min_version; /* TLS1_2_VERSION or TLS1_3_VERSION */
     char *ciphers, *curves;
     int verify_depth;
+    int resumption; /* TLS 1.3 session tickets, each resumption re-judged (tls.h) */
     int line_ciphers, line_curves;
   } tls;
   struct {

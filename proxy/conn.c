@@ -126,6 +126,7 @@ static void write_log(pc_conn_t *c) {
       .tls_version = c->tls_version,
       .cipher = c->cipher,
       .endpoint = c->ep && c->connected ? c->ep->str : NULL,
+      .resumed = c->peer.resumed,
       .bytes_from_peer = from_peer,
       .bytes_to_peer = to_peer,
       .duration_ms = (double)(uv_hrtime() - c->start_ns) / 1e6,
@@ -298,6 +299,7 @@ static void make_env(pc_conn_t *c, pc_l7_env_t *out) {
                      .peer_id = c->peer.peer_id,
                      .tls_version = c->tls_version,
                      .cipher = c->cipher,
+                     .resumed = c->peer.resumed,
                      .last_active = &c->last_active};
   *out = env;
 }
@@ -475,6 +477,15 @@ static void on_handshake(pc_stream_t *s, int status) {
   if (!c->inbound) pc_endpoint_ok(c->ep);
   c->tls_version = SSL_get_version(s->ssl);
   c->cipher = SSL_CIPHER_get_name(SSL_get_current_cipher(s->ssl));
+  uint8_t alert;
+  pc_reason_t rr = pc_tls_handshake_done(&c->peer, s->ssl, &alert);
+  if (rr != PC_REASON_NONE) {
+    /* A resumed session whose peer would be refused now. */
+    pc_stream_alert(s, alert);
+    refuse(c, PC_DECISION_DENY, rr);
+    return;
+  }
+  if (c->peer.resumed) c->l->stats.tls_resumed++;
   c->handshaken = 1;
   pc_hist_observe(&c->l->stats.handshake, &pc_hs_bounds,
                   (double)(uv_hrtime() - c->hs_start_ns) / 1e9);
@@ -643,6 +654,7 @@ int pc_conn_accept(pc_listener_t *l) {
   c->peer.policy = c->lc->policy;
   c->peer.is_server = c->inbound;
   c->peer.cache_tag = c->gen->id;
+  c->peer.name = c->lc->name;
   c->peer.alpn_http = c->lc->protocol == PC_PROTO_HTTP;
   if (c->inbound) {
     if (throttle_at_accept(c)) return 0;

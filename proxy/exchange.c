@@ -63,6 +63,7 @@ static void keep_peer(pc_exchange_t *e) {
   if (id) e->up_peer = pc_strdup(id);
   e->up_tls = pc_upcall_tls_version(e->call);
   e->up_cipher = pc_upcall_cipher(e->call);
+  e->up_resumed = pc_upcall_tls_resumed(e->call);
 }
 
 void pc_exchange_release_call(pc_exchange_t *e) {
@@ -115,6 +116,7 @@ void pc_exchange_log(pc_exchange_t *e, const pc_l7_env_t *env, int protocol) {
       .tls_version = inbound ? env->tls_version : e->up_tls,
       .cipher = inbound ? env->cipher : e->up_cipher,
       .endpoint = e->endpoint[0] ? e->endpoint : NULL,
+      .resumed = inbound ? env->resumed : e->up_resumed,
   };
   pc_log_request(&rec);
 }

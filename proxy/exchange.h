@@ -37,6 +37,7 @@ typedef struct {
   char *up_peer;                  /* outbound: the upstream's SPIFFE ID */
   const char *up_tls, *up_cipher; /* outbound: its TLS (static strings) */
   char endpoint[56];              /* "ip:port" the request went to last; "" if none */
+  int up_resumed;                 /* outbound: its handshake resumed a session */
   int retries;
   /* the answer, as the log line will say it */
   int status;

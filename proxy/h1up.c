@@ -38,6 +38,7 @@ struct pc_h1call {
   char *peer_id;
   const char *tls_version, *cipher;
   char endpoint[56]; /* "ip:port" of the connection used, for the access log */
+  int resumed;
   int fail_status, fail_retry;
   pc_reason_t fail_reason;
   const char *fail_detail;
@@ -194,6 +195,7 @@ static void keep_peer(pc_h1call_t *k, const pc_upconn_t *up) {
   if (up->s.ssl) {
     k->tls_version = SSL_get_version(up->s.ssl);
     k->cipher = SSL_CIPHER_get_name(SSL_get_current_cipher(up->s.ssl));
+    k->resumed = up->peer.resumed;
   }
 }
 
@@ -263,6 +265,7 @@ void pc_h1call_release(pc_h1call_t *k) {
 
 const char *pc_h1call_peer_id(const pc_h1call_t *k) { return k->peer_id; }
 const char *pc_h1call_tls_version(const pc_h1call_t *k) { return k->tls_version; }
+int pc_h1call_tls_resumed(const pc_h1call_t *k) { return k->resumed; }
 const char *pc_h1call_cipher(const pc_h1call_t *k) { return k->cipher; }
 const char *pc_h1call_endpoint(const pc_h1call_t *k) { return k->endpoint[0] ? k->endpoint : NULL; }
 

@@ -43,6 +43,7 @@ void pc_h1call_release(pc_h1call_t *k);
 
 const char *pc_h1call_peer_id(const pc_h1call_t *k);
 const char *pc_h1call_tls_version(const pc_h1call_t *k);
+int pc_h1call_tls_resumed(const pc_h1call_t *k); /* the upstream's handshake resumed */
 const char *pc_h1call_cipher(const pc_h1call_t *k);
 const char *pc_h1call_endpoint(const pc_h1call_t *k);
 

@@ -240,6 +240,7 @@ const char *pc_h2call_tls_version(const pc_h2call_t *k) {
 const char *pc_h2call_endpoint(const pc_h2call_t *k) {
   return k->conn->ep && k->conn->connected ? k->conn->ep->str : NULL;
 }
+int pc_h2call_tls_resumed(const pc_h2call_t *k) { return k->conn->peer.resumed; }
 
 const char *pc_h2call_cipher(const pc_h2call_t *k) {
   return k->conn->s.ssl ? SSL_CIPHER_get_name(SSL_get_current_cipher(k->conn->s.ssl)) : NULL;
@@ -610,7 +611,17 @@ static void s_on_handshake(pc_stream_t *s, int status) {
                                                : "TLS with the upstream failed");
     return;
   }
+  uint8_t alert;
+  pc_reason_t r = pc_tls_handshake_done(&c->peer, s->ssl, &alert);
+  if (r != PC_REASON_NONE) {
+    pc_log(PC_LOG_WARN, "listener %s: resumed TLS with upstream %s (%s) refused: %s", lc->name,
+           lc->target_str, c->peer.peer_id ? c->peer.peer_id : "?", pc_reason_word(r));
+    pc_stream_alert(s, alert);
+    conn_fail(c, 502, r, "the upstream's identity was refused");
+    return;
+  }
   pc_h2call_t *k = c->calls;
+  if (k && k->stats && c->peer.resumed) k->stats->tls_resumed++;
   if (k && k->stats)
     pc_hist_observe(&k->stats->handshake, &pc_hs_bounds, (double)(uv_hrtime() - c->hs_start) / 1e9);
   if (!pc_tls_alpn_is_h2(s->ssl)) {
@@ -675,7 +686,8 @@ static void on_connect(uv_connect_t *req, int status) {
                             .store = p->gen->certs->store,
                             .depth = p->gen->cfg->tls.verify_depth,
                             .is_server = 0,
-                            .cache_tag = p->gen->id};
+                            .cache_tag = p->gen->id,
+                            .name = lc->name};
   SSL *ssl = pc_tls_new(p->gen->client_ctx, &c->peer);
   SSL_set_tlsext_host_name(ssl, lc->server_name);
   static const uint8_t h2_only[] = "\x02h2", both[] = "\x02h2\x08http/1.1";

@@ -60,6 +60,7 @@ void pc_h2call_release(pc_h2call_t *c);
  * its TLS version and cipher (NULL for plaintext). Valid until release. */
 const char *pc_h2call_peer_id(const pc_h2call_t *c);
 const char *pc_h2call_tls_version(const pc_h2call_t *c);
+int pc_h2call_tls_resumed(const pc_h2call_t *c); /* the upstream's handshake resumed */
 const char *pc_h2call_cipher(const pc_h2call_t *c);
 /* "ip:port" of the endpoint its connection goes to; NULL if none. */
 const char *pc_h2call_endpoint(const pc_h2call_t *c);

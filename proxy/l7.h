@@ -52,6 +52,7 @@ typedef struct {
   const char *peer_id;         /* inbound: the verified peer's SPIFFE ID */
   const char *tls_version;     /* inbound: the client side's TLS */
   const char *cipher;          /* inbound */
+  int resumed;                 /* inbound: the client's handshake resumed a session */
   uint64_t *last_active;       /* loop time of the last byte either way */
 } pc_l7_env_t;
 

@@ -336,6 +336,14 @@ static void access_head(pc_jbuf_t *b, const char *listener, const char *directio
   pc_jbuf_kv_str(b, "peer_id", peer_id);
 }
 
+/* "resumed": true|false after a handshake, null without one. */
+static void kv_resumed(pc_jbuf_t *b, const char *tls_version, int resumed) {
+  if (tls_version)
+    pc_jbuf_kv_bool(b, "resumed", resumed);
+  else
+    pc_jbuf_raw(b, ",\"resumed\":null", 15);
+}
+
 void pc_log_access(const pc_access_rec_t *r) {
   if (!access_on) return;
   pc_jbuf_t b = {0};
@@ -349,6 +357,7 @@ void pc_log_access(const pc_access_rec_t *r) {
   pc_jbuf_kv_str(&b, "tls_version", r->tls_version);
   pc_jbuf_kv_str(&b, "cipher", r->cipher);
   pc_jbuf_kv_str(&b, "endpoint", r->endpoint);
+  kv_resumed(&b, r->tls_version, r->resumed);
   pc_jbuf_raw(&b, "}", 1);
   emit(STDOUT_FILENO, &b);
   pc_jbuf_free(&b);
@@ -386,6 +395,7 @@ void pc_log_request(const pc_request_rec_t *r) {
   pc_jbuf_kv_str(&b, "tls_version", r->tls_version);
   pc_jbuf_kv_str(&b, "cipher", r->cipher);
   pc_jbuf_kv_str(&b, "endpoint", r->endpoint);
+  kv_resumed(&b, r->tls_version, r->resumed);
   pc_jbuf_raw(&b, "}", 1);
   emit(STDOUT_FILENO, &b);
   pc_jbuf_release(&b);

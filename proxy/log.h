@@ -89,6 +89,7 @@ typedef struct {
   const char *close;                /* how it ended */
   const char *tls_version, *cipher; /* NULL if no handshake completed */
   const char *endpoint;             /* "ip:port" connected to (endpoint.h); NULL if none */
+  int resumed;                      /* the handshake resumed a session (with tls_version) */
   uint64_t bytes_from_peer, bytes_to_peer;
   double duration_ms;
 } pc_access_rec_t;
@@ -111,6 +112,7 @@ typedef struct {
   double upstream_ms; /* request sent -> response head; < 0: the upstream was not involved */
   const char *tls_version, *cipher;
   const char *endpoint; /* "ip:port" the request went to (endpoint.h); NULL if none */
+  int resumed;          /* the TLS handshake resumed a session (with tls_version) */
 } pc_request_rec_t;
 
 /* Writes rec as one JSON line on stdout, unless access logging is off. */

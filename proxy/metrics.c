@@ -40,6 +40,7 @@ void pc_metrics_add(pc_metrics_t *dst, const pc_metrics_t *src) {
   dst->bytes_to_peer += LOAD(src->bytes_to_peer);
   dst->connect_failures += LOAD(src->connect_failures);
   dst->tls_truncations += LOAD(src->tls_truncations);
+  dst->tls_resumed += LOAD(src->tls_resumed);
   dst->accept_errors += LOAD(src->accept_errors);
   dst->accept_pauses += LOAD(src->accept_pauses);
   dst->active += LOAD(src->active);

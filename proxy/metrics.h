@@ -58,6 +58,7 @@ typedef enum {
 typedef struct {
   uint64_t conns[PC_DECISION_COUNT][PC_REASON_COUNT]; /* closed or refused connections */
   pc_hist_t handshake;                                /* successful handshakes */
+  uint64_t tls_resumed; /* of those, resumed ones that passed the re-judgement */
   uint64_t bytes_from_peer, bytes_to_peer;
   /* HTTP mode: answered requests by status class, decision and reason */
   uint64_t requests[PC_HTTP_CLASSES][PC_DECISION_COUNT][PC_REASON_COUNT];

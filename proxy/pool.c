@@ -180,6 +180,17 @@ static void on_handshake(pc_stream_t *s, int status) {
                                                      : "TLS with the upstream failed");
     return;
   }
+  uint8_t alert;
+  pc_reason_t r = pc_tls_handshake_done(&up->peer, s->ssl, &alert);
+  if (r != PC_REASON_NONE) {
+    pc_log(PC_LOG_WARN, "listener %s: resumed TLS with upstream %s (%s) refused: %s",
+           up->pool->lc->name, up->pool->lc->target_str, up->peer.peer_id ? up->peer.peer_id : "?",
+           pc_reason_word(r));
+    pc_stream_alert(s, alert);
+    finish_attempt(up, PC_UPCONN_TLS, r, "the upstream's identity was refused");
+    return;
+  }
+  if (up->stats && up->peer.resumed) up->stats->tls_resumed++;
   if (up->stats)
     pc_hist_observe(&up->stats->handshake, &pc_hs_bounds,
                     (double)(uv_hrtime() - up->hs_start) / 1e9);
@@ -211,7 +222,8 @@ static void on_connect(uv_connect_t *req, int status) {
                              .store = p->gen->certs->store,
                              .depth = p->gen->cfg->tls.verify_depth,
                              .is_server = 0,
-                             .cache_tag = p->gen->id};
+                             .cache_tag = p->gen->id,
+                             .name = p->lc->name};
   SSL *ssl = pc_tls_new(p->gen->client_ctx, &up->peer);
   SSL_set_tlsext_host_name(ssl, p->lc->server_name);
   up->hs_start = uv_hrtime();

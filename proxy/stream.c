@@ -371,6 +371,17 @@ void pc_stream_shutdown(pc_stream_t *s, int skip_notify) {
   }
 }
 
+void pc_stream_alert(pc_stream_t *s, uint8_t alert) {
+  if (!s->ssl || s->closing) return;
+  SSL_send_fatal_alert(s->ssl, alert);
+  ERR_clear_error();
+  pc_scratch_t *sc = s->scratch;
+  if (sc->olen == 0) return;
+  uv_buf_t b = uv_buf_init(sc->obuf, (unsigned)sc->olen);
+  sc->olen = 0;
+  uv_try_write((uv_stream_t *)&s->tcp, &b, 1);
+}
+
 /* An orderly close of a TLS stream says so with close_notify (best effort:
  * one try, no write request), unless bytes are still queued: those are lost
  * with the close, and the peer must not take what it got for the whole. */

@@ -137,6 +137,11 @@ size_t pc_stream_queued(const pc_stream_t *s);
  * bytes must not be lent: they would be read as the next borrower's answer. */
 int pc_stream_has_input(const pc_stream_t *s);
 
+/* Sends a fatal TLS alert at once (best effort, no write request): a peer
+ * refused after a handshake that completed (a resumed one, tls.h). Nothing
+ * can be written on the stream afterwards; the owner closes it. */
+void pc_stream_alert(pc_stream_t *s, uint8_t alert);
+
 /* Ends the sending direction: TLS close_notify (unless skip_notify), then FIN
  * once the queue has drained; on_shutdown fires when done. Reading goes on. */
 void pc_stream_shutdown(pc_stream_t *s, int skip_notify);

@@ -4,14 +4,20 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <pthread.h>
+
+#include <openssl/aead.h>
 #include <openssl/err.h>
+#include <openssl/rand.h>
 #include <openssl/sha.h>
 #include <openssl/x509v3.h>
 
 #include "compat.h"
 #include "identity.h"
+#include "log.h"
 
 static int peer_idx = -1;
+static int tkeys_idx = -1; /* SSL_CTX ex_data: a server context's ticket keys */
 
 /* X.509 failures that mean "not valid at this time" get their own reason so
  * that an operator can tell rotation trouble from an attack. */
@@ -40,13 +46,12 @@ static pc_reason_t check_identity(pc_tls_peer_t *pv, STACK_OF(X509) * chain, tim
   return pc_identity_from_cert(leaf, pv->trust_domain, &pv->peer_id);
 }
 
-/* The peer's chain as parsed certificates, built from the DER BoringSSL kept
+/* A chain of DER certificates (leaf first) as parsed certificates
  * (TLS_with_buffers_method parses nothing itself). NULL if there is none;
  * *malformed is set if a certificate does not parse. The caller frees it
  * with sk_X509_pop_free(chain, X509_free). */
-static STACK_OF(X509) * peer_chain(const SSL *ssl, int *malformed) {
+static STACK_OF(X509) * parse_chain(const STACK_OF(CRYPTO_BUFFER) * certs, int *malformed) {
   *malformed = 0;
-  const STACK_OF(CRYPTO_BUFFER) *certs = SSL_get0_peer_certificates(ssl);
   if (!certs || sk_CRYPTO_BUFFER_num(certs) == 0) return NULL;
   STACK_OF(X509) *chain = sk_X509_new_null();
   if (!chain) pc_fatal("out of memory");
@@ -61,10 +66,12 @@ static STACK_OF(X509) * peer_chain(const SSL *ssl, int *malformed) {
   return chain;
 }
 
-/* check_identity on the peer's chain as BoringSSL holds it. */
-static pc_reason_t check_peer(pc_tls_peer_t *pv, const SSL *ssl, time_t *from, time_t *until) {
+/* check_identity on a peer chain as BoringSSL holds it (a handshake's or a
+ * stored session's). */
+static pc_reason_t check_peer(pc_tls_peer_t *pv, const STACK_OF(CRYPTO_BUFFER) * certs,
+                              time_t *from, time_t *until) {
   int malformed;
-  STACK_OF(X509) *chain = peer_chain(ssl, &malformed);
+  STACK_OF(X509) *chain = parse_chain(certs, &malformed);
   *from = *until = 0;
   pc_reason_t r = malformed ? PC_REASON_BAD_CHAIN : check_identity(pv, chain, from, until);
   sk_X509_pop_free(chain, X509_free);
@@ -105,8 +112,8 @@ typedef struct {
 
 static _Thread_local cache_ent_t *cache;
 
-static int cache_key(const SSL *ssl, const pc_tls_peer_t *pv, uint8_t key[SHA256_DIGEST_LENGTH]) {
-  const STACK_OF(CRYPTO_BUFFER) *certs = SSL_get0_peer_certificates(ssl);
+static int cache_key(const STACK_OF(CRYPTO_BUFFER) * certs, const pc_tls_peer_t *pv,
+                     uint8_t key[SHA256_DIGEST_LENGTH]) {
   if (!certs || sk_CRYPTO_BUFFER_num(certs) == 0 || pv->cache_tag == 0) return 0;
   SHA256_CTX h;
   SHA256_Init(&h);
@@ -146,7 +153,10 @@ static const cache_ent_t *cache_get(const uint8_t *key) {
   return now >= e->not_before && now < e->not_after ? e : NULL;
 }
 
+static void sessions_free(void);
+
 void pc_tls_thread_done(void) {
+  sessions_free();
   if (!cache) return;
   for (size_t i = 0; i < CACHE_SLOTS; i++)
     free(cache[i].peer_id);
@@ -154,12 +164,13 @@ void pc_tls_thread_done(void) {
   cache = NULL;
 }
 
-/* The whole peer decision, through the verified-chain cache when
- * pv->cache_tag is set: the chain (once per distinct chain and generation),
- * then the policy (always). */
-static pc_reason_t decide(pc_tls_peer_t *pv, const SSL *ssl) {
+/* The whole peer decision on a chain (a handshake's, or one a session
+ * stored), through the verified-chain cache when pv->cache_tag is set: the
+ * chain (once per distinct chain and generation), then the policy (always).
+ * Every decision about a peer, full handshake or resumption, is this one. */
+static pc_reason_t decide_chain(pc_tls_peer_t *pv, const STACK_OF(CRYPTO_BUFFER) * certs) {
   uint8_t key[SHA256_DIGEST_LENGTH];
-  int keyed = cache_key(ssl, pv, key);
+  int keyed = cache_key(certs, pv, key);
   const cache_ent_t *known = keyed ? cache_get(key) : NULL;
   pc_reason_t r;
   if (known) {
@@ -169,14 +180,29 @@ static pc_reason_t decide(pc_tls_peer_t *pv, const SSL *ssl) {
     r = PC_REASON_NONE;
   } else {
     time_t nb;
-    r = check_peer(pv, ssl, &nb, &pv->not_after);
+    r = check_peer(pv, certs, &nb, &pv->not_after);
     if (r == PC_REASON_NONE && keyed) cache_put(key, pv, nb, pv->not_after);
   }
   if (r == PC_REASON_NONE) r = pc_policy_check(pv->policy, pv->peer_id);
   return r;
 }
 
+static pc_reason_t decide(pc_tls_peer_t *pv, const SSL *ssl) {
+  return decide_chain(pv, SSL_get0_peer_certificates(ssl));
+}
+
 pc_reason_t pc_tls_recheck(pc_tls_peer_t *pv, const SSL *ssl) { return decide(pv, ssl); }
+
+/* The session being made (its tickets, once issued) lives no longer than
+ * the peer's verified path: a resumption past it is refused anyway (it is
+ * re-judged), but need not be attempted. */
+static void cap_session(SSL *ssl, time_t not_after) {
+  SSL_SESSION *sess = SSL_get_session(ssl);
+  if (!sess || !not_after) return;
+  int64_t left = (int64_t)not_after - (int64_t)SSL_SESSION_get_time(sess);
+  if (left < 1) left = 1;
+  if ((uint64_t)left < SSL_SESSION_get_timeout(sess)) SSL_SESSION_set_timeout(sess, (uint32_t)left);
+}
 
 static enum ssl_verify_result_t verify_peer(SSL *ssl, uint8_t *out_alert) {
   pc_tls_peer_t *pv = SSL_get_ex_data(ssl, peer_idx);
@@ -185,10 +211,249 @@ static enum ssl_verify_result_t verify_peer(SSL *ssl, uint8_t *out_alert) {
     return ssl_verify_invalid;
   }
   pc_reason_t r = decide(pv, ssl);
-  if (r == PC_REASON_NONE) return ssl_verify_ok;
+  if (r == PC_REASON_NONE) {
+    cap_session(ssl, pv->not_after);
+    return ssl_verify_ok;
+  }
   pv->reason = r;
   *out_alert = pc_reason_alert(r) ? pc_reason_alert(r) : SSL_AD_CERTIFICATE_UNKNOWN;
   return ssl_verify_invalid;
+}
+
+static void forget_session(const char *name);
+
+pc_reason_t pc_tls_handshake_done(pc_tls_peer_t *pv, const SSL *ssl, uint8_t *alert) {
+  if (!SSL_session_reused(ssl)) return PC_REASON_NONE;
+  /* No verify callback ran: the session's stored chain is judged now, by
+   * the connection's generation and the clock, as a full handshake would
+   * have been. */
+  pv->resumed = 1;
+  pc_reason_t r = decide(pv, ssl);
+  if (r == PC_REASON_NONE) return r;
+  pv->reason = r;
+  *alert = pc_reason_alert(r) ? pc_reason_alert(r) : SSL_AD_CERTIFICATE_UNKNOWN;
+  if (!pv->is_server && pv->name) forget_session(pv->name);
+  return r;
+}
+
+/* ---- server: session tickets ---------------------------------------------
+ * Tickets are sealed with AES-256-GCM under a random key of the context (so
+ * of one generation: a reload's new context opens none of the old tickets).
+ * A key seals for PC_TLS_TICKET_KEY_S seconds and then only opens, for as
+ * long again, which covers the lifetime of every ticket it sealed. Opening
+ * a ticket judges the session's stored peer chain first: a peer that would
+ * be refused now is ignored as if its ticket were garbage, and the full
+ * handshake that follows refuses it in the handshake, with its alert. */
+
+#define TK_NAME 16
+#define TK_NONCE 12
+#define TK_OVERHEAD (TK_NAME + TK_NONCE + EVP_AEAD_MAX_OVERHEAD)
+
+typedef struct {
+  uint8_t name[TK_NAME], key[32];
+  time_t born; /* 0: no key */
+} tkey_t;
+
+typedef struct {
+  pthread_mutex_t lock; /* the context is shared by every worker */
+  tkey_t cur, prev;
+} tkeys_t;
+
+static void tkeys_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int index, long argl,
+                       void *argp) {
+  (void)parent, (void)ad, (void)index, (void)argl, (void)argp;
+  tkeys_t *tk = ptr;
+  if (!tk) return;
+  pthread_mutex_destroy(&tk->lock);
+  OPENSSL_cleanse(tk, sizeof(*tk));
+  free(tk);
+}
+
+/* The key that seals now (a fresh one after PC_TLS_TICKET_KEY_S), copied
+ * out under the lock. */
+static void tkeys_sealing(tkeys_t *tk, tkey_t *out) {
+  time_t now = time(NULL);
+  pthread_mutex_lock(&tk->lock);
+  if (!tk->cur.born || now - tk->cur.born >= PC_TLS_TICKET_KEY_S) {
+    tk->prev = tk->cur;
+    RAND_bytes(tk->cur.name, sizeof(tk->cur.name));
+    RAND_bytes(tk->cur.key, sizeof(tk->cur.key));
+    tk->cur.born = now;
+  }
+  *out = tk->cur;
+  pthread_mutex_unlock(&tk->lock);
+}
+
+/* The key named name if it may still open tickets. Returns 0 if there is
+ * none. */
+static int tkeys_opening(tkeys_t *tk, const uint8_t *name, tkey_t *out) {
+  time_t now = time(NULL);
+  int found = 0;
+  pthread_mutex_lock(&tk->lock);
+  const tkey_t *ks[] = {&tk->cur, &tk->prev};
+  for (size_t i = 0; i < PC_ARRAY_SIZE(ks) && !found; i++) {
+    if (ks[i]->born && now - ks[i]->born < 2 * PC_TLS_TICKET_KEY_S &&
+        memcmp(ks[i]->name, name, TK_NAME) == 0) {
+      *out = *ks[i];
+      found = 1;
+    }
+  }
+  pthread_mutex_unlock(&tk->lock);
+  return found;
+}
+
+static size_t ticket_overhead(SSL *ssl) {
+  (void)ssl;
+  return TK_OVERHEAD;
+}
+
+static int ticket_seal(SSL *ssl, uint8_t *out, size_t *out_len, size_t max_out, const uint8_t *in,
+                       size_t in_len) {
+  tkeys_t *tk = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), tkeys_idx);
+  if (!tk || max_out < TK_NAME + TK_NONCE) return 0;
+  tkey_t k;
+  tkeys_sealing(tk, &k);
+  uint8_t *copy = NULL; /* in may be out: the header would overwrite it */
+  if (in == out) in = copy = memcpy(pc_malloc(in_len), in, in_len);
+  memcpy(out, k.name, TK_NAME);
+  RAND_bytes(out + TK_NAME, TK_NONCE);
+  EVP_AEAD_CTX actx;
+  size_t n = 0;
+  int ok = EVP_AEAD_CTX_init(&actx, EVP_aead_aes_256_gcm(), k.key, sizeof(k.key),
+                             EVP_AEAD_DEFAULT_TAG_LENGTH, NULL) &&
+           EVP_AEAD_CTX_seal(&actx, out + TK_NAME + TK_NONCE, &n, max_out - TK_NAME - TK_NONCE,
+                             out + TK_NAME, TK_NONCE, in, in_len, out, TK_NAME);
+  EVP_AEAD_CTX_cleanup(&actx);
+  OPENSSL_cleanse(&k, sizeof(k));
+  free(copy);
+  *out_len = TK_NAME + TK_NONCE + n;
+  return ok;
+}
+
+static enum ssl_ticket_aead_result_t ticket_open(SSL *ssl, uint8_t *out, size_t *out_len,
+                                                 size_t max_out, const uint8_t *in, size_t in_len) {
+  SSL_CTX *ctx = SSL_get_SSL_CTX(ssl);
+  tkeys_t *tk = SSL_CTX_get_ex_data(ctx, tkeys_idx);
+  pc_tls_peer_t *pv = SSL_get_ex_data(ssl, peer_idx);
+  tkey_t k;
+  if (!tk || !pv || SSL_version(ssl) < TLS1_3_VERSION || in_len < TK_OVERHEAD ||
+      !tkeys_opening(tk, in, &k))
+    return ssl_ticket_aead_ignore_ticket;
+  uint8_t *copy = NULL;
+  if (in == out) in = copy = memcpy(pc_malloc(in_len), in, in_len);
+  EVP_AEAD_CTX actx;
+  size_t n = 0;
+  int ok = EVP_AEAD_CTX_init(&actx, EVP_aead_aes_256_gcm(), k.key, sizeof(k.key),
+                             EVP_AEAD_DEFAULT_TAG_LENGTH, NULL) &&
+           EVP_AEAD_CTX_open(&actx, out, &n, max_out, in + TK_NAME, TK_NONCE,
+                             in + TK_NAME + TK_NONCE, in_len - TK_NAME - TK_NONCE, in, TK_NAME);
+  EVP_AEAD_CTX_cleanup(&actx);
+  OPENSSL_cleanse(&k, sizeof(k));
+  free(copy);
+  ERR_clear_error();
+  if (!ok) return ssl_ticket_aead_ignore_ticket;
+  SSL_SESSION *sess = SSL_SESSION_from_bytes(out, n, ctx);
+  pc_reason_t r =
+      sess ? decide_chain(pv, SSL_SESSION_get0_peer_certificates(sess)) : PC_REASON_BAD_CHAIN;
+  SSL_SESSION_free(sess);
+  ERR_clear_error();
+  if (r != PC_REASON_NONE) {
+    pc_log(PC_LOG_DEBUG, "TLS ticket of %s not accepted (%s): full handshake",
+           pv->peer_id ? pv->peer_id : "?", pc_reason_word(r));
+    return ssl_ticket_aead_ignore_ticket;
+  }
+  *out_len = n;
+  return ssl_ticket_aead_success;
+}
+
+static const SSL_TICKET_AEAD_METHOD ticket_method = {ticket_overhead, ticket_seal, ticket_open};
+
+/* TLS 1.2 sessions stay off (no ticket, no session ID): a TLS 1.2
+ * resumption has no fresh key exchange. The version is known here. */
+static int no_tls12_tickets(SSL *ssl, void *arg) {
+  (void)arg;
+  if (SSL_version(ssl) < TLS1_3_VERSION) SSL_set_options(ssl, SSL_OP_NO_TICKET);
+  return 1;
+}
+
+/* ---- client: one session per outbound listener and worker thread --------
+ * The latest TLS 1.3 session an upstream gave (each resumed connection
+ * brings a fresh one), under the listener's name and generation. A
+ * session of another generation (client certificate, bundle or expect list
+ * may differ), past its lifetime or the expiry of the server's verified
+ * path, or whose stored chain no longer passes, is dropped, never offered. */
+
+typedef struct {
+  char *name;
+  uint64_t tag; /* generation id */
+  time_t until;
+  SSL_SESSION *sess;
+} sess_ent_t;
+
+static _Thread_local sess_ent_t *sessions;
+static _Thread_local size_t nsessions;
+
+static void sess_drop(size_t i) {
+  free(sessions[i].name);
+  SSL_SESSION_free(sessions[i].sess);
+  sessions[i] = sessions[--nsessions];
+}
+
+static void sessions_free(void) {
+  while (nsessions)
+    sess_drop(0);
+  free(sessions);
+  sessions = NULL;
+}
+
+static sess_ent_t *sess_find(const char *name) {
+  for (size_t i = 0; i < nsessions; i++)
+    if (strcmp(sessions[i].name, name) == 0) return &sessions[i];
+  return NULL;
+}
+
+static int on_new_session(SSL *ssl, SSL_SESSION *sess) {
+  const pc_tls_peer_t *pv = SSL_get_ex_data(ssl, peer_idx);
+  /* Only from a connection whose upstream passed the decision. */
+  if (!pv || pv->is_server || !pv->name || !pv->peer_id || pv->reason != PC_REASON_NONE ||
+      SSL_SESSION_get_protocol_version(sess) < TLS1_3_VERSION)
+    return 0;
+  for (size_t i = 0; i < nsessions;) { /* older generations' sessions are of no use */
+    if (sessions[i].tag < pv->cache_tag)
+      sess_drop(i);
+    else
+      i++;
+  }
+  sess_ent_t *e = sess_find(pv->name);
+  if (e && e->tag > pv->cache_tag) return 0; /* a late ticket of an older generation */
+  if (!e) {
+    sessions = pc_realloc(sessions, (nsessions + 1) * sizeof(*sessions));
+    e = &sessions[nsessions++];
+    e->name = pc_strdup(pv->name);
+    e->sess = NULL;
+  }
+  SSL_SESSION_free(e->sess);
+  e->sess = sess;
+  e->tag = pv->cache_tag;
+  e->until = (time_t)(SSL_SESSION_get_time(sess) + SSL_SESSION_get_timeout(sess));
+  if (pv->not_after && pv->not_after < e->until) e->until = pv->not_after;
+  return 1;
+}
+
+static void forget_session(const char *name) {
+  sess_ent_t *e = sess_find(name);
+  if (e) sess_drop((size_t)(e - sessions));
+}
+
+static void offer_session(SSL *ssl, pc_tls_peer_t *pv) {
+  sess_ent_t *e = sess_find(pv->name);
+  if (!e) return;
+  if (e->tag != pv->cache_tag || time(NULL) >= e->until ||
+      decide_chain(pv, SSL_SESSION_get0_peer_certificates(e->sess)) != PC_REASON_NONE) {
+    sess_drop((size_t)(e - sessions));
+    return;
+  }
+  SSL_set_session(ssl, e->sess);
 }
 
 static CRYPTO_BUFFER *der_buffer(X509 *x, CRYPTO_BUFFER_POOL *pool) {
@@ -223,6 +488,7 @@ SSL_CTX *pc_tls_ctx_new(const pc_config_t *cfg, const pc_certs_t *certs, int is_
   if (peer_idx < 0) {
     /* Called first from the main thread before any worker exists. */
     peer_idx = SSL_get_ex_new_index(0, NULL, NULL, NULL, NULL);
+    tkeys_idx = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, tkeys_free);
   }
   /* Buffers only: BoringSSL keeps the peer's certificates as DER, shared
    * through one pool by every connection that sees the same certificate,
@@ -245,11 +511,29 @@ SSL_CTX *pc_tls_ctx_new(const pc_config_t *cfg, const pc_certs_t *certs, int is_
              cfg->tls.line_curves, cfg->tls.curves);
     goto fail;
   }
-  SSL_CTX_set_options(ctx, SSL_OP_CIPHER_SERVER_PREFERENCE | SSL_OP_NO_TICKET);
-  /* Resumption would skip the verify callback: a peer removed from the allow
-   * list, or a CA removed from the bundle, would still get in. Off both ways. */
+  SSL_CTX_set_options(ctx, SSL_OP_CIPHER_SERVER_PREFERENCE);
+  /* BoringSSL resumes without the verify callback: resumption is on only
+   * with the re-judgement around it (tls.h); the server keeps no session
+   * cache either way, tickets only. */
   SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
-  SSL_CTX_set_num_tickets(ctx, 0);
+  if (!cfg->tls.resumption) {
+    SSL_CTX_set_options(ctx, SSL_OP_NO_TICKET);
+    SSL_CTX_set_num_tickets(ctx, 0);
+  } else if (is_server) {
+    /* Each connection binds its sessions to its listener (pc_tls_new). */
+    static const uint8_t sid_ctx[] = "portcullis";
+    SSL_CTX_set_session_id_context(ctx, sid_ctx, sizeof(sid_ctx) - 1);
+    tkeys_t *tk = pc_calloc(1, sizeof(*tk));
+    pthread_mutex_init(&tk->lock, NULL);
+    SSL_CTX_set_ex_data(ctx, tkeys_idx, tk);
+    SSL_CTX_set_ticket_aead_method(ctx, &ticket_method);
+    SSL_CTX_set_num_tickets(ctx, 1);
+    SSL_CTX_set_session_psk_dhe_timeout(ctx, PC_TLS_TICKET_KEY_S);
+    SSL_CTX_set_cert_cb(ctx, no_tls12_tickets, NULL);
+  } else {
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT);
+    SSL_CTX_sess_set_new_cb(ctx, on_new_session);
+  }
   SSL_CTX_set_mode(ctx, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
   if (!use_chain_and_key(ctx, certs, pool)) {
     snprintf(err, errlen, "%s:%d: identity.cert: cannot use certificate/key: %s", cfg->file,
@@ -308,6 +592,15 @@ SSL *pc_tls_new(SSL_CTX *ctx, pc_tls_peer_t *peer) {
   SSL *ssl = SSL_new(ctx);
   if (!ssl) pc_fatal("out of memory");
   SSL_set_ex_data(ssl, peer_idx, peer);
+  if (peer->is_server && peer->name) {
+    /* A session resumes only on the listener that made it: listeners have
+     * different allow lists. */
+    uint8_t sid_ctx[SHA256_DIGEST_LENGTH];
+    SHA256((const uint8_t *)peer->name, strlen(peer->name), sid_ctx);
+    SSL_set_session_id_context(ssl, sid_ctx, sizeof(sid_ctx));
+  } else if (peer->name && (SSL_CTX_get_session_cache_mode(ctx) & SSL_SESS_CACHE_CLIENT)) {
+    offer_session(ssl, peer);
+  }
   /* Nothing reads the handshake configuration (our chain, the cipher and
    * group lists, verify settings) once the handshake is done; BoringSSL
    * frees its copy then instead of keeping it for the connection's life. */

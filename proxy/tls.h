@@ -5,9 +5,22 @@
  * Posture: TLS 1.2 minimum (1.3 on), TLS 1.2 suites from the config (already
  * limited to ECDHE + AEAD by config.c and re-checked by
  * SSL_CTX_set_strict_cipher_list), server preference, curves from the config,
- * no renegotiation, and no session resumption in either direction, so that
- * every connection runs the verify callback against the current policy,
- * bundle and clock.
+ * no renegotiation.
+ *
+ * Resumption (tls.resumption, default on) is TLS 1.3 only, both ways, and
+ * never skips the decision: BoringSSL does not run the verify callback for a
+ * resumed handshake, so the peer chain the session stored is judged like a
+ * fresh one (current bundle, validity now, SPIFFE ID, allow/expect list)
+ * before the session is accepted (server: when its ticket is opened) or
+ * offered (client), and again once the handshake completes
+ * (pc_tls_handshake_done), before the app sees a byte. Server ticket keys
+ * belong to one context, that is to one generation (a reload makes every
+ * earlier ticket undecryptable), and rotate every PC_TLS_TICKET_KEY_S
+ * seconds with the previous key still accepted for decryption; a session
+ * lives no longer than the peer's verified path (cap_session). A client
+ * keeps the latest session of each outbound listener per worker thread and
+ * drops it when the generation changes or its lifetime (capped by the
+ * peer's certificate) ends.
  */
 #ifndef PC_TLS_H
 #define PC_TLS_H
@@ -31,7 +44,11 @@ typedef struct {
   int depth;
   int is_server;
   int alpn_http;      /* server: offer h2 and http/1.1 by ALPN (protocol = "http") */
-  uint64_t cache_tag; /* the generation's id: keys the verified-chain cache (0: no cache) */
+  uint64_t cache_tag; /* the generation's id: keys the verified-chain cache (0: no cache) and
+                         the client session cache */
+  const char *name;   /* listener name: server session ID context, client session cache key
+                         (NULL: no resumption for this connection) */
+  int resumed;        /* out: set by pc_tls_handshake_done for a resumed handshake */
   pc_reason_t reason; /* out: why the peer was refused, PC_REASON_NONE if not */
   char *peer_id;      /* out: the peer's SPIFFE ID (malloc'd) once parsed; the
                          connection frees it */
@@ -67,8 +84,8 @@ int pc_tls_peer_expired(const pc_tls_peer_t *pv, uint64_t grace_ms);
  * -1 if the peer sent none. */
 int pc_tls_peer_leaf_sha256(const SSL *ssl, uint8_t out[32]);
 
-/* Frees this thread's verified-chain cache (see tls.c). Worker threads call
- * it before they exit. */
+/* Frees this thread's verified-chain cache and client session cache (see
+ * tls.c). Worker threads call it before they exit. */
 void pc_tls_thread_done(void);
 
 /* The server's ALPN choice from a client's protocol list in wire format
@@ -83,8 +100,29 @@ int pc_tls_alpn_choose(const uint8_t *in, size_t inlen, const uint8_t **out, uin
 /* Non-zero if ALPN settled on "h2" for ssl (after the handshake). */
 int pc_tls_alpn_is_h2(const SSL *ssl);
 
-/* Creates an SSL from ctx bound to peer for the verify callback. Never NULL. */
+/* Seconds a server ticket key seals new tickets; it then opens tickets for
+ * as long again (TLS 1.3 sessions live at most PC_TLS_TICKET_KEY_S). */
+#define PC_TLS_TICKET_KEY_S 3600
+
+/* Creates an SSL from ctx bound to peer for the verify callback. On a server
+ * context, sessions are bound to peer->name (the listener: another
+ * listener's ticket never resumes here). On a client context with
+ * resumption on, the session cached for peer->name and peer->cache_tag is
+ * offered if its stored server chain still passes the decision (else it is
+ * dropped and a full handshake follows). Never NULL. Loop thread of the
+ * connection (the client session cache is per thread). */
 SSL *pc_tls_new(SSL_CTX *ctx, pc_tls_peer_t *peer);
+
+/* Call once the handshake succeeded, before any application byte is passed
+ * on. For a full handshake the verify callback has decided: returns
+ * PC_REASON_NONE. For a resumed one it sets pv->resumed and runs the whole
+ * decision on the chain the session stored, against pv's inputs (the
+ * connection's generation) and the clock now, filling pv->peer_id and
+ * pv->not_after. On a refusal it sets pv->reason and *alert (the alert a
+ * full handshake would have sent) and returns the reason: the caller sends
+ * the alert (pc_stream_alert; the handshake is over, so the peer reads it as
+ * its first record) and refuses the connection as for a failed handshake. */
+pc_reason_t pc_tls_handshake_done(pc_tls_peer_t *pv, const SSL *ssl, uint8_t *alert);
 
 /* Decides the refusal reason for a failed handshake: the verify callback's
  * decision if it made one, else the BoringSSL error on this thread's queue

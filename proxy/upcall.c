@@ -169,6 +169,10 @@ const char *pc_upcall_endpoint(const pc_upcall_t *c) {
   return c->h1 ? pc_h1call_endpoint(c->h1) : c->h2 ? pc_h2call_endpoint(c->h2) : NULL;
 }
 
+int pc_upcall_tls_resumed(const pc_upcall_t *c) {
+  return c->h1 ? pc_h1call_tls_resumed(c->h1) : c->h2 ? pc_h2call_tls_resumed(c->h2) : 0;
+}
+
 const char *pc_upcall_cipher(const pc_upcall_t *c) {
   return c->h1 ? pc_h1call_cipher(c->h1) : c->h2 ? pc_h2call_cipher(c->h2) : NULL;
 }

@@ -130,6 +130,8 @@ void pc_upcall_release(pc_upcall_t *c);
  * Valid until release. */
 const char *pc_upcall_peer_id(const pc_upcall_t *c);
 const char *pc_upcall_tls_version(const pc_upcall_t *c);
+/* Non-zero if that TLS handshake resumed a session. */
+int pc_upcall_tls_resumed(const pc_upcall_t *c);
 const char *pc_upcall_cipher(const pc_upcall_t *c);
 /* The endpoint ("ip:port") the request went to last; NULL if none. */
 const char *pc_upcall_endpoint(const pc_upcall_t *c);

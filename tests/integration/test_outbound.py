@@ -144,7 +144,11 @@ def test_bad_upstream_refused(outb, name, reason, peer_id):
 
 
 @pytest.mark.parametrize("name", ["good", "good12"])
-def test_outbound_never_resumes(outb, name):
+def test_outbound_resumes_tls13_only(outb, name):
+    """The upstream (Python) issues tickets and resumes. Over TLS 1.3 the sidecar offers
+    the session it holds (one per listener and worker): of three connections over two
+    workers, the second or third shares a worker with an earlier one and resumes. Over
+    TLS 1.2 it never resumes."""
     up = outb.ups[name]
     before = up.count()
     for i in range(3):
@@ -164,7 +168,10 @@ def test_outbound_never_resumes(outb, name):
         assert up.conns[before + i].done.wait(h.T(h.PROMPT_S)), f"upstream connection {i} open"
     recs = up.conns[before:before + 3]
     assert [r.handshake_ok for r in recs] == [True] * 3
-    assert [r.session_reused for r in recs] == [False] * 3, "outbound resumed a session"
+    if name == "good12":
+        assert [r.session_reused for r in recs] == [False] * 3, "outbound resumed TLS 1.2"
+    else:
+        assert any(r.session_reused for r in recs[1:]), "outbound never resumed TLS 1.3"
 
 
 def test_upstream_connect_failed(outb):

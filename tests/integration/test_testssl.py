@@ -8,7 +8,7 @@ namespace web. testssl.sh, Debian 12's 3.0.8, scans it twice:
   resumption) run instead of being skipped for client authentication. Asserted from its
   JSON (``--jsonfile-pretty``), never from its text: TLS 1.2 and 1.3 offered and nothing
   older; every offered suite ECDHE (TLS 1.3: an ECDHE group) with an AEAD; every
-  vulnerability check present and OK or INFO; no session resumption (README "TLS").
+  vulnerability check present and OK or INFO; no TLS 1.2 session resumption.
 * without a certificate (``-H``): testssl itself reports certificate-based client
   authentication.
 
@@ -193,8 +193,12 @@ def test_no_vulnerability_flagged(scan):
 
 
 def test_no_session_resumption(scan):
-    """README "TLS": no tickets, no session cache; testssl tried both with a whole
-    handshake (with client authentication in the way it would have said it could not)."""
+    """README "Security model": no TLS 1.2 ticket, no session ID (no resumption without a
+    fresh key exchange); testssl 3.0.8 tried both with a whole handshake (with client
+    authentication in the way it would have said it could not). Its probe is an s_client
+    that quits at stdin's end, before a TLS 1.3 ticket (sent after the handshake) arrives, so
+    "not supported" here speaks for TLS 1.2 only: TLS 1.3 resumption, on by default and
+    re-judged, is test_resumption.py's."""
     defaults = _by_id(scan.res, "serverDefaults")
     assert defaults["sessionresumption_ticket"]["finding"] == "not supported", \
         defaults["sessionresumption_ticket"]
