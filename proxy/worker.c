@@ -48,8 +48,7 @@ static void adopt(pc_worker_t *w) {
       for (size_t j = 0; j < w->nlisteners; j++) {
         pc_listener_t *l = w->listeners[j];
         if (l && pc_config_same_listener(l->cfg, lc)) {
-          l->cfg = lc;
-          next[i] = l;
+          next[i] = l;            /* l->cfg moves to lc below, under the lock */
           w->listeners[j] = NULL; /* moves to next: not closed below */
           break;
         }
@@ -64,7 +63,12 @@ static void adopt(pc_worker_t *w) {
       else if (w->draining)
         pc_listener_stop(next[i]);
     }
+    /* The admin scrape (main thread, pc_workers_collect) reads a kept
+     * listener's cfg under this lock, and old's config may be freed below
+     * once it is unreferenced: repoint kept listeners while holding it. */
     uv_mutex_lock(&w->lock);
+    for (size_t i = 0; i < n; i++)
+      if (next[i]) next[i]->cfg = &g->cfg->listeners[i];
     w->listeners = next;
     w->nlisteners = n;
     w->all_bound = all;
@@ -288,6 +292,7 @@ int pc_workers_publish(pc_gen_t *g, char *err, size_t errlen) {
     }
   }
   budget_descriptors(g->cfg);
+  pc_gen_number(g); /* nothing can fail now; workers read the id unlocked */
   for (int i = 0; i < nworkers; i++) {
     hand_over(&workers[i], g, fds[i]);
     wake_worker(&workers[i]);
