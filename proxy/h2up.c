@@ -422,7 +422,7 @@ static void conn_fail(h2conn_t *c, int status, pc_reason_t r, const char *detail
   for (pc_h2call_t *k = c->calls; k; k = k->next)
     k->dying = k->closed = 1;
   for (pc_h2call_t *k = c->calls; k; k = k->next) {
-    if (status == 503 && k->stats && !k->released) k->stats->connect_failures++;
+    if (status == 503 && k->stats && !k->released) PC_STAT_INC(k->stats->connect_failures);
     call_fail(k, status, r, detail, status == PC_UPCALL_USE_H1 || (was_ready && !k->any));
   }
   pc_h2call_t *k = c->calls;
@@ -534,7 +534,7 @@ static void s_on_error(pc_stream_t *s, int err) {
   while (k && (k->released || k->ended))
     k = k->next;
   if (err == PC_STREAM_ETRUNC && k) {
-    k->stats->tls_truncations++;
+    PC_STAT_INC(k->stats->tls_truncations);
     pc_log(PC_LOG_INFO,
            "listener %s: upstream %s closed TCP without TLS close_notify: resetting"
            " its streams",
@@ -717,7 +717,7 @@ static h2conn_t *conn_for(h2pool_t *p, pc_metrics_t *stats, int *reused) {
              "listener %s: the certificate of upstream %s (%s) expired; its HTTP/2 connection "
              "takes no new streams",
              p->lc->name, p->lc->target_str, c->peer.peer_id ? c->peer.peer_id : "?");
-      stats->upstream_expired++;
+      PC_STAT_INC(stats->upstream_expired);
       c->retired = 1;
       if (!c->ncalls && !c->calls) conn_close(c, "expired");
       continue;
@@ -745,9 +745,9 @@ pc_h2call_t *pc_h2call_start(pc_worker_t *w, pc_gen_t *g, const pc_listener_cfg_
   int reused;
   h2conn_t *c = conn_for(p, stats, &reused);
   if (reused)
-    stats->upstream_reuses++;
+    PC_STAT_INC(stats->upstream_reuses);
   else
-    stats->upstream_connects++;
+    PC_STAT_INC(stats->upstream_connects);
   pc_h2call_t *k = pc_calloc(1, sizeof(*k));
   k->conn = c;
   k->cbs = cbs;

@@ -113,7 +113,7 @@ static void finish_attempt(pc_upconn_t *up, pc_upconn_fail_t fail, pc_reason_t r
   if (fail == PC_UPCONN_OK) {
     lend(up);
   } else {
-    if (up->stats && fail == PC_UPCONN_CONNECT) up->stats->connect_failures++;
+    if (up->stats && fail == PC_UPCONN_CONNECT) PC_STAT_INC(up->stats->connect_failures);
     close_up(up, 1);
   }
   if (cb) cb(user, up, fail, reason, detail);
@@ -227,7 +227,7 @@ pc_upconn_t *pc_pool_acquire(pc_pool_t *p, pc_metrics_t *stats, const pc_stream_
              "listener %s: the certificate of upstream %s (%s) expired; closing a pooled "
              "connection to it",
              p->lc->name, p->lc->target_str, up->peer.peer_id ? up->peer.peer_id : "?");
-      stats->upstream_expired++;
+      PC_STAT_INC(stats->upstream_expired);
     } else {
       break;
     }
@@ -255,7 +255,7 @@ pc_upconn_t *pc_pool_acquire(pc_pool_t *p, pc_metrics_t *stats, const pc_stream_
   uv_timer_init(&p->w->loop, &up->timer);
   up->timer.data = up;
   up->handles = 1;
-  stats->upstream_connects++;
+  PC_STAT_INC(stats->upstream_connects);
   int rc = pc_stream_init(&up->s, &p->w->loop, &p->w->scratch, &pool_cbs, up);
   if (rc == 0) {
     up->handles++;
@@ -279,7 +279,7 @@ void pc_pool_release(pc_upconn_t *up, int how) {
   if (up->state == UP_CLOSED) return;
   if (up->s.truncated && up->stats) {
     /* The borrower took the stream's PC_STREAM_ETRUNC as a failure. */
-    up->stats->tls_truncations++;
+    PC_STAT_INC(up->stats->tls_truncations);
     pc_log(PC_LOG_INFO,
            "listener %s: upstream %s (%s) closed TCP without TLS close_notify: its response may "
            "be truncated; not passed on as complete",
