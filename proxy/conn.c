@@ -110,7 +110,7 @@ static const pc_stream_cbs_t stream_cbs = {on_data,  on_eof,      on_error,
 static void write_log(pc_conn_t *c) {
   if (c->logged) return;
   c->logged = 1;
-  c->l->stats.conns[c->decision][c->reason]++;
+  PC_STAT_INC(c->l->stats.conns[c->decision][c->reason]);
   /* HTTP mode logs each request; a connection line only for a refusal. */
   if ((c->l7 || c->h2) && c->decision == PC_DECISION_ALLOW) return;
   uint64_t from_peer = c->splice.bytes[0], to_peer = c->splice.bytes[1];
@@ -148,7 +148,7 @@ static void on_handle_closed(uv_handle_t *h) {
   else
     c->w->conns = c->next;
   if (c->next) c->next->prev = c->prev;
-  c->l->stats.active--;
+  PC_STAT_DEC(c->l->stats.active);
   pc_listener_unref(c->l);
   pc_gen_unref(c->gen);
   free(c);
@@ -361,7 +361,7 @@ static void on_retry_closed(uv_handle_t *h) {
  * is under way. */
 static int connect_failed(pc_conn_t *c, const char *why) {
   const pc_config_t *cfg = c->gen->cfg;
-  c->l->stats.connect_failures++;
+  PC_STAT_INC(c->l->stats.connect_failures);
   pc_endpoint_failed(c->ep, cfg->health.ejection_base_ms, cfg->health.ejection_max_ms, why);
   size_t n = pc_target_size(c->lc->tgt);
   if (c->attempts >= MAX_CONNECT_ATTEMPTS || c->attempts >= n) return 0;
@@ -443,7 +443,7 @@ static void start_connect(pc_conn_t *c) {
     pc_log(PC_LOG_WARN, "listener %s: cannot connect to %s (%s): %s", c->lc->name, c->ep->str,
            c->lc->target_str, uv_strerror(rc));
     if (c->up.initialised && connect_failed(c, "connect failed")) return;
-    if (!c->up.initialised) c->l->stats.connect_failures++;
+    if (!c->up.initialised) PC_STAT_INC(c->l->stats.connect_failures);
     c->decision = PC_DECISION_ERROR;
     teardown(c, "connect_failed", 1);
   }
@@ -485,7 +485,7 @@ static void on_handshake(pc_stream_t *s, int status) {
     refuse(c, PC_DECISION_DENY, rr);
     return;
   }
-  if (c->peer.resumed) c->l->stats.tls_resumed++;
+  if (c->peer.resumed) PC_STAT_INC(c->l->stats.tls_resumed);
   c->handshaken = 1;
   pc_hist_observe(&c->l->stats.handshake, &pc_hs_bounds,
                   (double)(uv_hrtime() - c->hs_start_ns) / 1e9);
@@ -526,9 +526,9 @@ static void on_data(pc_stream_t *s, const char *buf, size_t len) {
   }
   c->last_active = uv_now(c->timer.loop);
   if (s == tls_side(c))
-    c->l->stats.bytes_from_peer += len;
+    PC_STAT_ADD(c->l->stats.bytes_from_peer, len);
   else
-    c->l->stats.bytes_to_peer += len;
+    PC_STAT_ADD(c->l->stats.bytes_to_peer, len);
   pc_splice_on_data(&c->splice, s, buf, len);
 }
 
@@ -551,7 +551,7 @@ static void on_eof(pc_stream_t *s) {
  * every stream error so), never as a clean end. Said once, for operators:
  * a peer that keeps doing this crashes, or someone injects FINs. */
 static void note_truncation(pc_conn_t *c) {
-  c->l->stats.tls_truncations++;
+  PC_STAT_INC(c->l->stats.tls_truncations);
   pc_log(PC_LOG_INFO,
          "listener %s: %s %s (%s) closed TCP without TLS close_notify: data may be truncated; "
          "resetting the connection",
@@ -613,7 +613,7 @@ static int throttle_at_accept(pc_conn_t *c) {
   c->decision = PC_DECISION_DENY;
   c->reason = PC_REASON_LIMIT;
   c->logged = 1;
-  c->l->stats.conns[PC_DECISION_DENY][PC_REASON_LIMIT]++;
+  PC_STAT_INC(c->l->stats.conns[PC_DECISION_DENY][PC_REASON_LIMIT]);
   teardown(c, "throttled", 1);
   return 1;
 }
@@ -639,7 +639,7 @@ int pc_conn_accept(pc_listener_t *l) {
   c->next = w->conns;
   if (w->conns) w->conns->prev = c;
   w->conns = c;
-  l->stats.active++;
+  PC_STAT_INC(l->stats.active);
   __atomic_add_fetch(&active_conns, 1, __ATOMIC_SEQ_CST);
   int rc = uv_accept((uv_stream_t *)&l->tcp, (uv_stream_t *)&c->down.tcp);
   if (rc < 0) {

@@ -90,8 +90,8 @@ void pc_exchange_log(pc_exchange_t *e, const pc_l7_env_t *env, int protocol) {
   int k = e->status / 100;
   if (k < 1 || k >= PC_HTTP_CLASSES) k = 5;
   pc_metrics_t *m = &env->l->stats;
-  m->requests[k][e->decision][e->reason]++;
-  m->requests_by_proto[protocol]++;
+  PC_STAT_INC(m->requests[k][e->decision][e->reason]);
+  PC_STAT_INC(m->requests_by_proto[protocol]);
   pc_hist_observe(&m->request, &pc_request_bounds, secs);
   int inbound = env->lc->direction == PC_DIR_INBOUND;
   pc_request_rec_t rec = {

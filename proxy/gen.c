@@ -8,7 +8,7 @@
 
 static pthread_mutex_t current_lock = PTHREAD_MUTEX_INITIALIZER;
 static pc_gen_t *current;
-static uint64_t next_id = 1;
+static uint64_t next_id = 1; /* main thread only (pc_gen_number) */
 
 static void gen_free(pc_gen_t *g) {
   SSL_CTX_free(g->server_ctx);
@@ -54,10 +54,18 @@ int pc_gen_rebuild_certs(const pc_gen_t *cur, pc_gen_t **out, char *err, size_t 
   return finish(g, out, err, errlen);
 }
 
+/* The number is written once, by the main thread, before g is handed to a
+ * worker (under the worker's lock, which orders it before the worker's reads)
+ * or published here: numbering at publish alone raced with workers that had
+ * already adopted g and read its id (a reload hands g over, then publishes). */
+void pc_gen_number(pc_gen_t *g) {
+  if (!g->id) g->id = next_id++;
+}
+
 void pc_gen_publish(pc_gen_t *g) {
+  if (g) pc_gen_number(g);
   pthread_mutex_lock(&current_lock);
   pc_gen_t *old = current;
-  if (g) g->id = next_id++;
   current = g;
   pthread_mutex_unlock(&current_lock);
   if (old) pc_gen_unref(old);

@@ -19,7 +19,7 @@
 #include "config.h"
 
 typedef struct pc_gen {
-  uint64_t id; /* 1 for the first generation, +1 per publish */
+  uint64_t id; /* 1 for the first generation, +1 per publish; 0 until numbered */
   pc_config_t *cfg;
   pc_certs_t *certs;
   SSL_CTX *server_ctx; /* inbound listeners */
@@ -36,8 +36,15 @@ int pc_gen_build(const char *path, pc_gen_t **out, char *err, size_t errlen);
  * files (a certificate rotation). Same returns as pc_gen_build. */
 int pc_gen_rebuild_certs(const pc_gen_t *cur, pc_gen_t **out, char *err, size_t errlen);
 
-/* Makes g the current generation; takes over the caller's reference. NULL
- * drops the current one (process exit). */
+/* Gives g the next generation number unless it has one. Main thread, once
+ * nothing can stop g being published and before any other thread sees g:
+ * workers read g->id without a lock (pc_workers_publish numbers g just before
+ * it hands g over). */
+void pc_gen_number(pc_gen_t *g);
+
+/* Makes g the current generation (numbering it first if it has no number);
+ * takes over the caller's reference. NULL drops the current one (process
+ * exit). Main thread. */
 void pc_gen_publish(pc_gen_t *g);
 
 /* Returns the current generation with a new reference, or NULL before the

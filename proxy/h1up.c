@@ -206,7 +206,7 @@ static void start_sending(pc_h1call_t *k) {
   k->ready = 1;
   if (up->served > 0) {
     k->reused = 1;
-    k->stats->upstream_reuses++;
+    PC_STAT_INC(k->stats->upstream_reuses);
   }
   keep_peer(k, up);
   collected(k);

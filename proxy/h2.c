@@ -387,7 +387,7 @@ static int on_begin_headers(nghttp2_session *ss, const nghttp2_frame *f, void *u
   h->streams = s;
   h->nstreams++;
   h->opened++;
-  h->env.l->stats.h2_streams++;
+  PC_STAT_INC(h->env.l->stats.h2_streams);
   nghttp2_session_set_stream_user_data(h->ss, s->id, s);
   return 0;
 }
@@ -459,9 +459,9 @@ static void c_on_data(void *user, const uint8_t *data, size_t len) {
   h2s_t *s = user;
   touch(s->h);
   if (s->h->inbound)
-    s->h->env.l->stats.bytes_to_peer += len;
+    PC_STAT_ADD(s->h->env.l->stats.bytes_to_peer, len);
   else
-    s->h->env.l->stats.bytes_from_peer += len;
+    PC_STAT_ADD(s->h->env.l->stats.bytes_from_peer, len);
   if (s->answered) {
     s->res_consume += len;
     s->h->scan = 1;
@@ -586,9 +586,9 @@ static int on_data_chunk(nghttp2_session *ss, uint8_t flags, int32_t id, const u
   h2s_t *s = stream_of(h, id);
   touch(h);
   if (h->inbound)
-    h->env.l->stats.bytes_from_peer += len;
+    PC_STAT_ADD(h->env.l->stats.bytes_from_peer, len);
   else
-    h->env.l->stats.bytes_to_peer += len;
+    PC_STAT_ADD(h->env.l->stats.bytes_to_peer, len);
   if (!s || s->answered || s->res_end || !s->rq.done) {
     /* Nobody wants these bytes; the window they took is given back. */
     if (s) {
@@ -638,9 +638,9 @@ static int on_frame_recv(nghttp2_session *ss, const nghttp2_frame *f, void *user
     if (!(f->hd.flags & NGHTTP2_FLAG_ACK)) h->ctrl_frames++;
     break;
   case NGHTTP2_RST_STREAM:
-    h->env.l->stats
-        .h2_resets[1][f->rst_stream.error_code < PC_H2_ERROR_CODES ? f->rst_stream.error_code
-                                                                   : NGHTTP2_INTERNAL_ERROR]++;
+    PC_STAT_INC(h->env.l->stats.h2_resets[1][f->rst_stream.error_code < PC_H2_ERROR_CODES
+                                                 ? f->rst_stream.error_code
+                                                 : NGHTTP2_INTERNAL_ERROR]);
     if (s && !(s->res_end && s->rb_len == 0)) {
       s->reset_by_peer = 1;
       h->resets_in++;
@@ -675,11 +675,12 @@ static int on_frame_send(nghttp2_session *ss, const nghttp2_frame *f, void *user
       pc_log(PC_LOG_INFO, "listener %s: HTTP/2 client %s: protocol error (%s); GOAWAY",
              h->env.lc->name, h->env.peer_addr, pc_h2_error_word(f->goaway.error_code));
     }
-    h->env.l->stats.h2_goaways[h->goaway_why]++;
+    PC_STAT_INC(h->env.l->stats.h2_goaways[h->goaway_why]);
   }
   if (f->hd.type == NGHTTP2_RST_STREAM) {
     uint32_t code = f->rst_stream.error_code;
-    h->env.l->stats.h2_resets[0][code < PC_H2_ERROR_CODES ? code : NGHTTP2_INTERNAL_ERROR]++;
+    PC_STAT_INC(
+        h->env.l->stats.h2_resets[0][code < PC_H2_ERROR_CODES ? code : NGHTTP2_INTERNAL_ERROR]);
     /* Resets nghttp2 sends for the client's mistakes count against it. */
     h2s_t *s = stream_of(h, f->hd.stream_id);
     if (!s || !s->we_reset) h->resets_out++;
@@ -714,7 +715,7 @@ static void stream_free(h2s_t *s) {
     h->streams = s->next;
   if (s->next) s->next->prev = s->prev;
   h->nstreams--;
-  h->env.l->stats.h2_streams--;
+  PC_STAT_DEC(h->env.l->stats.h2_streams);
   pc_exchange_end(&s->ex);
   pc_h2req_free(&s->rq);
   free(s->trailers);
@@ -837,7 +838,7 @@ void pc_h2_on_data(pc_h2_t *h, const char *buf, size_t len) {
     uint32_t code = flood ? NGHTTP2_ENHANCE_YOUR_CALM : NGHTTP2_PROTOCOL_ERROR;
     if (!h->goaway) {
       h->goaway = 1;
-      h->env.l->stats.h2_goaways[flood ? PC_H2_GOAWAY_LIMIT : PC_H2_GOAWAY_PROTOCOL]++;
+      PC_STAT_INC(h->env.l->stats.h2_goaways[flood ? PC_H2_GOAWAY_LIMIT : PC_H2_GOAWAY_PROTOCOL]);
       pc_log(flood ? PC_LOG_WARN : PC_LOG_INFO, "listener %s: HTTP/2 client %s: %s; GOAWAY %s",
              h->env.lc->name, h->env.peer_addr, nghttp2_strerror((int)rv),
              flood ? "ENHANCE_YOUR_CALM" : "PROTOCOL_ERROR");

@@ -446,7 +446,7 @@ static void conn_fail(h2conn_t *c, int status, pc_reason_t r, const char *detail
   for (pc_h2call_t *k = c->calls; k; k = k->next)
     k->dying = k->closed = 1;
   for (pc_h2call_t *k = c->calls; k; k = k->next) {
-    if (status == 503 && k->stats && !k->released) k->stats->connect_failures++;
+    if (status == 503 && k->stats && !k->released) PC_STAT_INC(k->stats->connect_failures);
     /* A ready connection that served before and dies with a stream
      * unanswered was most likely closed by the peer as it went idle; a
      * fresh one that dies before answering anything (a TLS 1.3 server
@@ -566,7 +566,7 @@ static void s_on_error(pc_stream_t *s, int err) {
   while (k && (k->released || k->ended))
     k = k->next;
   if (err == PC_STREAM_ETRUNC && k) {
-    k->stats->tls_truncations++;
+    PC_STAT_INC(k->stats->tls_truncations);
     pc_log(PC_LOG_INFO,
            "listener %s: upstream %s closed TCP without TLS close_notify: resetting"
            " its streams",
@@ -621,7 +621,7 @@ static void s_on_handshake(pc_stream_t *s, int status) {
     return;
   }
   pc_h2call_t *k = c->calls;
-  if (k && k->stats && c->peer.resumed) k->stats->tls_resumed++;
+  if (k && k->stats && c->peer.resumed) PC_STAT_INC(k->stats->tls_resumed);
   if (k && k->stats)
     pc_hist_observe(&k->stats->handshake, &pc_hs_bounds, (double)(uv_hrtime() - c->hs_start) / 1e9);
   if (!pc_tls_alpn_is_h2(s->ssl)) {
@@ -773,7 +773,7 @@ static h2conn_t *conn_for(h2pool_t *p, pc_endpoint_t *ep, pc_metrics_t *stats, i
              "listener %s: the certificate of upstream %s (%s) expired; its HTTP/2 connection "
              "takes no new streams",
              p->lc->name, c->ep->str, c->peer.peer_id ? c->peer.peer_id : "?");
-      stats->upstream_expired++;
+      PC_STAT_INC(stats->upstream_expired);
       c->retired = 1;
       if (!c->ncalls && !c->calls) conn_close(c, "expired");
       continue;
@@ -802,9 +802,9 @@ pc_h2call_t *pc_h2call_start(pc_worker_t *w, pc_gen_t *g, const pc_listener_cfg_
   pc_endpoint_t *ep = pc_target_pick(lc->tgt, NULL);
   h2conn_t *c = conn_for(p, ep, stats, &reused);
   if (reused)
-    stats->upstream_reuses++;
+    PC_STAT_INC(stats->upstream_reuses);
   else if (ep)
-    stats->upstream_connects++;
+    PC_STAT_INC(stats->upstream_connects);
   pc_h2call_t *k = pc_calloc(1, sizeof(*k));
   k->conn = c;
   k->ep = ep;

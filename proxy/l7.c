@@ -481,9 +481,9 @@ static void k_on_data(void *user, const uint8_t *data, size_t len) {
   pc_l7_t *x = user;
   touch(x);
   if (x->inbound)
-    x->env.l->stats.bytes_to_peer += len;
+    PC_STAT_ADD(x->env.l->stats.bytes_to_peer, len);
   else
-    x->env.l->stats.bytes_from_peer += len;
+    PC_STAT_ADD(x->env.l->stats.bytes_from_peer, len);
   if (write_body(x, (const char *)data, len, x->out_chunked) == 0) x->ex.res_bytes += len;
   /* The upstream may send more as the client takes the bytes. */
   if (pc_stream_queued(x->down) + x->dq.len > PC_STREAM_HIGH_WATER)
@@ -571,9 +571,9 @@ static void tun_on_data(pc_stream_t *s, const char *buf, size_t len) {
   pc_l7_t *x = of_tun(s);
   touch(x);
   if (x->inbound)
-    x->env.l->stats.bytes_to_peer += len;
+    PC_STAT_ADD(x->env.l->stats.bytes_to_peer, len);
   else
-    x->env.l->stats.bytes_from_peer += len;
+    PC_STAT_ADD(x->env.l->stats.bytes_from_peer, len);
   pc_splice_on_data(&x->splice, s, buf, len);
 }
 static void tun_on_eof(pc_stream_t *s) { pc_splice_on_eof(&of_tun(s)->splice, s); }
@@ -705,9 +705,9 @@ void pc_l7_on_data(pc_l7_t *x, const char *buf, size_t len) {
 static void down_data(pc_l7_t *x, const char *buf, size_t len) {
   touch(x);
   if (x->inbound)
-    x->env.l->stats.bytes_from_peer += len;
+    PC_STAT_ADD(x->env.l->stats.bytes_from_peer, len);
   else
-    x->env.l->stats.bytes_to_peer += len;
+    PC_STAT_ADD(x->env.l->stats.bytes_to_peer, len);
   if (x->state == X_TUNNEL) {
     pc_splice_on_data(&x->splice, x->down, buf, len);
     return;

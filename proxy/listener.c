@@ -107,13 +107,13 @@ static int over_budget(const pc_listener_t *l) {
 
 void pc_listener_handshake_begun(pc_listener_t *l) {
   __atomic_add_fetch(&l->shared->pending, 1, __ATOMIC_SEQ_CST);
-  l->stats.pending_handshakes++;
+  PC_STAT_INC(l->stats.pending_handshakes);
 }
 
 void pc_listener_handshake_done(pc_listener_t *l, const pc_throttle_key_t *failed_src) {
   pc_listener_shared_t *sh = l->shared;
   __atomic_sub_fetch(&sh->pending, 1, __ATOMIC_SEQ_CST);
-  l->stats.pending_handshakes--;
+  PC_STAT_DEC(l->stats.pending_handshakes);
   /* No wake-up once workers stop: their loops are going away. */
   if (__atomic_load_n(&sh->paused, __ATOMIC_SEQ_CST) &&
       !__atomic_load_n(&l->w->stop_requested, __ATOMIC_ACQUIRE) &&
@@ -139,7 +139,7 @@ void pc_listener_handshake_done(pc_listener_t *l, const pc_throttle_key_t *faile
            (unsigned long long)cfg->limits.throttle_window_ms);
   }
   /* O(table) but only on a failure, which costs a TLS handshake's start. */
-  l->stats.throttle_sources = (int64_t)pc_throttle_count(l->throttle, now);
+  PC_STAT_SET(l->stats.throttle_sources, (int64_t)pc_throttle_count(l->throttle, now));
 }
 
 int pc_listener_throttled(const pc_listener_t *l, const pc_throttle_key_t *src) {
@@ -151,8 +151,8 @@ static void on_connection(uv_stream_t *server, int status) {
   pc_worker_t *w = l->w;
   if (status < 0) {
     /* libuv already accepted and dropped what it could not hold (EMFILE). */
-    l->stats.accept_errors++;
-    l->stats.conns[PC_DECISION_DENY][PC_REASON_LIMIT]++;
+    PC_STAT_INC(l->stats.accept_errors);
+    PC_STAT_INC(l->stats.conns[PC_DECISION_DENY][PC_REASON_LIMIT]);
     pc_log(PC_LOG_WARN, "listener %s: accept failed: %s", l->name, uv_strerror(status));
     return;
   }
@@ -165,7 +165,7 @@ static void on_connection(uv_stream_t *server, int status) {
     if (!l->paused) {
       l->paused = 1;
       w->npaused++;
-      l->stats.accept_pauses++;
+      PC_STAT_INC(l->stats.accept_pauses);
       if (budget)
         pc_log(PC_LOG_WARN,
                "listener %s: max_pending_handshakes reached (%d handshakes in progress), "

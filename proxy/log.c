@@ -2,6 +2,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,8 +13,12 @@
 #include "bufcache.h"
 #include "compat.h"
 
-static pc_log_level_t min_level = PC_LOG_INFO;
-static int access_on = 1;
+/* Written by the main thread (start, and every config reload), read on every
+ * line by every worker and the admin server: relaxed atomics, since each is a
+ * value on its own (a line written under the old level during a reload is
+ * fine; a torn or never-reloaded read is not). */
+static _Atomic int min_level = PC_LOG_INFO;
+static _Atomic int access_on = 1;
 static pthread_mutex_t write_lock = PTHREAD_MUTEX_INITIALIZER;
 static const char *level_words[] = {"debug", "info", "warn", "error"};
 
@@ -47,8 +52,8 @@ char *pc_strdup(const char *s) {
 }
 
 void pc_log_init(pc_log_level_t lvl, int access_enabled) {
-  min_level = lvl;
-  access_on = access_enabled;
+  atomic_store_explicit(&min_level, (int)lvl, memory_order_relaxed);
+  atomic_store_explicit(&access_on, access_enabled, memory_order_relaxed);
 }
 
 int pc_log_level_parse(const char *s, pc_log_level_t *out) {
@@ -308,7 +313,7 @@ static void emit(int fd, pc_jbuf_t *b) {
 }
 
 void pc_log(pc_log_level_t lvl, const char *fmt, ...) {
-  if (lvl < min_level) return;
+  if ((int)lvl < atomic_load_explicit(&min_level, memory_order_relaxed)) return;
   pc_jbuf_t msg = {0}, b = {0};
   va_list ap;
   va_start(ap, fmt);
@@ -345,7 +350,7 @@ static void kv_resumed(pc_jbuf_t *b, const char *tls_version, int resumed) {
 }
 
 void pc_log_access(const pc_access_rec_t *r) {
-  if (!access_on) return;
+  if (!atomic_load_explicit(&access_on, memory_order_relaxed)) return;
   pc_jbuf_t b = {0};
   access_head(&b, r->listener, r->direction, r->peer, r->app, r->peer_id);
   pc_jbuf_kv_str(&b, "decision", r->decision);
@@ -364,7 +369,7 @@ void pc_log_access(const pc_access_rec_t *r) {
 }
 
 void pc_log_request(const pc_request_rec_t *r) {
-  if (!access_on) return;
+  if (!atomic_load_explicit(&access_on, memory_order_relaxed)) return;
   pc_jbuf_t b = {0};
   access_head(&b, r->listener, r->direction, r->peer, r->app, r->peer_id);
   pc_jbuf_raw(&b, ",\"method\":", 10);

@@ -11,9 +11,12 @@ void pc_hist_observe(pc_hist_t *h, const pc_hist_bounds_t *b, double seconds) {
   int i = 0;
   while (i < b->n && seconds > b->bounds[i])
     i++;
-  h->buckets[i]++;
-  h->count++;
-  h->sum += seconds;
+  PC_STAT_INC(h->buckets[i]);
+  PC_STAT_INC(h->count);
+  double sum;
+  __atomic_load(&h->sum, &sum, __ATOMIC_RELAXED);
+  sum += seconds;
+  __atomic_store(&h->sum, &sum, __ATOMIC_RELAXED);
 }
 
 const char *pc_decision_word(pc_decision_t d) {

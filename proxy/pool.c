@@ -117,7 +117,7 @@ static void finish_attempt(pc_upconn_t *up, pc_upconn_fail_t fail, pc_reason_t r
     pc_endpoint_ok(up->ep);
     lend(up);
   } else {
-    if (up->stats && fail == PC_UPCONN_CONNECT) up->stats->connect_failures++;
+    if (up->stats && fail == PC_UPCONN_CONNECT) PC_STAT_INC(up->stats->connect_failures);
     if (up->ep) {
       const pc_config_t *cfg = up->pool->gen->cfg;
       pc_endpoint_failed(up->ep, cfg->health.ejection_base_ms, cfg->health.ejection_max_ms,
@@ -190,7 +190,7 @@ static void on_handshake(pc_stream_t *s, int status) {
     finish_attempt(up, PC_UPCONN_TLS, r, "the upstream's identity was refused");
     return;
   }
-  if (up->stats && up->peer.resumed) up->stats->tls_resumed++;
+  if (up->stats && up->peer.resumed) PC_STAT_INC(up->stats->tls_resumed);
   if (up->stats)
     pc_hist_observe(&up->stats->handshake, &pc_hs_bounds,
                     (double)(uv_hrtime() - up->hs_start) / 1e9);
@@ -249,7 +249,7 @@ static int unusable(pc_pool_t *p, pc_upconn_t *up, pc_metrics_t *stats) {
            "listener %s: the certificate of upstream %s (%s) expired; closing a pooled "
            "connection to it",
            p->lc->name, up->ep->str, up->peer.peer_id ? up->peer.peer_id : "?");
-    stats->upstream_expired++;
+    PC_STAT_INC(stats->upstream_expired);
     return 1;
   }
   return pc_endpoint_removed(up->ep); /* a newer answer left it out */
@@ -300,7 +300,7 @@ pc_upconn_t *pc_pool_acquire(pc_pool_t *p, pc_metrics_t *stats, const pc_stream_
     fail_later(up, PC_UPCONN_UNRESOLVED, PC_REASON_NONE, pc_target_unresolved_text(p->lc->tgt));
     return up;
   }
-  stats->upstream_connects++;
+  PC_STAT_INC(stats->upstream_connects);
   if (rc == 0) {
     up->req.data = up;
     rc = uv_tcp_connect(&up->req, &up->s.tcp, (const struct sockaddr *)&ep->addr, on_connect);
@@ -321,7 +321,7 @@ void pc_pool_release(pc_upconn_t *up, int how) {
   if (up->state == UP_CLOSED) return;
   if (up->s.truncated && up->stats) {
     /* The borrower took the stream's PC_STREAM_ETRUNC as a failure. */
-    up->stats->tls_truncations++;
+    PC_STAT_INC(up->stats->tls_truncations);
     pc_log(PC_LOG_INFO,
            "listener %s: upstream %s (%s) closed TCP without TLS close_notify: its response may "
            "be truncated; not passed on as complete",

@@ -38,26 +38,28 @@ static void adopt(pc_worker_t *w) {
   if (!g) return;
   pc_gen_t *old = w->gen;
   if (!old || old->cfg != g->cfg) {
-    size_t n = g->cfg->nlisteners;
+    size_t n = g->cfg->nlisteners, nprev = w->nlisteners;
     pc_listener_t **next = pc_calloc(n, sizeof(*next));
+    /* Kept listeners are crossed off a private copy, not w->listeners: the
+     * admin scrape reads that array under the lock until the swap below. */
+    pc_listener_t **left = pc_calloc(nprev, sizeof(*left));
+    if (nprev) memcpy(left, w->listeners, nprev * sizeof(*left));
     for (size_t i = 0; i < n; i++) {
       const pc_listener_cfg_t *lc = &g->cfg->listeners[i];
       if (fds[i] >= 0) {
         next[i] = pc_listener_new(w, lc, fds[i]);
         continue;
       }
-      for (size_t j = 0; j < w->nlisteners; j++) {
-        pc_listener_t *l = w->listeners[j];
+      for (size_t j = 0; j < nprev; j++) {
+        pc_listener_t *l = left[j];
         if (l && pc_config_same_listener(l->cfg, lc)) {
-          l->cfg = lc;
-          next[i] = l;
-          w->listeners[j] = NULL; /* moves to next: not closed below */
+          next[i] = l;    /* l->cfg moves to lc below, under the lock */
+          left[j] = NULL; /* moves to next: not closed below */
           break;
         }
       }
     }
     pc_listener_t **prev = w->listeners;
-    size_t nprev = w->nlisteners;
     int all = 1;
     for (size_t i = 0; i < n; i++) {
       if (!next[i])
@@ -65,16 +67,22 @@ static void adopt(pc_worker_t *w) {
       else if (w->draining)
         pc_listener_stop(next[i]);
     }
+    /* The admin scrape (main thread, pc_workers_collect) reads a kept
+     * listener's cfg under this lock, and old's config may be freed below
+     * once it is unreferenced: repoint kept listeners while holding it. */
     uv_mutex_lock(&w->lock);
+    for (size_t i = 0; i < n; i++)
+      if (next[i]) next[i]->cfg = &g->cfg->listeners[i];
     w->listeners = next;
     w->nlisteners = n;
     w->all_bound = all;
     uv_mutex_unlock(&w->lock);
     for (size_t j = 0; j < nprev; j++) {
-      if (!prev[j]) continue;
-      pc_log(PC_LOG_INFO, "worker %d: listener %s removed", w->index, prev[j]->name);
-      pc_listener_close(prev[j]);
+      if (!left[j]) continue;
+      pc_log(PC_LOG_INFO, "worker %d: listener %s removed", w->index, left[j]->name);
+      pc_listener_close(left[j]);
     }
+    free(left);
     free(prev);
   }
   free(fds);
@@ -295,6 +303,7 @@ int pc_workers_publish(pc_gen_t *g, char *err, size_t errlen) {
     }
   }
   budget_descriptors(g->cfg);
+  pc_gen_number(g); /* nothing can fail now; workers read the id unlocked */
   for (int i = 0; i < nworkers; i++) {
     hand_over(&workers[i], g, fds[i]);
     wake_worker(&workers[i]);

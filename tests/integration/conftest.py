@@ -140,6 +140,10 @@ class _Factory:
                     errors.append(f"{sc.name}: non-JSON lines on stdout: {sc.bad_stdout[:5]}")
             except Exception as e:  # collect, report all
                 errors.append(str(e))
+            report = sc.sanitizer_report()
+            if report:
+                errors.append(f"{sc.name}: sanitizer report on stderr ({sc.stderr_path}):\n"
+                              + "\n".join(report))
         for a in self.apps:
             try:
                 a.stop()

@@ -55,6 +55,13 @@ PROMPT_S = 20.0
 # handshake, an admin answer): a bound for when it never does, not an expectation of speed.
 WAIT_S = 15.0
 
+# The first line of a sanitizer's report on the sidecar's stderr (ASan and LSan print
+# "==PID==ERROR: ...", TSan "WARNING: ThreadSanitizer: ...", UBSan "file:line:col: runtime
+# error: ..."). Any such line fails the test (conftest's teardown), even when the test does not
+# check the exit code: a sidecar it kills, or one expected to exit non-zero anyway.
+SANITIZER_REPORT = re.compile(r"^(==\d+==)?(ERROR|WARNING): (Address|Leak|Thread)Sanitizer:"
+                              r"|: runtime error: ")
+
 REASONS = {
     "no_cert", "bad_chain", "expired", "no_spiffe_id", "wrong_trust_domain",
     "not_allowed", "protocol", "cipher", "timeout", "limit",
@@ -1137,6 +1144,19 @@ class Sidecar:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1])
         raise RuntimeError("no VmRSS")
+
+    def sanitizer_report(self, context: int = 40) -> list[str]:
+        """The first sanitizer report in this sidecar's stderr (see SANITIZER_REPORT), up to
+        context lines of it; [] if there is none. Once the process has exited, waits (bounded)
+        for the capture thread to read the rest of its stderr first."""
+        if self.proc.poll() is not None:
+            self._t_err.join(5)
+        with self._cv:
+            lines = list(self.stderr_lines)
+        for i, line in enumerate(lines):
+            if not line.startswith("{") and SANITIZER_REPORT.search(line):  # not a JSON event
+                return lines[i:i + context]
+        return []
 
     def alive(self) -> bool:
         return self.proc.poll() is None
