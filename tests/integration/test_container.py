@@ -355,6 +355,8 @@ def test_image_metadata(image):
     shipped = podman("run", "--rm", "--entrypoint", "cat", image,
                      "/etc/portcullis/portcullis.conf").stdout
     assert shipped == SHIPPED_CONF.read_text(), "the image's config is not docker/portcullis.conf"
+    # deployment.yaml's preStop delay runs /bin/sleep under the sidecar's securityContext
+    podman(*hardened(cname("sleep")), "--network=none", "--entrypoint", "/bin/sleep", image, "0")
 
 
 def runtime_packages() -> list[str]:
