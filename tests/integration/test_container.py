@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -84,7 +85,7 @@ APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/a
 Dir::Cache::pkgcache "";
 Dir::Cache::srcpkgcache "";
 """
-# Measured by the image fixture, printed at the end of the module (pytest -s or -rA).
+# Measured by the image fixture; written to CACHE/last-run.json.
 FACTS: dict[str, str] = {}
 
 
@@ -171,6 +172,9 @@ def ensure_base() -> None:
         pytest.fail(f"no apt source for {SUITE} in /etc/apt: cannot debootstrap the base")
     if not shutil.which("debootstrap"):
         unavailable("debootstrap is not installed (scripts/install-deps.sh test)")
+    if have is not None:
+        # the base moves on: every image and cached layer built on the old one is stale
+        podman("image", "prune", "--all", "--force", timeout=600, check=False)
     rootfs = CACHE / f"rootfs-{key}"
     shutil.rmtree(rootfs, ignore_errors=True)
     t0 = time.monotonic()
@@ -254,8 +258,15 @@ def image():
         FACTS["build_s"] = f"{time.monotonic() - t0:.1f}"
     size = int(podman("image", "inspect", "--format", "{{.Size}}", IMAGE).stdout.strip())
     FACTS["image_size"] = f"{size / 1e6:.1f} MB"
+    (CACHE / "last-run.json").write_text(json.dumps(FACTS) + "\n")
+    # ContainerSidecar's `podman run` inherits this (harness.Sidecar takes no env)
+    saved = os.environ.get("CONTAINERS_CONF")
+    os.environ["CONTAINERS_CONF"] = str(CACHE / "containers.conf")
     yield IMAGE
-    print(f"\ncontainer image facts: {FACTS}", file=sys.stderr)
+    if saved is None:
+        os.environ.pop("CONTAINERS_CONF", None)
+    else:
+        os.environ["CONTAINERS_CONF"] = saved
 
 
 def make_secret(root: Path, pki: h.PKI, stem: str, *, mode: int = 0o440,
@@ -303,7 +314,6 @@ class ContainerSidecar(h.Sidecar):
                             "-v", f"{workdir}:{workdir}:ro",
                             # the image's ENTRYPOINT is the binary, which the harness names
                             "--entrypoint", "", IMAGE)
-        os.environ["CONTAINERS_CONF"] = str(CACHE / "containers.conf")
         super().__init__(workdir, cfg, name=name, binary=Path("/usr/local/bin/portcullis"),
                          cmd_prefix=prefix, ready_timeout=60)
         os.chmod(self.conf_path, 0o644)
@@ -426,23 +436,38 @@ def test_shipped_config_starts_under_the_default_command(image, tmp_path, pki):
     name = cname("default")
     p = subprocess.Popen(podman_cmd(*hardened(name), "--network=none", "-v",
                                     f"{secret}:{SECRET_MOUNT}:ro", image),
-                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=podman_env())
-    lines: list[str] = []
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, env=podman_env())
+    err = bytearray()
+
+    def events() -> list[dict]:
+        out = []
+        for line in err.decode(errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def read_until(pred, timeout: float) -> bool:
+        deadline = time.monotonic() + h.T(timeout)
+        while not pred():
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([p.stderr], [], [], left)[0]:
+                return False
+            chunk = os.read(p.stderr.fileno(), 65536)
+            if not chunk:
+                return pred()
+            err.extend(chunk)
+        return True
+
     try:
-        deadline = time.monotonic() + h.T(60)
-        ready = False
-        while time.monotonic() < deadline and p.poll() is None:
-            line = p.stderr.readline()
-            if not line:
-                break
-            lines.append(line)
-            if '"msg":"ready"' in line.replace(" ", ""):
-                ready = True
-                break
-        assert ready, "no ready event:\n" + "".join(lines[-30:])
+        assert read_until(lambda: any(e.get("msg") == "ready" for e in events()), 60), \
+            "no ready event:\n" + err.decode(errors="replace")[-3000:]
         podman("stop", "-t", "30", name, timeout=60)
-        assert p.wait(h.T(60)) == 0, "".join(lines[-30:]) + p.stderr.read()
+        read_until(lambda: False, 30)     # to EOF: the drain and stop events
+        assert p.wait(h.T(60)) == 0, err.decode(errors="replace")[-3000:]
+        assert any(e.get("msg") == "stopped" for e in events()), err.decode()[-3000:]
     finally:
         if p.poll() is None:
             podman("rm", "-f", "-t", "0", name, check=False)
