@@ -36,7 +36,6 @@ import re
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -314,9 +313,12 @@ class ContainerSidecar(h.Sidecar):
                             "-v", f"{workdir}:{workdir}:ro",
                             # the image's ENTRYPOINT is the binary, which the harness names
                             "--entrypoint", "", IMAGE)
-        super().__init__(workdir, cfg, name=name, binary=Path("/usr/local/bin/portcullis"),
-                         cmd_prefix=prefix, ready_timeout=60)
-        os.chmod(self.conf_path, 0o644)
+        old_umask = os.umask(0o022)   # the config file Sidecar writes: readable by uid 65532
+        try:
+            super().__init__(workdir, cfg, name=name, binary=Path("/usr/local/bin/portcullis"),
+                             cmd_prefix=prefix, ready_timeout=60)
+        finally:
+            os.umask(old_umask)
 
     def kill(self):
         subprocess.run(podman_cmd("rm", "-f", "-t", "0", self.container), capture_output=True,
@@ -333,7 +335,7 @@ def container_config(pki: h.PKI, *, inbound=(), outbound=(), limits=None) -> dic
 
 
 @pytest.fixture
-def started(tmp_path):
+def started():
     """Containers started by a test; removed afterwards even if the test failed."""
     sidecars: list[ContainerSidecar] = []
     yield sidecars
@@ -347,7 +349,6 @@ def started(tmp_path):
 
 
 def start(started, tmp_path: Path, cfg: dict, secret: Path, name: str) -> ContainerSidecar:
-    # the config is written before the container starts: make it readable for uid 65532
     sc = ContainerSidecar(tmp_path / name, cfg, secret, name=name)
     started.append(sc)
     return sc
@@ -505,7 +506,7 @@ def test_ready_allowed_refused_reload_and_drain(image, tmp_path, pki, started):
             "api", port, app.addr, [{"namespace": "web"}, {"namespace": "jobs"}])],
             limits={"drain_timeout_ms": 20000})
         sc.write_config(cfg2)
-        os.chmod(sc.conf_path, 0o644)
+        os.chmod(sc.conf_path, 0o644)   # written anew (rename): readable by uid 65532
         sc.sighup()
         assert sc.wait_for_event("reload ok: kind=config", h.WAIT_S, ev) is not None, \
             "\n".join(sc.stderr_lines[-20:])
