@@ -86,6 +86,8 @@ Dir::Cache::srcpkgcache "";
 """
 # Measured by the image fixture; written to CACHE/last-run.json.
 FACTS: dict[str, str] = {}
+# Image IDs built by this run: "build" (the build stage) and "runtime".
+BUILT: dict[str, str] = {}
 
 
 def unavailable(why: str) -> None:
@@ -249,19 +251,24 @@ def image():
         fcntl.flock(lock, fcntl.LOCK_EX)   # another suite may be building the same cache
         ensure_base()
         t0 = time.monotonic()
-        for target, tag in (("build", BUILD_STAGE_IMAGE), (None, IMAGE)):
+        # Tests use the image IDs, not the tags: a suite in another worktree may retag them.
+        for target, tag in (("build", BUILD_STAGE_IMAGE), ("", IMAGE)):
+            iid = CACHE / f"iid-{os.getpid()}"
             podman("build", "--pull=never", "--network=host", "--layers",
                    "--build-arg", f"DEBIAN_IMAGE={BASE_TAG}", "-f", str(DOCKERFILE),
-                   *(("--target", target) if target else ()), "-t", tag, str(h.REPO),
-                   timeout=1800)
+                   *(("--target", target) if target else ()), "-t", tag,
+                   "--iidfile", str(iid), str(h.REPO), timeout=1800)
+            BUILT[target or "runtime"] = iid.read_text().strip()
+            iid.unlink()
         FACTS["build_s"] = f"{time.monotonic() - t0:.1f}"
-    size = int(podman("image", "inspect", "--format", "{{.Size}}", IMAGE).stdout.strip())
+    image_id = BUILT["runtime"]
+    size = int(podman("image", "inspect", "--format", "{{.Size}}", image_id).stdout.strip())
     FACTS["image_size"] = f"{size / 1e6:.1f} MB"
     (CACHE / "last-run.json").write_text(json.dumps(FACTS) + "\n")
     # ContainerSidecar's `podman run` inherits this (harness.Sidecar takes no env)
     saved = os.environ.get("CONTAINERS_CONF")
     os.environ["CONTAINERS_CONF"] = str(CACHE / "containers.conf")
-    yield IMAGE
+    yield image_id
     if saved is None:
         os.environ.pop("CONTAINERS_CONF", None)
     else:
@@ -304,7 +311,7 @@ class ContainerSidecar(h.Sidecar):
     (a file in workdir, mounted at the same path), logs, /ready and signals (podman run
     proxies SIGHUP and SIGTERM to the container) work unchanged."""
 
-    def __init__(self, workdir: Path, cfg: dict, secret: Path, *, name: str):
+    def __init__(self, workdir: Path, cfg: dict, secret: Path, *, name: str, image: str):
         workdir.mkdir(parents=True, exist_ok=True)
         os.chmod(workdir, 0o755)   # uid 65532 reads the config through the bind mount
         self.container = cname(name)
@@ -312,7 +319,7 @@ class ContainerSidecar(h.Sidecar):
                             "-v", f"{secret}:{SECRET_MOUNT}:ro",
                             "-v", f"{workdir}:{workdir}:ro",
                             # the image's ENTRYPOINT is the binary, which the harness names
-                            "--entrypoint", "", IMAGE)
+                            "--entrypoint", "", image)
         old_umask = os.umask(0o022)   # the config file Sidecar writes: readable by uid 65532
         try:
             super().__init__(workdir, cfg, name=name, binary=Path("/usr/local/bin/portcullis"),
@@ -348,8 +355,9 @@ def started():
         sc.kill()
 
 
-def start(started, tmp_path: Path, cfg: dict, secret: Path, name: str) -> ContainerSidecar:
-    sc = ContainerSidecar(tmp_path / name, cfg, secret, name=name)
+def start(started, image: str, tmp_path: Path, cfg: dict, secret: Path,
+          name: str) -> ContainerSidecar:
+    sc = ContainerSidecar(tmp_path / name, cfg, secret, name=name, image=image)
     started.append(sc)
     return sc
 
@@ -398,12 +406,12 @@ def test_runtime_packages_are_exactly_what_the_binary_loads(image, tmp_path):
 
 
 def test_build_stage_has_no_nodejs(image):
-    r = podman("run", "--rm", BUILD_STAGE_IMAGE, "dpkg-query", "-W", "-f", "${Package}\n",
+    r = podman("run", "--rm", BUILT["build"], "dpkg-query", "-W", "-f", "${Package}\n",
                check=False)
     pkgs = set(r.stdout.split())
     assert r.returncode == 0 and "cmake" in pkgs, r.stderr
     assert not {"nodejs", "node-llhttp"} & pkgs, "the build stage installs node packages"
-    ls = podman("run", "--rm", BUILD_STAGE_IMAGE, "ls", "/usr/share/llhttp",
+    ls = podman("run", "--rm", BUILT["build"], "ls", "/usr/share/llhttp",
                 "/usr/share/include/llhttp").stdout
     assert "llhttp.c" in ls and "llhttp.h" in ls
 
@@ -484,7 +492,7 @@ def test_ready_allowed_refused_reload_and_drain(image, tmp_path, pki, started):
         cfg = container_config(pki, inbound=[h.inbound_listener(
             "api", port, app.addr, [{"namespace": "web"}])], limits={"drain_timeout_ms": 20000})
         secret = make_secret(tmp_path, pki, "payments-api")
-        sc = start(started, tmp_path, cfg, secret, "inbound")
+        sc = start(started, image, tmp_path, cfg, secret, "inbound")
 
         r = sc.admin_get("/ready")
         assert r.status == 200, r.text
@@ -542,10 +550,10 @@ def test_grpc_through_a_pair_of_containers(image, tmp_path, pki, started):
         expect = [{"namespace": "payments", "service_account": "api"}]
         client_cfg = container_config(pki, outbound=[h.outbound_listener(
             "api", out_port, h.addr(in_port), expect, protocol="http")])
-        server = start(started, tmp_path, server_cfg, make_secret(tmp_path, pki, "payments-api"),
-                       "grpc-server")
-        client = start(started, tmp_path, client_cfg, make_secret(tmp_path, pki, "web-frontend"),
-                       "grpc-client")
+        server = start(started, image, tmp_path, server_cfg,
+                       make_secret(tmp_path, pki, "payments-api"), "grpc-server")
+        client = start(started, image, tmp_path, client_cfg,
+                       make_secret(tmp_path, pki, "web-frontend"), "grpc-client")
         with grpc.insecure_channel(h.addr(out_port)) as ch:
             call = ch.unary_unary(f"/{gk.SERVICE}/Unary")
             resp, info = call.with_call(b"through two containers", timeout=h.T(30))
