@@ -478,6 +478,22 @@ def test_missing_ip6tables_is_an_error_that_changes_nothing(net):
     assert nat_state(net.pod) == before
 
 
+def test_a_failed_command_takes_the_rules_back(net, tmp_path):
+    """An iptables that refuses the owner match (as a kernel without xt_owner would): exit 1,
+    and no half set of rules stays behind, not even an earlier run's."""
+    foreign_rules(net.pod)
+    before = nat_state(net.pod)
+    real = shutil.which("iptables")
+    fake = tmp_path / "iptables"
+    fake.write_text(f'#!/bin/sh\ncase "$*" in *--uid-owner*) echo "no owner match" >&2; exit 1;; '
+                    f'esac\nexec {real} "$@"\n')
+    fake.chmod(0o755)
+    net.init(*BASE_ARGS)  # an earlier, good run
+    r = net.init(*BASE_ARGS, "--inbound-ports", "8080", expect_rc=1, env={"IPTABLES": str(fake)})
+    assert "no owner match" in r.stderr and "removing the rules" in r.stderr, r.stderr
+    assert nat_state(net.pod) == before
+
+
 # --------------------------------------------------------------------------- arguments
 
 BAD = [
