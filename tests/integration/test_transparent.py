@@ -12,6 +12,8 @@ scripts/portcullis-init runs inside both. Both sidecars run inside their namespa
        10.232.0.1:9090           passthrough (plain TCP)
        b.test:8082               tcp, mTLS (b.test resolved by a dnsmasq inside A)
        [fd00:231::/64]:8080      tcp, mTLS
+     ingress [::]:15006, transparent inbound HTTP, allow payments on /hello -> 127.0.0.1:<port>
+     (an HTTP app on 127.0.0.1:8090), called from B by curl with B's certificate
   B: ingress [::]:15006, transparent inbound (every redirected port) -> 127.0.0.1:<port>
      api-http 0.0.0.0:8081 (port skipped by portcullis-init), HTTP, allow web on /ok only
      plain servers on 9090 and 7070 (ports skipped: reached directly)
@@ -262,6 +264,7 @@ def world(netns_ok, tools_ok, pki):  # noqa: F811
         w.b_plain = w.run(net.remote, [*py, "serve", "b-plain", "0.0.0.0,9090"])
         w.b_7070 = w.run(net.remote, [*py, "serve", "b-7070", "0.0.0.0,7070"])
         w.run(net.remote, [*py, "http", "b-http", "127.0.0.1", "18081"])
+        w.run(net.pod, [*py, "http", "a-http", "127.0.0.1", "8090"])
         # A: a DNS server for the NAME:PORT route.
         w.run(net.pod, ["dnsmasq", "--keep-in-foreground", "--log-facility=-", "--no-resolv",
                         "--no-hosts", "--bind-interfaces", "--listen-address=127.0.0.1",
@@ -287,6 +290,9 @@ def world(netns_ok, tools_ok, pki):  # noqa: F811
                 {"destination": "[fd00:231::/64]:8080", "server_name": "api.payments.svc",
                  "expect": EXPECT_B},
             ]}],
+            inbound=[{"name": "ingress", "listen": f"[::]:{IN_PORT}", "transparent": True,
+                      "protocol": "http",
+                      "allow": [{"namespace": "payments", "paths": ["/hello"]}]}],
             extra={"dns": {"servers": [f"127.0.0.1:{DNS_PORT}"]}})
         net.init(*ti.BASE_ARGS, "--skip-inbound-ports", f"8081,9090,7070,{w.b_admin}")
         subprocess.run(["ip", "netns", "exec", net.remote, str(ti.INIT), *ti.BASE_ARGS,
@@ -511,3 +517,35 @@ def test_check_accepts_every_destination_form(tmp_path, pki):
     p.write_text(text)
     r = h.run_binary("--check", "-c", str(p))
     assert r.returncode == 0, r.stderr
+
+
+# --------------------------------------------------------------------------- inbound HTTP
+
+@pytest.mark.parametrize("http2", [False, True], ids=["http1", "h2"])
+def test_inbound_transparent_http_goes_to_the_original_port(world, http2):
+    """A client in B with B's identity calls A's pod IP on 8090: redirected to A's transparent
+    inbound HTTP listener, which sends each request to 127.0.0.1:8090."""
+    w = world
+
+    def get(path: str) -> tuple[int, str]:
+        r = subprocess.run(["ip", "netns", "exec", w.net.remote, *as_uid(PROXY_UID), "curl",
+                            "-sS", "-k", "--http2" if http2 else "--http1.1",
+                            "--cert", w.pki.crt("payments-api"), "--key",
+                            w.pki.key("payments-api"), "--max-time", str(h.T(10)),
+                            "-o", "-", "-w", "\n%{http_code}",
+                            f"https://{POD[4]}:8090{path}"],
+                           capture_output=True, text=True, timeout=h.T(30), cwd="/")
+        assert r.returncode == 0, f"curl {path}: {r.stderr}"
+        body, _, code = r.stdout.rpartition("\n")
+        return int(code), body
+
+    code, body = get("/hello")
+    assert code == 200 and json.loads(body) == {"server": "a-http", "path": "/hello"}, body
+    code, _ = get("/nope")
+    assert code == 403
+    ok = w.a.wait_for_log(lambda e: e.get("listener") == "ingress" and e.get("path") == "/hello"
+                          and e.get("status") == 200)
+    assert ok is not None, w.a.log[-5:]
+    assert ok["endpoint"] == "127.0.0.1:8090" and ok["peer_id"] == B_ID, ok
+    no = w.a.wait_for_log(lambda e: e.get("listener") == "ingress" and e.get("path") == "/nope")
+    assert no is not None and no["decision"] == "deny" and no["reason"] == "not_allowed", no
