@@ -222,16 +222,21 @@ class World:
         self.sidecars.append(s)
         return s
 
-    def close(self):
+    def close(self) -> list[str]:
+        """Stops everything; returns what went wrong stopping the sidecars (a non-zero exit,
+        e.g. a sanitizer's report at exit), for the fixture to fail on."""
+        problems = []
         for s in self.sidecars:
             try:
-                s.stop(expect_rc=None)
-            except Exception:
+                s.stop()
+            except Exception as e:  # still clean up the rest
+                problems.append(f"{s.name}: {e}")
                 s.kill()
         for p in self.procs:
             p.stop()
         self.net.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+        return problems
 
 
 def _admin(ns: str, port: int, path: str) -> str:
@@ -302,7 +307,8 @@ def world(netns_ok, tools_ok, pki):  # noqa: F811
         w.a = w.sidecar(net.pod, "a", a_cfg)
         yield w
     finally:
-        w.close()
+        problems = w.close()
+    assert not problems, "\n".join(problems)
 
 
 def app_connect(w: World, host: str, port: int) -> dict:
