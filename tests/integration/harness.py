@@ -64,6 +64,9 @@ CLOSES = {"eof", "reset", "idle_timeout", "connect_failed", "shutdown", "error",
 # issue 3 (hot reload): a connection whose peer is no longer allowed after a reload, or whose
 # certificate expired mid-connection, is closed with close "revoked" (SPEC3.md).
 CLOSES.add("revoked")
+# issue 15 (service names): a connection whose upstream name has never resolved is closed with
+# close "unresolved" (decision "error").
+CLOSES.add("unresolved")
 
 
 def T(seconds: float) -> float:
@@ -89,8 +92,23 @@ def free_port() -> int:
     return portalloc.take_port()
 
 
-def addr(port: int) -> str:
-    return f"{HOST}:{port}"
+def addr(port: int, host: str = HOST) -> str:
+    """host:port, an IPv6 host in brackets ("[::1]:8080")."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def listen_socket(host: str, port: int, backlog: int) -> socket.socket:
+    """A listening TCP socket on host (IPv4 or IPv6 literal; any 127.x.y.z works on Linux
+    loopback) and port (0: any)."""
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((host, port))
+        s.listen(backlog)
+    except BaseException:
+        s.close()
+        raise
+    return s
 
 
 def wait_until(pred: Callable[[], Any], timeout: float, interval: float = 0.02) -> Any:
@@ -173,8 +191,10 @@ class AppServer:
 
     def __init__(self, mode: str = "echo", *, source_bytes: int = 0, reply: bytes = b"",
                  handler: Callable[[socket.socket, AppConn], None] | None = None,
-                 keep_data: bool = False, port: int | None = None, backlog: int = 1024):
+                 keep_data: bool = False, port: int | None = None, backlog: int = 1024,
+                 host: str = HOST):
         self.mode = mode
+        self.host = host
         self.source_bytes = source_bytes
         self.reply = reply
         self.handler = handler
@@ -185,10 +205,7 @@ class AppServer:
         self._socks: list[socket.socket] = []
         self.active = 0
         self.max_active = 0
-        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind((HOST, port or 0))
-        self.lsock.listen(backlog)
+        self.lsock = listen_socket(host, port or 0, backlog)
         self.lsock.settimeout(0.2)
         self.port = self.lsock.getsockname()[1]
         self._thread = threading.Thread(target=self._accept_loop, daemon=True,
@@ -197,7 +214,7 @@ class AppServer:
 
     @property
     def addr(self) -> str:
-        return addr(self.port)
+        return addr(self.port, self.host)
 
     def count(self) -> int:
         with self._lock:
@@ -538,8 +555,9 @@ class TLSUpstream:
     """
 
     def __init__(self, pki: PKI, stem: str, *, mode: str = "echo",
-                 max_version: ssl.TLSVersion | None = None):
+                 max_version: ssl.TLSVersion | None = None, host: str = HOST, port: int = 0):
         self.mode = mode
+        self.host = host
         self.conns: list[UpstreamConn] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -553,10 +571,7 @@ class TLSUpstream:
         ctx.sni_callback = self._sni
         self.ctx = ctx
         self._sni_by_obj: dict[int, str | None] = {}
-        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind((HOST, 0))
-        self.lsock.listen(128)
+        self.lsock = listen_socket(host, port, 128)
         self.lsock.settimeout(0.2)
         self.port = self.lsock.getsockname()[1]
         self._thread = threading.Thread(target=self._accept_loop, daemon=True)
@@ -564,7 +579,7 @@ class TLSUpstream:
 
     @property
     def addr(self) -> str:
-        return addr(self.port)
+        return addr(self.port, self.host)
 
     def _sni(self, sslobj, server_name, ctx):
         self._sni_by_obj[id(sslobj)] = server_name

@@ -254,13 +254,17 @@ class HttpApp:
       /gate?key=K&n=N               holds the request until N requests with key K have
                                     arrived (each on its own connection, as each is held),
                                     then /echo; 500 if that does not happen within
-                                    GATE_TIMEOUT_S (scaled). gate_opened(K) = when it opened
+                                    GATE_TIMEOUT_S (scaled). gate_opened(K) = when it opened;
+                                    open_gate(K) opens it from the test
     HEAD gets the headers of the GET answer without a body.
     Every response carries x-app-conn (connection id) and x-app-seq (request number on it).
     """
 
-    def __init__(self, *, tls_ctx: ssl.SSLContext | None = None, name: str = "httpapp"):
+    def __init__(self, *, tls_ctx: ssl.SSLContext | None = None, name: str = "httpapp",
+                 host: str = h.HOST, port: int = 0):
+        """host/port: where to listen (any 127.x.y.z or ::1 works; port 0 = any)."""
         self.tls_ctx = tls_ctx
+        self.host = host
         self.name = name
         self.conns: list[HConn] = []
         self.requests: list[HReq] = []
@@ -268,10 +272,7 @@ class HttpApp:
         self._stop = threading.Event()
         self._socks: list[socket.socket] = []
         self._gates: dict[str, _Gate] = {}
-        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind((h.HOST, 0))
-        self.lsock.listen(512)
+        self.lsock = h.listen_socket(host, port, 512)
         self.lsock.settimeout(0.2)
         self.port = self.lsock.getsockname()[1]
         self._thread = threading.Thread(target=self._accept_loop, daemon=True,
@@ -280,7 +281,7 @@ class HttpApp:
 
     @property
     def addr(self) -> str:
-        return h.addr(self.port)
+        return h.addr(self.port, self.host)
 
     # -- observation
     def count(self) -> int:
@@ -320,6 +321,14 @@ class HttpApp:
         with self._lock:
             g = self._gates.get(key)
         return g.opened_at if g is not None else None
+
+    def open_gate(self, key: str) -> None:
+        """Let every request held at /gate?key=key go on (and later ones pass at once)."""
+        with self._lock:
+            g = self._gates.setdefault(key, _Gate())
+            if g.opened_at is None:
+                g.opened_at = time.monotonic()
+            g.event.set()
 
     def _gate(self, key: str, n: int) -> bool:
         """Count one arrival at gate key; wait (bounded) until n have arrived."""
