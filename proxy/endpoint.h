@@ -63,6 +63,11 @@ typedef struct pc_endpoint {
  * in err) if spec is neither IP:PORT, [v6]:PORT nor NAME:PORT. */
 pc_target_t *pc_target_get(const char *listener, int inbound, const char *spec, char *err,
                            size_t errlen);
+/* Registers (or finds) a pinned target of listener name: one whose
+ * endpoints are made on demand, one per original destination of
+ * transparent connections (pc_target_endpoint_for); spec is only its text
+ * ("10.77.0.0/24:8080", "127.0.0.1:*"). Returns a new reference. */
+pc_target_t *pc_target_get_pinned(const char *listener, int inbound, const char *spec);
 void pc_target_ref(pc_target_t *t);
 void pc_target_unref(pc_target_t *t);
 /* References held now (dns.h lets go of a target only it still holds). */
@@ -87,6 +92,20 @@ size_t pc_target_size(pc_target_t *t);
  * avoid (may be NULL) is not picked while another endpoint exists (a
  * retry). NULL: the target has no address (a name never resolved). */
 pc_endpoint_t *pc_target_pick(pc_target_t *t, const pc_endpoint_t *avoid);
+
+/* The endpoint of t at exactly dst (address and port), counted in flight
+ * and referenced as pc_target_pick's. A pinned target finds or makes it:
+ * endpoints live in its set while something uses them (pools included) or
+ * they are ejected, and at PC_PINNED_MAX endpoints the unused ones are let
+ * go (past that, an untracked endpoint is returned: it works, but its
+ * health is its own). A name or IP target returns its endpoint at dst if
+ * its current set has one, else NULL. */
+#define PC_PINNED_MAX 1024
+pc_endpoint_t *pc_target_endpoint_for(pc_target_t *t, const struct sockaddr_storage *dst);
+
+/* A pinned connection or request uses ep again: counted in flight, with a
+ * new reference (give back with pc_endpoint_done). */
+void pc_endpoint_use(pc_endpoint_t *ep);
 
 /* The connection or request that pc_target_pick counted ended: the count
  * and the reference go (pc_endpoint_done), or only the count
@@ -152,6 +171,8 @@ typedef struct {
   size_t neps;
 } pc_target_view_t;
 
+/* t may be NULL (an outbound transparent listener has no target of its
+ * own): an empty view. */
 void pc_target_view(pc_target_t *t, pc_target_view_t *out);
 void pc_target_view_free(pc_target_view_t *v);
 

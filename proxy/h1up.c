@@ -224,7 +224,8 @@ static void on_ready(void *user, pc_upconn_t *up, pc_upconn_fail_t fail, pc_reas
                                                                            : 502;
     /* Nothing reached the upstream: another endpoint may take it (the
      * failed one is ejected now). */
-    int retry = fail == PC_UPCONN_CONNECT && pc_target_size(k->lc->tgt) > 1;
+    int retry =
+        fail == PC_UPCONN_CONNECT && !pc_config_pinned(k->lc) && pc_target_size(k->lc->tgt) > 1;
     call_fail(k, status, reason, detail, retry);
   } else {
     start_sending(k);
@@ -489,7 +490,7 @@ pc_h1call_t *pc_h1call_start(pc_worker_t *w, pc_gen_t *g, const pc_listener_cfg_
   pc_h1_init(&k->res, 0, &k->lim, on_body, k);
   k->res.req_method = method;
   int ready = 0;
-  k->up = pc_pool_acquire(pc_pool_for(w, g, lc), stats, &up_cbs, k, on_ready, k, &ready);
+  k->up = pc_pool_acquire(pc_pool_for(w, g, lc), req->pin, stats, &up_cbs, k, on_ready, k, &ready);
   if (ready) start_sending(k);
   return k;
 }

@@ -437,7 +437,8 @@ static void conn_fail(h2conn_t *c, int status, pc_reason_t r, const char *detail
     const pc_config_t *cfg = c->pool->gen->cfg;
     pc_endpoint_failed(c->ep, cfg->health.ejection_base_ms, cfg->health.ejection_max_ms, detail);
   }
-  int elsewhere = fresh_fail && !was_ready && status == 503 && pc_target_size(c->pool->lc->tgt) > 1;
+  int elsewhere = fresh_fail && !was_ready && status == 503 && !pc_config_pinned(c->pool->lc) &&
+                  pc_target_size(c->pool->lc->tgt) > 1;
   c->state = C_CLOSED;
   unlink_conn(c);
   /* Callers may release any call of c from inside on_fail: all are marked
@@ -796,10 +797,14 @@ static h2conn_t *conn_for(h2pool_t *p, pc_endpoint_t *ep, pc_metrics_t *stats, i
 
 pc_h2call_t *pc_h2call_start(pc_worker_t *w, pc_gen_t *g, const pc_listener_cfg_t *lc,
                              pc_metrics_t *stats, const nghttp2_nv *nv, size_t n, int end,
-                             const pc_upcall_cbs_t *cbs, void *user) {
+                             pc_endpoint_t *pin, const pc_upcall_cbs_t *cbs, void *user) {
   h2pool_t *p = pool_find(w, g, lc, 1);
   int reused;
-  pc_endpoint_t *ep = pc_target_pick(lc->tgt, NULL);
+  pc_endpoint_t *ep = pin;
+  if (pin)
+    pc_endpoint_use(pin);
+  else
+    ep = pc_target_pick(lc->tgt, NULL);
   h2conn_t *c = conn_for(p, ep, stats, &reused);
   if (reused)
     PC_STAT_INC(stats->upstream_reuses);

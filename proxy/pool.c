@@ -255,9 +255,14 @@ static int unusable(pc_pool_t *p, pc_upconn_t *up, pc_metrics_t *stats) {
   return pc_endpoint_removed(up->ep); /* a newer answer left it out */
 }
 
-pc_upconn_t *pc_pool_acquire(pc_pool_t *p, pc_metrics_t *stats, const pc_stream_cbs_t *cbs,
-                             void *owner, pc_upconn_ready_cb on_ready, void *user, int *ready) {
-  pc_endpoint_t *ep = pc_target_pick(p->lc->tgt, NULL);
+pc_upconn_t *pc_pool_acquire(pc_pool_t *p, pc_endpoint_t *pin, pc_metrics_t *stats,
+                             const pc_stream_cbs_t *cbs, void *owner, pc_upconn_ready_cb on_ready,
+                             void *user, int *ready) {
+  pc_endpoint_t *ep = pin;
+  if (pin)
+    pc_endpoint_use(pin);
+  else
+    ep = pc_target_pick(p->lc->tgt, NULL);
   pc_upconn_t *up = p->idle, *next;
   for (; up; up = next) {
     next = up->next;

@@ -79,7 +79,8 @@ struct pc_upconn {
 pc_pool_t *pc_pool_for(struct pc_worker *w, pc_gen_t *g, const pc_listener_cfg_t *lc);
 
 /* Lends a connection to a borrower whose stream callbacks are cbs with owner.
- * The endpoint is picked first (endpoint.h: power of two choices over the
+ * The endpoint is pin if set (borrowed: a transparent connection's original
+ * destination), else picked first (endpoint.h: power of two choices over the
  * listener's set); an idle connection to it is reused if there is one.
  * If an idle one is available it is returned with *ready = 1 and nothing else
  * fires. Otherwise a new one is started, *ready = 0, and on_ready(user, ...)
@@ -87,8 +88,9 @@ pc_pool_t *pc_pool_for(struct pc_worker *w, pc_gen_t *g, const pc_listener_cfg_t
  * releases it first. stats counts connects, reuses, failures and a TLS
  * truncation (the lent stream's PC_STREAM_ETRUNC, counted and logged at
  * release); it must stay valid until the connection was released. */
-pc_upconn_t *pc_pool_acquire(pc_pool_t *p, pc_metrics_t *stats, const pc_stream_cbs_t *cbs,
-                             void *owner, pc_upconn_ready_cb on_ready, void *user, int *ready);
+pc_upconn_t *pc_pool_acquire(pc_pool_t *p, struct pc_endpoint *pin, pc_metrics_t *stats,
+                             const pc_stream_cbs_t *cbs, void *owner, pc_upconn_ready_cb on_ready,
+                             void *user, int *ready);
 
 /* pc_pool_release modes. */
 #define PC_POOL_KEEP 1   /* the exchange ended cleanly, both sides keep-alive */

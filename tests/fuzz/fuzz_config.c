@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "endpoint.h"
 #include "identity.h"
 #include "policy.h"
 
@@ -56,11 +57,36 @@ static void check_snapshot(const pc_config_t *cfg) {
     const pc_listener_cfg_t *l = &cfg->listeners[i];
     ASSERT(l->name && *l->name && l->listen_str && l->target_str && l->policy);
     ASSERT(l->protocol == PC_PROTO_TCP || l->protocol == PC_PROTO_HTTP);
-    ASSERT(l->direction == PC_DIR_INBOUND || (l->server_name && *l->server_name));
-    ASSERT(l->direction == PC_DIR_INBOUND || pc_policy_count(l->policy) > 0);
+    ASSERT(!l->parent && !l->passthrough);
+    for (size_t j = 0; j < i; j++)
+      ASSERT(strcmp(l->name, cfg->listeners[j].name) != 0);
     struct sockaddr_storage ss;
     ASSERT(pc_config_parse_addr(l->listen_str, &ss) == 0);
-    ASSERT(pc_config_parse_addr(l->target_str, &ss) == 0);
+    if (l->transparent && l->direction == PC_DIR_OUTBOUND) {
+      /* Routes say where and to whom; the listener names no one. */
+      ASSERT(!l->tgt && !l->server_name && pc_policy_count(l->policy) == 0 && l->nroutes > 0);
+      for (size_t k = 0; k < l->nroutes; k++) {
+        const pc_route_t *r = &l->routes[k];
+        const pc_listener_cfg_t *rl = &r->lc;
+        ASSERT(rl->parent == l && rl->route_index == k && strcmp(rl->name, l->name) == 0);
+        ASSERT(rl->tgt && rl->target_str && rl->direction == PC_DIR_OUTBOUND && !rl->transparent);
+        ASSERT(r->family == 0 || r->family == AF_INET || r->family == AF_INET6);
+        ASSERT(r->bits >= 0 && r->bits <= (r->family == AF_INET6 ? 128 : 32));
+        ASSERT(r->family || r->port); /* a name has a port */
+        if (rl->passthrough)
+          ASSERT(!rl->server_name && pc_policy_count(rl->policy) == 0 &&
+                 rl->protocol == PC_PROTO_TCP);
+        else
+          ASSERT(rl->server_name && *rl->server_name && pc_policy_count(rl->policy) > 0);
+      }
+      continue;
+    }
+    ASSERT(l->nroutes == 0 && l->tgt);
+    ASSERT(l->direction == PC_DIR_INBOUND || (l->server_name && *l->server_name));
+    ASSERT(l->direction == PC_DIR_INBOUND || pc_policy_count(l->policy) > 0);
+    /* (a transparent inbound listener's target is "127.0.0.1:*") */
+    if (!l->transparent && !pc_target_is_name(l->tgt))
+      ASSERT(pc_config_parse_addr(l->target_str, &ss) == 0);
     for (size_t j = 0; j < pc_policy_count(l->policy); j++) {
       const char *ns, *sa;
       pc_policy_rule(l->policy, j, &ns, &sa);
@@ -84,8 +110,6 @@ static void check_snapshot(const pc_config_t *cfg) {
           ASSERT(*c > ' ' && *c != '?' && *c != '#' && *c != 0x7f);
       }
     }
-    for (size_t j = 0; j < i; j++)
-      ASSERT(strcmp(l->name, cfg->listeners[j].name) != 0);
   }
 }
 
