@@ -7,7 +7,8 @@ what=${1:-test}
 build_pkgs=(cmake make gcc pkg-config libc6-dev libuv1-dev android-libboringssl-dev node-llhttp
   libnghttp2-dev libconfig-dev libc-ares-dev openssl python3)
 test_pkgs=(python3-pytest python3-prometheus-client python3-h2 python3-grpcio nghttp2-client curl
-  clang-format procps util-linux testssl.sh clang-14 libclang-rt-14-dev iptables iproute2)
+  clang-format procps util-linux testssl.sh clang-14 libclang-rt-14-dev iptables iproute2
+  dnsmasq-base)
 pkgs=("${build_pkgs[@]}")
 [[ $what == test ]] && pkgs+=("${test_pkgs[@]}")
 

@@ -253,6 +253,7 @@ identity = {{ cert = "{secret}/tls.crt"; key = "{secret}/tls.key"; ca = "{secret
              watch = true; }};
 admin = {{ listen = "127.0.0.1:15000"; }};
 log = {{ level = "info"; access = true; }};
+limits = {{ drain_timeout_ms = 3000; }};
 dns = {{ servers = [ "{NODE4}:53" ]; }};
 """
     allow = lc_allow(ALLOW[pod.key])
@@ -260,7 +261,8 @@ dns = {{ servers = [ "{NODE4}:53" ]; }};
         rs = []
         for t, kind in routes:
             rs.append(f'{{ destination = "{t.dns}:{PORT[kind]}"; protocol = "http"; '
-                      f'server_name = "{t.app}.{t.ns}.svc"; expect = {lc_expect(t)}; }}')
+                      f'upstream_protocol = "h2"; server_name = "{t.app}.{t.ns}.svc"; '
+                      f'expect = {lc_expect(t)}; }}')
         return head + f"""
 inbound = ( {{ name = "ingress"; listen = "[::]:15006"; transparent = true; protocol = "http";
               app_protocol = "h2c"; allow = {allow}; }} );
@@ -274,7 +276,8 @@ outbound = ( {{ name = "egress"; listen = "[::]:15001"; transparent = true;
         port = explicit_ports[(t.key, kind)]
         outs.append(f'{{ name = "to-{t.short}-{kind}"; listen = "127.0.0.1:{port}"; '
                     f'upstream = "{t.dns}:{15443 if kind == "http" else 15444}"; '
-                    f'protocol = "http"; server_name = "{t.app}.{t.ns}.svc"; '
+                    f'protocol = "http"; upstream_protocol = "h2"; '
+                    f'server_name = "{t.app}.{t.ns}.svc"; '
                     f'expect = {lc_expect(t)}; }}')
     return head + f"""
 inbound = ( {{ name = "http"; listen = "[::]:15443"; forward = "127.0.0.1:8080";
@@ -653,6 +656,36 @@ class Mesh:
                 problems.append(f"{pid}: no outbound deny line in {pod}'s access log")
         return problems
 
+    def stop_sidecars(self) -> list[str]:
+        """SIGTERM every sidecar (it drains and exits 0); a sidecar that crashed, exited
+        non-zero or printed a sanitizer report is a problem."""
+        problems = []
+        for p in PODS:
+            sc = p.procs.get("sidecar")
+            if sc is None:
+                continue
+            if sc.poll() is not None:
+                problems.append(f"the sidecar of {p.key} exited early ({sc.returncode})")
+                continue
+            os.killpg(sc.pid, signal.SIGTERM)
+        for p in PODS:
+            sc = p.procs.get("sidecar")
+            if sc is None:
+                continue
+            try:
+                rc = sc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                problems.append(f"the sidecar of {p.key} did not exit within 30 s of SIGTERM")
+                continue
+            if rc != 0:
+                problems.append(f"the sidecar of {p.key} exited with {rc}")
+            err = (self.dir / f"{p.short}.sidecar.err").read_text(errors="replace")
+            for mark in ("ERROR: AddressSanitizer", "runtime error:", "ERROR: LeakSanitizer"):
+                if mark in err:
+                    problems.append(f"the sidecar of {p.key} reported '{mark}' "
+                                    f"(see {self.dir}/{p.short}.sidecar.err)")
+        return problems
+
     # --------------------------------------------------------------- teardown
     def teardown(self):
         for pr in self.probes.values():
@@ -785,10 +818,11 @@ def main() -> int:
     ap.add_argument("--min-rotations", type=int, default=3)
     ap.add_argument("--max-calls", type=int, default=100000)
     ap.add_argument("--pause", type=float, default=0.05)
-    # paths refused in the handshake are called at most once a second: the target's sidecar
+    # paths refused in the handshake are called at most every 3 s: the target's sidecar
     # throttles a source (an IPv4 address, an IPv6 /64: here every pod's) after 20 failed
-    # handshakes in 10 s, and a throttled /64 would take the allowed callers with it
-    ap.add_argument("--handshake-deny-every", type=float, default=1.0)
+    # handshakes in 10 s, a refused HTTP/1.1 request over an h2 upstream costs up to four
+    # handshakes (it is retried), and a throttled /64 takes the allowed callers with it
+    ap.add_argument("--handshake-deny-every", type=float, default=3.0)
     ap.add_argument("--mode", choices=("transparent", "explicit"), default="transparent")
     ap.add_argument("--prefix")
     ap.add_argument("--workdir")
@@ -812,6 +846,8 @@ def main() -> int:
         results = m.traffic_and_rotation()
         ev = m.metrics()
         problems = m.evidence_ok(ev)
+        if not a.keep:
+            problems += m.stop_sidecars()
         s = summarize(m, results, ev, problems, time.monotonic() - t0)
         s["workdir"] = str(m.dir)
         s["prefix"] = m.prefix
