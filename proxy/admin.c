@@ -257,39 +257,54 @@ static void utc_ms(pc_jbuf_t *b, const char *key, uint64_t ms) {
   pc_jbuf_kv_str(b, key, t);
 }
 
+/* A target's answer and endpoints (l->target_str names it). */
+static void target_json(pc_jbuf_t *b, const pc_listener_cfg_t *l) {
+  pc_target_view_t v;
+  pc_target_view(l->tgt, &v);
+  pc_jbuf_kv_str(b, "target", l->target_str);
+  pc_jbuf_kv_bool(b, "dns", v.is_name);
+  pc_jbuf_kv_str(b, "last_result", pc_dns_result_word(v.last_result));
+  pc_jbuf_kv_bool(b, "stale", v.stale);
+  utc_ms(b, "resolved_at", v.resolved_at_ms);
+  if (v.is_name && v.resolved_at_ms)
+    pc_jbuf_kv_u64(b, "ttl_ms", v.ttl_ms);
+  else
+    pc_jbuf_printf(b, ",\"ttl_ms\":null");
+  pc_jbuf_kv_u64(b, "ejections", v.ejections);
+  pc_jbuf_printf(b, ",\"endpoints\":[");
+  for (size_t k = 0; k < v.neps; k++) {
+    const pc_endpoint_view_t *e = &v.eps[k];
+    pc_jbuf_raw(b, k ? ",{" : "{", k ? 2 : 1);
+    pc_jbuf_kv_str(b, "address", e->address);
+    pc_jbuf_kv_str(b, "state", e->ejected ? "ejected" : "healthy");
+    utc_ms(b, "ejected_until", e->ejected_until_ms);
+    pc_jbuf_kv_u64(b, "in_flight", e->in_flight);
+    pc_jbuf_printf(b, "}");
+  }
+  pc_jbuf_printf(b, "]");
+  pc_target_view_free(&v);
+}
+
 /* GET /endpoints: every listener's target, its answer and its endpoints. */
 static void render_endpoints(pc_jbuf_t *b, const pc_gen_t *g) {
   const pc_config_t *cfg = g->cfg;
   pc_jbuf_printf(b, "{\"listeners\":[");
   for (size_t i = 0; i < cfg->nlisteners; i++) {
     const pc_listener_cfg_t *l = &cfg->listeners[i];
-    pc_target_view_t v;
-    pc_target_view(l->tgt, &v);
     pc_jbuf_raw(b, i ? ",{" : "{", i ? 2 : 1);
     pc_jbuf_kv_str(b, "name", l->name);
     pc_jbuf_kv_str(b, "direction", dir_word(l->direction));
-    pc_jbuf_kv_str(b, "target", l->target_str);
-    pc_jbuf_kv_bool(b, "dns", v.is_name);
-    pc_jbuf_kv_str(b, "last_result", pc_dns_result_word(v.last_result));
-    pc_jbuf_kv_bool(b, "stale", v.stale);
-    utc_ms(b, "resolved_at", v.resolved_at_ms);
-    if (v.is_name && v.resolved_at_ms)
-      pc_jbuf_kv_u64(b, "ttl_ms", v.ttl_ms);
-    else
-      pc_jbuf_printf(b, ",\"ttl_ms\":null");
-    pc_jbuf_kv_u64(b, "ejections", v.ejections);
-    pc_jbuf_printf(b, ",\"endpoints\":[");
-    for (size_t k = 0; k < v.neps; k++) {
-      const pc_endpoint_view_t *e = &v.eps[k];
-      pc_jbuf_raw(b, k ? ",{" : "{", k ? 2 : 1);
-      pc_jbuf_kv_str(b, "address", e->address);
-      pc_jbuf_kv_str(b, "state", e->ejected ? "ejected" : "healthy");
-      utc_ms(b, "ejected_until", e->ejected_until_ms);
-      pc_jbuf_kv_u64(b, "in_flight", e->in_flight);
-      pc_jbuf_printf(b, "}");
+    target_json(b, l);
+    if (l->transparent && l->direction == PC_DIR_OUTBOUND) {
+      pc_jbuf_printf(b, ",\"routes\":[");
+      for (size_t r = 0; r < l->nroutes; r++) {
+        pc_jbuf_raw(b, r ? ",{" : "{", r ? 2 : 1);
+        target_json(b, &l->routes[r].lc);
+        pc_jbuf_printf(b, "}");
+      }
+      pc_jbuf_printf(b, "]");
     }
-    pc_jbuf_printf(b, "]}");
-    pc_target_view_free(&v);
+    pc_jbuf_printf(b, "}");
   }
   pc_jbuf_printf(b, "]}\n");
 }
@@ -511,6 +526,25 @@ static void rules_json(pc_jbuf_t *b, const char *key, const pc_policy_t *p) {
   pc_jbuf_raw(b, "]", 1);
 }
 
+/* What a listener (or a transparent listener's route) says about its
+ * upstream side and its peers. */
+static void listener_json(pc_jbuf_t *b, const pc_listener_cfg_t *l, int dir) {
+  if (l->parent) {
+    pc_jbuf_kv_str(b, "destination", l->target_str);
+    pc_jbuf_kv_bool(b, "passthrough", l->passthrough);
+  }
+  if (dir == 1) pc_jbuf_kv_str(b, "server_name", l->server_name);
+  pc_jbuf_kv_str(b, "protocol", l->protocol == PC_PROTO_HTTP ? "http" : "tcp");
+  if (l->protocol == PC_PROTO_HTTP && dir == 0)
+    pc_jbuf_kv_str(b, "app_protocol", l->app_protocol == PC_APP_H2C ? "h2c" : "http/1.1");
+  else if (l->protocol == PC_PROTO_HTTP)
+    pc_jbuf_kv_str(b, "upstream_protocol",
+                   l->upstream_protocol == PC_UP_H2      ? "h2"
+                   : l->upstream_protocol == PC_UP_HTTP1 ? "http/1.1"
+                                                         : "auto");
+  rules_json(b, dir == 0 ? "allow" : "expect", l->policy);
+}
+
 static void render_config(pc_jbuf_t *b, const pc_gen_t *g) {
   const pc_config_t *c = g->cfg;
   pc_jbuf_raw(b, "{", 1);
@@ -575,17 +609,19 @@ static void render_config(pc_jbuf_t *b, const pc_gen_t *g) {
       first = 0;
       pc_jbuf_kv_str(b, "name", l->name);
       pc_jbuf_kv_str(b, "listen", l->listen_str);
-      pc_jbuf_kv_str(b, dir == 0 ? "forward" : "upstream", l->target_str);
-      if (dir == 1) pc_jbuf_kv_str(b, "server_name", l->server_name);
-      pc_jbuf_kv_str(b, "protocol", l->protocol == PC_PROTO_HTTP ? "http" : "tcp");
-      if (l->protocol == PC_PROTO_HTTP && dir == 0)
-        pc_jbuf_kv_str(b, "app_protocol", l->app_protocol == PC_APP_H2C ? "h2c" : "http/1.1");
-      else if (l->protocol == PC_PROTO_HTTP)
-        pc_jbuf_kv_str(b, "upstream_protocol",
-                       l->upstream_protocol == PC_UP_H2      ? "h2"
-                       : l->upstream_protocol == PC_UP_HTTP1 ? "http/1.1"
-                                                             : "auto");
-      rules_json(b, dir == 0 ? "allow" : "expect", l->policy);
+      pc_jbuf_kv_bool(b, "transparent", l->transparent);
+      if (l->transparent && dir == 1) {
+        pc_jbuf_printf(b, ",\"routes\":[");
+        for (size_t k = 0; k < l->nroutes; k++) {
+          pc_jbuf_raw(b, k ? ",{" : "{", k ? 2 : 1);
+          listener_json(b, &l->routes[k].lc, dir);
+          pc_jbuf_raw(b, "}", 1);
+        }
+        pc_jbuf_raw(b, "]}", 2);
+        continue;
+      }
+      pc_jbuf_kv_str(b, dir == 0 ? "forward" : "upstream", l->transparent ? NULL : l->target_str);
+      listener_json(b, l, dir);
       pc_jbuf_raw(b, "}", 1);
     }
     pc_jbuf_raw(b, "]", 1);

@@ -1,5 +1,6 @@
 #include "config.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <libconfig.h>
 #include <stdarg.h>
@@ -292,8 +293,7 @@ static void parse_dns(ctx_t *c, const config_setting_t *root, pc_config_t *cfg) 
               config_setting_type(x) == CONFIG_TYPE_STRING ? config_setting_get_string(x) : NULL;
           struct sockaddr_storage a;
           if (!str || pc_config_parse_addr(str, &a) != 0)
-            fail(c, line_of(x), "dns.servers", "entry %d is not an address of the form IP:PORT",
-                 i);
+            fail(c, line_of(x), "dns.servers", "entry %d is not an address of the form IP:PORT", i);
           else
             pc_jbuf_printf(&b, "%s%s", i ? "," : "", str);
         }
@@ -535,46 +535,11 @@ static pc_policy_t *parse_rules(ctx_t *c, const config_setting_t *lg, const char
   return p;
 }
 
-static void parse_listener(ctx_t *c, const config_setting_t *e, const char *path,
-                           pc_direction_t dir, pc_listener_cfg_t *l) {
-  static const char *const in_keys[] = {"name",     "listen",       "forward",
-                                        "protocol", "app_protocol", "allow"};
-  static const char *const out_keys[] = {"name",   "listen",   "upstream",         "server_name",
-                                         "expect", "protocol", "upstream_protocol"};
-  int in = dir == PC_DIR_INBOUND;
-  l->direction = dir;
-  l->line = line_of(e);
-  if (config_setting_type(e) != CONFIG_TYPE_GROUP) {
-    fail(c, l->line, path, "expected a group");
-    return;
-  }
-  if (check_keys(c, e, path, in ? in_keys : out_keys,
-                 in ? PC_ARRAY_SIZE(in_keys) : PC_ARRAY_SIZE(out_keys)))
-    return;
+/* protocol and upstream_protocol of a listener or route group e. */
+static void parse_protocols(ctx_t *c, const config_setting_t *e, const char *path, int in,
+                            pc_listener_cfg_t *l) {
   int line;
-  char sp[300];
-  l->name = get_str(c, e, path, "name", 1, NULL, &line);
-  l->line_name = line;
-  if (l->name && !*l->name) {
-    snprintf(sp, sizeof(sp), "%s.name", path);
-    fail(c, line, sp, "must not be empty");
-  }
-  l->listen_str = get_str(c, e, path, "listen", 1, NULL, &line);
-  l->line_listen = line;
-  if (l->listen_str && pc_config_parse_addr(l->listen_str, &l->listen)) {
-    snprintf(sp, sizeof(sp), "%s.listen", path);
-    fail(c, line, sp, "\"%s\" is not an address of the form IP:PORT", l->listen_str);
-  }
-  const char *tkey = in ? "forward" : "upstream";
-  l->target_str = get_str(c, e, path, tkey, 1, NULL, &line);
-  if (l->target_str && l->name) {
-    char why[300];
-    l->tgt = pc_target_get(l->name, in, l->target_str, why, sizeof(why));
-    if (!l->tgt) {
-      snprintf(sp, sizeof(sp), "%s.%s", path, tkey);
-      fail(c, line, sp, "%s", why);
-    }
-  }
+  char sp[340];
   char *proto = get_str(c, e, path, "protocol", 0, "tcp", &line);
   if (proto && strcmp(proto, "tcp") == 0) {
     l->protocol = PC_PROTO_TCP;
@@ -611,20 +576,274 @@ static void parse_listener(ctx_t *c, const config_setting_t *e, const char *path
       fail(c, line, sp, "\"%s\" is not one of \"auto\", \"h2\", \"http/1.1\"", pv);
   }
   free(pv);
-  if (!in) {
-    l->server_name = get_str(c, e, path, "server_name", 1, NULL, &line);
-    if (l->server_name && !*l->server_name) {
-      snprintf(sp, sizeof(sp), "%s.server_name", path);
-      fail(c, line, sp, "must not be empty");
-    }
+}
+
+/* server_name (required) and expect (at least one) of an outbound listener
+ * or route group e. */
+static void parse_upstream_identity(ctx_t *c, const config_setting_t *e, const char *path,
+                                    pc_listener_cfg_t *l) {
+  int line;
+  char sp[340];
+  l->server_name = get_str(c, e, path, "server_name", 1, NULL, &line);
+  if (l->server_name && !*l->server_name) {
+    snprintf(sp, sizeof(sp), "%s.server_name", path);
+    fail(c, line, sp, "must not be empty");
   }
-  l->policy =
-      parse_rules(c, e, path, in ? "allow" : "expect", !in, in && l->protocol == PC_PROTO_HTTP);
-  if (!in && !c->failed && pc_policy_count(l->policy) == 0) {
+  l->policy = parse_rules(c, e, path, "expect", 1, 0);
+  if (!c->failed && pc_policy_count(l->policy) == 0) {
     snprintf(sp, sizeof(sp), "%s.expect", path);
     fail(c, line_of(config_setting_get_member(e, "expect")), sp,
          "an outbound listener needs at least one expected identity");
   }
+}
+
+/* A route's destination: "CIDR:PORT" (a bare address is a /32 or /128),
+ * "[v6CIDR]:PORT", or "NAME:PORT"; PORT may be "*" (any) for addresses.
+ * Fills r's match fields; names keep family 0. Returns 0, or -1 with why. */
+static int parse_destination(const char *s, pc_route_t *r, char *why, size_t whylen) {
+  char host[128];
+  const char *colon;
+  int v6 = s[0] == '[';
+  if (v6) {
+    const char *close = strchr(s, ']');
+    if (!close || close[1] != ':' || (size_t)(close - s - 1) >= sizeof(host)) goto bad;
+    memcpy(host, s + 1, (size_t)(close - s - 1));
+    host[close - s - 1] = '\0';
+    colon = close + 1;
+  } else {
+    colon = strrchr(s, ':');
+    if (!colon || (size_t)(colon - s) >= sizeof(host)) goto bad;
+    memcpy(host, s, (size_t)(colon - s));
+    host[colon - s] = '\0';
+  }
+  const char *ps = colon + 1;
+  long port = 0;
+  if (strcmp(ps, "*") == 0) {
+    port = 0;
+  } else {
+    if (!*ps || strlen(ps) > 5) goto bad;
+    for (const char *q = ps; *q; q++) {
+      if (*q < '0' || *q > '9') goto bad;
+      port = port * 10 + (*q - '0');
+    }
+    if (port < 1 || port > 65535) goto bad;
+  }
+  r->port = (uint16_t)port;
+  char *slash = strchr(host, '/');
+  int maxbits = v6 ? 128 : 32;
+  r->bits = maxbits;
+  if (slash) {
+    *slash = '\0';
+    const char *b = slash + 1;
+    long bits = 0;
+    if (!*b || strlen(b) > 3) goto bad;
+    for (const char *q = b; *q; q++) {
+      if (*q < '0' || *q > '9') goto bad;
+      bits = bits * 10 + (*q - '0');
+    }
+    if (bits > maxbits) {
+      snprintf(why, whylen, "\"%s\": a prefix length of /%ld is more than %d", s, bits, maxbits);
+      return -1;
+    }
+    r->bits = (int)bits;
+  }
+  if (inet_pton(v6 ? AF_INET6 : AF_INET, host, r->net) == 1) {
+    r->family = v6 ? AF_INET6 : AF_INET;
+    size_t nbytes = v6 ? 16 : 4;
+    for (size_t i = 0; i < nbytes; i++) {
+      int keep = r->bits - (int)i * 8;
+      uint8_t mask = keep >= 8 ? 0xff : keep <= 0 ? 0 : (uint8_t)(0xff << (8 - keep));
+      if (r->net[i] & ~mask) {
+        snprintf(why, whylen, "\"%s\": the address has bits set past the /%d prefix", s, r->bits);
+        return -1;
+      }
+    }
+    return 0;
+  }
+  /* Not an address: a NAME:PORT, resolved as an upstream name is. */
+  if (v6 || slash) goto bad;
+  int digits_only = 1;
+  for (const char *q = host; *q; q++)
+    if (!((*q >= '0' && *q <= '9') || *q == '.')) digits_only = 0;
+  if (digits_only || !*host) goto bad;
+  if (port == 0) {
+    snprintf(why, whylen, "\"%s\": a name needs a port, not \"*\"", s);
+    return -1;
+  }
+  r->family = 0;
+  return 0;
+bad:
+  snprintf(why, whylen,
+           "\"%s\" is not a destination of the form CIDR:PORT (\"10.0.0.0/24:8080\"), "
+           "[IPv6CIDR]:PORT, IP:PORT or NAME:PORT (PORT may be \"*\" for addresses)",
+           s);
+  return -1;
+}
+
+/* One entry of an outbound transparent listener's routes, into r->lc (a
+ * listener config of its own, named as its listener). */
+static void parse_route(ctx_t *c, const config_setting_t *e, const char *path,
+                        const pc_listener_cfg_t *l, size_t idx, pc_route_t *r) {
+  static const char *const keys[] = {"destination", "protocol", "upstream_protocol",
+                                     "server_name", "expect",   "passthrough"};
+  pc_listener_cfg_t *rl = &r->lc;
+  rl->direction = PC_DIR_OUTBOUND;
+  rl->line = line_of(e);
+  rl->line_name = l->line_name;
+  rl->line_listen = l->line_listen;
+  rl->name = pc_strdup(l->name);
+  rl->listen_str = pc_strdup(l->listen_str);
+  rl->listen = l->listen;
+  rl->parent = l;
+  rl->route_index = idx;
+  if (config_setting_type(e) != CONFIG_TYPE_GROUP) {
+    fail(c, rl->line, path,
+         "expected a group { destination = \"10.0.0.0/24:8080\"; server_name = \"...\"; "
+         "expect = ( ... ); }");
+    return;
+  }
+  if (check_keys(c, e, path, keys, PC_ARRAY_SIZE(keys))) return;
+  int line;
+  char sp[340], why[300];
+  rl->target_str = get_str(c, e, path, "destination", 1, NULL, &line);
+  snprintf(sp, sizeof(sp), "%s.destination", path);
+  if (rl->target_str && parse_destination(rl->target_str, r, why, sizeof(why)) != 0)
+    fail(c, line, sp, "%s", why);
+  if (c->failed) return;
+  if (r->family) {
+    rl->tgt = pc_target_get_pinned(l->name, 0, rl->target_str);
+  } else {
+    rl->tgt = pc_target_get(l->name, 0, rl->target_str, why, sizeof(why));
+    if (!rl->tgt) fail(c, line, sp, "%s", why);
+  }
+  rl->passthrough = get_bool(c, e, path, "passthrough", 0);
+  parse_protocols(c, e, path, 0, rl);
+  if (c->failed) return;
+  if (rl->passthrough) {
+    /* Plain TCP to somewhere outside the mesh: nothing to verify, nothing
+     * to parse. */
+    static const char *const no[] = {"server_name", "expect", "protocol", "upstream_protocol"};
+    for (size_t i = 0; i < PC_ARRAY_SIZE(no); i++) {
+      const config_setting_t *x = config_setting_get_member(e, no[i]);
+      if (!x) continue;
+      snprintf(sp, sizeof(sp), "%s.%s", path, no[i]);
+      fail(c, line_of(x), sp, "a passthrough route relays plain TCP: it has no %s", no[i]);
+      return;
+    }
+    rl->policy = pc_policy_new();
+    return;
+  }
+  parse_upstream_identity(c, e, path, rl);
+}
+
+static void parse_routes(ctx_t *c, const config_setting_t *e, const char *path,
+                         pc_listener_cfg_t *l) {
+  char rp[300];
+  const config_setting_t *list = member(c, e, path, "routes", CONFIG_TYPE_LIST, 1);
+  if (!list) return;
+  int n = config_setting_length(list);
+  if (n == 0) {
+    snprintf(rp, sizeof(rp), "%s.routes", path);
+    fail(c, line_of(list), rp,
+         "a transparent outbound listener needs at least one route (unrouted destinations "
+         "are refused)");
+    return;
+  }
+  l->routes = pc_calloc((size_t)n, sizeof(pc_route_t));
+  for (int i = 0; i < n && !c->failed; i++) {
+    snprintf(rp, sizeof(rp), "%s.routes[%d]", path, i);
+    parse_route(c, config_setting_get_elem(list, (unsigned)i), rp, l, (size_t)i,
+                &l->routes[l->nroutes++]);
+  }
+}
+
+static void parse_listener(ctx_t *c, const config_setting_t *e, const char *path,
+                           pc_direction_t dir, pc_listener_cfg_t *l) {
+  static const char *const in_keys[] = {"name",         "listen", "forward",    "protocol",
+                                        "app_protocol", "allow",  "transparent"};
+  static const char *const out_keys[] = {"name",   "listen",   "upstream",          "server_name",
+                                         "expect", "protocol", "upstream_protocol", "transparent",
+                                         "routes"};
+  int in = dir == PC_DIR_INBOUND;
+  l->direction = dir;
+  l->line = line_of(e);
+  if (config_setting_type(e) != CONFIG_TYPE_GROUP) {
+    fail(c, l->line, path, "expected a group");
+    return;
+  }
+  if (check_keys(c, e, path, in ? in_keys : out_keys,
+                 in ? PC_ARRAY_SIZE(in_keys) : PC_ARRAY_SIZE(out_keys)))
+    return;
+  int line;
+  char sp[300];
+  l->name = get_str(c, e, path, "name", 1, NULL, &line);
+  l->line_name = line;
+  if (l->name && !*l->name) {
+    snprintf(sp, sizeof(sp), "%s.name", path);
+    fail(c, line, sp, "must not be empty");
+  }
+  l->listen_str = get_str(c, e, path, "listen", 1, NULL, &line);
+  l->line_listen = line;
+  if (l->listen_str && pc_config_parse_addr(l->listen_str, &l->listen)) {
+    snprintf(sp, sizeof(sp), "%s.listen", path);
+    fail(c, line, sp, "\"%s\" is not an address of the form IP:PORT", l->listen_str);
+  }
+  l->transparent = get_bool(c, e, path, "transparent", 0);
+  const char *tkey = in ? "forward" : "upstream";
+  if (l->transparent) {
+    /* Where a redirected connection goes is where it was headed: the
+     * listener names no target; outbound, its routes say the rest. */
+    static const char *const out_no[] = {"upstream", "server_name", "expect", "protocol",
+                                         "upstream_protocol"};
+    static const char *const in_no[] = {"forward"};
+    const char *const *no = in ? in_no : out_no;
+    size_t nno = in ? PC_ARRAY_SIZE(in_no) : PC_ARRAY_SIZE(out_no);
+    for (size_t i = 0; i < nno && !c->failed; i++) {
+      const config_setting_t *x = config_setting_get_member(e, no[i]);
+      if (!x) continue;
+      snprintf(sp, sizeof(sp), "%s.%s", path, no[i]);
+      if (in)
+        fail(c, line_of(x), sp,
+             "a transparent inbound listener sends each connection to 127.0.0.1 on its "
+             "original port: it has no forward");
+      else
+        fail(c, line_of(x), sp,
+             "a transparent outbound listener takes %s from its routes, not from the listener",
+             no[i]);
+    }
+    if (c->failed || !l->name) return;
+    if (in) {
+      l->target_str = pc_strdup("127.0.0.1:*");
+      l->tgt = pc_target_get_pinned(l->name, 1, l->target_str);
+    } else {
+      l->target_str = pc_strdup("(original destination)");
+      l->policy = pc_policy_new();
+      parse_routes(c, e, path, l);
+      return;
+    }
+  } else {
+    if (!in && config_setting_get_member(e, "routes")) {
+      snprintf(sp, sizeof(sp), "%s.routes", path);
+      fail(c, line_of(config_setting_get_member(e, "routes")), sp,
+           "routes apply only to a listener with transparent = true");
+      return;
+    }
+    l->target_str = get_str(c, e, path, tkey, 1, NULL, &line);
+    if (l->target_str && l->name) {
+      char why[300];
+      l->tgt = pc_target_get(l->name, in, l->target_str, why, sizeof(why));
+      if (!l->tgt) {
+        snprintf(sp, sizeof(sp), "%s.%s", path, tkey);
+        fail(c, line, sp, "%s", why);
+      }
+    }
+  }
+  parse_protocols(c, e, path, in, l);
+  if (in) {
+    l->policy = parse_rules(c, e, path, "allow", 0, l->protocol == PC_PROTO_HTTP);
+    return;
+  }
+  parse_upstream_identity(c, e, path, l);
 }
 
 static void parse_listeners(ctx_t *c, const config_setting_t *root, pc_config_t *cfg) {
@@ -671,10 +890,9 @@ static void parse_listeners(ctx_t *c, const config_setting_t *root, pc_config_t 
 }
 
 int pc_config_load(const char *path, pc_config_t **out, char *err, size_t errlen) {
-  static const char *const top_keys[] = {"trust_domain", "workers", "identity", "tls",
-                                         "admin",        "log",     "limits",   "http",
-                                         "http2",        "dns",     "health",
-                                         "inbound",      "outbound"};
+  static const char *const top_keys[] = {"trust_domain", "workers", "identity", "tls",   "admin",
+                                         "log",          "limits",  "http",     "http2", "dns",
+                                         "health",       "inbound", "outbound"};
   ctx_t c = {.file = path, .err = err, .errlen = errlen};
   config_t lc;
   config_init(&lc);
@@ -735,17 +953,33 @@ const pc_listener_cfg_t *pc_config_listener(const pc_config_t *cfg, const char *
   return NULL;
 }
 
+static void free_listener(pc_listener_cfg_t *l) {
+  for (size_t i = 0; i < l->nroutes; i++)
+    free_listener(&l->routes[i].lc);
+  free(l->routes);
+  free(l->name);
+  free(l->listen_str);
+  free(l->target_str);
+  pc_target_unref(l->tgt);
+  free(l->server_name);
+  pc_policy_free(l->policy);
+}
+
+const pc_listener_cfg_t *pc_config_counterpart(const pc_config_t *cfg,
+                                               const pc_listener_cfg_t *lc) {
+  const pc_listener_cfg_t *l = pc_config_listener(cfg, lc->name);
+  if (!l || !lc->parent) return l;
+  if (!l->transparent || lc->route_index >= l->nroutes) return NULL;
+  const pc_listener_cfg_t *r = &l->routes[lc->route_index].lc;
+  return strcmp(r->target_str, lc->target_str) == 0 ? r : NULL;
+}
+
+int pc_config_pinned(const pc_listener_cfg_t *lc) { return lc->transparent || lc->parent != NULL; }
+
 void pc_config_free(pc_config_t *cfg) {
   if (!cfg || __atomic_sub_fetch(&cfg->refs, 1, __ATOMIC_ACQ_REL) > 0) return;
-  for (size_t i = 0; i < cfg->nlisteners; i++) {
-    pc_listener_cfg_t *l = &cfg->listeners[i];
-    free(l->name);
-    free(l->listen_str);
-    free(l->target_str);
-    pc_target_unref(l->tgt);
-    free(l->server_name);
-    pc_policy_free(l->policy);
-  }
+  for (size_t i = 0; i < cfg->nlisteners; i++)
+    free_listener(&cfg->listeners[i]);
   free(cfg->listeners);
   free(cfg->file);
   free(cfg->trust_domain);

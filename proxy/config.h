@@ -32,7 +32,9 @@ typedef enum { PC_APP_HTTP1, PC_APP_H2C } pc_app_protocol_t;
 /* outbound upstream_protocol: what is offered to the upstream sidecar */
 typedef enum { PC_UP_AUTO, PC_UP_H2, PC_UP_HTTP1 } pc_up_protocol_t;
 
-typedef struct {
+struct pc_route;
+
+typedef struct pc_listener_cfg {
   char *name;
   pc_direction_t direction;
   pc_protocol_t protocol;
@@ -40,12 +42,36 @@ typedef struct {
   pc_up_protocol_t upstream_protocol; /* outbound, protocol = "http" */
   char *listen_str;
   struct sockaddr_storage listen;
-  char *target_str;         /* inbound: forward; outbound: upstream */
-  struct pc_target *tgt;    /* its endpoints (endpoint.h); one reference */
-  char *server_name;   /* outbound only: SNI sent upstream */
-  pc_policy_t *policy; /* inbound: allow; outbound: expect */
+  char *target_str;      /* inbound: forward; outbound: upstream */
+  struct pc_target *tgt; /* its endpoints (endpoint.h); one reference */
+  char *server_name;     /* outbound only: SNI sent upstream */
+  pc_policy_t *policy;   /* inbound: allow; outbound: expect */
   int line, line_name, line_listen;
+  /* transparent = true: connections arrive redirected (iptables REDIRECT)
+   * and go where they were headed (route.h). Outbound: no upstream, expect
+   * or server_name of its own; routes say those, per destination. Inbound:
+   * no forward; tgt hands out 127.0.0.1:<original port> endpoints. */
+  int transparent;
+  struct pc_route *routes; /* outbound transparent: in order, first match wins */
+  size_t nroutes;
+  /* A route's own config (in routes[i].lc): parent is its listener, whose
+   * name it shares (logs and metrics are per listener). */
+  const struct pc_listener_cfg *parent;
+  size_t route_index;
+  int passthrough; /* a route: plain TCP relayed without TLS upstream */
 } pc_listener_cfg_t;
+
+/* One entry of an outbound transparent listener's `routes`: lc is a whole
+ * listener config (protocol, upstream_protocol, server_name, expect as
+ * policy; target_str = the destination text; tgt its endpoints), the rest
+ * is what an original destination must match. */
+typedef struct pc_route {
+  pc_listener_cfg_t lc;
+  int family;      /* AF_INET, AF_INET6; 0: a NAME:PORT (lc.tgt's current set) */
+  uint8_t net[16]; /* network address, host bits zero */
+  int bits;        /* prefix length */
+  uint16_t port;   /* host order; 0: any port ("*") */
+} pc_route_t;
 
 typedef struct pc_config {
   int refs; /* pc_config_ref / pc_config_free; generations share a snapshot */
@@ -99,7 +125,7 @@ typedef struct pc_config {
     uint32_t stream_window;     /* initial window we grant each stream, bytes */
     uint32_t connection_window; /* window we grant the whole connection, bytes */
   } http2;
-  struct { /* resolving NAME:PORT targets (dns.h) */
+  struct {         /* resolving NAME:PORT targets (dns.h) */
     char *servers; /* "IP:PORT,IP:PORT" replacing resolv.conf's; NULL: resolv.conf */
     uint64_t min_ttl_ms, max_ttl_ms, timeout_ms;
   } dns;
@@ -128,6 +154,17 @@ int pc_config_same_listener(const pc_listener_cfg_t *a, const pc_listener_cfg_t 
 
 /* The listener of cfg named name, or NULL. */
 const pc_listener_cfg_t *pc_config_listener(const pc_config_t *cfg, const char *name);
+
+/* The config in cfg that stands where lc (a listener or a route of another
+ * snapshot) stood: the listener of the same name, or for a route the route
+ * at the same place with the same destination of that listener. NULL if
+ * cfg has none. */
+const pc_listener_cfg_t *pc_config_counterpart(const pc_config_t *cfg, const pc_listener_cfg_t *lc);
+
+/* Non-zero if connections and requests of lc go to one endpoint chosen at
+ * accept (a transparent listener or a route) rather than one picked from
+ * lc->tgt: a failed endpoint is then not retried elsewhere. */
+int pc_config_pinned(const pc_listener_cfg_t *lc);
 
 /* Parses "a.b.c.d:port" or "[v6]:port" into *out. Returns 0 or -1. */
 int pc_config_parse_addr(const char *s, struct sockaddr_storage *out);

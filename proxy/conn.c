@@ -11,6 +11,7 @@
 #include "h2.h"
 #include "l7.h"
 #include "log.h"
+#include "route.h"
 #include "splice.h"
 #include "tls.h"
 
@@ -66,6 +67,12 @@ typedef struct pc_conn {
   char peer_addr[64], app_addr[64];
   pc_endpoint_t *ep; /* the upstream / app endpoint connected to (counted in flight) */
   uint8_t attempts;  /* connects started */
+  /* Transparent: the endpoint at the original destination, chosen at
+   * accept. TCP: it is ep, the only one tried. HTTP: a reference (not
+   * counted) that every request's pool connection goes to. */
+  int pinned;
+  pc_endpoint_t *pin;
+  char dst[56]; /* the original destination, for a refusal's log line */
   struct pc_conn *prev, *next;
 } pc_conn_t;
 
@@ -124,7 +131,10 @@ static void write_log(pc_conn_t *c) {
       .close = c->close_how,
       .tls_version = c->tls_version,
       .cipher = c->cipher,
-      .endpoint = c->ep ? c->ep->str : NULL,
+      .endpoint = c->ep       ? c->ep->str
+                  : c->pin    ? c->pin->str
+                  : c->dst[0] ? c->dst
+                              : NULL,
       .bytes_from_peer = from_peer,
       .bytes_to_peer = to_peer,
       .duration_ms = (double)(uv_hrtime() - c->start_ns) / 1e6,
@@ -140,6 +150,7 @@ static void on_handle_closed(uv_handle_t *h) {
   pc_l7_free(c->l7);
   pc_h2_free(c->h2);
   pc_endpoint_done(c->ep);
+  pc_endpoint_unref(c->pin);
   free(c->peer.peer_id);
   if (c->prev)
     c->prev->next = c->next;
@@ -297,7 +308,8 @@ static void make_env(pc_conn_t *c, pc_l7_env_t *out) {
                      .peer_id = c->peer.peer_id,
                      .tls_version = c->tls_version,
                      .cipher = c->cipher,
-                     .last_active = &c->last_active};
+                     .last_active = &c->last_active,
+                     .pin = c->pin};
   *out = env;
 }
 
@@ -360,6 +372,7 @@ static int connect_failed(pc_conn_t *c, const char *why) {
   const pc_config_t *cfg = c->gen->cfg;
   c->l->stats.connect_failures++;
   pc_endpoint_failed(c->ep, cfg->health.ejection_base_ms, cfg->health.ejection_max_ms, why);
+  if (c->pinned) return 0; /* the original destination or nothing */
   size_t n = pc_target_size(c->lc->tgt);
   if (c->attempts >= MAX_CONNECT_ATTEMPTS || c->attempts >= n) return 0;
   c->state = ST_RETRY;
@@ -404,18 +417,21 @@ static void on_connect(uv_connect_t *req, int status) {
     teardown(c, "connect_failed", 1);
     return;
   }
-  if (c->inbound) pc_endpoint_ok(c->ep); /* outbound: once the handshake passed */
+  /* outbound: once the handshake passed */
+  if (c->inbound || c->lc->passthrough) pc_endpoint_ok(c->ep);
   uv_tcp_nodelay(&c->up.tcp, 1);
-  if (c->inbound)
+  if (c->inbound || c->lc->passthrough)
     establish(c);
   else
     start_upstream_tls(c);
 }
 
 static void start_connect(pc_conn_t *c) {
-  pc_endpoint_t *prev = c->ep;
-  c->ep = pc_target_pick(c->lc->tgt, prev);
-  pc_endpoint_done(prev);
+  if (!c->pinned) {
+    pc_endpoint_t *prev = c->ep;
+    c->ep = pc_target_pick(c->lc->tgt, prev);
+    pc_endpoint_done(prev);
+  }
   if (!c->ep) {
     /* A name that never resolved: fail fast, nothing to wait for. */
     pc_log(PC_LOG_WARN, "listener %s: %s", c->lc->name, pc_target_unresolved_text(c->lc->tgt));
@@ -605,6 +621,57 @@ static int throttle_at_accept(pc_conn_t *c) {
   return 1;
 }
 
+/* A refusal before anything was read or sent (a transparent connection
+ * that no route takes): counted and logged as any refusal, closed with RST
+ * so the app cannot take it for an empty answer. */
+static void refuse_at_accept(pc_conn_t *c, const char *why) {
+  pc_log(PC_LOG_INFO, "listener %s: refusing connection from %s to %s: %s", c->lc->name,
+         c->inbound ? c->peer_addr : c->app_addr, c->dst[0] ? c->dst : "?", why);
+  c->decision = PC_DECISION_DENY;
+  c->reason = PC_REASON_NOT_ALLOWED;
+  teardown(c, "refused", 1);
+}
+
+/* Transparent listener: the original destination picks the route (its
+ * config replaces the listener's for this connection) and pins the
+ * endpoint. Returns 1 if the connection was refused. */
+static int route_at_accept(pc_conn_t *c) {
+  struct sockaddr_storage dst;
+  if (c->inbound)
+    pc_stream_addr(&c->down, 1, c->peer_addr, sizeof(c->peer_addr));
+  else
+    pc_stream_addr(&c->down, 1, c->app_addr, sizeof(c->app_addr));
+  if (pc_route_original_dst(&c->down.tcp, &dst) != 0) {
+    refuse_at_accept(c, "it has no original destination (not redirected to the listener)");
+    return 1;
+  }
+  pc_route_addr_str(&dst, c->dst, sizeof(c->dst));
+  if (!c->inbound) snprintf(c->peer_addr, sizeof(c->peer_addr), "%s", c->dst);
+  if (pc_route_is_self(&c->down.tcp, &dst)) {
+    refuse_at_accept(c, "it was made to the transparent listener itself, not redirected to it");
+    return 1;
+  }
+  pc_endpoint_t *ep;
+  if (c->inbound) {
+    ep = pc_route_local(c->lc, &dst);
+  } else {
+    const pc_listener_cfg_t *r = pc_route_match(c->lc, &dst, &ep);
+    if (!r) {
+      refuse_at_accept(c, "no route takes that destination");
+      return 1;
+    }
+    c->lc = r;
+  }
+  c->pinned = 1;
+  if (c->lc->protocol == PC_PROTO_HTTP) {
+    pc_endpoint_settle(ep); /* requests count themselves */
+    c->pin = ep;
+  } else {
+    c->ep = ep;
+  }
+  return 0;
+}
+
 int pc_conn_accept(pc_listener_t *l) {
   pc_worker_t *w = l->w;
   pc_conn_t *c = pc_calloc(1, sizeof(*c));
@@ -635,6 +702,8 @@ int pc_conn_accept(pc_listener_t *l) {
     return rc;
   }
   uv_tcp_nodelay(&c->down.tcp, 1);
+  if (c->inbound && throttle_at_accept(c)) return 0;
+  if (c->lc->transparent && route_at_accept(c)) return 0;
   c->peer.trust_domain = c->gen->cfg->trust_domain;
   c->peer.store = c->gen->certs->store;
   c->peer.depth = c->gen->cfg->tls.verify_depth;
@@ -643,9 +712,9 @@ int pc_conn_accept(pc_listener_t *l) {
   c->peer.cache_tag = c->gen->id;
   c->peer.alpn_http = c->lc->protocol == PC_PROTO_HTTP;
   if (c->inbound) {
-    if (throttle_at_accept(c)) return 0;
     pc_stream_addr(&c->down, 1, c->peer_addr, sizeof(c->peer_addr));
-    snprintf(c->app_addr, sizeof(c->app_addr), "%s", c->lc->target_str);
+    snprintf(c->app_addr, sizeof(c->app_addr), "%s",
+             c->pinned ? (c->ep ? c->ep : c->pin)->str : c->lc->target_str);
     c->pending = 1;
     __atomic_add_fetch(&pending_conns, 1, __ATOMIC_SEQ_CST);
     pc_listener_handshake_begun(l);
@@ -655,8 +724,10 @@ int pc_conn_accept(pc_listener_t *l) {
     if (pc_stream_start_tls(&c->down, pc_tls_new(c->gen->server_ctx, &c->peer), 1) != 0)
       teardown(c, "error", 1);
   } else {
-    snprintf(c->peer_addr, sizeof(c->peer_addr), "%s", c->lc->target_str); /* until connected */
-    pc_stream_addr(&c->down, 1, c->app_addr, sizeof(c->app_addr));
+    /* until connected */
+    snprintf(c->peer_addr, sizeof(c->peer_addr), "%s",
+             c->pinned ? (c->ep ? c->ep : c->pin)->str : c->lc->target_str);
+    if (!c->pinned) pc_stream_addr(&c->down, 1, c->app_addr, sizeof(c->app_addr));
     if (c->lc->protocol == PC_PROTO_HTTP)
       establish(c);
     else
@@ -694,7 +765,7 @@ void pc_conn_close_all(pc_worker_t *w) {
  * bundle like any other. PC_REASON_NONE if it passes; then the connection
  * also ends by the expiry of the path g's bundle verified. */
 static pc_reason_t recheck(pc_conn_t *c, const pc_gen_t *g) {
-  const pc_listener_cfg_t *lc = pc_config_listener(g->cfg, c->lc->name);
+  const pc_listener_cfg_t *lc = pc_config_counterpart(g->cfg, c->lc);
   if (!lc || lc->direction != c->lc->direction) lc = c->lc;
   pc_tls_peer_t pv = {.policy = lc->policy,
                       .trust_domain = g->cfg->trust_domain,

@@ -313,8 +313,8 @@ static void on_answer(void *arg, pc_dns_result_t r, const struct sockaddr_storag
                listener, spec, pc_dns_result_word(r), detail ? detail : "", v.neps,
                v.neps == 1 ? "" : "es");
       else
-        pc_log(PC_LOG_WARN, "listener %s: cannot resolve %s (%s: %s); its requests fail",
-               listener, spec, pc_dns_result_word(r), detail ? detail : "");
+        pc_log(PC_LOG_WARN, "listener %s: cannot resolve %s (%s: %s); its requests fail", listener,
+               spec, pc_dns_result_word(r), detail ? detail : "");
     }
     pc_target_view_free(&v);
     ttl = cur.min_ttl_ms;
@@ -453,10 +453,22 @@ static void on_check_answer(void *arg, pc_dns_result_t r, const struct sockaddr_
 }
 
 int pc_dns_check(const pc_config_t *cfg) {
-  size_t names = 0;
+  /* Every config with a name target: listeners, and routes of transparent
+   * listeners. */
+  size_t cap = 0, names = 0;
   for (size_t i = 0; i < cfg->nlisteners; i++)
-    names += pc_target_is_name(cfg->listeners[i].tgt) != 0;
-  if (!names) return 0;
+    cap += 1 + cfg->listeners[i].nroutes;
+  const pc_listener_cfg_t **lcs = pc_calloc(cap + 1, sizeof(*lcs));
+  for (size_t i = 0; i < cfg->nlisteners; i++) {
+    const pc_listener_cfg_t *l = &cfg->listeners[i];
+    if (l->tgt && pc_target_is_name(l->tgt)) lcs[names++] = l;
+    for (size_t k = 0; k < l->nroutes; k++)
+      if (pc_target_is_name(l->routes[k].lc.tgt)) lcs[names++] = &l->routes[k].lc;
+  }
+  if (!names) {
+    free(lcs);
+    return 0;
+  }
   uv_loop_t loop;
   uv_loop_init(&loop);
   settings_t s;
@@ -468,18 +480,17 @@ int pc_dns_check(const pc_config_t *cfg) {
     fprintf(stderr, "portcullis: warning: dns: %s\n", err);
     failed = (int)names;
   } else {
-    check_t *c = pc_calloc(cfg->nlisteners, sizeof(*c));
+    check_t *c = pc_calloc(names, sizeof(*c));
     size_t left = names;
-    for (size_t i = 0; i < cfg->nlisteners; i++) {
-      const pc_target_t *t = cfg->listeners[i].tgt;
-      c[i].lc = &cfg->listeners[i];
+    for (size_t i = 0; i < names; i++) {
+      const pc_target_t *t = lcs[i]->tgt;
+      c[i].lc = lcs[i];
       c[i].left = &left;
       c[i].loop = &loop;
-      if (pc_target_is_name(t))
-        lookup(&r, pc_target_host(t), pc_target_port(t), on_check_answer, &c[i]);
+      lookup(&r, pc_target_host(t), pc_target_port(t), on_check_answer, &c[i]);
     }
     uv_run(&loop, UV_RUN_DEFAULT);
-    for (size_t i = 0; i < cfg->nlisteners; i++)
+    for (size_t i = 0; i < names; i++)
       failed += c[i].failed;
     free(c);
     resolver_close(&r);
@@ -487,5 +498,6 @@ int pc_dns_check(const pc_config_t *cfg) {
   }
   uv_loop_close(&loop);
   free(s.servers);
+  free(lcs);
   return failed;
 }

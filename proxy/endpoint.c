@@ -13,7 +13,7 @@
 struct pc_target {
   char *listener, *spec, *host;
   uint16_t port;
-  int inbound, is_name;
+  int inbound, is_name, pinned;
   char *unresolved;
   /* Guards eps/neps and the answer's state; endpoints' own fields are
    * atomics, touched by every worker without it. */
@@ -40,8 +40,8 @@ static void reg_init(void) {
   if (uv_mutex_init(&reg_lock) != 0) pc_fatal("cannot create a mutex");
 }
 
-static const char *const result_words[] = {"ok", "nxdomain", "servfail", "timeout", "pending",
-                                           "static"};
+static const char *const result_words[] = {"ok",      "nxdomain", "servfail",
+                                           "timeout", "pending",  "static"};
 
 const char *pc_dns_result_word(pc_dns_result_t r) { return result_words[r]; }
 
@@ -177,7 +177,8 @@ pc_target_t *pc_target_get(const char *listener, int inbound, const char *spec, 
     for (const char *c = spec; *c && *c != ':'; c++)
       if (!((*c >= '0' && *c <= '9') || *c == '.')) digits_only = 0;
     if (spec[0] == '[' || digits_only || parse_name(spec, &host, &port) != 0) {
-      snprintf(err, errlen, "\"%s\" is not an address of the form IP:PORT, [IPv6]:PORT or NAME:PORT", spec);
+      snprintf(err, errlen,
+               "\"%s\" is not an address of the form IP:PORT, [IPv6]:PORT or NAME:PORT", spec);
       return NULL;
     }
     is_name = 1;
@@ -185,7 +186,8 @@ pc_target_t *pc_target_get(const char *listener, int inbound, const char *spec, 
   uv_once(&reg_once, reg_init);
   uv_mutex_lock(&reg_lock);
   for (pc_target_t *t = targets; t; t = t->next) {
-    if (t->inbound == inbound && strcmp(t->listener, listener) == 0 && strcmp(t->spec, spec) == 0) {
+    if (!t->pinned && t->inbound == inbound && strcmp(t->listener, listener) == 0 &&
+        strcmp(t->spec, spec) == 0) {
       t->refs++;
       uv_mutex_unlock(&reg_lock);
       free(host);
@@ -216,6 +218,33 @@ pc_target_t *pc_target_get(const char *listener, int inbound, const char *spec, 
     t->neps = 1;
     t->unresolved = pc_strdup("the upstream has no address");
   }
+  t->next = targets;
+  targets = t;
+  uv_mutex_unlock(&reg_lock);
+  return t;
+}
+
+pc_target_t *pc_target_get_pinned(const char *listener, int inbound, const char *spec) {
+  uv_once(&reg_once, reg_init);
+  uv_mutex_lock(&reg_lock);
+  for (pc_target_t *t = targets; t; t = t->next) {
+    if (t->pinned && t->inbound == inbound && strcmp(t->listener, listener) == 0 &&
+        strcmp(t->spec, spec) == 0) {
+      t->refs++;
+      uv_mutex_unlock(&reg_lock);
+      return t;
+    }
+  }
+  pc_target_t *t = pc_calloc(1, sizeof(*t));
+  t->listener = pc_strdup(listener);
+  t->spec = pc_strdup(spec);
+  t->host = pc_strdup(spec);
+  t->inbound = inbound;
+  t->pinned = 1;
+  t->refs = 1;
+  t->result = PC_DNS_STATIC;
+  t->unresolved = pc_strdup("the original destination has no address");
+  if (uv_mutex_init(&t->lock) != 0) pc_fatal("cannot create a mutex");
   t->next = targets;
   targets = t;
   uv_mutex_unlock(&reg_lock);
@@ -276,6 +305,78 @@ size_t pc_target_size(pc_target_t *t) {
   return n;
 }
 
+static int same_addr(const struct sockaddr_storage *a, const struct sockaddr_storage *b) {
+  if (a->ss_family != b->ss_family) return 0;
+  if (a->ss_family == AF_INET6) {
+    const struct sockaddr_in6 *x = (const void *)a, *y = (const void *)b;
+    return x->sin6_port == y->sin6_port &&
+           memcmp(&x->sin6_addr, &y->sin6_addr, sizeof(x->sin6_addr)) == 0;
+  }
+  const struct sockaddr_in *x = (const void *)a, *y = (const void *)b;
+  return x->sin_port == y->sin_port && x->sin_addr.s_addr == y->sin_addr.s_addr;
+}
+
+void pc_endpoint_use(pc_endpoint_t *ep) {
+  pc_endpoint_ref(ep);
+  __atomic_add_fetch(&ep->in_flight, 1, __ATOMIC_RELAXED);
+}
+
+/* Pinned sets grow with the destinations seen; an endpoint only the set
+ * holds (no connection, no pooled one) and in good health can go. */
+static void forget_unused(pc_target_t *t, uint64_t now) {
+  size_t m = 0;
+  for (size_t i = 0; i < t->neps; i++) {
+    pc_endpoint_t *e = t->eps[i];
+    if (__atomic_load_n(&e->refs, __ATOMIC_ACQUIRE) == 1 && !ejected(e, now)) {
+      __atomic_store_n(&e->removed, 1, __ATOMIC_RELEASE);
+      pc_endpoint_unref(e);
+    } else {
+      t->eps[m++] = e;
+    }
+  }
+  t->neps = m;
+}
+
+pc_endpoint_t *pc_target_endpoint_for(pc_target_t *t, const struct sockaddr_storage *dst) {
+  pc_endpoint_t *found = NULL;
+  uv_mutex_lock(&t->lock);
+  for (size_t i = 0; i < t->neps && !found; i++)
+    if (same_addr(&t->eps[i]->addr, dst)) found = t->eps[i];
+  if (!found && t->pinned) {
+    /* A fresh copy of the address: only family, address and port count. */
+    struct sockaddr_storage a;
+    memset(&a, 0, sizeof(a));
+    if (dst->ss_family == AF_INET6) {
+      struct sockaddr_in6 *d = (struct sockaddr_in6 *)&a;
+      const struct sockaddr_in6 *s = (const struct sockaddr_in6 *)dst;
+      d->sin6_family = AF_INET6;
+      d->sin6_addr = s->sin6_addr;
+      d->sin6_port = s->sin6_port;
+    } else {
+      struct sockaddr_in *d = (struct sockaddr_in *)&a;
+      const struct sockaddr_in *s = (const struct sockaddr_in *)dst;
+      d->sin_family = AF_INET;
+      d->sin_addr = s->sin_addr;
+      d->sin_port = s->sin_port;
+    }
+    if (t->neps >= PC_PINNED_MAX) forget_unused(t, pc_endpoint_now_ms());
+    found = endpoint_new(t, &a);
+    if (t->neps < PC_PINNED_MAX) {
+      if ((t->neps & (t->neps - 1)) == 0) /* 0, 1, 2, 4, ...: grow by doubling */
+        t->eps = pc_realloc(t->eps, (t->neps ? 2 * t->neps : 1) * sizeof(*t->eps));
+      t->eps[t->neps++] = found;
+      pc_endpoint_ref(found); /* the set's, and the caller's below */
+    }
+    /* else untracked: the caller's reference is endpoint_new's */
+    __atomic_add_fetch(&found->in_flight, 1, __ATOMIC_RELAXED);
+    uv_mutex_unlock(&t->lock);
+    return found;
+  }
+  if (found) pc_endpoint_use(found);
+  uv_mutex_unlock(&t->lock);
+  return found;
+}
+
 pc_endpoint_t *pc_target_pick(pc_target_t *t, const pc_endpoint_t *avoid) {
   uint64_t now = pc_endpoint_now_ms();
   uv_mutex_lock(&t->lock);
@@ -316,12 +417,6 @@ pc_endpoint_t *pc_target_pick(pc_target_t *t, const pc_endpoint_t *avoid) {
   }
   uv_mutex_unlock(&t->lock);
   return best;
-}
-
-static int same_addr(const struct sockaddr_storage *a, const struct sockaddr_storage *b) {
-  if (a->ss_family != b->ss_family) return 0;
-  size_t n = a->ss_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in);
-  return memcmp(a, b, n) == 0;
 }
 
 void pc_target_answer(pc_target_t *t, pc_dns_result_t r, const struct sockaddr_storage *addrs,
@@ -397,6 +492,10 @@ int pc_targets_pending(const char **why) {
 }
 
 void pc_target_view(pc_target_t *t, pc_target_view_t *out) {
+  if (!t) {
+    *out = (pc_target_view_t){.last_result = PC_DNS_STATIC, .eps = pc_calloc(1, sizeof(*out->eps))};
+    return;
+  }
   uint64_t now = pc_endpoint_now_ms(), wall = wall_ms();
   uv_mutex_lock(&t->lock);
   *out = (pc_target_view_t){.is_name = t->is_name,

@@ -53,7 +53,7 @@ typedef struct pc_endpoint {
   /* private: atomics */
   int refs;
   uint32_t in_flight;
-  uint32_t failures; /* consecutive */
+  uint32_t failures;      /* consecutive */
   uint64_t ejected_until; /* pc_endpoint_now_ms; 0: healthy */
   int removed;
 } pc_endpoint_t;
@@ -63,6 +63,11 @@ typedef struct pc_endpoint {
  * in err) if spec is neither IP:PORT, [v6]:PORT nor NAME:PORT. */
 pc_target_t *pc_target_get(const char *listener, int inbound, const char *spec, char *err,
                            size_t errlen);
+/* Registers (or finds) a pinned target of listener name: one whose
+ * endpoints are made on demand, one per original destination of
+ * transparent connections (pc_target_endpoint_for); spec is only its text
+ * ("10.77.0.0/24:8080", "127.0.0.1:*"). Returns a new reference. */
+pc_target_t *pc_target_get_pinned(const char *listener, int inbound, const char *spec);
 void pc_target_ref(pc_target_t *t);
 void pc_target_unref(pc_target_t *t);
 /* References held now (dns.h lets go of a target only it still holds). */
@@ -87,6 +92,20 @@ size_t pc_target_size(pc_target_t *t);
  * avoid (may be NULL) is not picked while another endpoint exists (a
  * retry). NULL: the target has no address (a name never resolved). */
 pc_endpoint_t *pc_target_pick(pc_target_t *t, const pc_endpoint_t *avoid);
+
+/* The endpoint of t at exactly dst (address and port), counted in flight
+ * and referenced as pc_target_pick's. A pinned target finds or makes it:
+ * endpoints live in its set while something uses them (pools included) or
+ * they are ejected, and at PC_PINNED_MAX endpoints the unused ones are let
+ * go (past that, an untracked endpoint is returned: it works, but its
+ * health is its own). A name or IP target returns its endpoint at dst if
+ * its current set has one, else NULL. */
+#define PC_PINNED_MAX 1024
+pc_endpoint_t *pc_target_endpoint_for(pc_target_t *t, const struct sockaddr_storage *dst);
+
+/* A pinned connection or request uses ep again: counted in flight, with a
+ * new reference (give back with pc_endpoint_done). */
+void pc_endpoint_use(pc_endpoint_t *ep);
 
 /* The connection or request that pc_target_pick counted ended: the count
  * and the reference go (pc_endpoint_done), or only the count
@@ -143,15 +162,17 @@ typedef struct {
 typedef struct {
   int is_name;
   pc_dns_result_t last_result;
-  int stale;                   /* a failure after a good answer: the last good set is kept */
-  uint64_t resolved_at_ms;     /* wall clock of the last good answer, 0 if none */
-  uint64_t ttl_ms;             /* of the last good answer */
+  int stale;               /* a failure after a good answer: the last good set is kept */
+  uint64_t resolved_at_ms; /* wall clock of the last good answer, 0 if none */
+  uint64_t ttl_ms;         /* of the last good answer */
   uint64_t resolutions[PC_DNS_RESULTS];
   uint64_t ejections;
   pc_endpoint_view_t *eps; /* malloc'd; free with pc_target_view_free */
   size_t neps;
 } pc_target_view_t;
 
+/* t may be NULL (an outbound transparent listener has no target of its
+ * own): an empty view. */
 void pc_target_view(pc_target_t *t, pc_target_view_t *out);
 void pc_target_view_free(pc_target_view_t *v);
 

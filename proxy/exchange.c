@@ -51,7 +51,9 @@ pc_reason_t pc_exchange_begin(pc_exchange_t *e, const pc_l7_env_t *env, const ch
 void pc_exchange_send(pc_exchange_t *e, const pc_l7_env_t *env, const pc_upreq_t *req,
                       const pc_upcall_cbs_t *cbs, void *user) {
   e->t_sent = uv_hrtime();
-  e->call = pc_upcall_start(env->w, e->gen, e->lc, &env->l->stats, req, cbs, user);
+  pc_upreq_t r = *req;
+  r.pin = env->pin;
+  e->call = pc_upcall_start(env->w, e->gen, e->lc, &env->l->stats, &r, cbs, user);
 }
 
 static void keep_peer(pc_exchange_t *e) {

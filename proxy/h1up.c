@@ -218,11 +218,12 @@ static void on_ready(void *user, pc_upconn_t *up, pc_upconn_fail_t fail, pc_reas
     keep_peer(k, up); /* up is closing, but readable now */
     k->up = NULL;     /* the pool closes it */
     int status = fail == PC_UPCONN_CONNECT || fail == PC_UPCONN_UNRESOLVED ? 503
-                 : reason == PC_REASON_TIMEOUT                              ? 504
-                                                                            : 502;
+                 : reason == PC_REASON_TIMEOUT                             ? 504
+                                                                           : 502;
     /* Nothing reached the upstream: another endpoint may take it (the
      * failed one is ejected now). */
-    int retry = fail == PC_UPCONN_CONNECT && pc_target_size(k->lc->tgt) > 1;
+    int retry =
+        fail == PC_UPCONN_CONNECT && !pc_config_pinned(k->lc) && pc_target_size(k->lc->tgt) > 1;
     call_fail(k, status, reason, detail, retry);
   } else {
     start_sending(k);
@@ -264,9 +265,7 @@ void pc_h1call_release(pc_h1call_t *k) {
 const char *pc_h1call_peer_id(const pc_h1call_t *k) { return k->peer_id; }
 const char *pc_h1call_tls_version(const pc_h1call_t *k) { return k->tls_version; }
 const char *pc_h1call_cipher(const pc_h1call_t *k) { return k->cipher; }
-const char *pc_h1call_endpoint(const pc_h1call_t *k) {
-  return k->endpoint[0] ? k->endpoint : NULL;
-}
+const char *pc_h1call_endpoint(const pc_h1call_t *k) { return k->endpoint[0] ? k->endpoint : NULL; }
 
 /* ---- the response ------------------------------------------------------- */
 
@@ -488,7 +487,7 @@ pc_h1call_t *pc_h1call_start(pc_worker_t *w, pc_gen_t *g, const pc_listener_cfg_
   pc_h1_init(&k->res, 0, &k->lim, on_body, k);
   k->res.req_method = method;
   int ready = 0;
-  k->up = pc_pool_acquire(pc_pool_for(w, g, lc), stats, &up_cbs, k, on_ready, k, &ready);
+  k->up = pc_pool_acquire(pc_pool_for(w, g, lc), req->pin, stats, &up_cbs, k, on_ready, k, &ready);
   if (ready) start_sending(k);
   return k;
 }

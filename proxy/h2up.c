@@ -434,7 +434,8 @@ static void conn_fail(h2conn_t *c, int status, pc_reason_t r, const char *detail
     const pc_config_t *cfg = c->pool->gen->cfg;
     pc_endpoint_failed(c->ep, cfg->health.ejection_base_ms, cfg->health.ejection_max_ms, detail);
   }
-  int elsewhere = fresh_fail && !was_ready && status == 503 && pc_target_size(c->pool->lc->tgt) > 1;
+  int elsewhere = fresh_fail && !was_ready && status == 503 && !pc_config_pinned(c->pool->lc) &&
+                  pc_target_size(c->pool->lc->tgt) > 1;
   c->state = C_CLOSED;
   unlink_conn(c);
   /* Callers may release any call of c from inside on_fail: all are marked
@@ -538,8 +539,8 @@ static void s_on_data(pc_stream_t *s, const char *buf, size_t len) {
   c->in_recv = 0;
   if (c->state != C_READY) return;
   if (rv < 0) {
-    pc_log(PC_LOG_WARN, "listener %s: HTTP/2 from %s: %s", c->pool->lc->name,
-           c->ep->str, nghttp2_strerror((int)rv));
+    pc_log(PC_LOG_WARN, "listener %s: HTTP/2 from %s: %s", c->pool->lc->name, c->ep->str,
+           nghttp2_strerror((int)rv));
     conn_fail(c, 502, PC_REASON_PROTOCOL, "the upstream broke HTTP/2");
     return;
   }
@@ -595,8 +596,8 @@ static void s_on_handshake(pc_stream_t *s, int status) {
   const pc_listener_cfg_t *lc = c->pool->lc;
   if (status < 0) {
     pc_reason_t r = pc_tls_failure_reason(s->ssl);
-    pc_log(PC_LOG_WARN, "listener %s: TLS with upstream %s (%s) failed: %s", lc->name,
-           c->ep->str, c->peer.peer_id ? c->peer.peer_id : "?", pc_reason_word(r));
+    pc_log(PC_LOG_WARN, "listener %s: TLS with upstream %s (%s) failed: %s", lc->name, c->ep->str,
+           c->peer.peer_id ? c->peer.peer_id : "?", pc_reason_word(r));
     conn_fail(c, 502, r,
               c->peer.reason != PC_REASON_NONE ? "the upstream's identity was refused"
                                                : "TLS with the upstream failed");
@@ -775,10 +776,14 @@ static h2conn_t *conn_for(h2pool_t *p, pc_endpoint_t *ep, pc_metrics_t *stats, i
 
 pc_h2call_t *pc_h2call_start(pc_worker_t *w, pc_gen_t *g, const pc_listener_cfg_t *lc,
                              pc_metrics_t *stats, const nghttp2_nv *nv, size_t n, int end,
-                             const pc_upcall_cbs_t *cbs, void *user) {
+                             pc_endpoint_t *pin, const pc_upcall_cbs_t *cbs, void *user) {
   h2pool_t *p = pool_find(w, g, lc, 1);
   int reused;
-  pc_endpoint_t *ep = pc_target_pick(lc->tgt, NULL);
+  pc_endpoint_t *ep = pin;
+  if (pin)
+    pc_endpoint_use(pin);
+  else
+    ep = pc_target_pick(lc->tgt, NULL);
   h2conn_t *c = conn_for(p, ep, stats, &reused);
   if (reused)
     stats->upstream_reuses++;

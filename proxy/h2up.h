@@ -39,11 +39,12 @@ struct pc_worker;
 typedef struct pc_h2call pc_h2call_t;
 
 /* Starts a request: nv is the whole head (pseudo-headers first), copied.
- * end: the request has no body. Callbacks fire later, never from inside
+ * end: the request has no body. pin: the endpoint to use (borrowed; NULL:
+ * one is picked from lc's target). Callbacks fire later, never from inside
  * this call. stats counts connects and reuses (must outlive the call). */
 pc_h2call_t *pc_h2call_start(struct pc_worker *w, pc_gen_t *g, const pc_listener_cfg_t *lc,
                              pc_metrics_t *stats, const nghttp2_nv *nv, size_t n, int end,
-                             const pc_upcall_cbs_t *cbs, void *user);
+                             struct pc_endpoint *pin, const pc_upcall_cbs_t *cbs, void *user);
 
 /* Request body bytes (copied; on_sent tells when they left) and its end. */
 void pc_h2call_send(pc_h2call_t *c, const char *data, size_t len);

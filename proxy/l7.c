@@ -798,7 +798,7 @@ void pc_l7_on_shutdown(pc_l7_t *x, int status) {
 /* "x-forwarded-client-cert: By=<us>;Hash=<sha256 of the peer's leaf>;URI=<peer>" */
 pc_gen_t *pc_l7_decider(const pc_l7_env_t *env, const pc_listener_cfg_t **lc) {
   pc_gen_t *g = env->w->gen;
-  const pc_listener_cfg_t *l = pc_config_listener(g->cfg, env->lc->name);
+  const pc_listener_cfg_t *l = pc_config_counterpart(g->cfg, env->lc);
   if (!l || l->direction != env->lc->direction || l->protocol != PC_PROTO_HTTP) {
     g = env->gen;
     l = env->lc;

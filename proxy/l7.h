@@ -39,6 +39,8 @@
 #include "stream.h"
 #include "worker.h"
 
+struct pc_endpoint;
+
 typedef struct pc_l7 pc_l7_t;
 
 /* What the connection lends to its HTTP handler; everything must outlive it. */
@@ -53,6 +55,7 @@ typedef struct {
   const char *tls_version;     /* inbound: the client side's TLS */
   const char *cipher;          /* inbound */
   uint64_t *last_active;       /* loop time of the last byte either way */
+  struct pc_endpoint *pin;     /* transparent: every request goes there; NULL: picked */
 } pc_l7_env_t;
 
 /* Creates the handler for down (established: TLS done inbound, accepted

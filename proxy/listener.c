@@ -26,6 +26,12 @@ int pc_listener_bind(const pc_config_t *conf, const pc_listener_cfg_t *cfg, char
   if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) < 0 ||
       setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) < 0)
     goto fail;
+  /* "[::]:PORT" takes both families whatever net.ipv6.bindv6only says: a
+   * transparent listener is where both families' redirects arrive. */
+  int zero = 0;
+  if (sa->sa_family == AF_INET6 &&
+      setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof(zero)) < 0)
+    goto fail;
   if (bind(fd, sa, len) < 0 || listen(fd, 1024) < 0) goto fail;
   return fd;
 fail:;

@@ -147,8 +147,8 @@ static void on_attempt_timer(uv_timer_t *t) {
   pc_upconn_t *up = t->data;
   if (pc_deadline_recheck(t, on_attempt_timer, &up->rechecked)) return;
   const char *what = up->state == UP_CONNECTING ? "connect" : "TLS handshake";
-  pc_log(PC_LOG_WARN, "listener %s: %s to %s (%s) timed out", up->pool->lc->name, what,
-         up->ep->str, up->pool->lc->target_str);
+  pc_log(PC_LOG_WARN, "listener %s: %s to %s (%s) timed out", up->pool->lc->name, what, up->ep->str,
+         up->pool->lc->target_str);
   if (up->state == UP_CONNECTING)
     finish_attempt(up, PC_UPCONN_CONNECT, PC_REASON_TIMEOUT,
                    "connecting to the upstream timed out");
@@ -242,9 +242,14 @@ static int unusable(pc_pool_t *p, pc_upconn_t *up, pc_metrics_t *stats) {
   return pc_endpoint_removed(up->ep); /* a newer answer left it out */
 }
 
-pc_upconn_t *pc_pool_acquire(pc_pool_t *p, pc_metrics_t *stats, const pc_stream_cbs_t *cbs,
-                             void *owner, pc_upconn_ready_cb on_ready, void *user, int *ready) {
-  pc_endpoint_t *ep = pc_target_pick(p->lc->tgt, NULL);
+pc_upconn_t *pc_pool_acquire(pc_pool_t *p, pc_endpoint_t *pin, pc_metrics_t *stats,
+                             const pc_stream_cbs_t *cbs, void *owner, pc_upconn_ready_cb on_ready,
+                             void *user, int *ready) {
+  pc_endpoint_t *ep = pin;
+  if (pin)
+    pc_endpoint_use(pin);
+  else
+    ep = pc_target_pick(p->lc->tgt, NULL);
   pc_upconn_t *up = p->idle, *next;
   for (; up; up = next) {
     next = up->next;

@@ -33,8 +33,8 @@ typedef struct pc_upconn pc_upconn_t;
 /* How a connection attempt failed (pc_upconn_ready_cb). */
 typedef enum {
   PC_UPCONN_OK = 0,
-  PC_UPCONN_CONNECT, /* no TCP connection: refused, unreachable, or timed out */
-  PC_UPCONN_TLS,     /* the TLS handshake failed, timed out, or refused the upstream */
+  PC_UPCONN_CONNECT,    /* no TCP connection: refused, unreachable, or timed out */
+  PC_UPCONN_TLS,        /* the TLS handshake failed, timed out, or refused the upstream */
   PC_UPCONN_UNRESOLVED, /* the target is a name that has no address yet (endpoint.h) */
 } pc_upconn_fail_t;
 
@@ -48,9 +48,9 @@ typedef void (*pc_upconn_ready_cb)(void *user, pc_upconn_t *up, pc_upconn_fail_t
                                    pc_reason_t reason, const char *detail);
 
 struct pc_upconn {
-  pc_stream_t s;      /* lent: s.cbs and s.owner are the borrower's */
-  pc_tls_peer_t peer; /* outbound: peer.peer_id is the upstream's SPIFFE ID */
-  uint64_t served;    /* requests completed over it before this one */
+  pc_stream_t s;          /* lent: s.cbs and s.owner are the borrower's */
+  pc_tls_peer_t peer;     /* outbound: peer.peer_id is the upstream's SPIFFE ID */
+  uint64_t served;        /* requests completed over it before this one */
   struct pc_endpoint *ep; /* where it goes (NULL: unresolved); counted in flight while lent */
   /* private */
   uv_timer_t timer;
@@ -78,7 +78,8 @@ struct pc_upconn {
 pc_pool_t *pc_pool_for(struct pc_worker *w, pc_gen_t *g, const pc_listener_cfg_t *lc);
 
 /* Lends a connection to a borrower whose stream callbacks are cbs with owner.
- * The endpoint is picked first (endpoint.h: power of two choices over the
+ * The endpoint is pin if set (borrowed: a transparent connection's original
+ * destination), else picked first (endpoint.h: power of two choices over the
  * listener's set); an idle connection to it is reused if there is one.
  * If an idle one is available it is returned with *ready = 1 and nothing else
  * fires. Otherwise a new one is started, *ready = 0, and on_ready(user, ...)
@@ -86,8 +87,9 @@ pc_pool_t *pc_pool_for(struct pc_worker *w, pc_gen_t *g, const pc_listener_cfg_t
  * releases it first. stats counts connects, reuses, failures and a TLS
  * truncation (the lent stream's PC_STREAM_ETRUNC, counted and logged at
  * release); it must stay valid until the connection was released. */
-pc_upconn_t *pc_pool_acquire(pc_pool_t *p, pc_metrics_t *stats, const pc_stream_cbs_t *cbs,
-                             void *owner, pc_upconn_ready_cb on_ready, void *user, int *ready);
+pc_upconn_t *pc_pool_acquire(pc_pool_t *p, struct pc_endpoint *pin, pc_metrics_t *stats,
+                             const pc_stream_cbs_t *cbs, void *owner, pc_upconn_ready_cb on_ready,
+                             void *user, int *ready);
 
 /* pc_pool_release modes. */
 #define PC_POOL_KEEP 1   /* the exchange ended cleanly, both sides keep-alive */

@@ -1,5 +1,6 @@
 #include "stream.h"
 
+#include <arpa/inet.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -420,8 +421,15 @@ void pc_stream_addr(const pc_stream_t *s, int peer, char *out, size_t n) {
     uv_ip4_name((struct sockaddr_in *)&ss, ip, sizeof(ip));
     port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
   } else if (rc == 0 && ss.ss_family == AF_INET6) {
+    const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)&ss;
+    port = ntohs(s6->sin6_port);
+    if (IN6_IS_ADDR_V4MAPPED(&s6->sin6_addr)) {
+      /* An IPv4 peer of a dual-stack listener: said as IPv4. */
+      inet_ntop(AF_INET, &s6->sin6_addr.s6_addr[12], ip, sizeof(ip));
+      snprintf(out, n, "%s:%d", ip, port);
+      return;
+    }
     uv_ip6_name((struct sockaddr_in6 *)&ss, ip, sizeof(ip));
-    port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
   }
   if (rc == 0 && ss.ss_family == AF_INET6)
     snprintf(out, n, "[%s]:%d", ip, port);

@@ -21,6 +21,7 @@ struct pc_upcall {
   nghttp2_nv *nv;
   size_t n;
   char *bytes;
+  struct pc_endpoint *pin;
   unsigned end : 1, body : 1, fallback : 1;
 };
 
@@ -65,7 +66,7 @@ static void f_on_fail(void *user, int status, pc_reason_t r, const char *detail,
     pc_h2call_t *k = c->h2;
     c->h2 = NULL;
     pc_h2call_release(k);
-    pc_upreq_t req = {.nv = c->nv, .n = c->n, .end = c->end};
+    pc_upreq_t req = {.nv = c->nv, .n = c->n, .end = c->end, .pin = c->pin};
     c->h1 = pc_h1call_start(c->w, c->g, c->lc, c->stats, &req, c->cbs, c->user);
     return;
   }
@@ -118,10 +119,11 @@ pc_upcall_t *pc_upcall_start(pc_worker_t *w, pc_gen_t *g, const pc_listener_cfg_
     c->g = g;
     c->lc = lc;
     c->stats = stats;
+    c->pin = req->pin;
     keep_request(c, req);
-    c->h2 = pc_h2call_start(w, g, lc, stats, req->nv, req->n, req->end, &fallback_cbs, c);
+    c->h2 = pc_h2call_start(w, g, lc, stats, req->nv, req->n, req->end, req->pin, &fallback_cbs, c);
   } else {
-    c->h2 = pc_h2call_start(w, g, lc, stats, req->nv, req->n, req->end, cbs, user);
+    c->h2 = pc_h2call_start(w, g, lc, stats, req->nv, req->n, req->end, req->pin, cbs, user);
   }
   return c;
 }

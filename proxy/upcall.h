@@ -61,6 +61,10 @@ typedef struct {
   const char *h1_head;
   size_t h1_head_len;
   int h1_chunked;
+  /* Transparent connections: the endpoint (the original destination) the
+   * request must go to, instead of one picked from the listener's target;
+   * borrowed (the connection holds it). NULL: picked. */
+  struct pc_endpoint *pin;
 } pc_upreq_t;
 
 /* pc_upcall_cbs_t.on_fail status: HTTP/2 only, and the upstream speaks only

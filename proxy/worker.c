@@ -243,8 +243,11 @@ static void budget_descriptors(const pc_config_t *cfg) {
   struct rlimit rl;
   if (getrlimit(RLIMIT_NOFILE, &rl) != 0) return;
   uint64_t http = 0;
-  for (size_t i = 0; i < cfg->nlisteners; i++)
+  for (size_t i = 0; i < cfg->nlisteners; i++) {
     http += cfg->listeners[i].protocol == PC_PROTO_HTTP;
+    for (size_t k = 0; k < cfg->listeners[i].nroutes; k++) /* each route has its pool */
+      http += cfg->listeners[i].routes[k].lc.protocol == PC_PROTO_HTTP;
+  }
   uint64_t reserve = 32 + (uint64_t)cfg->workers * (cfg->nlisteners + 8) +
                      cfg->admin.max_connections +
                      (uint64_t)cfg->workers * http * cfg->http.pool_max_idle;
