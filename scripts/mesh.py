@@ -85,6 +85,7 @@ PATHS = [
     ("scheduler.tenant-b", "api.control", "http", "/v1/jobs", "allow", None),
     ("scheduler.tenant-b", "api.control", "grpc", "/mesh.Api/Get", "allow", None),
     ("webserver.tenant-a", "api.control", "http", "/v1/pages", "allow", None),
+    ("webserver.tenant-b", "api.control", "http", "/v1/pages", "allow", None),
     ("api.control", "config.control", "http", "/v1/config", "allow", None),
     ("api.control", "config.control", "grpc", "/mesh.Api/Get", "allow", None),
     ("scheduler.tenant-a", "webserver.tenant-a", "http", "/v1/deploy", "allow", None),
@@ -263,12 +264,15 @@ dns = {{ servers = [ "{NODE4}:53" ]; }};
             rs.append(f'{{ destination = "{t.dns}:{PORT[kind]}"; protocol = "http"; '
                       f'upstream_protocol = "h2"; server_name = "{t.app}.{t.ns}.svc"; '
                       f'expect = {lc_expect(t)}; }}')
+        # (a pod that calls no one has no egress listener: what its app might still send
+        # out is captured and finds nothing on 15001, i.e. it is refused)
+        egress = "" if not rs else f"""outbound = ( {{ name = "egress"; listen = "[::]:15001"; transparent = true;
+               routes = ( {(", " + chr(10) + "                 ").join(rs)} ); }} );
+"""
         return head + f"""
 inbound = ( {{ name = "ingress"; listen = "[::]:15006"; transparent = true; protocol = "http";
               app_protocol = "h2c"; allow = {allow}; }} );
-outbound = ( {{ name = "egress"; listen = "[::]:15001"; transparent = true;
-               routes = ( {(", " + chr(10) + "                 ").join(rs)} ); }} );
-"""
+""" + egress
     # explicit (stepping stone, no interception): one inbound listener per app port, one
     # outbound listener per destination on 127.0.0.1; the app calls those
     outs = []
