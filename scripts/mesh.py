@@ -809,6 +809,8 @@ def print_summary(s: dict) -> None:
             w(f"  {pod:<20} {k}: {n}\n")
     if s["problems"]:
         w("\nPROBLEMS:\n" + "".join(f"  - {p}\n" for p in s["problems"]))
+    w(f"\nconfigs, access logs (*.sidecar.out), server logs (*.sidecar.err), certificates: "
+      f"{s.get('workdir')}\n")
     w(f"\nresult: {'OK' if s['ok'] else 'FAILED'}\n")
     sys.stdout.flush()
 
@@ -854,6 +856,7 @@ def main() -> int:
             problems += m.stop_sidecars()
         s = summarize(m, results, ev, problems, time.monotonic() - t0)
         s["workdir"] = str(m.dir)
+        s["binary"] = str(a.bin)
         s["prefix"] = m.prefix
         print_summary(s)
         if a.summary_json:

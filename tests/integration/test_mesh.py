@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -81,10 +82,15 @@ def leftovers(prefix: str) -> list[str]:
 def test_mesh_in_a_box_with_rotation_under_load(mesh_ok, tmp_path):
     prefix = f"pcmt{os.getpid()}"
     summary = tmp_path / "summary.json"
+    # the work dir must be readable by the pods' unprivileged app and sidecar users, which
+    # pytest's tmp_path (under a 0700 directory) is not; removed after a passing run
+    work = Path(tempfile.mkdtemp(prefix="pcmesh-test-"))
+    passed = False
     env = dict(os.environ, PORTCULLIS_BIN=str(h.BIN))
     t0 = time.monotonic()
     r = subprocess.run(["bash", str(MESH), "--duration", str(DURATION), "--rotate-every",
-                        str(ROTATE_EVERY), "--prefix", prefix, "--summary-json", str(summary)],
+                        str(ROTATE_EVERY), "--prefix", prefix, "--summary-json", str(summary),
+                        "--workdir", str(work)],
                        capture_output=True, text=True, env=env, timeout=h.T(300))
     took = time.monotonic() - t0
     report = f"mesh.sh exit {r.returncode} after {took:.0f} s\n{r.stdout}\n{r.stderr[-6000:]}"
@@ -130,7 +136,12 @@ def test_mesh_in_a_box_with_rotation_under_load(mesh_ok, tmp_path):
             assert n > 0, f"{p['id']}: no refusal in {pod}'s metrics: {rows}"
             logged = s["sidecars"][pod]["access_log_denies"]
             assert logged, f"{p['id']}: no deny line in {pod}'s access log"
+        passed = True
     finally:
+        if passed:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"mesh logs kept in {work}", file=sys.stderr)
         if leftovers(prefix):
             subprocess.run(["bash", str(MESH), "--down", "--prefix", prefix],
                            capture_output=True, timeout=120)
