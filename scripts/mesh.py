@@ -846,6 +846,7 @@ def main() -> int:
     def on_signal(signum, frame):
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)     # also when started in the background
     try:
         log(f"work dir {m.dir}")
         m.setup()
