@@ -36,7 +36,8 @@ while (($#)); do
     --down) down=1; shift ;;
     --keep) args+=(--keep); shift ;;
     --explicit) args+=(--mode explicit); shift ;;
-    --duration | --rotate-every | --summary-json | --prefix | --ca-roll-at | --max-calls | --workdir)
+    --duration | --rotate-every | --summary-json | --prefix | --ca-roll-at | --max-calls | --workdir | \
+      --min-rotations | --fault)
       (($# >= 2)) || { echo "mesh: $1 needs a value" >&2; exit 2; }
       args+=("$1" "$2"); shift 2 ;;
     *) echo "mesh: unknown option $1" >&2; usage >&2; exit 2 ;;

@@ -145,3 +145,38 @@ def test_mesh_in_a_box_with_rotation_under_load(mesh_ok, tmp_path):
         if leftovers(prefix):
             subprocess.run(["bash", str(MESH), "--down", "--prefix", prefix],
                            capture_output=True, timeout=120)
+
+
+def test_mesh_fails_loudly_when_an_allowed_path_breaks(mesh_ok):
+    """The summary is no rubber stamp: with api.control's sidecar missing tenant-b in its
+    allow-list, tenant-b's calls to api go wrong, and mesh.sh must say which and exit 1."""
+    prefix = f"pcmf{os.getpid()}"
+    work = Path(tempfile.mkdtemp(prefix="pcmesh-test-"))
+    summary = work / "summary.json"
+    env = dict(os.environ, PORTCULLIS_BIN=str(h.BIN))
+    try:
+        r = subprocess.run(["bash", str(MESH), "--duration", "4", "--min-rotations", "0",
+                            "--prefix", prefix, "--summary-json", str(summary),
+                            "--workdir", str(work), "--fault", "drop-tenant-b"],
+                           capture_output=True, text=True, env=env, timeout=h.T(300))
+        report = f"mesh.sh exit {r.returncode}\n{r.stdout}\n{r.stderr[-4000:]}"
+        assert not leftovers(prefix), report
+        assert r.returncode == 1, report
+        assert "result: FAILED" in r.stdout, report
+        s = json.loads(summary.read_text())
+        assert not s["ok"], report
+        # every tenant-b call to api: the allowed ones fail, and the one api's allow-list
+        # should refuse by method is now refused in the handshake, the wrong way
+        broken = {p["id"] for p in s["paths"] if p["unexpected"] > 0}
+        assert broken == {"scheduler.tenant-b -> api.control http /v1/jobs",
+                          "scheduler.tenant-b -> api.control grpc /mesh.Api/Get",
+                          "webserver.tenant-b -> api.control http /v1/pages",
+                          "scheduler.tenant-b -> api.control grpc /mesh.Api/Admin"}, report
+        assert all(p["unexpected"] == 0 for p in s["paths"] if p["id"] not in broken)
+        assert s["unexpected_total"] > 0
+        assert any("no successful call" in p for p in s["problems"]), report
+    finally:
+        if leftovers(prefix):
+            subprocess.run(["bash", str(MESH), "--down", "--prefix", prefix],
+                           capture_output=True, timeout=120)
+        shutil.rmtree(work, ignore_errors=True)
