@@ -24,6 +24,7 @@ typedef struct resolver {
   uv_loop_t *loop;
   ares_channel ch;
   int up;
+  int tick_ready; /* tick outlives the channel: a new one reuses it */
   uv_timer_t tick;
   sockwatch_t *socks;
 } resolver_t;
@@ -116,8 +117,8 @@ static int resolver_open(resolver_t *r, uv_loop_t *loop, const settings_t *s, ch
     return -1;
   }
   lib = 1;
-  memset(r, 0, sizeof(*r));
   r->loop = loop;
+  r->socks = NULL;
   struct ares_options o = {0};
   o.sock_state_cb = sock_state;
   o.sock_state_cb_data = r;
@@ -134,19 +135,27 @@ static int resolver_open(resolver_t *r, uv_loop_t *loop, const settings_t *s, ch
     ares_destroy(r->ch);
     return -1;
   }
-  uv_timer_init(loop, &r->tick);
-  r->tick.data = r;
+  if (!r->tick_ready) {
+    uv_timer_init(loop, &r->tick);
+    r->tick.data = r;
+    r->tick_ready = 1;
+  }
   r->up = 1;
   return 0;
 }
 
-/* Cancels what is in flight (callbacks fire with ARES_EDESTRUCTION). */
-static void resolver_close(resolver_t *r) {
+/* Cancels what is in flight (callbacks fire with ARES_EDESTRUCTION); final:
+ * the timer closes too (the loop must run to finish closing). */
+static void resolver_close(resolver_t *r, int final) {
+  if (final && r->tick_ready) {
+    r->tick_ready = 0;
+    uv_timer_stop(&r->tick);
+    uv_close((uv_handle_t *)&r->tick, NULL);
+  }
   if (!r->up) return;
   r->up = 0;
   ares_destroy(r->ch);
-  uv_timer_stop(&r->tick);
-  uv_close((uv_handle_t *)&r->tick, NULL);
+  if (r->tick_ready) uv_timer_stop(&r->tick);
   while (r->socks) { /* c-ares closes its sockets without telling us */
     sockwatch_t *s = r->socks;
     r->socks = s->next;
@@ -362,7 +371,7 @@ void pc_dns_sync(const pc_config_t *cfg) {
   settings_t s;
   take_settings(cfg, &s);
   if (!same_channel(&s, &cur)) {
-    resolver_close(&res); /* in-flight queries come back PENDING and re-ask */
+    resolver_close(&res, 0); /* in-flight queries come back PENDING and re-ask */
     char err[256];
     if (resolver_open(&res, res.loop, &s, err, sizeof(err)) != 0)
       pc_log(PC_LOG_ERROR, "dns: %s; names are not resolved until a reload fixes it", err);
@@ -420,7 +429,7 @@ void pc_dns_stop(void) {
     pc_target_set_dns_state(w->t, NULL);
     w->dropped = 1;
   }
-  resolver_close(&res); /* answers come back PENDING: dropped watches free themselves */
+  resolver_close(&res, 1); /* answers come back PENDING: dropped watches free themselves */
   while (watches) {
     watch_t *w = watches;
     watches = w->next;
@@ -473,7 +482,7 @@ int pc_dns_check(const pc_config_t *cfg) {
   uv_loop_init(&loop);
   settings_t s;
   take_settings(cfg, &s);
-  resolver_t r;
+  resolver_t r = {0};
   char err[256];
   int failed = 0;
   if (resolver_open(&r, &loop, &s, err, sizeof(err)) != 0) {
@@ -493,7 +502,7 @@ int pc_dns_check(const pc_config_t *cfg) {
     for (size_t i = 0; i < names; i++)
       failed += c[i].failed;
     free(c);
-    resolver_close(&r);
+    resolver_close(&r, 1);
     uv_run(&loop, UV_RUN_DEFAULT);
   }
   uv_loop_close(&loop);

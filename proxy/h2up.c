@@ -43,7 +43,8 @@ struct h2conn {
   uint64_t served;        /* streams that ended with a whole response */
   uint64_t hs_start;
   pc_jbuf_t out;
-  unsigned in_flush : 1, again : 1, goaway : 1, send_bp : 1, retired : 1, in_recv : 1;
+  unsigned in_flush : 1, again : 1, goaway : 1, send_bp : 1, retired : 1, in_recv : 1,
+      gentle : 1;      /* closed by us (idle, retired, drain): no failure of the endpoint */
   pc_deferred_t defer; /* flush after this loop iteration's I/O (flush_later) */
   h2conn_t *prev, *next;
 };
@@ -429,7 +430,7 @@ static void conn_fail(h2conn_t *c, int status, pc_reason_t r, const char *detail
   int any = 0;
   for (pc_h2call_t *k = c->calls; k; k = k->next)
     any |= k->any;
-  int fresh_fail = status != PC_UPCALL_USE_H1 && c->ep && !any && c->served == 0;
+  int fresh_fail = status != PC_UPCALL_USE_H1 && !c->gentle && c->ep && !any && c->served == 0;
   if (fresh_fail) {
     const pc_config_t *cfg = c->pool->gen->cfg;
     pc_endpoint_failed(c->ep, cfg->health.ejection_base_ms, cfg->health.ejection_max_ms, detail);
@@ -464,6 +465,7 @@ static void conn_fail(h2conn_t *c, int status, pc_reason_t r, const char *detail
 static void conn_close(h2conn_t *c, const char *why) {
   pc_log(PC_LOG_DEBUG, "listener %s: HTTP/2 connection to %s closes (%s)", c->pool->lc->name,
          c->ep ? c->ep->str : c->pool->lc->target_str, why);
+  c->gentle = 1;
   conn_fail(c, 502, PC_REASON_PROTOCOL, "the upstream connection closed");
 }
 

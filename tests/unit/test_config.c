@@ -177,6 +177,11 @@ typedef struct {
 } bad_case_t;
 
 static const bad_case_t bad_cases[] = {
+    /* Transparent listeners name no target of their own (route.h). */
+    {"upstream = \"10.0.4.7:15443\";", "transparent = true;\n    upstream = \"10.0.4.7:15443\";",
+     "outbound[0].upstream", "upstream = \"10.0.4.7", "takes upstream from its routes"},
+    {"forward = \"127.0.0.1:8080\";", "forward = \"127.0.0.1:8080\"; transparent = true;",
+     "inbound[0].forward", "forward = \"127.0.0.1:8080\"", "on its original port"},
     /* Unknown keys, at every level. */
     {"workers = 2;", "workers = 2;\nfoo = 1;", "foo", "foo = 1", "unknown setting"},
     {"drain_timeout_ms = 20000;", "drain_timeout_ms = 20000;\n  foo = 3;", "limits.foo", "foo = 3",
@@ -332,9 +337,10 @@ static const bad_case_t bad_cases[] = {
     {"upstream = \"10.0.4.7:15443\";", "upstream = \"10.0.4.7\";", "outbound[0].upstream",
      "upstream =", "is not an address"},
     {"upstream = \"10.0.4.7:15443\";", "upstream = \"api.payments svc:80\";",
-     "outbound[0].upstream", "upstream =", "is not an address of the form IP:PORT, [IPv6]:PORT or NAME:PORT"},
-    {"upstream = \"10.0.4.7:15443\";", "upstream = \"api.payments.svc:0\";",
-     "outbound[0].upstream", "upstream =", "is not an address"},
+     "outbound[0].upstream",
+     "upstream =", "is not an address of the form IP:PORT, [IPv6]:PORT or NAME:PORT"},
+    {"upstream = \"10.0.4.7:15443\";", "upstream = \"api.payments.svc:0\";", "outbound[0].upstream",
+     "upstream =", "is not an address"},
     {"forward = \"127.0.0.1:8080\";", "forward = \"app.local\";", "inbound[0].forward",
      "forward =", "is not an address"},
     {"trust_domain = ", "dns = { servers = [ \"10.0.0.1\" ]; };\ntrust_domain = ", "dns.servers",
@@ -984,6 +990,81 @@ static void test_other_failures(void) {
   free(good);
 }
 
+/* Transparent listeners: routes become listener configs of their own, with
+ * what an original destination must match. */
+static void test_transparent(void) {
+  char text[4096], err[1024];
+  snprintf(text, sizeof(text),
+           "trust_domain = \"cluster.local\";\n"
+           "identity = { cert = \"%s/tls.crt\"; key = \"%s/tls.key\"; ca = \"%s/ca.crt\"; };\n"
+           "inbound = ( { name = \"in\"; listen = \"[::]:15006\"; transparent = true;\n"
+           "              allow = ( { namespace = \"web\"; } ); } );\n"
+           "outbound = ( { name = \"out\"; listen = \"[::]:15001\"; transparent = true;\n"
+           "  routes = ( { destination = \"10.77.0.0/24:8080\"; server_name = \"a\";\n"
+           "               expect = ( { namespace = \"payments\"; } ); },\n"
+           "             { destination = \"[fd77::/64]:*\"; protocol = \"http\";\n"
+           "               upstream_protocol = \"h2\"; server_name = \"b\";\n"
+           "               expect = ( { namespace = \"payments\"; } ); },\n"
+           "             { destination = \"10.1.2.3:5432\"; passthrough = true; },\n"
+           "             { destination = \"db.test:5432\"; server_name = \"c\";\n"
+           "               expect = ( { namespace = \"db\"; } ); } ); } );\n",
+           dir, dir, dir);
+  pc_config_t *cfg = NULL;
+  if (load_text(text, &cfg, err, sizeof(err)) != 0) {
+    fprintf(stderr, "transparent config refused: %s\n", err);
+    CHECK(0);
+    return;
+  }
+  CHECK_INT_EQ((int)cfg->nlisteners, 2);
+  const pc_listener_cfg_t *in = &cfg->listeners[0], *out = &cfg->listeners[1];
+  CHECK(in->transparent && in->tgt != NULL && in->nroutes == 0);
+  CHECK_STR_EQ(in->target_str, "127.0.0.1:*");
+  CHECK(pc_config_pinned(in));
+  CHECK(out->transparent && out->tgt == NULL && out->server_name == NULL);
+  CHECK_INT_EQ((int)out->nroutes, 4);
+  const pc_route_t *r = out->routes;
+  uint8_t net4[4] = {10, 77, 0, 0};
+  CHECK_INT_EQ(r[0].family, AF_INET);
+  CHECK_INT_EQ(r[0].bits, 24);
+  CHECK_INT_EQ(r[0].port, 8080);
+  CHECK(memcmp(r[0].net, net4, 4) == 0);
+  CHECK_STR_EQ(r[0].lc.name, "out");
+  CHECK_STR_EQ(r[0].lc.server_name, "a");
+  CHECK(r[0].lc.parent == out && r[0].lc.route_index == 0 && r[0].lc.protocol == PC_PROTO_TCP);
+  CHECK(pc_policy_count(r[0].lc.policy) == 1);
+  CHECK(pc_config_pinned(&r[0].lc));
+  CHECK_INT_EQ(r[1].family, AF_INET6);
+  CHECK_INT_EQ(r[1].bits, 64);
+  CHECK_INT_EQ(r[1].port, 0);
+  CHECK(r[1].lc.protocol == PC_PROTO_HTTP && r[1].lc.upstream_protocol == PC_UP_H2);
+  CHECK_INT_EQ(r[2].bits, 32);
+  CHECK(r[2].lc.passthrough && r[2].lc.server_name == NULL);
+  CHECK_INT_EQ(r[3].family, 0);
+  CHECK(pc_target_is_name(r[3].lc.tgt));
+  CHECK_STR_EQ(pc_target_host(r[3].lc.tgt), "db.test");
+  /* The same route in another snapshot is found by place and destination. */
+  pc_config_t *again = NULL;
+  CHECK_INT_EQ(load_text(text, &again, err, sizeof(err)), 0);
+  if (again) {
+    CHECK(pc_config_counterpart(again, &r[1].lc) == &again->listeners[1].routes[1].lc);
+    CHECK(pc_config_counterpart(again, out) == &again->listeners[1]);
+    pc_config_free(again);
+  }
+  /* A pinned target makes one endpoint per destination and finds it again. */
+  struct sockaddr_storage d;
+  CHECK_INT_EQ(pc_config_parse_addr("10.77.0.9:8080", &d), 0);
+  pc_endpoint_t *e1 = pc_target_endpoint_for(r[0].lc.tgt, &d);
+  pc_endpoint_t *e2 = pc_target_endpoint_for(r[0].lc.tgt, &d);
+  CHECK(e1 != NULL && e1 == e2);
+  CHECK_STR_EQ(e1->str, "10.77.0.9:8080");
+  CHECK_INT_EQ((int)pc_target_size(r[0].lc.tgt), 1);
+  pc_endpoint_done(e1);
+  pc_endpoint_done(e2);
+  /* A name target has only the endpoints of its answer. */
+  CHECK(pc_target_endpoint_for(r[3].lc.tgt, &d) == NULL);
+  pc_config_free(cfg);
+}
+
 static void test_parse_addr(void) {
   static const struct {
     const char *s;
@@ -1108,6 +1189,7 @@ int main(int argc, char **argv) {
   for (size_t i = 0; i < sizeof(bad_cases) / sizeof(bad_cases[0]); i++)
     run_bad_case(i, &bad_cases[i]);
   test_other_failures();
+  test_transparent();
   test_parse_addr();
   test_cipher_ok();
 
