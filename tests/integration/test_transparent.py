@@ -305,6 +305,7 @@ def world(netns_ok, tools_ok, pki):  # noqa: F811
                        check=True, capture_output=True, timeout=h.T(60))
         w.b = w.sidecar(net.remote, "b", b_cfg)
         w.a = w.sidecar(net.pod, "a", a_cfg)
+        w.a_cfg = a_cfg
         yield w
     finally:
         problems = w.close()
@@ -555,3 +556,63 @@ def test_inbound_transparent_http_goes_to_the_original_port(world, http2):
     assert ok["endpoint"] == "127.0.0.1:8090" and ok["peer_id"] == B_ID, ok
     no = w.a.wait_for_log(lambda e: e.get("listener") == "ingress" and e.get("path") == "/nope")
     assert no is not None and no["decision"] == "deny" and no["reason"] == "not_allowed", no
+
+
+# --------------------------------------------------------------------------- reload
+
+KEEPALIVE = r"""
+import http.client, sys
+c = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=float(sys.argv[3]))
+for line in sys.stdin:
+    c.request("GET", line.strip())
+    r = c.getresponse()
+    r.read()
+    print(r.status, flush=True)
+"""
+
+
+def test_reload_applies_to_routes_by_place_and_destination(world):
+    """A reload that changes the HTTP route's expect decides the next request of a kept-alive
+    app connection by the new route; one that drops the NAME:PORT route refuses its
+    destination from then on."""
+    w = world
+    import copy
+    import test_reload as tr
+    client = subprocess.Popen(["ip", "netns", "exec", w.net.pod, *as_uid(APP_UID),
+                               "/usr/bin/python3", "-c", KEEPALIVE, REMOTE[4], "8081",
+                               str(h.T(10))], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd="/")
+
+    def ask(path: str) -> int:
+        client.stdin.write(path + "\n")
+        client.stdin.flush()
+        r, _, _ = select.select([client.stdout], [], [], h.T(h.WAIT_S))
+        line = client.stdout.readline() if r else ""
+        assert line.strip().isdigit(), f"no status for {path}: {line!r} {client.poll()}"
+        return int(line)
+
+    try:
+        assert ask("/ok") == 200
+        new = copy.deepcopy(w.a_cfg)
+        routes = new["outbound"][0]["routes"]
+        routes[1]["expect"] = [{"namespace": "billing"}]
+        del routes[3]  # b.test:8082
+        w.a.write_config(new)
+        ev = w.a.event_count()
+        w.a.sighup()
+        tr.wait_reload(w.a, "config", True, ev)
+        # the same app connection: its next request meets the new expect, which B fails
+        assert ask("/ok") == 502
+        line = out_line(w, f"{REMOTE[4]}:8081", status=502)
+        assert line["decision"] == "deny", line
+        assert app_connect(w, REMOTE[4], 8082) == {"error": "reset"}
+        refused = out_line(w, f"{REMOTE[4]}:8082", decision="deny")
+        assert refused["reason"] == "not_allowed", refused
+    finally:
+        client.stdin.close()
+        client.wait(timeout=h.T(10))
+        w.a.write_config(w.a_cfg)
+        ev = w.a.event_count()
+        w.a.sighup()
+        tr.wait_reload(w.a, "config", True, ev)
+    assert app_connect(w, REMOTE[4], 8082).get("reply", {}).get("server") == "b-app"

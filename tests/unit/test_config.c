@@ -1060,6 +1060,27 @@ static void test_transparent(void) {
   CHECK_INT_EQ((int)pc_target_size(r[0].lc.tgt), 1);
   pc_endpoint_done(e1);
   pc_endpoint_done(e2);
+  /* The set is bounded: past PC_PINNED_MAX endpoints in use, more are
+   * handed out untracked; once they are let go, they are forgotten. */
+  pc_endpoint_t **held = calloc(PC_PINNED_MAX + 1, sizeof(*held));
+  for (int i = 0; i <= PC_PINNED_MAX; i++) {
+    struct sockaddr_storage a;
+    char s[32];
+    snprintf(s, sizeof(s), "10.77.%d.%d:8080", (i >> 8) & 0xff, i & 0xff);
+    /* 10.77.x.y lies outside 10.77.0.0/24 for x > 0: the target does not
+     * check (matching is route.c's), it only keeps endpoints. */
+    CHECK_INT_EQ(pc_config_parse_addr(s, &a), 0);
+    held[i] = pc_target_endpoint_for(r[0].lc.tgt, &a);
+  }
+  CHECK_INT_EQ((int)pc_target_size(r[0].lc.tgt), PC_PINNED_MAX);
+  CHECK(held[PC_PINNED_MAX] != NULL && held[PC_PINNED_MAX] != held[0]);
+  for (int i = 0; i <= PC_PINNED_MAX; i++)
+    pc_endpoint_done(held[i]);
+  free(held);
+  CHECK_INT_EQ(pc_config_parse_addr("10.78.0.1:8080", &d), 0);
+  e1 = pc_target_endpoint_for(r[0].lc.tgt, &d);
+  CHECK_INT_EQ((int)pc_target_size(r[0].lc.tgt), 1);
+  pc_endpoint_done(e1);
   /* A name target has only the endpoints of its answer. */
   CHECK(pc_target_endpoint_for(r[3].lc.tgt, &d) == NULL);
   pc_config_free(cfg);
