@@ -43,6 +43,9 @@ def _problem_or_none() -> str | None:
     r = subprocess.run(["/usr/bin/python3", "-c", "import grpc, h2"], capture_output=True)
     if r.returncode != 0:
         return "python3-grpcio / python3-h2 missing (scripts/install-deps.sh test)"
+    etc = Path("/etc/netns")
+    if not os.access(etc if etc.is_dir() else etc.parent, os.W_OK):
+        return f"{etc} cannot be written (each pod's resolv.conf goes there)"
     probe = f"pcmesh-probe-{os.getpid()}"
     r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, timeout=30)
     if r.returncode != 0:
