@@ -340,8 +340,9 @@ static void render_metrics(pc_jbuf_t *b) {
     pc_jbuf_printf(b, "} %lld\n", (long long)set.v[i].m.pending_handshakes);
   }
   help(b, "throttle_sources", "gauge",
-       "Inbound: sources (IPv4 address or IPv6 /64) held in the handshake-failure throttle "
-       "tables, as of each table's last failure; at most 4096 per listener and worker.");
+       "Inbound: sources (IPv4 address or IPv6 prefix of limits.throttle_ipv6_prefix bits) "
+       "held in the handshake-failure throttle tables, as of each table's last failure; at "
+       "most 4096 per listener and worker.");
   for (size_t i = 0; i < set.n; i++) {
     pc_jbuf_printf(b, "portcullis_throttle_sources{");
     lbl(b, &set.v[i]);
@@ -590,6 +591,7 @@ static void render_config(pc_jbuf_t *b, const pc_gen_t *g) {
   pc_jbuf_kv_i64(b, "handshake_failures_per_source", c->limits.handshake_failures_per_source);
   pc_jbuf_kv_i64(b, "throttle_window_ms", (long long)c->limits.throttle_window_ms);
   pc_jbuf_kv_i64(b, "throttle_cooldown_ms", (long long)c->limits.throttle_cooldown_ms);
+  pc_jbuf_kv_i64(b, "throttle_ipv6_prefix", c->limits.throttle_ipv6_prefix);
   pc_jbuf_raw(b, "},\"http\":{", 10);
   pc_jbuf_kv_i64(b, "max_request_line", c->http.max_request_line);
   pc_jbuf_kv_i64(b, "max_header_bytes", c->http.max_header_bytes);

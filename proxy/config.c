@@ -333,7 +333,8 @@ static void parse_groups(ctx_t *c, const config_setting_t *root, pc_config_t *cf
       "connect_timeout_ms",     "idle_timeout_ms",
       "drain_timeout_ms",       "revoke_grace_ms",
       "max_pending_handshakes", "handshake_failures_per_source",
-      "throttle_window_ms",     "throttle_cooldown_ms"};
+      "throttle_window_ms",     "throttle_cooldown_ms",
+      "throttle_ipv6_prefix"};
   static const char *const http_keys[] = {
       "max_request_line",    "max_header_bytes", "max_headers",          "request_timeout_ms",
       "response_timeout_ms", "pool_max_idle",    "pool_idle_timeout_ms", "body_timeout_ms"};
@@ -397,6 +398,10 @@ static void parse_groups(ctx_t *c, const config_setting_t *root, pc_config_t *cf
         (uint64_t)get_int(c, g, "limits", "throttle_window_ms", 10000, 1, day);
     cfg->limits.throttle_cooldown_ms =
         (uint64_t)get_int(c, g, "limits", "throttle_cooldown_ms", 30000, 1, day);
+    /* Under a /48 one failing caller would throttle a whole site; 128 is one
+     * address, for pods that share their node's /64. */
+    cfg->limits.throttle_ipv6_prefix =
+        (uint32_t)get_int(c, g, "limits", "throttle_ipv6_prefix", 64, 48, 128);
   }
   g = member(c, root, "", "http", CONFIG_TYPE_GROUP, 0);
   if (!(g && check_keys(c, g, "http", http_keys, PC_ARRAY_SIZE(http_keys)))) {

@@ -112,6 +112,7 @@ typedef struct pc_config {
     uint32_t max_pending_handshakes;        /* inbound, per listener: handshakes in progress */
     uint32_t handshake_failures_per_source; /* within throttle_window_ms: then throttled */
     uint64_t throttle_window_ms, throttle_cooldown_ms;
+    uint32_t throttle_ipv6_prefix; /* leading bits of an IPv6 source throttled as one */
   } limits;
   struct { /* HTTP mode (protocol = "http") */
     uint32_t max_request_line, max_header_bytes, max_headers;

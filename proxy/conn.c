@@ -623,7 +623,8 @@ static int throttle_at_accept(pc_conn_t *c) {
   struct sockaddr_storage ss;
   int len = sizeof(ss);
   if (uv_tcp_getpeername(&c->down.tcp, (struct sockaddr *)&ss, &len) != 0 ||
-      pc_throttle_key((const struct sockaddr *)&ss, &c->src) != 0)
+      pc_throttle_key((const struct sockaddr *)&ss, c->gen->cfg->limits.throttle_ipv6_prefix,
+                      &c->src) != 0)
     return 0;
   if (!pc_listener_throttled(c->l, &c->src)) return 0;
   c->decision = PC_DECISION_DENY;

@@ -972,7 +972,8 @@ def test_config_endpoint_defaults(env, pki):
                            "drain_timeout_ms": 20000, "revoke_grace_ms": 10000,
                            "max_pending_handshakes": 1024,
                            "handshake_failures_per_source": 20, "throttle_window_ms": 10000,
-                           "throttle_cooldown_ms": 30000}, c["limits"]
+                           "throttle_cooldown_ms": 30000,
+                           "throttle_ipv6_prefix": 64}, c["limits"]
     assert c["admin"] == {"listen": sc.admin_listen, "max_connections": 64,
                           "write_timeout_ms": 10000}, c["admin"]
     assert c["inbound"][0]["protocol"] == "tcp"

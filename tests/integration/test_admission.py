@@ -2,24 +2,39 @@
 in progress (limits.max_pending_handshakes), so silent connects to an inbound port pause
 that listener alone and never the app's outbound calls; and per-source throttling of
 sources whose handshakes keep failing (limits.handshake_failures_per_source,
-throttle_window_ms, throttle_cooldown_ms), with a table of bounded size."""
+throttle_window_ms, throttle_cooldown_ms), with a table of bounded size; and what one IPv6
+source is (limits.throttle_ipv6_prefix), in a network namespace of the test's own."""
 
 from __future__ import annotations
 
+import ctypes
+import os
+import shutil
 import socket
 import ssl
+import subprocess
 import time
+
+import pytest
 
 import harness as h
 import httpkit as hk
 
 CONNS = "portcullis_connections_total"
 
+# In the throttle test's network namespace (v6_netns): the sidecar listens on [::] and is
+# reached at NS_DST from the other addresses, which lie in one /64 (fd00:99::/64) but for
+# the last, in the next /64.
+NS_DST = "fd00:99::1"
+NS_ADDRS = ("fd00:99::1", "fd00:99::2", "fd00:99::3", "fd00:99::ff:3", "fd00:99::1:0:0:2",
+            "fd00:99:0:1::2")
+
 
 def _connect_from(port: int, source: str, timeout: float = h.WAIT_S) -> socket.socket:
     """A plain TCP connection to 127.0.0.1:port whose source address is `source` (any
-    127.0.0.0/8 address works on Linux loopback)."""
-    return socket.create_connection((h.HOST, port), timeout=h.T(timeout),
+    127.0.0.0/8 address works on Linux loopback); from an IPv6 source, to NS_DST:port."""
+    dst = NS_DST if ":" in source else h.HOST
+    return socket.create_connection((dst, port), timeout=h.T(timeout),
                                     source_address=(source, 0))
 
 
@@ -231,4 +246,109 @@ def test_throttle_table_stays_bounded(env):
         _connect_from(port, "127.2.0.1").close()
     assert sc.wait_for_event("source 127.2.0.1 throttled"), sc.all_output()[-2000:]
     assert _closed_at_accept(port, "127.2.0.1")
+    sc.assert_alive()
+
+
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def _ip(ns: str, *args: str) -> None:
+    subprocess.run(["ip", "netns", "exec", ns, "ip", *args], check=True, capture_output=True,
+                   timeout=30)
+
+
+@pytest.fixture
+def v6_netns():
+    """A network namespace of this test's own, its loopback up with 127.0.0.1 and NS_ADDRS:
+    the test's thread enters it, so the sidecar it starts, its app (and that app's threads)
+    and every socket it opens live there, and leaves it afterwards (request it before env,
+    so env's teardown runs inside). Needs root (CAP_SYS_ADMIN) and iproute2."""
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        pytest.skip("needs root and iproute2 for a network namespace")
+    ns = f"pc-throttle6-{os.getpid()}"
+    r = subprocess.run(["ip", "netns", "add", ns], capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        pytest.skip(f"ip netns add: {r.stderr.strip()}")
+    home = ns_fd = -1
+    try:
+        _ip(ns, "link", "set", "lo", "up")
+        for a in NS_ADDRS:   # nodad: usable at once, no duplicate detection to wait for
+            _ip(ns, "-6", "addr", "add", f"{a}/64", "dev", "lo", "nodad")
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        ns_fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+        _setns(ns_fd)
+        try:
+            yield ns
+        finally:
+            _setns(home)
+    finally:
+        for fd in (home, ns_fd):
+            if fd >= 0:
+                os.close(fd)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
+@pytest.mark.parametrize("prefix, shown, throttled, served", [
+    # the default: fd00:99::2's whole /64 goes, the next /64 is served
+    (None, "fd00:99::/64", ["fd00:99::3", "fd00:99::1:0:0:2"], ["fd00:99:0:1::2"]),
+    # per address: its /64 neighbours (pods on one node) are served
+    (128, "fd00:99::2/128", [], ["fd00:99::3", "fd00:99::1:0:0:2", "fd00:99:0:1::2"]),
+    # in between: bits 64-79 tell sources apart, later ones do not
+    (80, "fd00:99::/80", ["fd00:99::ff:3"], ["fd00:99::1:0:0:2", "fd00:99:0:1::2"]),
+])
+def test_ipv6_source_is_its_prefix(v6_netns, env, prefix, shown, throttled, served):
+    """Real connections from several IPv6 addresses: fd00:99::2 fails its handshakes until
+    throttled; the server event names it with the configured prefix, addresses inside that
+    prefix are closed at accept, addresses outside it are served end to end. On the same
+    dual-stack listener an IPv4 peer (an IPv4-mapped address to the sidecar) is one IPv4
+    source, whatever the prefix: its neighbour 127.0.0.6 is served."""
+    app = env.app("echo")
+    port = h.free_port()
+    n = 3
+    limits = {"handshake_failures_per_source": n, "throttle_window_ms": h.GENEROUS_MS,
+              "throttle_cooldown_ms": h.GENEROUS_MS}
+    if prefix is not None:
+        limits["throttle_ipv6_prefix"] = prefix
+    listener = h.inbound_listener("api", port, app.addr, [{"namespace": "web"}])
+    listener["listen"] = f"[::]:{port}"   # dual stack: IPv6 and IPv4-mapped peers
+    # One worker: the threshold applies per worker (README), so the count here is exact.
+    cfg = h.base_config(env.pki, "payments-api", workers=1, limits=limits, inbound=[listener])
+    sc = env.sidecar(cfg, name=f"prefix{prefix}")
+    assert sc.admin_get("/config").json()["limits"]["throttle_ipv6_prefix"] == (prefix or 64)
+    good = h.client_context(env.pki, "web-frontend")
+    nocert = h.client_context(env.pki, None)
+    for _ in range(n):
+        _fail_handshake(port, nocert, "fd00:99::2")
+    ev = sc.wait_for_event("throttled")
+    assert ev and f"source {shown} throttled" in ev["msg"], sc.all_output()[-2000:]
+    assert _closed_at_accept(port, "fd00:99::2")
+    for a in throttled:
+        assert _closed_at_accept(port, a), f"{a} is inside {shown} but was not throttled"
+        assert _hello_unanswered(port, good, a), f"{a} is inside {shown} but got a ServerHello"
+    for a in served:
+        with _tls_from(port, good, a) as s:
+            _echo(s, f"from {a}\n".encode())
+    assert app.count() == len(served), f"the app saw {app.count()} connections"
+    m = hk.wait_metric(sc, CONNS, lambda v: v == 1 + 2 * len(throttled), listener="api",
+                       decision="deny", reason="limit")
+    assert m.get("portcullis_throttle_sources", listener="api") == 1, m.lines(
+        "portcullis_throttle_sources")
+
+    # An IPv4 peer on the same listener: one address, never an IPv6 prefix (::ffff:0:0/96
+    # would hold every IPv4 peer in one source).
+    for _ in range(n):
+        _fail_handshake(port, nocert, "127.0.0.5")
+    assert sc.wait_for_event("source 127.0.0.5 throttled"), sc.all_output()[-2000:]
+    assert _closed_at_accept(port, "127.0.0.5")
+    with _tls_from(port, good, "127.0.0.6") as s:
+        _echo(s, b"from 127.0.0.6\n")
+    assert app.count() == len(served) + 1, f"the app saw {app.count()} connections"
+    assert len(sc.events_matching("throttled")) == 2, sc.events_matching("throttled")
     sc.assert_alive()

@@ -96,7 +96,8 @@ def test_check_good_variants(tmp_path, pki, portcullis_bin, variant):
         cfg["workers"] = 0
     elif variant == "admission":   # every admission key at its bound
         cfg["limits"].update({"max_pending_handshakes": 100, "handshake_failures_per_source": 1,
-                              "throttle_window_ms": 1, "throttle_cooldown_ms": 86400000})
+                              "throttle_window_ms": 1, "throttle_cooldown_ms": 86400000,
+                              "throttle_ipv6_prefix": 48})
     elif variant == "small-cap":   # the 1024 default budget shrinks to fit max_connections
         cfg["limits"]["max_connections"] = 10
     elif variant == "minimal":
@@ -232,6 +233,10 @@ BAD = [
      "limits.throttle_cooldown_ms", ()),
     ("throttle-cooldown-type", _set("limits.throttle_cooldown_ms", 1.5),
      "limits.throttle_cooldown_ms", ()),
+    ("ipv6-prefix-47", _set("limits.throttle_ipv6_prefix", 47), "limits.throttle_ipv6_prefix",
+     ()),
+    ("ipv6-prefix-129", _set("limits.throttle_ipv6_prefix", 129), "limits.throttle_ipv6_prefix",
+     ()),
     ("body-timeout-0", _set("http", {"body_timeout_ms": 0}), "http.body_timeout_ms", ()),
     ("admin-max-connections-0", _set("admin.max_connections", 0), "admin.max_connections", ()),
     ("admin-write-timeout-0", _set("admin.write_timeout_ms", 0), "admin.write_timeout_ms", ()),

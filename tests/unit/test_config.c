@@ -259,6 +259,10 @@ static const bad_case_t bad_cases[] = {
      "limits.throttle_window_ms", "throttle_window_ms", "must be between"},
     {"drain_timeout_ms = 20000;", "drain_timeout_ms = 20000;\n  throttle_cooldown_ms = 0;",
      "limits.throttle_cooldown_ms", "throttle_cooldown_ms", "must be between"},
+    {"drain_timeout_ms = 20000;", "drain_timeout_ms = 20000;\n  throttle_ipv6_prefix = 47;",
+     "limits.throttle_ipv6_prefix", "throttle_ipv6_prefix", "must be between 48 and 128"},
+    {"drain_timeout_ms = 20000;", "drain_timeout_ms = 20000;\n  throttle_ipv6_prefix = 129;",
+     "limits.throttle_ipv6_prefix", "throttle_ipv6_prefix", "must be between 48 and 128"},
     {"idle_timeout_ms = 300000;", "idle_timeout_ms = 0;", "limits.idle_timeout_ms",
      "idle_timeout_ms", "must be between"},
     {"handshake_timeout_ms = 10000;", "handshake_timeout_ms = 100000000000L;",
@@ -639,6 +643,7 @@ static void test_good(void) {
   CHECK_INT_EQ(cfg->limits.handshake_failures_per_source, 20);
   CHECK_INT_EQ(cfg->limits.throttle_window_ms, 10000);
   CHECK_INT_EQ(cfg->limits.throttle_cooldown_ms, 30000);
+  CHECK_INT_EQ(cfg->limits.throttle_ipv6_prefix, 64);
   CHECK_INT_EQ(cfg->nlisteners, 2);
   if (cfg->nlisteners == 2) {
     const pc_listener_cfg_t *in = &cfg->listeners[0], *out = &cfg->listeners[1];
@@ -705,6 +710,7 @@ static void test_minimal(void) {
   CHECK_INT_EQ(cfg->limits.connect_timeout_ms, 5000);
   CHECK_INT_EQ(cfg->limits.idle_timeout_ms, 300000);
   CHECK_INT_EQ(cfg->limits.drain_timeout_ms, 20000);
+  CHECK_INT_EQ(cfg->limits.throttle_ipv6_prefix, 64);
   CHECK_INT_EQ(cfg->http.max_request_line, 8192);
   CHECK_INT_EQ(cfg->http.max_header_bytes, 65536);
   CHECK_INT_EQ(cfg->http.max_headers, 100);
@@ -734,7 +740,8 @@ static void test_minimal(void) {
            "trust_domain = \"example.org\"; workers = 0;\n"
            "identity = { cert = \"%s/tls.crt\"; key = \"%s/tls.key\"; ca = \"%s/ca.crt\"; };\n"
            "tls = { min_version = \"1.3\"; verify_depth = 16; };\n"
-           "limits = { idle_timeout_ms = 86400000L; drain_timeout_ms = 0; };\n"
+           "limits = { idle_timeout_ms = 86400000L; drain_timeout_ms = 0;\n"
+           "  throttle_ipv6_prefix = 128; };\n"
            "outbound = ( { name = \"o\"; listen = \"127.0.0.1:1\"; upstream = \"[::1]:2\";\n"
            "  server_name = \"x\"; expect = ( { namespace = \"n\"; } ); } );\n",
            dir, dir, dir);
@@ -746,6 +753,7 @@ static void test_minimal(void) {
   CHECK_INT_EQ(cfg->tls.verify_depth, 16);
   CHECK_INT_EQ(cfg->limits.idle_timeout_ms, 86400000);
   CHECK_INT_EQ(cfg->limits.drain_timeout_ms, 0);
+  CHECK_INT_EQ(cfg->limits.throttle_ipv6_prefix, 128);
   CHECK_INT_EQ(cfg->nlisteners, 1);
   if (cfg->nlisteners == 1) CHECK_INT_EQ(cfg->listeners[0].direction, PC_DIR_OUTBOUND);
   pc_config_free(cfg);
