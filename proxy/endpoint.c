@@ -305,7 +305,7 @@ size_t pc_target_size(pc_target_t *t) {
   return n;
 }
 
-static int same_addr(const struct sockaddr_storage *a, const struct sockaddr_storage *b) {
+int pc_endpoint_same_addr(const struct sockaddr_storage *a, const struct sockaddr_storage *b) {
   if (a->ss_family != b->ss_family) return 0;
   if (a->ss_family == AF_INET6) {
     const struct sockaddr_in6 *x = (const void *)a, *y = (const void *)b;
@@ -341,7 +341,7 @@ pc_endpoint_t *pc_target_endpoint_for(pc_target_t *t, const struct sockaddr_stor
   pc_endpoint_t *found = NULL;
   uv_mutex_lock(&t->lock);
   for (size_t i = 0; i < t->neps && !found; i++)
-    if (same_addr(&t->eps[i]->addr, dst)) found = t->eps[i];
+    if (pc_endpoint_same_addr(&t->eps[i]->addr, dst)) found = t->eps[i];
   if (!found && t->pinned) {
     /* A fresh copy of the address: only family, address and port count. */
     struct sockaddr_storage a;
@@ -435,11 +435,11 @@ void pc_target_answer(pc_target_t *t, pc_dns_result_t r, const struct sockaddr_s
   for (size_t i = 0; i < n; i++) {
     int dup = 0;
     for (size_t j = 0; j < m && !dup; j++)
-      dup = same_addr(&eps[j]->addr, &addrs[i]);
+      dup = pc_endpoint_same_addr(&eps[j]->addr, &addrs[i]);
     if (dup) continue;
     pc_endpoint_t *e = NULL;
     for (size_t j = 0; j < t->neps && !e; j++)
-      if (same_addr(&t->eps[j]->addr, &addrs[i])) e = t->eps[j];
+      if (pc_endpoint_same_addr(&t->eps[j]->addr, &addrs[i])) e = t->eps[j];
     if (e) {
       pc_endpoint_ref(e);
     } else {

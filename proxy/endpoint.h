@@ -126,6 +126,9 @@ void pc_endpoint_ok(pc_endpoint_t *ep);
 /* Non-zero once a newer answer left ep out: no new work goes to it. */
 int pc_endpoint_removed(const pc_endpoint_t *ep);
 
+/* Non-zero if a and b are the same IPv4 or IPv6 address and port. */
+int pc_endpoint_same_addr(const struct sockaddr_storage *a, const struct sockaddr_storage *b);
+
 /* Monotonic milliseconds (ejection clocks). */
 uint64_t pc_endpoint_now_ms(void);
 

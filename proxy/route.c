@@ -50,23 +50,12 @@ int pc_route_original_dst(uv_tcp_t *tcp, struct sockaddr_storage *dst) {
   return 0;
 }
 
-static int same(const struct sockaddr_storage *a, const struct sockaddr_storage *b) {
-  if (a->ss_family != b->ss_family) return 0;
-  if (a->ss_family == AF_INET6) {
-    const struct sockaddr_in6 *x = (const void *)a, *y = (const void *)b;
-    return x->sin6_port == y->sin6_port &&
-           memcmp(&x->sin6_addr, &y->sin6_addr, sizeof(x->sin6_addr)) == 0;
-  }
-  const struct sockaddr_in *x = (const void *)a, *y = (const void *)b;
-  return x->sin_port == y->sin_port && x->sin_addr.s_addr == y->sin_addr.s_addr;
-}
-
 int pc_route_is_self(uv_tcp_t *tcp, const struct sockaddr_storage *dst) {
   struct sockaddr_storage local;
   int len = sizeof(local);
   if (uv_tcp_getsockname(tcp, (struct sockaddr *)&local, &len) != 0) return 0;
   unmap(&local);
-  return same(&local, dst);
+  return pc_endpoint_same_addr(&local, dst);
 }
 
 static uint16_t port_of(const struct sockaddr_storage *a) {
