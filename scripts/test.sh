@@ -66,7 +66,9 @@ fi
 # may ever be suppressed (no entry so far).
 export TSAN_OPTIONS="halt_on_error=1 abort_on_error=1 second_deadlock_stack=1 suppressions=$root/tests/tsan.supp"
 (cd build-tsan && "${tsan_run[@]}" ctest --output-on-failure -R '^unit_')
-PORTCULLIS_BIN=$root/build-tsan/portcullis PORTCULLIS_TIMEOUT_SCALE=3 \
+# PORTCULLIS_READY_ADMIN: a test gets its sidecar once the main loop polls (a
+# SIGTERM sent just before that was now and then lost under TSan; harness.py).
+PORTCULLIS_BIN=$root/build-tsan/portcullis PORTCULLIS_TIMEOUT_SCALE=3 PORTCULLIS_READY_ADMIN=1 \
   "${tsan_run[@]}" /usr/bin/python3 -m pytest -q -p no:cacheprovider "${tsan_files[@]/#/tests/integration/}"
 unset TSAN_OPTIONS
 echo "== libFuzzer targets, clang-14 + ASan + UBSan (build-fuzz/) =="

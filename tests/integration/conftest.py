@@ -5,6 +5,8 @@ Environment:
   PORTCULLIS_PKI_DIR        use an already generated dev PKI instead of running
                             certs/gen-dev-pki.sh into a temporary directory
   PORTCULLIS_TIMEOUT_SCALE  multiply all timeouts (e.g. 3 for sanitizer builds)
+  PORTCULLIS_READY_ADMIN    1: a sidecar is started once its admin listener answers too
+                            (ThreadSanitizer builds; see harness.WAIT_ADMIN)
 """
 
 from __future__ import annotations
