@@ -23,6 +23,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness as h  # noqa: E402
+import netkit as nk  # noqa: E402
 
 PER_TEST_HANG_GUARD_S = 120
 
@@ -169,3 +170,10 @@ def module_env(tmp_path_factory, pki, portcullis_bin):
     f = _Factory(tmp_path_factory.mktemp("mod"), pki)
     yield f
     f.teardown()
+
+
+@pytest.fixture(scope="session")
+def netns_ok():
+    """Network namespaces with iptables can be made here (netkit.Net; test_init.py,
+    test_transparent.py), or the test skips (CI=true: fails)."""
+    nk.require_netns()

@@ -1263,6 +1263,32 @@ def encrypt_key(src: str, out: Path, passphrase: str) -> Path:
     return out
 
 
+def gtime(epoch: float) -> str:
+    """epoch as the YYYYMMDDHHMMSSZ time `gen-dev-pki.sh --leaf` and `openssl ca` take."""
+    return time.strftime("%Y%m%d%H%M%SZ", time.gmtime(int(epoch)))
+
+
+def mint_leaf(pki: PKI, out: Path, stem: str, ns: str, sa: str,
+              end: float) -> tuple[str, str]:
+    """A leaf for ns/sa signed by the session CA, valid from an hour ago until end, written
+    to out/stem.crt and out/stem.key; returns those two paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["bash", str(PKI_SCRIPT), "--leaf", str(out), pki.ca,
+                        str(pki.dir / "ca.key"), stem, ns, sa, TRUST_DOMAIN,
+                        gtime(time.time() - 3600), gtime(end)],
+                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    return str(out / f"{stem}.crt"), str(out / f"{stem}.key")
+
+
+def not_after(crt: str) -> float:
+    """A certificate file's notAfter, as epoch seconds."""
+    r = subprocess.run(["openssl", "x509", "-noout", "-enddate", "-in", crt],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return ssl.cert_time_to_seconds(r.stdout.strip().split("=", 1)[1])
+
+
 def run_binary(*args: str, timeout: float = 20.0) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN), *args], capture_output=True, text=True,
                           timeout=T(timeout), stdin=subprocess.DEVNULL)

@@ -27,28 +27,6 @@ from httpkit import HttpConn, req
 GRACE_MS = int(round(h.T(1.0) * 1000))
 
 
-def _gtime(epoch: float) -> str:
-    return time.strftime("%Y%m%d%H%M%SZ", time.gmtime(int(epoch)))
-
-
-def _mint(pki: h.PKI, out: Path, stem: str, end: float) -> tuple[str, str]:
-    """A payments/api leaf signed by the session CA, valid from an hour ago until end."""
-    out.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["bash", str(h.PKI_SCRIPT), "--leaf", str(out), pki.ca,
-                        str(pki.dir / "ca.key"), stem, "payments", "api", h.TRUST_DOMAIN,
-                        _gtime(time.time() - 3600), _gtime(end)],
-                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
-    assert r.returncode == 0, r.stderr
-    return str(out / f"{stem}.crt"), str(out / f"{stem}.key")
-
-
-def _not_after(crt: str) -> float:
-    r = subprocess.run(["openssl", "x509", "-noout", "-enddate", "-in", crt],
-                       capture_output=True, text=True, timeout=30)
-    assert r.returncode == 0, r.stderr
-    return ssl.cert_time_to_seconds(r.stdout.strip().split("=", 1)[1])
-
-
 def _pair(env, pki, upstream_protocol: str, crt: str, key: str, tag: str):
     """app <- inbound sidecar (identity crt/key) <- outbound sidecar (pooled, expects
     payments/api) <- plain HTTP client."""
@@ -85,9 +63,9 @@ def test_no_request_rides_a_pooled_connection_past_the_upstreams_expiry(env, pki
     # The first request must be served while the certificate is still valid: mint it with
     # a few seconds left, and again with more if the pair took long to come up.
     for margin in (h.T(6), h.T(20), h.T(60)):
-        crt, key = _mint(pki, env.tmp / f"mint-{tag}-{int(margin)}", f"short-api-{tag}",
-                         time.time() + margin)
-        not_after = _not_after(crt)
+        crt, key = h.mint_leaf(pki, env.tmp / f"mint-{tag}-{int(margin)}", f"short-api-{tag}",
+                               "payments", "api", time.time() + margin)
+        not_after = h.not_after(crt)
         app, up, sc, port = _pair(env, pki, upstream_protocol, crt, key, f"{tag}{int(margin)}")
         r = _get(port, "/first")
         if time.time() < not_after - 1:
@@ -133,7 +111,7 @@ def _short_intermediate(pki: h.PKI, out: Path, end: float) -> tuple[str, str]:
                  "/CN=short-lived intermediate", "-out", str(csr)],
                 ["openssl", "ca", "-config", str(out / "ca.cnf"), "-batch", "-notext",
                  "-rand_serial", "-cert", pki.ca, "-keyfile", str(pki.dir / "ca.key"),
-                 "-startdate", _gtime(time.time() - 3600), "-enddate", _gtime(end),
+                 "-startdate", h.gtime(time.time() - 3600), "-enddate", h.gtime(end),
                  "-extfile", str(out / "ca.cnf"), "-extensions", "ext", "-in", str(csr),
                  "-out", str(crt)]):
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=60,
@@ -150,12 +128,12 @@ def test_trust_bundle_expiry_ends_connections_the_peer_chain_went_through(env, p
     for margin in (h.T(6), h.T(20), h.T(60)):
         d = env.tmp / f"int-{int(margin)}"
         int_crt, int_key = _short_intermediate(pki, d, time.time() + margin)
-        int_not_after = _not_after(int_crt)
+        int_not_after = h.not_after(int_crt)
         r = subprocess.run(["bash", str(h.PKI_SCRIPT), "--leaf", str(d), int_crt, int_key,
                             "viaint", "web", "frontend", h.TRUST_DOMAIN],
                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
         assert r.returncode == 0, r.stderr
-        assert _not_after(str(d / "viaint.crt")) > int_not_after + 86400, "leaf outlives the CA"
+        assert h.not_after(str(d / "viaint.crt")) > int_not_after + 86400, "leaf outlives the CA"
         bundle = d / "bundle.pem"
         bundle.write_bytes(Path(pki.ca).read_bytes() + Path(int_crt).read_bytes())
         app = env.app("echo")

@@ -206,6 +206,24 @@ def closed_without_data(s: socket.socket) -> bool:
         return False
 
 
+def closed_and_logged(env, sc: h.Sidecar, lport: int, probe: bytes) -> dict:
+    """A client connection to lport sends probe and is closed without data; returns the
+    listener "api"'s access-log line for it."""
+    start = len(sc.access_log())
+    s = h.tls_connect(lport, client_ctx(env))
+    try:
+        try:
+            s.sendall(probe)
+        except OSError:
+            pass
+        assert closed_without_data(s), "the connection was not closed"
+    finally:
+        s.close()
+    e = sc.wait_for_log(lambda e: e.get("listener") == "api", timeout=h.PROMPT_S, start=start)
+    assert e is not None
+    return e
+
+
 # =========================================================================== the fixture
 
 def test_dnsmasq_fixture_answers_and_follows_rewrites(dns):
@@ -237,16 +255,24 @@ def test_dnsmasq_fixture_answers_and_follows_rewrites(dns):
 
 # =========================================================================== spread
 
+def _spread_setup(env, dns, protocol: str = "tcp"):
+    """Two apps (HTTP, or TCP echo) on 127.0.0.2 and 127.0.0.3 behind app.test, and an
+    inbound sidecar forwarding to app.test:PORT that has resolved both: (port, ips, apps,
+    sidecar, listen port)."""
+    port = h.free_port()
+    ips = ["127.0.0.2", "127.0.0.3"]
+    apps = http_apps(env, ips, port) if protocol == "http" else tcp_apps(env, ips, port)
+    dns.set_hosts({"app.test": ips})
+    sc, lport = inbound_sidecar(env, dns, f"app.test:{port}", protocol=protocol)
+    wait_addrs(sc, "api", {ep(ip, port) for ip in ips})
+    return port, ips, apps, sc, lport
+
+
 def test_http_inbound_requests_spread_across_the_set(env, dns):
     """forward = "app.test:P" with two addresses: bodiless GETs on one keep-alive client
     connection are spread over both endpoints, and each request's access-log line names
     the endpoint (IP:PORT) that served it."""
-    port = h.free_port()
-    ips = ["127.0.0.2", "127.0.0.3"]
-    apps = http_apps(env, ips, port)
-    dns.set_hosts({"app.test": ips})
-    sc, lport = inbound_sidecar(env, dns, f"app.test:{port}", protocol="http")
-    wait_addrs(sc, "api", {ep(ip, port) for ip in ips})
+    port, ips, apps, sc, lport = _spread_setup(env, dns, "http")
     start = len(sc.access_log())
     n = 40
     assert gets(lport, client_ctx(env), n) == [200] * n
@@ -262,12 +288,7 @@ def test_http_inbound_requests_spread_across_the_set(env, dns):
 def test_tcp_inbound_connections_spread_across_the_set(env, dns):
     """An L4 inbound listener forwarding to a name: new connections go to both endpoints;
     each connection's access-log line names the endpoint its app saw it on."""
-    port = h.free_port()
-    ips = ["127.0.0.2", "127.0.0.3"]
-    apps = tcp_apps(env, ips, port)
-    dns.set_hosts({"app.test": ips})
-    sc, lport = inbound_sidecar(env, dns, f"app.test:{port}")
-    wait_addrs(sc, "api", {ep(ip, port) for ip in ips})
+    port, ips, apps, sc, lport = _spread_setup(env, dns)
     ctx = client_ctx(env)
     start = len(sc.access_log())
     n = 30
@@ -314,12 +335,7 @@ def test_tcp_new_connection_goes_to_the_less_loaded_endpoint(env, dns):
     """Power of two choices over a two-address set is the less loaded of the two: with
     connections held open, each new one goes where fewer are open, so 2k open connections
     sit k and k."""
-    port = h.free_port()
-    ips = ["127.0.0.2", "127.0.0.3"]
-    apps = tcp_apps(env, ips, port)
-    dns.set_hosts({"app.test": ips})
-    sc, lport = inbound_sidecar(env, dns, f"app.test:{port}")
-    wait_addrs(sc, "api", {ep(ip, port) for ip in ips})
+    port, ips, apps, sc, lport = _spread_setup(env, dns)
     ctx = client_ctx(env)
     held = []
     try:
@@ -339,12 +355,7 @@ def test_tcp_new_connection_goes_to_the_less_loaded_endpoint(env, dns):
 def test_http_request_goes_to_the_endpoint_with_fewer_in_flight(env, dns):
     """HTTP load is requests in flight: with requests held by the apps, each new request
     goes to the endpoint holding fewer, so 4 held requests sit 2 and 2."""
-    port = h.free_port()
-    ips = ["127.0.0.2", "127.0.0.3"]
-    apps = http_apps(env, ips, port)
-    dns.set_hosts({"app.test": ips})
-    sc, lport = inbound_sidecar(env, dns, f"app.test:{port}", protocol="http")
-    wait_addrs(sc, "api", {ep(ip, port) for ip in ips})
+    port, ips, apps, sc, lport = _spread_setup(env, dns, "http")
     ctx = client_ctx(env)
     conns = []
     try:
@@ -495,15 +506,21 @@ def test_changed_answer_tcp_connection_in_flight_finishes(env, dns):
     assert e2 is not None and e2["decision"] == "allow", sc.access_log()
 
 
+def _ttl_sidecar(env, tmp_path, name: str, ttl: int, dns_extra: dict):
+    """A dnsmasq of its own answering app.test with TTL ttl, and a sidecar (dns_extra in its
+    dns settings) forwarding to app.test:9 once it resolved it: (dnsmasq, sidecar, view)."""
+    d = dk.Dnsmasq(tmp_path / name, ttl=ttl)
+    env.apps.append(_Killer(d))
+    d.set_hosts({"app.test": ["127.0.0.2"]})
+    assert dk.query(d.port, "app.test").ttls == [ttl]
+    sc, _ = inbound_sidecar(env, d, "app.test:9", dns_extra=dns_extra)
+    return d, sc, wait_addrs(sc, "api", {"127.0.0.2:9"})
+
+
 def test_ttl_clamped_to_max_drives_re_resolution(env, tmp_path):
     """A record TTL of an hour is clamped to dns.max_ttl_ms (500 ms): a changed answer is
     followed long before the record would expire."""
-    d = dk.Dnsmasq(tmp_path / "dns-long", ttl=3600)
-    env.apps.append(_Killer(d))
-    d.set_hosts({"app.test": ["127.0.0.2"]})
-    assert dk.query(d.port, "app.test").ttls == [3600]
-    sc, _ = inbound_sidecar(env, d, "app.test:9", dns_extra={"max_ttl_ms": 500})
-    v = wait_addrs(sc, "api", {"127.0.0.2:9"})
+    d, sc, v = _ttl_sidecar(env, tmp_path, "dns-long", 3600, {"max_ttl_ms": 500})
     assert v["ttl_ms"] == 500, v     # /endpoints shows the clamped TTL
     d.set_hosts({"app.test": ["127.0.0.3"]})
     wait_addrs(sc, "api", {"127.0.0.3:9"})
@@ -512,12 +529,7 @@ def test_ttl_clamped_to_max_drives_re_resolution(env, tmp_path):
 def test_ttl_zero_clamped_to_min(env, tmp_path):
     """A record TTL of 0 is clamped up to dns.min_ttl_ms (shown as ttl_ms), and the name
     is still asked again."""
-    d = dk.Dnsmasq(tmp_path / "dns-zero", ttl=0)
-    env.apps.append(_Killer(d))
-    d.set_hosts({"app.test": ["127.0.0.2"]})
-    assert dk.query(d.port, "app.test").ttls == [0]
-    sc, _ = inbound_sidecar(env, d, "app.test:9", dns_extra={"min_ttl_ms": 700})
-    v = wait_addrs(sc, "api", {"127.0.0.2:9"})
+    _, sc, v = _ttl_sidecar(env, tmp_path, "dns-zero", 0, {"min_ttl_ms": 700})
     assert v["ttl_ms"] == 700, v
     hk.wait_metric(sc, RESOLUTIONS, lambda x: x >= 3, listener="api", result="ok")
 
@@ -735,18 +747,7 @@ def test_tcp_connect_tried_on_at_most_three_endpoints(env, dns):
     dns.set_hosts({"app.test": ips})
     sc, lport = inbound_sidecar(env, dns, f"app.test:{port}")
     wait_addrs(sc, "api", {ep(ip, port) for ip in ips})
-    start = len(sc.access_log())
-    s = h.tls_connect(lport, client_ctx(env))
-    try:
-        try:
-            s.sendall(b"anyone?\n")
-        except OSError:
-            pass
-        assert closed_without_data(s)
-    finally:
-        s.close()
-    e = sc.wait_for_log(lambda e: e.get("listener") == "api", timeout=h.PROMPT_S, start=start)
-    assert e is not None
+    e = closed_and_logged(env, sc, lport, b"anyone?\n")
     assert Counter(states(view(sc, "api")).values()) == {"ejected": 3, "healthy": 2}
     assert hk.scrape(sc).get(EJECTIONS, listener="api") == 3
     h.check_access_entry(e)
@@ -767,19 +768,27 @@ def _two_app_sidecar(env, dns):
     return sc, lport, apps, want
 
 
+def _serves_last_good_set(env, sc, lport, apps, want, result: str, timeout: float = 10.0) -> int:
+    """After a failed resolution: it is counted as result, the set is stale
+    (portcullis_dns_stale 1) but still the last good one, and 10 requests succeed. Returns
+    the apps' request count from before those 10."""
+    hk.wait_metric(sc, RESOLUTIONS, lambda x: x >= 1, timeout=timeout, listener="api",
+                   result=result)
+    hk.wait_metric(sc, STALE, lambda x: x == 1, listener="api")
+    v = view(sc, "api")
+    assert v["stale"] is True and v["last_result"] == result and addrs(v) == want, v
+    n0 = sum(a.nreq() for a in apps)
+    assert gets(lport, client_ctx(env), 10) == [200] * 10
+    return n0
+
+
 def test_dns_server_not_answering_keeps_last_good_set(env, dns):
     """The DNS server stops answering (SIGSTOP: queries time out): resolutions count as
     timeouts, the last good set keeps serving (stale, portcullis_dns_stale 1), requests
     succeed; once it answers again the answer is fresh again."""
     sc, lport, apps, want = _two_app_sidecar(env, dns)
     dns.pause()
-    hk.wait_metric(sc, RESOLUTIONS, lambda x: x >= 1, timeout=2 * h.WAIT_S, listener="api",
-                   result="timeout")
-    hk.wait_metric(sc, STALE, lambda x: x == 1, listener="api")
-    v = view(sc, "api")
-    assert v["stale"] is True and v["last_result"] == "timeout" and addrs(v) == want, v
-    n0 = sum(a.nreq() for a in apps)
-    assert gets(lport, client_ctx(env), 10) == [200] * 10
+    n0 = _serves_last_good_set(env, sc, lport, apps, want, "timeout", timeout=2 * h.WAIT_S)
     assert sum(a.nreq() for a in apps) == n0 + 10
     dns.resume()
     wait_view(sc, "api", lambda v: v["stale"] is False and v["last_result"] == "ok",
@@ -814,11 +823,7 @@ def test_nxdomain_after_good_answer_keeps_last_good_set(env, dns):
     good set keeps serving, stale."""
     sc, lport, apps, want = _two_app_sidecar(env, dns)
     dns.set_hosts({})
-    hk.wait_metric(sc, RESOLUTIONS, lambda x: x >= 1, listener="api", result="nxdomain")
-    hk.wait_metric(sc, STALE, lambda x: x == 1, listener="api")
-    v = view(sc, "api")
-    assert v["stale"] is True and v["last_result"] == "nxdomain" and addrs(v) == want, v
-    assert gets(lport, client_ctx(env), 10) == [200] * 10
+    _serves_last_good_set(env, sc, lport, apps, want, "nxdomain")
 
 
 def test_servfail_after_good_answer_keeps_last_good_set(env, dns):
@@ -826,11 +831,7 @@ def test_servfail_after_good_answer_keeps_last_good_set(env, dns):
     the last good set keeps serving, stale."""
     sc, lport, apps, want = _two_app_sidecar(env, dns)
     dns.set_hosts({}, servfail=["app.test"])
-    hk.wait_metric(sc, RESOLUTIONS, lambda x: x >= 1, listener="api", result="servfail")
-    hk.wait_metric(sc, STALE, lambda x: x == 1, listener="api")
-    v = view(sc, "api")
-    assert v["stale"] is True and v["last_result"] == "servfail" and addrs(v) == want, v
-    assert gets(lport, client_ctx(env), 10) == [200] * 10
+    _serves_last_good_set(env, sc, lport, apps, want, "servfail")
 
 
 # =========================================================================== never resolved
@@ -863,18 +864,7 @@ def test_never_resolved_name_tcp_closed_unresolved(env, dns):
     sc, lport = inbound_sidecar(env, dns, "nowhere.test:8080")
     v = _wait_unresolved(sc, "api")
     assert v["endpoints"] == [] and v["stale"] is False, v
-    start = len(sc.access_log())
-    s = h.tls_connect(lport, client_ctx(env))
-    try:
-        try:
-            s.sendall(b"hello?\n")
-        except OSError:
-            pass
-        assert closed_without_data(s), "the connection was not closed"
-    finally:
-        s.close()
-    e = sc.wait_for_log(lambda e: e.get("listener") == "api", timeout=h.PROMPT_S, start=start)
-    assert e is not None
+    e = closed_and_logged(env, sc, lport, b"hello?\n")
     h.check_access_entry(e)
     assert e["decision"] == "error" and e["close"] == "unresolved", e
     assert e.get("endpoint") is None, e

@@ -22,12 +22,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import pytest
 
 import harness as h
+import netkit as nk
 
 MESH = h.REPO / "scripts" / "mesh.sh"
 DURATION = 14
@@ -37,40 +37,21 @@ ROTATE_EVERY = 2.5
 def _problem_or_none() -> str | None:
     if os.geteuid() != 0:
         return "not root"
-    for tool in ("ip", "iptables", "ip6tables", "dnsmasq", "setpriv", "openssl"):
-        if shutil.which(tool) is None:
-            return f"{tool} not found (scripts/install-deps.sh test installs it)"
+    problem = nk.missing_tool(("ip", "iptables", "ip6tables", "dnsmasq", "setpriv", "openssl"))
+    if problem:
+        return problem
     r = subprocess.run(["/usr/bin/python3", "-c", "import grpc, h2"], capture_output=True)
     if r.returncode != 0:
         return "python3-grpcio / python3-h2 missing (scripts/install-deps.sh test)"
     etc = Path("/etc/netns")
     if not os.access(etc if etc.is_dir() else etc.parent, os.W_OK):
         return f"{etc} cannot be written (each pod's resolv.conf goes there)"
-    probe = f"pcmesh-probe-{os.getpid()}"
-    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, timeout=30)
-    if r.returncode != 0:
-        return f"`ip netns add` does not work here: {r.stderr.strip()}"
-    try:
-        r = subprocess.run(["ip", "netns", "exec", probe, "iptables", "-w", "-t", "nat", "-S"],
-                           capture_output=True, text=True, timeout=30)
-        if r.returncode != 0:
-            return f"iptables' nat table does not work in a network namespace: {r.stderr.strip()}"
-    finally:
-        subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=30)
-    return None
+    return nk.netns_problem(f"pcmesh-probe-{os.getpid()}", ipv6=False)
 
 
 @pytest.fixture(scope="module")
 def mesh_ok():
-    problem = _problem_or_none()
-    if problem is None:
-        return
-    msg = f"the mesh test cannot run: {problem}"
-    if os.environ.get("CI") == "true":
-        pytest.fail(msg + " (CI=true: failing instead of skipping)", pytrace=False)
-    print(f"\n*** SKIPPED: {msg} ***", file=sys.stderr)
-    warnings.warn(msg)
-    pytest.skip(msg)
+    nk.require("the mesh test", _problem_or_none())
 
 
 def leftovers(prefix: str) -> list[str]:

@@ -15,9 +15,7 @@ minted certificate's notAfter), by polling.
 from __future__ import annotations
 
 import ssl
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
@@ -26,28 +24,6 @@ import httpkit as hk
 
 TLS12, TLS13 = ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3
 RESUMED = "portcullis_tls_resumptions_total"
-
-
-def _gtime(epoch: float) -> str:
-    return time.strftime("%Y%m%d%H%M%SZ", time.gmtime(int(epoch)))
-
-
-def _mint(pki: h.PKI, out: Path, stem: str, ns: str, sa: str, end: float) -> tuple[str, str]:
-    """A leaf for ns/sa signed by the session CA, valid from an hour ago until end."""
-    out.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["bash", str(h.PKI_SCRIPT), "--leaf", str(out), pki.ca,
-                        str(pki.dir / "ca.key"), stem, ns, sa, h.TRUST_DOMAIN,
-                        _gtime(time.time() - 3600), _gtime(end)],
-                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
-    assert r.returncode == 0, r.stderr
-    return str(out / f"{stem}.crt"), str(out / f"{stem}.key")
-
-
-def _not_after(crt: str) -> float:
-    r = subprocess.run(["openssl", "x509", "-noout", "-enddate", "-in", crt],
-                       capture_output=True, text=True, timeout=30)
-    assert r.returncode == 0, r.stderr
-    return ssl.cert_time_to_seconds(r.stdout.strip().split("=", 1)[1])
 
 
 def _wait_past(not_after: float) -> None:
@@ -197,9 +173,9 @@ def test_client_whose_certificate_expired_cannot_resume(env, pki):
     as a full handshake would refuse it."""
     sc, port, _, _ = _inbound(env, pki)
     for margin in (h.T(6), h.T(20), h.T(60)):
-        crt, key = _mint(pki, env.tmp / f"mint-{int(margin)}", f"short-web-{int(margin)}",
-                         "web", "frontend", time.time() + margin)
-        not_after = _not_after(crt)
+        crt, key = h.mint_leaf(pki, env.tmp / f"mint-{int(margin)}",
+                               f"short-web-{int(margin)}", "web", "frontend", time.time() + margin)
+        not_after = h.not_after(crt)
         ctx = h.client_context(pki, None, max_version=TLS13)
         ctx.load_cert_chain(crt, key)
         sess, _, _ = _connect(port, ctx)
@@ -231,9 +207,9 @@ def test_upstream_whose_certificate_expired_is_not_resumed(env, pki):
     """Outbound: the cached session of an upstream whose certificate has expired since is
     not used to skip the check; the connection is refused (expired)."""
     for margin in (h.T(6), h.T(20), h.T(60)):
-        crt, key = _mint(pki, env.tmp / f"mint-up-{int(margin)}", f"short-api-{int(margin)}",
-                         "payments", "api", time.time() + margin)
-        not_after = _not_after(crt)
+        crt, key = h.mint_leaf(pki, env.tmp / f"mint-up-{int(margin)}",
+                               f"short-api-{int(margin)}", "payments", "api", time.time() + margin)
+        not_after = h.not_after(crt)
         sc_in, in_port, app, _ = _inbound(env, pki, identity=(crt, key))
         sc_out, out_port = _outbound(env, pki, in_port)
         first, _ = _through(out_port)

@@ -1,6 +1,6 @@
 """Transparent listeners (issue 16, item 1): the sidecar's side of interception, end to end.
 
-Two network namespaces from test_init.py's Net: pod A (10.231.0.2, fd00:231::2; the client
+Two network namespaces from netkit.py's Net: pod A (10.231.0.2, fd00:231::2; the client
 app and its sidecar, identity web/frontend) and pod B (10.231.0.1, fd00:231::1, plus
 10.232.0.1 on its loopback; the server apps and their sidecar, identity payments/api).
 scripts/portcullis-init runs inside both. Both sidecars run inside their namespace as uid 1337
@@ -29,62 +29,26 @@ import os
 import select
 import shutil
 import subprocess
-import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import pytest
 
 import harness as h
-import test_init as ti
-from test_init import netns_ok  # noqa: F401  (a fixture)
-
-PROXY_UID, APP_UID = ti.PROXY_UID, ti.APP_UID
-POD, REMOTE, OTHER = ti.POD, ti.REMOTE, ti.OTHER
-OUT_PORT, IN_PORT = ti.OUT_PORT, ti.IN_PORT
+import netkit as nk
+from netkit import APP_UID, IN_PORT, OTHER, OUT_PORT, POD, PROXY_UID, REMOTE, as_uid
 DNS_PORT = 5353
 A_ID = h.spiffe("web", "frontend")
 B_ID = h.spiffe("payments", "api")
 EXPECT_B = [{"namespace": "payments", "service_account": "api"}]
 
-# Servers print one JSON line per accepted connection on stdout (so a test can tell that
-# nothing connected) and answer it with the same line; the http mode answers every request
-# with {"server", "path"}; the client prints {"reply": LINE} or {"error": "reset" | ...}.
-TOOL = r'''
-import json, select, socket, sys, threading
+# netkit's serve() with echo: servers print one JSON line per accepted connection on stdout
+# (so a test can tell that nothing connected) and answer it with the same line; the http mode
+# answers every request with {"server", "path"}; the client prints {"reply": LINE} or
+# {"error": "reset" | ...}.
+TOOL = nk.SERVE + r'''
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-def serve(name, specs):
-    socks = []
-    for spec in specs:
-        host, port = spec.rsplit(",", 1)
-        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-        s = socket.socket(fam, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if fam == socket.AF_INET6:
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        s.bind((host, int(port)))
-        s.listen(64)
-        socks.append(s)
-    print("ready", flush=True)
-    while True:
-        ready, _, _ = select.select(socks + [sys.stdin], [], [])
-        for s in ready:
-            if s is sys.stdin:
-                if not sys.stdin.buffer.read1(1):
-                    return
-                continue
-            c, peer = s.accept()
-            local = c.getsockname()
-            line = json.dumps({"server": name, "local": [local[0], local[1]],
-                               "peer": [peer[0], peer[1]]})
-            print(line, flush=True)
-            try:
-                c.sendall(line.encode() + b"\n")
-            except OSError:
-                pass
-            c.close()
 
 def http(name, host, port):
     class H(BaseHTTPRequestHandler):
@@ -102,17 +66,8 @@ def http(name, host, port):
     sys.stdin.buffer.read()
 
 def connect(host, port, timeout):
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    c = socket.socket(fam, socket.SOCK_STREAM)
-    c.settimeout(float(timeout))
     try:
-        c.connect((host, int(port)))
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = c.recv(4096)
-            if not chunk:
-                break
-            data += chunk
+        data = recv_line(host, port, timeout)
     except ConnectionResetError:
         print(json.dumps({"error": "reset"}))
         return
@@ -122,7 +77,7 @@ def connect(host, port, timeout):
     print(json.dumps({"reply": json.loads(data) if data else None}))
 
 if sys.argv[1] == "serve":
-    serve(sys.argv[2], sys.argv[3:])
+    serve(sys.argv[2], sys.argv[3:], echo=True)
 elif sys.argv[1] == "http":
     http(sys.argv[2], sys.argv[3], sys.argv[4])
 else:
@@ -139,15 +94,7 @@ def _tools_problem() -> str | None:
 
 @pytest.fixture(scope="module")
 def tools_ok():
-    problem = _tools_problem()
-    if problem is None:
-        return
-    msg = f"transparent-listener tests cannot run: {problem}"
-    if os.environ.get("CI") == "true":
-        pytest.fail(msg + " (CI=true: failing instead of skipping)", pytrace=False)
-    print(f"\n*** SKIPPED: {msg} ***", file=sys.stderr)
-    warnings.warn(msg)
-    pytest.skip(msg)
+    nk.require("transparent-listener tests", _tools_problem())
 
 
 class Proc:
@@ -190,15 +137,11 @@ class Proc:
                 self.proc.wait(timeout=h.T(10))
 
 
-def as_uid(uid: int) -> list[str]:
-    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
-
-
 class World:
     def __init__(self, pki: h.PKI):
         self.procs: list[Proc] = []
         self.sidecars: list[h.Sidecar] = []
-        self.net = ti.Net()
+        self.net = nk.Net()
         # The sidecars run as PROXY_UID: their config and credentials must be readable by it
         # (pytest's own temporary directories are not).
         self.dir = Path(tempfile.mkdtemp(prefix="pc-transparent-", dir="/tmp"))
@@ -258,7 +201,7 @@ def _metric(text: str, name: str, **labels: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def world(netns_ok, tools_ok, pki):  # noqa: F811
+def world(netns_ok, tools_ok, pki):
     w = World(pki)
     try:
         net = w.net
@@ -299,8 +242,8 @@ def world(netns_ok, tools_ok, pki):  # noqa: F811
                       "protocol": "http",
                       "allow": [{"namespace": "payments", "paths": ["/hello"]}]}],
             extra={"dns": {"servers": [f"127.0.0.1:{DNS_PORT}"]}})
-        net.init(*ti.BASE_ARGS, "--skip-inbound-ports", f"8081,9090,7070,{w.b_admin}")
-        subprocess.run(["ip", "netns", "exec", net.remote, str(ti.INIT), *ti.BASE_ARGS,
+        net.init(*nk.BASE_ARGS, "--skip-inbound-ports", f"8081,9090,7070,{w.b_admin}")
+        subprocess.run(["ip", "netns", "exec", net.remote, str(nk.INIT), *nk.BASE_ARGS,
                         "--skip-inbound-ports", f"8081,9090,7070,{w.b_admin}"],
                        check=True, capture_output=True, timeout=h.T(60))
         w.b = w.sidecar(net.remote, "b", b_cfg)
@@ -346,16 +289,24 @@ def in_line(w: World, listener: str, pred) -> dict:
 
 # --------------------------------------------------------------------------- TCP, mTLS
 
+def reaches_b_app(w: World, host: str, port: int, endpoint: str) -> tuple[dict, dict]:
+    """The client app's connection to host:port reached B's app on 127.0.0.1:port, and A's
+    egress logged it as allowed, to B's identity: returns (B's app's reply, A's log line)."""
+    got = app_connect(w, host, port)
+    reply = got.get("reply")
+    assert reply and reply["server"] == "b-app" and reply["local"] == ["127.0.0.1", port], got
+    a = out_line(w, endpoint, decision="allow")
+    assert a["peer_id"] == B_ID, a
+    return reply, a
+
+
 def test_tcp_route_reaches_the_app_behind_the_peer_sidecar(world):
     w = world
-    got = app_connect(w, REMOTE[4], 8080)
-    reply = got.get("reply")
     # B's app saw a connection from B's sidecar on loopback: it went A sidecar -> mTLS -> B's
     # transparent inbound listener -> 127.0.0.1:<original port>.
-    assert reply and reply["server"] == "b-app" and reply["local"] == ["127.0.0.1", 8080], got
-    assert reply["peer"][0] == "127.0.0.1", got
-    a = out_line(w, f"{REMOTE[4]}:8080", decision="allow")
-    assert a["peer_id"] == B_ID and a["tls_version"] and a["app"].startswith(POD[4] + ":"), a
+    reply, a = reaches_b_app(w, REMOTE[4], 8080, f"{REMOTE[4]}:8080")
+    assert reply["peer"][0] == "127.0.0.1", reply
+    assert a["tls_version"] and a["app"].startswith(POD[4] + ":"), a
     b = in_line(w, "ingress", lambda e: e.get("endpoint") == "127.0.0.1:8080"
                 and e.get("peer", "").startswith(POD[4] + ":"))
     assert b["decision"] == "allow" and b["peer_id"] == A_ID and b["app"] == "127.0.0.1:8080", b
@@ -363,22 +314,15 @@ def test_tcp_route_reaches_the_app_behind_the_peer_sidecar(world):
 
 def test_ipv6_destination_on_the_dual_stack_listener(world):
     w = world
-    got = app_connect(w, REMOTE[6], 8080)
-    reply = got.get("reply")
-    assert reply and reply["server"] == "b-app" and reply["local"] == ["127.0.0.1", 8080], got
-    a = out_line(w, f"[{REMOTE[6]}]:8080", decision="allow")
-    assert a["peer_id"] == B_ID and a["app"].startswith(f"[{POD[6]}]:"), a
+    _, a = reaches_b_app(w, REMOTE[6], 8080, f"[{REMOTE[6]}]:8080")
+    assert a["app"].startswith(f"[{POD[6]}]:"), a
     b = in_line(w, "ingress", lambda e: e.get("peer", "").startswith(f"[{POD[6]}]:"))
     assert b["decision"] == "allow" and b["peer_id"] == A_ID and b["endpoint"] == "127.0.0.1:8080"
 
 
 def test_name_route_matches_the_names_addresses(world):
     w = world
-    got = app_connect(w, REMOTE[4], 8082)
-    reply = got.get("reply")
-    assert reply and reply["server"] == "b-app" and reply["local"] == ["127.0.0.1", 8082], got
-    a = out_line(w, f"{REMOTE[4]}:8082", decision="allow")
-    assert a["peer_id"] == B_ID, a
+    reaches_b_app(w, REMOTE[4], 8082, f"{REMOTE[4]}:8082")
     eps = json.loads(_admin(w.net.pod, w.a_admin, "/endpoints"))
     egress = next(l for l in eps["listeners"] if l["name"] == "egress")
     route = next(r for r in egress["routes"] if r["target"] == "b.test:8082")
