@@ -253,7 +253,7 @@ identity = {{ cert = "{secret}/tls.crt"; key = "{secret}/tls.key"; ca = "{secret
              watch = true; }};
 admin = {{ listen = "127.0.0.1:15000"; }};
 log = {{ level = "info"; access = true; }};
-limits = {{ drain_timeout_ms = 3000; }};
+limits = {{ drain_timeout_ms = 3000; throttle_ipv6_prefix = 128; }};
 dns = {{ servers = [ "{NODE4}:53" ]; }};
 """
     entries = ALLOW[pod.key]
