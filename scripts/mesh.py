@@ -825,9 +825,8 @@ def main() -> int:
     ap.add_argument("--max-calls", type=int, default=100000)
     ap.add_argument("--pause", type=float, default=0.05)
     # paths refused in the handshake are called at most every 3 s: the target's sidecar
-    # throttles a source (an IPv4 address, an IPv6 /64: here every pod's) after 20 failed
-    # handshakes in 10 s, a refused HTTP/1.1 request over an h2 upstream costs up to four
-    # handshakes (it is retried), and a throttled /64 takes the allowed callers with it
+    # throttles a source (here one pod: throttle_ipv6_prefix = 128) after 20 failed
+    # handshakes in 10 s, and a refused caller that calls on keeps failing by design
     ap.add_argument("--handshake-deny-every", type=float, default=3.0)
     ap.add_argument("--mode", choices=("transparent", "explicit"), default="transparent")
     ap.add_argument("--prefix")
