@@ -378,6 +378,14 @@ pc_endpoint_t *pc_target_endpoint_for(pc_target_t *t, const struct sockaddr_stor
 }
 
 pc_endpoint_t *pc_target_pick(pc_target_t *t, const pc_endpoint_t *avoid) {
+  if (!t->is_name && !t->pinned) {
+    /* An IP literal's one endpoint never changes: no lock on the path
+     * every connection and request of such a listener takes. */
+    pc_endpoint_t *ep = t->eps[0];
+    pc_endpoint_ref(ep);
+    __atomic_add_fetch(&ep->in_flight, 1, __ATOMIC_RELAXED);
+    return ep;
+  }
   uint64_t now = pc_endpoint_now_ms();
   uv_mutex_lock(&t->lock);
   size_t n = t->neps;
