@@ -325,28 +325,29 @@ static void render_metrics(pc_jbuf_t *b) {
                        pc_decision_word((pc_decision_t)d), pc_reason_word((pc_reason_t)r),
                        (unsigned long long)v);
       }
-  help(b, "active_connections", "gauge", "Open connections.");
-  for (size_t i = 0; i < set.n; i++) {
-    pc_jbuf_printf(b, "portcullis_active_connections{");
-    lbl(b, &set.v[i]);
-    pc_jbuf_printf(b, "} %lld\n", (long long)set.v[i].m.active);
-  }
-  help(b, "pending_handshakes", "gauge",
+  static const struct {
+    const char *name, *text;
+    size_t off;
+  } gauges[] = {
+      {"active_connections", "Open connections.", offsetof(pc_metrics_t, active)},
+      {"pending_handshakes",
        "Inbound connections accepted whose TLS handshake has not finished "
-       "(limits.max_pending_handshakes).");
-  for (size_t i = 0; i < set.n; i++) {
-    pc_jbuf_printf(b, "portcullis_pending_handshakes{");
-    lbl(b, &set.v[i]);
-    pc_jbuf_printf(b, "} %lld\n", (long long)set.v[i].m.pending_handshakes);
-  }
-  help(b, "throttle_sources", "gauge",
+       "(limits.max_pending_handshakes).",
+       offsetof(pc_metrics_t, pending_handshakes)},
+      {"throttle_sources",
        "Inbound: sources (IPv4 address or IPv6 prefix of limits.throttle_ipv6_prefix bits) "
        "held in the handshake-failure throttle tables, as of each table's last failure; at "
-       "most 4096 per listener and worker.");
-  for (size_t i = 0; i < set.n; i++) {
-    pc_jbuf_printf(b, "portcullis_throttle_sources{");
-    lbl(b, &set.v[i]);
-    pc_jbuf_printf(b, "} %lld\n", (long long)set.v[i].m.throttle_sources);
+       "most 4096 per listener and worker.",
+       offsetof(pc_metrics_t, throttle_sources)},
+  };
+  for (size_t g = 0; g < PC_ARRAY_SIZE(gauges); g++) {
+    help(b, gauges[g].name, "gauge", gauges[g].text);
+    for (size_t i = 0; i < set.n; i++) {
+      int64_t v = *(const int64_t *)((const char *)&set.v[i].m + gauges[g].off);
+      pc_jbuf_printf(b, "portcullis_%s{", gauges[g].name);
+      lbl(b, &set.v[i]);
+      pc_jbuf_printf(b, "} %lld\n", (long long)v);
+    }
   }
   help(b, "handshake_duration_seconds", "histogram",
        "Duration of successful TLS handshakes (inbound: from accept).");
