@@ -296,15 +296,10 @@ static void on_answer(void *arg, pc_dns_result_t r, const struct sockaddr_storag
   if (ttl > cur.max_ttl_ms) ttl = cur.max_ttl_ms;
   const char *listener = pc_target_listener(w->t), *spec = pc_target_spec(w->t);
   if (r == PC_DNS_OK) {
-    pc_target_view_t before;
-    pc_target_view(w->t, &before);
-    pc_target_answer(w->t, r, addrs, n, ttl);
-    pc_target_view_t after;
-    pc_target_view(w->t, &after);
-    int changed = before.neps != after.neps || before.last_result != PC_DNS_OK;
-    for (size_t i = 0; i < after.neps && !changed; i++)
-      changed = strcmp(before.eps[i].address, after.eps[i].address) != 0;
-    if (changed) {
+    int changed = pc_target_answer(w->t, r, addrs, n, ttl);
+    if (changed || w->last != PC_DNS_OK) { /* a new set, or the first good answer in a while */
+      pc_target_view_t after;
+      pc_target_view(w->t, &after);
       pc_jbuf_t b = {0};
       for (size_t i = 0; i < after.neps; i++)
         pc_jbuf_printf(&b, "%s%s", i ? ", " : "", after.eps[i].address);
@@ -312,10 +307,9 @@ static void on_answer(void *arg, pc_dns_result_t r, const struct sockaddr_storag
              spec, after.neps, after.neps == 1 ? "" : "es", b.data ? b.data : "",
              (unsigned long long)ttl);
       pc_jbuf_free(&b);
-      pc_workers_wake(); /* idle pooled connections to left endpoints close */
+      pc_target_view_free(&after);
     }
-    pc_target_view_free(&before);
-    pc_target_view_free(&after);
+    if (changed) pc_workers_wake(); /* idle pooled connections to left endpoints close */
   } else {
     pc_target_view_t v;
     pc_target_answer(w->t, r, NULL, 0, 0);

@@ -427,15 +427,15 @@ pc_endpoint_t *pc_target_pick(pc_target_t *t, const pc_endpoint_t *avoid) {
   return best;
 }
 
-void pc_target_answer(pc_target_t *t, pc_dns_result_t r, const struct sockaddr_storage *addrs,
-                      size_t n, uint64_t ttl_ms) {
+int pc_target_answer(pc_target_t *t, pc_dns_result_t r, const struct sockaddr_storage *addrs,
+                     size_t n, uint64_t ttl_ms) {
   uv_mutex_lock(&t->lock);
   t->resolutions[r]++;
   if (r != PC_DNS_OK || n == 0) {
     t->stale = t->neps > 0;
     t->result = r;
     uv_mutex_unlock(&t->lock);
-    return;
+    return 0;
   }
   pc_endpoint_t **eps = pc_calloc(n, sizeof(*eps));
   size_t m = 0;
@@ -475,6 +475,7 @@ void pc_target_answer(pc_target_t *t, pc_dns_result_t r, const struct sockaddr_s
   t->ttl_ms = ttl_ms;
   uv_mutex_unlock(&t->lock);
   if (changed) __atomic_add_fetch(&epoch, 1, __ATOMIC_RELEASE);
+  return changed;
 }
 
 void pc_targets_each_name(void (*fn)(pc_target_t *t, void *arg), void *arg) {

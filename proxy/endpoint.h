@@ -149,9 +149,10 @@ void pc_target_set_dns_state(pc_target_t *t, void *state);
 
 /* An answer: addrs (n may be 0 only with a failure) replaces the set when
  * r is PC_DNS_OK; a failure keeps the last good set (marked stale). ttl_ms:
- * the clamped TTL that schedules the next query. */
-void pc_target_answer(pc_target_t *t, pc_dns_result_t r, const struct sockaddr_storage *addrs,
-                      size_t n, uint64_t ttl_ms);
+ * the clamped TTL that schedules the next query. Returns 1 if the set's
+ * members changed (pc_endpoint_epoch moved), else 0. */
+int pc_target_answer(pc_target_t *t, pc_dns_result_t r, const struct sockaddr_storage *addrs,
+                     size_t n, uint64_t ttl_ms);
 
 /* ---- reports (admin) ---------------------------------------------------- */
 
