@@ -388,9 +388,11 @@ def client_context(pki: PKI, stem: str | None, *, min_version=ssl.TLSVersion.TLS
 
 def tls_connect(port: int, ctx: ssl.SSLContext, *, timeout: float = WAIT_S,
                 session: ssl.SSLSession | None = None,
-                server_hostname: str | None = "api.payments.svc") -> ssl.SSLSocket:
-    """Connect + complete the handshake (client's view). Caller closes."""
-    raw = socket.create_connection((HOST, port), timeout=T(timeout))
+                server_hostname: str | None = "api.payments.svc",
+                raw: socket.socket | None = None) -> ssl.SSLSocket:
+    """Connect (or take raw, a connected TCP socket) + complete the handshake (client's
+    view). Caller closes."""
+    raw = raw or socket.create_connection((HOST, port), timeout=T(timeout))
     try:
         s = ctx.wrap_socket(raw, server_hostname=server_hostname, session=session,
                             do_handshake_on_connect=False)

@@ -40,15 +40,7 @@ def _connect_from(port: int, source: str, timeout: float = h.WAIT_S) -> socket.s
 
 def _tls_from(port: int, ctx: ssl.SSLContext, source: str,
               timeout: float = h.WAIT_S) -> ssl.SSLSocket:
-    raw = _connect_from(port, source, timeout)
-    try:
-        s = ctx.wrap_socket(raw, server_hostname="api.payments.svc",
-                            do_handshake_on_connect=False)
-        s.do_handshake()
-        return s
-    except BaseException:
-        raw.close()
-        raise
+    return h.tls_connect(port, ctx, raw=_connect_from(port, source, timeout))
 
 
 def _echo(s: socket.socket, data: bytes) -> None:
@@ -125,9 +117,9 @@ def _fail_handshake(port: int, ctx: ssl.SSLContext, source: str) -> None:
             pass
 
 
-def _closed_at_accept(port: int, source: str) -> bool:
-    """Connect from source and send nothing: True if the sidecar ends the connection
-    without a byte (no ServerHello; it cannot have started TLS: we never said hello)."""
+def _ends_unanswered(port: int, source: str, send: bytes = b"") -> bool:
+    """Connect from source and send `send`: True if the sidecar ends the connection without
+    a byte back (a reset counts), False if it keeps it open."""
     try:
         s = _connect_from(port, source)
     except ConnectionResetError:
@@ -135,11 +127,19 @@ def _closed_at_accept(port: int, source: str) -> bool:
     with s:
         s.settimeout(h.T(h.PROMPT_S))
         try:
+            if send:
+                s.sendall(send)
             return s.recv(1) == b""
-        except ConnectionResetError:
+        except (ConnectionResetError, BrokenPipeError):
             return True
         except (socket.timeout, TimeoutError):
             return False
+
+
+def _closed_at_accept(port: int, source: str) -> bool:
+    """Connect from source and send nothing: True if the sidecar ends the connection
+    without a byte (no ServerHello; it cannot have started TLS: we never said hello)."""
+    return _ends_unanswered(port, source)
 
 
 def _hello_unanswered(port: int, ctx: ssl.SSLContext, source: str) -> bool:
@@ -153,19 +153,7 @@ def _hello_unanswered(port: int, ctx: ssl.SSLContext, source: str) -> bool:
         pass
     hello = outgoing.read()
     assert hello[:1] == b"\x16", hello[:8]   # a TLS handshake record
-    try:
-        s = _connect_from(port, source)
-    except ConnectionResetError:
-        return True
-    with s:
-        s.settimeout(h.T(h.PROMPT_S))
-        try:
-            s.sendall(hello)
-            return s.recv(1) == b""
-        except (ConnectionResetError, BrokenPipeError):
-            return True
-        except (socket.timeout, TimeoutError):
-            return False
+    return _ends_unanswered(port, source, hello)
 
 
 def test_failing_source_is_throttled_then_served_again(env):
