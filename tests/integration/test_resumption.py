@@ -171,7 +171,7 @@ def test_client_whose_certificate_expired_cannot_resume(env, pki):
     """The session was made while the client's certificate was valid, and the ticket keys
     have not changed since; once the certificate expired the peer is refused (expired),
     as a full handshake would refuse it."""
-    sc, port, _, _ = _inbound(env, pki)
+    sc, port, app, _ = _inbound(env, pki)
     for margin in (h.T(6), h.T(20), h.T(60)):
         crt, key = h.mint_leaf(pki, env.tmp / f"mint-{int(margin)}",
                                f"short-web-{int(margin)}", "web", "frontend", time.time() + margin)
@@ -188,11 +188,13 @@ def test_client_whose_certificate_expired_cannot_resume(env, pki):
     assert sess.ticket_lifetime_hint <= not_after - time.time() + margin, sess.ticket_lifetime_hint
     assert sess.ticket_lifetime_hint < 3600, sess.ticket_lifetime_hint
     before = hk.scrape(sc)
+    seen = app.count()
 
     _wait_past(not_after)
     served, lport = _attempt(port, ctx, sess)
     assert not served, "a client whose certificate expired resumed its session"
     e = sc.log_for_peer_port(lport, timeout=h.PROMPT_S)
+    assert app.count() == seen, "the refused peer's connection reached the app"
     h.check_access_entry(e)
     assert (e["decision"], e["reason"]) == ("deny", "expired"), e
     after = hk.scrape(sc)
@@ -237,7 +239,7 @@ def test_upstream_whose_certificate_expired_is_not_resumed(env, pki):
 
 def test_reload_refuses_a_no_longer_allowed_peer_and_invalidates_tickets(env, pki):
     # one worker: once a fresh connection sees the new policy, every connection does
-    sc, port, _, cfg = _inbound(env, pki, workers=1)
+    sc, port, app, cfg = _inbound(env, pki, workers=1)
     ctx = h.client_context(pki, "web-frontend", max_version=TLS13)
     fresh = h.client_context(pki, "web-frontend", max_version=TLS13)
     sess, _, _ = _connect(port, ctx)
@@ -250,11 +252,13 @@ def test_reload_refuses_a_no_longer_allowed_peer_and_invalidates_tickets(env, pk
     sc.sighup()
     assert h.wait_until(lambda: not _attempt(port, fresh, None)[0], h.T(h.PROMPT_S), 0.05), \
         "the new allow list never took effect"
+    seen = app.count()
     for _ in range(2):
         served, lport = _attempt(port, ctx, sess)
         assert not served, "a peer the reload no longer allows resumed its session"
         e = sc.log_for_peer_port(lport, timeout=h.PROMPT_S)
         assert (e["decision"], e["reason"]) == ("deny", "not_allowed"), e
+    assert app.count() == seen, "a refused peer's connection reached the app"
 
     # allowed again, by a newer generation: served, but the old ticket is gone
     cfg["inbound"][0]["allow"] = [{"namespace": "web"}]
