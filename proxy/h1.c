@@ -321,8 +321,14 @@ static int check_target(pc_h1_parser_t *p) {
   const char *t = m->target;
   size_t n = m->target_len;
   if (m->method == HTTP_CONNECT) {
-    /* authority-form: host:port, nothing else */
-    if (n == 0 || memchr(t, '/', n) || !memchr(t, ':', n)) return -1;
+    /* authority-form (RFC 9112 3.2.3): uri-host ":" port, nothing else; the
+     * port is 1 to 5 digits. */
+    if (n == 0 || memchr(t, '/', n) || !authority_ok(t, n)) return -1;
+    const char *colon = memrchr(t, ':', n);
+    size_t port_len = colon ? n - (size_t)(colon - t) - 1 : 0;
+    if (!colon || colon == t || port_len == 0 || port_len > 5) return -1;
+    for (size_t i = 1; i <= port_len; i++)
+      if (colon[i] < '0' || colon[i] > '9') return -1;
     m->path_len = (uint32_t)n;
     return 0;
   }

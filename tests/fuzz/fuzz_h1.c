@@ -193,6 +193,16 @@ static void check_head(const pc_h1_parser_t *p, const pc_h1_limits_t *lim) {
     ASSERT(!memchr(m->target, '#', m->target_len));
     if (m->method == HTTP_CONNECT) {
       ASSERT(!memchr(m->target, '/', m->target_len) && memchr(m->target, ':', m->target_len));
+      /* uri-host ":" port, read independently of the parser. */
+      size_t last = 0;
+      for (size_t i = 0; i < m->target_len; i++) {
+        unsigned char c = (unsigned char)m->target[i];
+        ASSERT(isalnum(c) || (c && strchr("-._~!$&'()*+,;=%:[]", c)));
+        if (c == ':') last = i;
+      }
+      ASSERT(last > 0 && last + 1 < m->target_len && m->target_len - last - 1 <= 5);
+      for (size_t i = last + 1; i < m->target_len; i++)
+        ASSERT(isdigit((unsigned char)m->target[i]));
       ASSERT(!m->chunked && !m->has_length);
     } else if (m->target_len == 1 && m->target[0] == '*') {
       ASSERT(m->method == HTTP_OPTIONS);

@@ -301,6 +301,15 @@ static const msg_case_t request_cases[] = {
     BAD("GET * HTTP/1.1\r\n" HOST "\r\n", 400),
     BAD("CONNECT /x HTTP/1.1\r\n" HOST "\r\n", 400),
     BAD("CONNECT example.com HTTP/1.1\r\nHost: example.com\r\n\r\n", 400),
+    /* authority-form only: no fragment, query, bytes outside uri-host or
+     * non-numeric port (found by fuzz_h1). */
+    BAD("CONNECT a.com#x:443 HTTP/1.1\r\nHost: a.com:443\r\n\r\n", 400),
+    BAD("CONNECT a.com?x:443 HTTP/1.1\r\nHost: a.com:443\r\n\r\n", 400),
+    BAD("CONNECT a\xd5.com:443 HTTP/1.1\r\nHost: a.com:443\r\n\r\n", 400),
+    BAD("CONNECT a.com:44x HTTP/1.1\r\nHost: a.com:443\r\n\r\n", 400),
+    BAD("CONNECT a.com: HTTP/1.1\r\nHost: a.com:443\r\n\r\n", 400),
+    BAD("CONNECT :443 HTTP/1.1\r\nHost: a.com:443\r\n\r\n", 400),
+    BAD("CONNECT a.com:443444 HTTP/1.1\r\nHost: a.com:443\r\n\r\n", 400),
     BAD("GET /a/../b HTTP/1.1\r\n" HOST "\r\n", 400),
     BAD("GET /./a HTTP/1.1\r\n" HOST "\r\n", 400),
     BAD("GET /a/%2e%2e/b HTTP/1.1\r\n" HOST "\r\n", 400),
