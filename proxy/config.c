@@ -175,11 +175,6 @@ int pc_config_parse_addr(const char *s, struct sockaddr_storage *out) {
   return 0;
 }
 
-static uint16_t port_of(const struct sockaddr_storage *a) {
-  return a->ss_family == AF_INET6 ? ((const struct sockaddr_in6 *)a)->sin6_port
-                                  : ((const struct sockaddr_in *)a)->sin_port;
-}
-
 int pc_config_cipher_ok(const char *name) {
   for (size_t i = 0; i < PC_ARRAY_SIZE(strong_ciphers); i++)
     if (strcmp(name, strong_ciphers[i]) == 0) return 1;
@@ -878,14 +873,15 @@ static void parse_listeners(ctx_t *c, const config_setting_t *root, pc_config_t 
           snprintf(sp, sizeof(sp), "%s.name", path);
           fail(c, l->line_name, sp, "listener name \"%s\" is already used on line %d", l->name,
                o->line_name);
-        } else if (l->listen_str && o->listen_str && port_of(&l->listen) == port_of(&o->listen)) {
+        } else if (l->listen_str && o->listen_str &&
+                   pc_addr_port(&l->listen) == pc_addr_port(&o->listen)) {
           snprintf(sp, sizeof(sp), "%s.listen", path);
           fail(c, l->line_listen, sp,
                "port of \"%s\" is already used by listener \"%s\" on line %d", l->listen_str,
                o->name ? o->name : "?", o->line_listen);
         }
       }
-      if (!c->failed && port_of(&l->listen) == port_of(&cfg->admin.listen)) {
+      if (!c->failed && pc_addr_port(&l->listen) == pc_addr_port(&cfg->admin.listen)) {
         char sp[80];
         snprintf(sp, sizeof(sp), "%s.listen", path);
         fail(c, l->line_listen, sp, "port is already used by admin.listen");

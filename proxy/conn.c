@@ -655,13 +655,14 @@ static int route_at_accept(pc_conn_t *c) {
     pc_stream_addr(&c->down, 1, c->peer_addr, sizeof(c->peer_addr));
   else
     pc_stream_addr(&c->down, 1, c->app_addr, sizeof(c->app_addr));
-  if (pc_route_original_dst(&c->down.tcp, &dst) != 0) {
+  int self = pc_route_original_dst(&c->down.tcp, &dst);
+  if (self < 0) {
     refuse_at_accept(c, "it has no original destination (not redirected to the listener)");
     return 1;
   }
-  pc_route_addr_str(&dst, c->dst, sizeof(c->dst));
+  pc_addr_str(&dst, c->dst, sizeof(c->dst));
   if (!c->inbound) snprintf(c->peer_addr, sizeof(c->peer_addr), "%s", c->dst);
-  if (pc_route_is_self(&c->down.tcp, &dst)) {
+  if (self) {
     refuse_at_accept(c, "it was made to the transparent listener itself, not redirected to it");
     return 1;
   }

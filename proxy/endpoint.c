@@ -65,16 +65,19 @@ static uint32_t rnd(void) {
   return (uint32_t)(s >> 16);
 }
 
-static void format_addr(const struct sockaddr_storage *a, char *out, size_t n) {
+uint16_t pc_addr_port(const struct sockaddr_storage *a) {
+  return ntohs(a->ss_family == AF_INET6 ? ((const struct sockaddr_in6 *)a)->sin6_port
+                                        : ((const struct sockaddr_in *)a)->sin_port);
+}
+
+void pc_addr_str(const struct sockaddr_storage *a, char *out, size_t n) {
   char ip[INET6_ADDRSTRLEN] = "?";
   if (a->ss_family == AF_INET6) {
-    const struct sockaddr_in6 *s = (const struct sockaddr_in6 *)a;
-    inet_ntop(AF_INET6, &s->sin6_addr, ip, sizeof(ip));
-    snprintf(out, n, "[%s]:%u", ip, ntohs(s->sin6_port));
+    inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)a)->sin6_addr, ip, sizeof(ip));
+    snprintf(out, n, "[%s]:%u", ip, pc_addr_port(a));
   } else {
-    const struct sockaddr_in *s = (const struct sockaddr_in *)a;
-    inet_ntop(AF_INET, &s->sin_addr, ip, sizeof(ip));
-    snprintf(out, n, "%s:%u", ip, ntohs(s->sin_port));
+    inet_ntop(AF_INET, &((const struct sockaddr_in *)a)->sin_addr, ip, sizeof(ip));
+    snprintf(out, n, "%s:%u", ip, pc_addr_port(a));
   }
 }
 
@@ -83,7 +86,7 @@ static pc_endpoint_t *endpoint_new(pc_target_t *t, const struct sockaddr_storage
   ep->addr = *a;
   ep->tgt = t;
   ep->refs = 1;
-  format_addr(a, ep->str, sizeof(ep->str));
+  pc_addr_str(a, ep->str, sizeof(ep->str));
   return ep;
 }
 
@@ -210,8 +213,7 @@ pc_target_t *pc_target_get(const char *listener, int inbound, const char *spec, 
     snprintf(t->unresolved, n, "the upstream name %s has not resolved", spec);
   } else {
     t->host = dupn(spec, (size_t)(strrchr(spec, ':') - spec));
-    t->port = ntohs(a.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&a)->sin6_port
-                                            : ((struct sockaddr_in *)&a)->sin_port);
+    t->port = pc_addr_port(&a);
     t->result = PC_DNS_STATIC;
     t->eps = pc_calloc(1, sizeof(*t->eps));
     t->eps[0] = endpoint_new(t, &a);

@@ -129,6 +129,12 @@ int pc_endpoint_removed(const pc_endpoint_t *ep);
 /* Non-zero if a and b are the same IPv4 or IPv6 address and port. */
 int pc_endpoint_same_addr(const struct sockaddr_storage *a, const struct sockaddr_storage *b);
 
+/* The port of an IPv4 or IPv6 address, in host order. */
+uint16_t pc_addr_port(const struct sockaddr_storage *a);
+
+/* Writes "IP:PORT" or "[IPv6]:PORT" (as access logs and /endpoints show it). */
+void pc_addr_str(const struct sockaddr_storage *a, char *out, size_t n);
+
 /* Monotonic milliseconds (ejection clocks). */
 uint64_t pc_endpoint_now_ms(void);
 

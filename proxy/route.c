@@ -47,20 +47,7 @@ int pc_route_original_dst(uv_tcp_t *tcp, struct sockaddr_storage *dst) {
     if (getsockopt(fd, SOL_IP, SO_ORIGINAL_DST, dst, &len) != 0) return -1;
     dst->ss_family = AF_INET;
   }
-  return 0;
-}
-
-int pc_route_is_self(uv_tcp_t *tcp, const struct sockaddr_storage *dst) {
-  struct sockaddr_storage local;
-  int len = sizeof(local);
-  if (uv_tcp_getsockname(tcp, (struct sockaddr *)&local, &len) != 0) return 0;
-  unmap(&local);
-  return pc_endpoint_same_addr(&local, dst);
-}
-
-static uint16_t port_of(const struct sockaddr_storage *a) {
-  return ntohs(a->ss_family == AF_INET6 ? ((const struct sockaddr_in6 *)a)->sin6_port
-                                        : ((const struct sockaddr_in *)a)->sin_port);
+  return pc_endpoint_same_addr(&local, dst) ? 1 : 0;
 }
 
 static int in_prefix(const pc_route_t *r, const struct sockaddr_storage *dst) {
@@ -82,7 +69,7 @@ const pc_listener_cfg_t *pc_route_match(const pc_listener_cfg_t *l,
   for (size_t i = 0; i < l->nroutes; i++) {
     const pc_route_t *r = &l->routes[i];
     if (r->family) {
-      if (!in_prefix(r, dst) || (r->port && r->port != port_of(dst))) continue;
+      if (!in_prefix(r, dst) || (r->port && r->port != pc_addr_port(dst))) continue;
       *ep = pc_target_endpoint_for(r->lc.tgt, dst);
     } else {
       /* A name matches the addresses it resolves to now, on its port. */
@@ -100,17 +87,6 @@ pc_endpoint_t *pc_route_local(const pc_listener_cfg_t *l, const struct sockaddr_
   struct sockaddr_in *s = (struct sockaddr_in *)&a;
   s->sin_family = AF_INET;
   s->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  s->sin_port = htons(port_of(dst));
+  s->sin_port = htons(pc_addr_port(dst));
   return pc_target_endpoint_for(l->tgt, &a);
-}
-
-void pc_route_addr_str(const struct sockaddr_storage *a, char *out, size_t n) {
-  char ip[INET6_ADDRSTRLEN] = "?";
-  if (a->ss_family == AF_INET6) {
-    inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)a)->sin6_addr, ip, sizeof(ip));
-    snprintf(out, n, "[%s]:%u", ip, port_of(a));
-  } else {
-    inet_ntop(AF_INET, &((const struct sockaddr_in *)a)->sin_addr, ip, sizeof(ip));
-    snprintf(out, n, "%s:%u", ip, port_of(a));
-  }
 }

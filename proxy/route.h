@@ -24,14 +24,11 @@
 #include "endpoint.h"
 
 /* The original destination of accepted connection tcp, as an AF_INET (also
- * for an IPv4 peer on a dual-stack socket) or AF_INET6 address. Returns 0,
- * or -1 when the kernel knows none (the connection was not redirected and
- * conntrack does not track it). */
+ * for an IPv4 peer on a dual-stack socket) or AF_INET6 address. Returns 0;
+ * 1 when it is tcp's own local address (the app connected to the listener
+ * itself, nothing was intercepted); -1 when the kernel knows none (the
+ * connection was not redirected and conntrack does not track it). */
 int pc_route_original_dst(uv_tcp_t *tcp, struct sockaddr_storage *dst);
-
-/* Non-zero if dst is tcp's own local address: the app connected to the
- * listener itself, nothing was intercepted. */
-int pc_route_is_self(uv_tcp_t *tcp, const struct sockaddr_storage *dst);
 
 /* The route of outbound transparent listener l that takes dst, and in *ep
  * its endpoint at dst (counted in flight, as pc_target_endpoint_for). NULL
@@ -42,8 +39,5 @@ const pc_listener_cfg_t *pc_route_match(const pc_listener_cfg_t *l,
 /* Inbound transparent listener l: the endpoint 127.0.0.1:<dst's port>
  * (counted in flight). */
 pc_endpoint_t *pc_route_local(const pc_listener_cfg_t *l, const struct sockaddr_storage *dst);
-
-/* "IP:PORT" / "[v6]:PORT" of a. */
-void pc_route_addr_str(const struct sockaddr_storage *a, char *out, size_t n);
 
 #endif
