@@ -398,6 +398,7 @@ static void on_connect_timer(uv_timer_t *t) {
 static void start_upstream_tls(pc_conn_t *c) {
   c->state = ST_HANDSHAKE;
   arm(c, c->gen->cfg->limits.handshake_timeout_ms, on_handshake_timer);
+  c->peer.endpoint = c->ep->str;
   SSL *ssl = pc_tls_new(c->gen->client_ctx, &c->peer);
   SSL_set_tlsext_host_name(ssl, c->lc->server_name);
   c->hs_start_ns = uv_hrtime();

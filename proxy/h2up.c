@@ -688,7 +688,8 @@ static void on_connect(uv_connect_t *req, int status) {
                             .depth = p->gen->cfg->tls.verify_depth,
                             .is_server = 0,
                             .cache_tag = p->gen->id,
-                            .name = lc->name};
+                            .name = lc->name,
+                            .endpoint = c->ep->str};
   SSL *ssl = pc_tls_new(p->gen->client_ctx, &c->peer);
   SSL_set_tlsext_host_name(ssl, lc->server_name);
   static const uint8_t h2_only[] = "\x02h2", both[] = "\x02h2\x08http/1.1";

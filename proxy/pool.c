@@ -223,7 +223,8 @@ static void on_connect(uv_connect_t *req, int status) {
                              .depth = p->gen->cfg->tls.verify_depth,
                              .is_server = 0,
                              .cache_tag = p->gen->id,
-                             .name = p->lc->name};
+                             .name = p->lc->name,
+                             .endpoint = up->ep->str};
   SSL *ssl = pc_tls_new(p->gen->client_ctx, &up->peer);
   SSL_set_tlsext_host_name(ssl, p->lc->server_name);
   up->hs_start = uv_hrtime();

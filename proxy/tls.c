@@ -220,7 +220,7 @@ static enum ssl_verify_result_t verify_peer(SSL *ssl, uint8_t *out_alert) {
   return ssl_verify_invalid;
 }
 
-static void forget_session(const char *name);
+static void forget_session(const pc_tls_peer_t *pv);
 
 pc_reason_t pc_tls_handshake_done(pc_tls_peer_t *pv, const SSL *ssl, uint8_t *alert) {
   if (!SSL_session_reused(ssl)) return PC_REASON_NONE;
@@ -232,7 +232,7 @@ pc_reason_t pc_tls_handshake_done(pc_tls_peer_t *pv, const SSL *ssl, uint8_t *al
   if (r == PC_REASON_NONE) return r;
   pv->reason = r;
   *alert = pc_reason_alert(r) ? pc_reason_alert(r) : SSL_AD_CERTIFICATE_UNKNOWN;
-  if (!pv->is_server && pv->name) forget_session(pv->name);
+  if (!pv->is_server && pv->name) forget_session(pv);
   return r;
 }
 
@@ -376,15 +376,18 @@ static int no_tls12_tickets(SSL *ssl, void *arg) {
   return 1;
 }
 
-/* ---- client: one session per outbound listener and worker thread --------
+/* ---- client: one session per outbound listener, endpoint and thread ------
  * The latest TLS 1.3 session an upstream gave (each resumed connection
- * brings a fresh one), under the listener's name and generation. A
+ * brings a fresh one), under the listener's name, the endpoint's address
+ * (the pods behind a name, or a transparent route's destinations, each
+ * issue their own tickets) and the generation. A
  * session of another generation (client certificate, bundle or expect list
  * may differ), past its lifetime or the expiry of the server's verified
  * path, or whose stored chain no longer passes, is dropped, never offered. */
 
 typedef struct {
-  char *name;
+  char *name; /* listener name, '\0', endpoint ("" if none) */
+  size_t name_len;
   uint64_t tag; /* generation id */
   time_t until;
   SSL_SESSION *sess;
@@ -406,10 +409,26 @@ static void sessions_free(void) {
   sessions = NULL;
 }
 
-static sess_ent_t *sess_find(const char *name) {
-  for (size_t i = 0; i < nsessions; i++)
-    if (strcmp(sessions[i].name, name) == 0) return &sessions[i];
+/* The cache key of pv: its listener name and endpoint, '\0' between. */
+static size_t sess_key(const pc_tls_peer_t *pv, char *key, size_t n) {
+  int k = snprintf(key, n, "%s%c%s", pv->name, 0, pv->endpoint ? pv->endpoint : "");
+  return k < 0 || (size_t)k >= n ? 0 : (size_t)k;
+}
+
+static sess_ent_t *sess_find(const pc_tls_peer_t *pv) {
+  char key[512];
+  size_t n = sess_key(pv, key, sizeof(key));
+  for (size_t i = 0; n && i < nsessions; i++)
+    if (sessions[i].name_len == n && memcmp(sessions[i].name, key, n) == 0) return &sessions[i];
   return NULL;
+}
+
+/* Makes room for one more session: the one that would end first goes. */
+static void sess_evict(void) {
+  size_t worst = 0;
+  for (size_t i = 1; i < nsessions; i++)
+    if (sessions[i].until < sessions[worst].until) worst = i;
+  sess_drop(worst);
 }
 
 static int on_new_session(SSL *ssl, SSL_SESSION *sess) {
@@ -424,12 +443,18 @@ static int on_new_session(SSL *ssl, SSL_SESSION *sess) {
     else
       i++;
   }
-  sess_ent_t *e = sess_find(pv->name);
+  sess_ent_t *e = sess_find(pv);
   if (e && e->tag > pv->cache_tag) return 0; /* a late ticket of an older generation */
   if (!e) {
+    char key[512];
+    size_t n = sess_key(pv, key, sizeof(key));
+    if (!n) return 0;
+    if (nsessions == PC_TLS_CLIENT_SESSIONS) sess_evict();
     sessions = pc_realloc(sessions, (nsessions + 1) * sizeof(*sessions));
     e = &sessions[nsessions++];
-    e->name = pc_strdup(pv->name);
+    e->name = pc_malloc(n);
+    memcpy(e->name, key, n);
+    e->name_len = n;
     e->sess = NULL;
   }
   SSL_SESSION_free(e->sess);
@@ -440,13 +465,13 @@ static int on_new_session(SSL *ssl, SSL_SESSION *sess) {
   return 1;
 }
 
-static void forget_session(const char *name) {
-  sess_ent_t *e = sess_find(name);
+static void forget_session(const pc_tls_peer_t *pv) {
+  sess_ent_t *e = sess_find(pv);
   if (e) sess_drop((size_t)(e - sessions));
 }
 
 static void offer_session(SSL *ssl, pc_tls_peer_t *pv) {
-  sess_ent_t *e = sess_find(pv->name);
+  sess_ent_t *e = sess_find(pv);
   if (!e) return;
   if (e->tag != pv->cache_tag || time(NULL) >= e->until ||
       decide_chain(pv, SSL_SESSION_get0_peer_certificates(e->sess)) != PC_REASON_NONE) {

@@ -18,9 +18,10 @@
  * earlier ticket undecryptable), and rotate every PC_TLS_TICKET_KEY_S
  * seconds with the previous key still accepted for decryption; a session
  * lives no longer than the peer's verified path (cap_session). A client
- * keeps the latest session of each outbound listener per worker thread and
- * drops it when the generation changes or its lifetime (capped by the
- * peer's certificate) ends.
+ * keeps the latest session of each outbound listener and upstream endpoint
+ * per worker thread (at most PC_TLS_CLIENT_SESSIONS, the soonest to end
+ * evicted first) and drops it when the generation changes or its lifetime
+ * (capped by the peer's certificate) ends.
  */
 #ifndef PC_TLS_H
 #define PC_TLS_H
@@ -34,6 +35,9 @@
 #include "policy.h"
 #include "reason.h"
 
+/* Client sessions kept per worker thread (one per listener and endpoint). */
+#define PC_TLS_CLIENT_SESSIONS 512
+
 /* What the verify callback needs and what it decides, one per connection.
  * The inputs are borrowed from the connection's generation and listener and
  * must outlive the SSL. */
@@ -43,17 +47,19 @@ typedef struct {
   X509_STORE *store;
   int depth;
   int is_server;
-  int alpn_http;      /* server: offer h2 and http/1.1 by ALPN (protocol = "http") */
-  uint64_t cache_tag; /* the generation's id: keys the verified-chain cache (0: no cache) and
-                         the client session cache */
-  const char *name;   /* listener name: server session ID context, client session cache key
-                         (NULL: no resumption for this connection) */
-  int resumed;        /* out: set by pc_tls_handshake_done for a resumed handshake */
-  pc_reason_t reason; /* out: why the peer was refused, PC_REASON_NONE if not */
-  char *peer_id;      /* out: the peer's SPIFFE ID (malloc'd) once parsed; the
-                         connection frees it */
-  time_t not_after;   /* out: once the peer passed, the earliest notAfter of its verified
-                         path (its own certificates and the trust bundle's; 0: unknown) */
+  int alpn_http;        /* server: offer h2 and http/1.1 by ALPN (protocol = "http") */
+  uint64_t cache_tag;   /* the generation's id: keys the verified-chain cache (0: no cache) and
+                           the client session cache */
+  const char *name;     /* listener name: server session ID context, client session cache key
+                           (NULL: no resumption for this connection) */
+  const char *endpoint; /* client: the upstream's "IP:PORT"; with name, keys the session
+                           cache (a ticket is only offered to the server that issued it) */
+  int resumed;          /* out: set by pc_tls_handshake_done for a resumed handshake */
+  pc_reason_t reason;   /* out: why the peer was refused, PC_REASON_NONE if not */
+  char *peer_id;        /* out: the peer's SPIFFE ID (malloc'd) once parsed; the
+                           connection frees it */
+  time_t not_after;     /* out: once the peer passed, the earliest notAfter of its verified
+                           path (its own certificates and the trust bundle's; 0: unknown) */
 } pc_tls_peer_t;
 
 /* Builds the server (inbound) or client (outbound) context for cfg and certs.

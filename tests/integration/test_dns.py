@@ -423,6 +423,44 @@ def test_grpc_through_a_name_spread_over_two_sidecars(env, dns):
         assert 1 <= len(conns) <= 2, conns
 
 
+def test_outbound_sessions_resume_per_endpoint(env, dns):
+    """An L4 outbound listener whose upstream is a name for two real inbound sidecars
+    (127.0.0.2:P and 127.0.0.3:P): each issues its own tickets, so the client keeps a
+    session per endpoint and every connection after the first to an endpoint resumes. (One
+    session per listener offers one pod's ticket to the other, which then does a full
+    handshake.)"""
+    app = env.app("echo")
+    port = h.free_port()
+    ips = ["127.0.0.2", "127.0.0.3"]
+    for ip in ips:
+        lst = dict(h.inbound_listener("api", port, app.addr, ALLOW), listen=ep(ip, port))
+        env.sidecar(h.base_config(env.pki, "payments-api", workers=1, inbound=[lst]),
+                    name=f"server-{ip}")
+    dns.set_hosts({"mesh.test": ips})
+    lport = h.free_port()
+    sc = env.sidecar(config(env, dns, identity="web-frontend", outbound=[
+        h.outbound_listener("api", lport, f"mesh.test:{port}", EXPECT)]), name="client")
+    wait_addrs(sc, "api", {ep(ip, port) for ip in ips})
+    start = len(sc.access_log())
+    n = 16
+    for i in range(n):
+        msg = b"conn-%d\n" % i
+        s, _ = tcp_echo(lport, None, msg)
+        s.close()
+        # one line at a time: the log's order is the connections' order
+        assert h.wait_until(lambda i=i: len(sc.access_log()) - start > i, h.T(h.PROMPT_S))
+    lines = sc.access_log()[start:start + n]
+    by_ep: dict[str, list[bool]] = {}
+    for e in lines:
+        assert e["decision"] == "allow", e
+        by_ep.setdefault(e.get("endpoint"), []).append(e["resumed"])
+    assert set(by_ep) == {ep(ip, port) for ip in ips}, by_ep
+    for resumed in by_ep.values():
+        assert resumed == [False] + [True] * (len(resumed) - 1), by_ep
+    hk.wait_metric(sc, "portcullis_tls_resumptions_total", lambda v: v == n - 2,
+                   listener="api", direction="outbound")
+
+
 # =========================================================================== changes
 
 def test_changed_answer_followed_and_old_pool_closed(env, dns):
