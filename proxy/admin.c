@@ -198,53 +198,76 @@ static void histogram(pc_jbuf_t *b, const char *name, const series_t *s, const p
 }
 
 /* Endpoint sets and DNS (endpoint.h), per listener of the current
- * generation. */
+ * generation and per route of a transparent outbound listener (labelled
+ * route="<destination>" too). */
+typedef struct {
+  const pc_listener_cfg_t *lc;
+  pc_target_view_t v;
+} tgt_row_t;
+
+static void tgt_labels(pc_jbuf_t *b, const char *family, const tgt_row_t *t) {
+  pc_jbuf_printf(b, "portcullis_%s{listener=\"", family);
+  label_value(b, t->lc->name);
+  if (t->lc->parent) {
+    pc_jbuf_printf(b, "\",route=\"");
+    label_value(b, t->lc->target_str);
+  }
+  pc_jbuf_raw(b, "\"", 1);
+}
+
 static void render_endpoint_metrics(pc_jbuf_t *b, const pc_config_t *cfg) {
-  pc_target_view_t *v = pc_calloc(cfg->nlisteners + 1, sizeof(*v));
+  size_t n = 0, cap = cfg->nlisteners;
   for (size_t i = 0; i < cfg->nlisteners; i++)
-    pc_target_view(cfg->listeners[i].tgt, &v[i]);
-  help(b, "upstream_endpoints", "gauge",
-       "Addresses in each listener's endpoint set, by state (healthy, ejected).");
+    cap += cfg->listeners[i].nroutes;
+  tgt_row_t *t = pc_calloc(cap + 1, sizeof(*t));
   for (size_t i = 0; i < cfg->nlisteners; i++) {
+    const pc_listener_cfg_t *l = &cfg->listeners[i];
+    t[n].lc = l;
+    pc_target_view(l->tgt, &t[n++].v);
+    for (size_t k = 0; k < l->nroutes; k++) {
+      t[n].lc = &l->routes[k].lc;
+      pc_target_view(l->routes[k].lc.tgt, &t[n++].v);
+    }
+  }
+  help(b, "upstream_endpoints", "gauge",
+       "Addresses in each listener's (or route's) endpoint set, by state (healthy, ejected).");
+  for (size_t i = 0; i < n; i++) {
     size_t ej = 0;
-    for (size_t k = 0; k < v[i].neps; k++)
-      ej += v[i].eps[k].ejected != 0;
+    for (size_t k = 0; k < t[i].v.neps; k++)
+      ej += t[i].v.eps[k].ejected != 0;
     for (int st = 0; st < 2; st++) {
-      pc_jbuf_printf(b, "portcullis_upstream_endpoints{listener=\"");
-      label_value(b, cfg->listeners[i].name);
-      pc_jbuf_printf(b, "\",state=\"%s\"} %zu\n", st ? "ejected" : "healthy",
-                     st ? ej : v[i].neps - ej);
+      tgt_labels(b, "upstream_endpoints", &t[i]);
+      pc_jbuf_printf(b, ",state=\"%s\"} %zu\n", st ? "ejected" : "healthy",
+                     st ? ej : t[i].v.neps - ej);
     }
   }
   help(b, "upstream_ejections_total", "counter",
        "Endpoints ejected by passive health (failed connect or handshake, reset before any "
        "response).");
-  for (size_t i = 0; i < cfg->nlisteners; i++) {
-    pc_jbuf_printf(b, "portcullis_upstream_ejections_total{listener=\"");
-    label_value(b, cfg->listeners[i].name);
-    pc_jbuf_printf(b, "\"} %llu\n", (unsigned long long)v[i].ejections);
+  for (size_t i = 0; i < n; i++) {
+    tgt_labels(b, "upstream_ejections_total", &t[i]);
+    pc_jbuf_printf(b, "} %llu\n", (unsigned long long)t[i].v.ejections);
   }
   help(b, "dns_resolutions_total", "counter",
-       "Lookups of a listener's NAME:PORT target by result (ok, nxdomain, servfail, timeout).");
-  for (size_t i = 0; i < cfg->nlisteners; i++)
-    for (int r = 0; r < PC_DNS_RESULTS && v[i].is_name; r++) {
-      pc_jbuf_printf(b, "portcullis_dns_resolutions_total{listener=\"");
-      label_value(b, cfg->listeners[i].name);
-      pc_jbuf_printf(b, "\",result=\"%s\"} %llu\n", pc_dns_result_word((pc_dns_result_t)r),
-                     (unsigned long long)v[i].resolutions[r]);
+       "Lookups of a listener's (or route's) NAME:PORT target by result (ok, nxdomain, "
+       "servfail, timeout).");
+  for (size_t i = 0; i < n; i++)
+    for (int r = 0; r < PC_DNS_RESULTS && t[i].v.is_name; r++) {
+      tgt_labels(b, "dns_resolutions_total", &t[i]);
+      pc_jbuf_printf(b, ",result=\"%s\"} %llu\n", pc_dns_result_word((pc_dns_result_t)r),
+                     (unsigned long long)t[i].v.resolutions[r]);
     }
   help(b, "dns_stale", "gauge",
-       "1 while a listener's name keeps the endpoints of its last good answer because later "
-       "lookups failed.");
-  for (size_t i = 0; i < cfg->nlisteners; i++) {
-    if (!v[i].is_name) continue;
-    pc_jbuf_printf(b, "portcullis_dns_stale{listener=\"");
-    label_value(b, cfg->listeners[i].name);
-    pc_jbuf_printf(b, "\"} %d\n", v[i].stale);
+       "1 while a listener's (or route's) name keeps the endpoints of its last good answer "
+       "because later lookups failed.");
+  for (size_t i = 0; i < n; i++) {
+    if (!t[i].v.is_name) continue;
+    tgt_labels(b, "dns_stale", &t[i]);
+    pc_jbuf_printf(b, "} %d\n", t[i].v.stale);
   }
-  for (size_t i = 0; i < cfg->nlisteners; i++)
-    pc_target_view_free(&v[i]);
-  free(v);
+  for (size_t i = 0; i < n; i++)
+    pc_target_view_free(&t[i].v);
+  free(t);
 }
 
 static void utc_ms(pc_jbuf_t *b, const char *key, uint64_t ms) {

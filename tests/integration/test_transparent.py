@@ -35,6 +35,7 @@ from pathlib import Path
 import pytest
 
 import harness as h
+import httpkit as hk
 import netkit as nk
 from netkit import APP_UID, IN_PORT, OTHER, OUT_PORT, POD, PROXY_UID, REMOTE, as_uid
 DNS_PORT = 5353
@@ -330,6 +331,19 @@ def test_name_route_matches_the_names_addresses(world):
     # the CIDR route keeps an endpoint per original destination it served
     cidr = next(r for r in egress["routes"] if r["target"] == f"{REMOTE[4]}/32:8080")
     assert f"{REMOTE[4]}:8080" in [e["address"] for e in cidr["endpoints"]], cidr
+    # the route's name has its DNS and endpoint series, labelled with the route
+    m = hk.Metrics(_admin(w.net.pod, w.a_admin, "/metrics"))
+    name = {"listener": "egress", "route": "b.test:8082"}
+    assert m.get("portcullis_dns_resolutions_total", result="ok", **name) >= 1, m.text
+    assert m.get("portcullis_dns_resolutions_total", result="nxdomain", **name) == 0
+    assert any(n == "portcullis_dns_stale" and lab == name and v == 0
+               for n, lab, v in m.samples), m.lines("portcullis_dns_stale")
+    assert m.get("portcullis_upstream_endpoints", state="healthy", **name) == 1
+    assert m.get("portcullis_upstream_endpoints", state="healthy", listener="egress",
+                 route=f"{REMOTE[4]}/32:8080") >= 1
+    # an IP-literal route has no DNS series
+    assert not any(n.startswith("portcullis_dns_") and lab.get("route") == f"{REMOTE[4]}/32:8080"
+                   for n, lab, _ in m.samples)
 
 
 # --------------------------------------------------------------------------- HTTP
