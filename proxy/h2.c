@@ -2,6 +2,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include <nghttp2/nghttp2.h>
 
@@ -80,7 +81,9 @@ struct h2s {
   unsigned body_expired : 1, /* answered 408: reset once that answer is out */
       req_end : 1, res_head : 1, res_any : 1, res_end : 1, answered : 1, submitted : 1,
       deferred : 1, reset_by_peer : 1, we_reset : 1,
-      malformed : 1; /* nghttp2 reset the stream for a protocol error of the client's */
+      malformed : 1,      /* nghttp2 reset the stream for a protocol error of the client's */
+      await_continue : 1; /* expect: 100-continue, no body byte yet, no answer yet: the
+                             upstream owes the next move (response deadline) */
 };
 
 static void settle(pc_h2_t *h);
@@ -363,6 +366,26 @@ static void on_timer(uv_timer_t *t) {
   settle(h);
 }
 
+static int expects_continue(const nghttp2_nv *nv, size_t n) {
+  for (size_t i = 0; i < n; i++)
+    if (nv[i].namelen == 6 && memcmp(nv[i].name, "expect", 6) == 0)
+      return nv[i].valuelen == 12 &&
+             strncasecmp((const char *)nv[i].value, "100-continue", 12) == 0;
+  return 0;
+}
+
+/* The client may now send its body (a 100 Continue or the final answer
+ * came): the body deadline replaces the upstream's. */
+static void continued(h2s_t *s) {
+  if (!s->await_continue) return;
+  s->await_continue = 0;
+  if (!s->res_head) s->due = 0;
+  if (!s->req_end && !s->answered) {
+    s->body_due = uv_now(s->h->timer.loop) + s->h->env.gen->cfg->http.body_timeout_ms;
+    arm_due(s->h, s->body_due);
+  }
+}
+
 /* ---- the upstream (upcall.h) ------------------------------------------- */
 
 static void release_call(h2s_t *s) { pc_exchange_release_call(&s->ex); }
@@ -433,6 +456,7 @@ static nghttp2_nv *with_status(int status, char st[8], const nghttp2_nv *nv, siz
 static void c_on_info(void *user, int status, const nghttp2_nv *nv, size_t n) {
   h2s_t *s = user;
   if (s->submitted || s->answered) return;
+  if (status == 100) continued(s);
   char st[8];
   nghttp2_nv *out = with_status(status, st, nv, n);
   nghttp2_submit_headers(s->h->ss, NGHTTP2_FLAG_NONE, s->id, NULL, out, n + 1, NULL);
@@ -446,6 +470,7 @@ static void c_on_head(void *user, int status, const nghttp2_nv *nv, size_t n, in
   s->res_head = 1;
   s->res_any = 1;
   s->due = 0;
+  continued(s);
   s->ex.status = status;
   if (end) s->ex.grpc_status = grpc_status_nv(nv, n); /* trailers-only */
   char st[8];
@@ -535,8 +560,15 @@ static void go(h2s_t *s) {
   pc_upreq_t req = {.nv = nv, .end = s->req_end, .prefer_h2 = 1};
   req.n = pc_h2req_nv(&s->rq, nv, h->inbound ? h->xfcc : NULL, cl);
   pc_exchange_send(&s->ex, &h->env, &req, &call_cbs, s);
+  int wait_continue = expects_continue(nv, req.n);
   free(nv);
   if (s->req_end && !s->res_head) {
+    s->due = uv_now(h->timer.loop) + h->env.gen->cfg->http.response_timeout_ms;
+    arm_due(h, s->due);
+  } else if (!s->req_end && !s->answered && !s->res_head && wait_continue && !s->ex.req_bytes) {
+    /* The client waits for 100 Continue before it sends the body: until
+     * the upstream answers, the wait is the upstream's. */
+    s->await_continue = 1;
     s->due = uv_now(h->timer.loop) + h->env.gen->cfg->http.response_timeout_ms;
     arm_due(h, s->due);
   } else if (!s->req_end && !s->answered) {
@@ -570,6 +602,7 @@ static void request_end(h2s_t *s) {
   if (s->req_end) return;
   s->req_end = 1;
   s->body_due = 0;
+  s->await_continue = 0;
   if (!s->ex.call) return;
   pc_upcall_end(s->ex.call);
   if (!s->res_head) {
@@ -600,6 +633,7 @@ static int on_data_chunk(nghttp2_session *ss, uint8_t flags, int32_t id, const u
     return 0;
   }
   s->ex.req_bytes += len;
+  if (len) continued(s); /* it did not wait for 100 Continue */
   /* Progress moves the deadline; the timer, set for an earlier one, finds
    * it when it fires (arm_timer). */
   if (s->body_due && len)

@@ -57,8 +57,10 @@ struct pc_l7 {
   pc_jbuf_t out;      /* scratch for heads and chunks going out */
   pc_jbuf_t dq;       /* small writes collected for the client (put) */
   unsigned broken : 1, head_started : 1, req_done : 1, res_head : 1, res_any : 1, close_after : 1,
-      out_chunked : 1, down_bp : 1, timer_on : 1, in_process : 1, peer_done : 1, shut_done : 1;
-  pc_deferred_t defer; /* settle after this loop iteration's I/O (later()) */
+      out_chunked : 1, down_bp : 1, timer_on : 1, in_process : 1, peer_done : 1, shut_done : 1,
+      await_continue : 1; /* Expect: 100-continue, no body byte yet, no answer yet: the
+                             upstream owes the next move (response deadline) */
+  pc_deferred_t defer;    /* settle after this loop iteration's I/O (later()) */
   pc_splice_t splice;
 };
 
@@ -119,7 +121,7 @@ static void log_request(pc_l7_t *x, int status, pc_decision_t d, pc_reason_t r) 
 static void end_request(pc_l7_t *x) {
   pc_exchange_end(&x->ex);
   x->call_queued = x->unconsumed = 0;
-  x->req_done = x->res_head = x->res_any = x->out_chunked = 0;
+  x->req_done = x->res_head = x->res_any = x->out_chunked = x->await_continue = 0;
   x->down_bp = 0;
   x->head_started = 0;
   x->head_out.len = 0;
@@ -250,8 +252,17 @@ static void on_timer(uv_timer_t *t);
  * update per read). */
 static void arm_body(pc_l7_t *x) { arm(x, x->env.gen->cfg->http.body_timeout_ms, on_timer); }
 
+/* The client may now send its body (an answer to Expect: 100-continue
+ * came, or it did not wait for one): the body deadline applies. */
+static void continued(pc_l7_t *x) {
+  if (!x->await_continue) return;
+  x->await_continue = 0;
+  if (!x->req_done) arm_body(x);
+}
+
 static void on_req_body(void *user, const char *data, size_t len) {
   pc_l7_t *x = user;
+  x->await_continue = 0;
   arm_body(x);
   x->ex.req_bytes += len;
   pc_upcall_send(x->ex.call, data, len);
@@ -283,6 +294,9 @@ static void timer_fired(uv_timer_t *t) {
   if (x->state == X_HEAD)
     reply_error(x, 408, PC_DECISION_DENY, PC_REASON_TIMEOUT,
                 "the request head did not arrive in time", 0);
+  else if (x->state == X_REQUEST && x->await_continue)
+    reply_error(x, 504, PC_DECISION_ERROR, PC_REASON_TIMEOUT,
+                "the upstream did not answer Expect: 100-continue in time", 0);
   else if (x->state == X_REQUEST && !x->req_done && (x->down_bp || !x->down->reading))
     arm_body(x); /* not read because the upstream is slow: not the client's doing */
   else if (x->state == X_REQUEST && !x->req_done)
@@ -431,6 +445,7 @@ static void put_fields(pc_jbuf_t *o, const nghttp2_nv *nv, size_t n) {
  * clients; HTTP/1.0 has none. */
 static void k_on_info(void *user, int status, const nghttp2_nv *nv, size_t n) {
   pc_l7_t *x = user;
+  if (status == 100) continued(x);
   if (x->req.msg.minor != 1 || x->res_head) return;
   x->out.len = 0;
   pc_jbuf_printf(&x->out, "HTTP/1.1 %d %s\r\n", status, pc_h1_phrase(status));
@@ -447,6 +462,7 @@ static void k_on_head(void *user, int status, const nghttp2_nv *nv, size_t n, in
   pc_l7_t *x = user;
   const pc_h1_msg_t *q = &x->req.msg;
   if (x->ex.upstream_ms < 0) x->ex.upstream_ms = (double)(uv_hrtime() - x->ex.t_sent) / 1e6;
+  continued(x);
   if (x->req_done) disarm(x); /* else the body deadline stays */
   x->res_head = x->res_any = 1;
   x->ex.status = status;
@@ -627,6 +643,24 @@ static const pc_upcall_cbs_t call_cbs = {k_on_info, k_on_head, k_on_data,  k_on_
  * fields: pseudo-headers from the request line and Host, field names
  * lowercased, hop-by-hop fields and any x-forwarded-client-cert from the
  * peer dropped, ours added. */
+/* The head went onwards: the upstream owes an answer once the request is
+ * whole; before that the client owes its body (the body deadline), unless
+ * it waits for 100 Continue: until the upstream answers, that wait is the
+ * upstream's. */
+static void arm_sent(pc_l7_t *x, int tunnel) {
+  if (x->state != X_REQUEST) return; /* answered already (a failed call) */
+  if (x->req_done) {
+    arm(x, x->env.gen->cfg->http.response_timeout_ms, on_timer);
+  } else if (tunnel || x->res_head) {
+    return;
+  } else if (x->req.msg.expect_100 && !x->ex.req_bytes) {
+    x->await_continue = 1;
+    arm(x, x->env.gen->cfg->http.response_timeout_ms, on_timer);
+  } else {
+    arm_body(x);
+  }
+}
+
 static void go(pc_l7_t *x) {
   const pc_h1_msg_t *m = &x->req.msg;
   pc_upreq_t req = {
@@ -642,7 +676,7 @@ static void go(pc_l7_t *x) {
     req.nv = &method;
     req.n = 1;
     pc_exchange_send(&x->ex, &x->env, &req, &call_cbs, x);
-    if (x->req_done) arm(x, x->env.gen->cfg->http.response_timeout_ms, on_timer);
+    arm_sent(x, req.tunnel);
     return;
   }
   const pc_h1_field_t *host = pc_h1_find(m, "host");
@@ -687,10 +721,7 @@ static void go(pc_l7_t *x) {
   free(nv);
   free(off);
   names->len = 0;
-  if (x->req_done)
-    arm(x, x->env.gen->cfg->http.response_timeout_ms, on_timer);
-  else if (!req.tunnel && x->state == X_REQUEST)
-    arm_body(x);
+  arm_sent(x, req.tunnel);
 }
 
 /* ---- the client side ---------------------------------------------------- */

@@ -12,6 +12,7 @@ Every wait is bounded; ports come from h.free_port().
 
 from __future__ import annotations
 
+import json
 import time
 
 import h2.events
@@ -77,6 +78,32 @@ def test_http1_stalled_body_gets_408_and_the_app_request_is_cut(env, pki):
         c.close()
     _app_saw_cut_off_request(app, n)
     _check_log_and_metric(sc, "HTTP/1.1")
+
+
+def test_http1_head_alone_then_nothing_gets_408(env, pki):
+    """The head announces a body and not one byte of it follows: the deadline runs from
+    the head (it is not the first body byte that starts it)."""
+    app = hk.HttpApp(name="bodyapp0")
+    env.apps.append(app)
+    sc, port = _sidecar(env, pki, app, "body0")
+    n = app.nreq()
+    c = hk.HttpConn.tls(port, h.client_context(pki, "web-frontend"))
+    try:
+        c.send(hk.req("POST", "/upload", [("Content-Length", str(ANNOUNCED))]))
+        t_sent = time.monotonic()
+        r = c.read_response(method="POST", timeout=h.PROMPT_S)
+        took = time.monotonic() - t_sent
+        assert r.status == 408 and r.json()["reason"] == "timeout", (r.status, r.body)
+        assert took >= BODY_TIMEOUT_MS / 1000, f"408 after {took:.3f} s, before the deadline"
+    finally:
+        c.close()
+    assert app.wait_reqs(n + 1), "the request never reached the app"
+    rq = app.reqs_since(n)[0]
+    assert app.conns[rq.conn].done.wait(h.T(h.PROMPT_S)), "the app's connection stayed open"
+    assert not rq.complete and rq.body_len == 0, rq
+    e = sc.wait_for_log(lambda e: e.get("path") == "/upload", h.PROMPT_S, sc.test_mark)
+    assert e is not None and (e["status"], e["decision"], e["reason"]) == \
+        (408, "deny", "timeout"), e
 
 
 def test_http2_stalled_body_gets_408_and_the_app_request_is_cut(env, pki):
@@ -179,3 +206,104 @@ def test_http2_stalled_body_after_the_response_began_is_reset(env, pki):
         c.close()
     _app_saw_cut_off_request_at(app, n, "/early")
     _check_log_and_metric(sc, "HTTP/2", path="/early", status=200)
+
+
+# ------------------------------------------------------------------ Expect: 100-continue
+# A client that sends Expect: 100-continue holds its body back until the upstream answers:
+# that wait is the upstream's, never counted against the client's body deadline. The
+# upstream gets http.response_timeout_ms to answer (100 or final), then the client 504.
+
+PAUSE_MS = 3 * BODY_TIMEOUT_MS
+
+
+def _continue_sidecar(env, pki, target: str, name: str,
+                      response_timeout_ms: int = 60000) -> tuple[h.Sidecar, int]:
+    port = h.free_port()
+    cfg = h.base_config(pki, "payments-api", workers=1,
+                        extra={"http": {"body_timeout_ms": BODY_TIMEOUT_MS,
+                                        "response_timeout_ms": response_timeout_ms}},
+                        inbound=[h.inbound_listener("api", port, target,
+                                                    [{"namespace": "web"}], protocol="http")])
+    return env.sidecar(cfg, name=name), port
+
+
+def _no_body_timeout(sc: h.Sidecar, protocol: str) -> None:
+    e = sc.wait_for_log(lambda e: e.get("path", "").startswith("/continue")
+                        and e.get("protocol") == protocol, h.PROMPT_S, sc.test_mark)
+    assert e is not None and (e["status"], e["decision"]) == (200, "allow"), e
+    assert sc.wait_for_event("stalled for", 0) is None, "a body timeout was reported"
+
+
+def test_http1_waiting_for_100_continue_is_not_a_stalled_body(env, pki):
+    """The app sends 100 Continue only after three body deadlines: the client, which waited
+    for it, then sends its body and gets 200 (not 408)."""
+    app = hk.HttpApp(name="continue1")
+    env.apps.append(app)
+    sc, port = _continue_sidecar(env, pki, app.addr, "continue1")
+    c = hk.HttpConn.tls(port, h.client_context(pki, "web-frontend"))
+    try:
+        c.send(hk.req("POST", f"/continue?pause_ms={PAUSE_MS}",
+                      [("Content-Length", "5"), ("Expect", "100-continue")]))
+        r100 = c.read_response(stop_at_1xx=True, timeout=h.PROMPT_S + PAUSE_MS / 1000)
+        assert r100.status == 100, (r100.status, r100.body)
+        c.send(b"hello")
+        r = c.read_response(method="POST", timeout=h.PROMPT_S)
+        assert r.status == 200 and r.json()["body_len"] == 5, (r.status, r.body)
+    finally:
+        c.close()
+    _no_body_timeout(sc, "HTTP/1.1")
+
+
+def test_http2_waiting_for_100_continue_is_not_a_stalled_body(env, pki):
+    app = hk.HttpApp(name="continue2")
+    env.apps.append(app)
+    sc, port = _continue_sidecar(env, pki, app.addr, "continue2")
+    c = H2Client(port, h.client_context(pki, "web-frontend"))
+    try:
+        sid = c.conn.get_next_available_stream_id()
+        c.conn.send_headers(sid, [(":method", "POST"), (":scheme", "https"),
+                                  (":authority", c.authority),
+                                  (":path", f"/continue?pause_ms={PAUSE_MS}"),
+                                  ("expect", "100-continue"), ("content-length", "5")])
+        c.sock.sendall(c.conn.data_to_send())
+        c.bodies[sid] = bytearray()
+
+        def interim(cl):
+            return [e for e in cl.of(h2.events.InformationalResponseReceived)
+                    if e.stream_id == sid]
+        assert c.pump(lambda cl: interim(cl) or cl.status(sid) is not None,
+                      h.PROMPT_S + PAUSE_MS / 1000), c.events[-6:]
+        assert c.status(sid) is None, f"a final answer while waiting for 100: {c.events[-6:]}"
+        assert dict(interim(c)[0].headers)[b":status"] == b"100"
+        c.conn.send_data(sid, b"hello", end_stream=True)
+        c.sock.sendall(c.conn.data_to_send())
+        assert c.pump(lambda cl: cl.ended(sid)), c.events[-6:]
+        assert c.status(sid) == 200, c.events[-6:]
+        assert json.loads(bytes(c.bodies[sid]))["body_len"] == 5
+    finally:
+        c.close()
+    _no_body_timeout(sc, "HTTP/2")
+
+
+def test_upstream_that_never_answers_expect_gets_504_not_408(env, pki):
+    """The app never answers at all: the client that waits for 100 Continue gets 504 after
+    http.response_timeout_ms (the upstream's fault, decision error), not 408 after the
+    body deadline."""
+    hold = env.app("hold")
+    sc, port = _continue_sidecar(env, pki, hold.addr, "continue3",
+                                 response_timeout_ms=2 * BODY_TIMEOUT_MS)
+    c = hk.HttpConn.tls(port, h.client_context(pki, "web-frontend"))
+    try:
+        c.send(hk.req("POST", "/continue", [("Content-Length", "5"),
+                                            ("Expect", "100-continue")]))
+        t_sent = time.monotonic()
+        r = c.read_response(method="POST", timeout=h.PROMPT_S)
+        took = time.monotonic() - t_sent
+        assert r.status == 504 and r.json()["reason"] == "timeout", (r.status, r.body)
+        assert took >= 2 * BODY_TIMEOUT_MS / 1000, f"504 after {took:.3f} s"
+    finally:
+        c.close()
+    e = sc.wait_for_log(lambda e: e.get("path") == "/continue", h.PROMPT_S, sc.test_mark)
+    assert e is not None and (e["status"], e["decision"], e["reason"]) == \
+        (504, "error", "timeout"), e
+    assert sc.wait_for_event("stalled for", 0) is None, "reported as a stalled body"
