@@ -16,6 +16,7 @@ import json
 import time
 
 import h2.events
+import pytest
 
 import harness as h
 import httpkit as hk
@@ -35,7 +36,7 @@ def _sidecar(env, pki, app, name: str) -> tuple[h.Sidecar, int]:
     return env.sidecar(cfg, name=name), port
 
 
-def _app_saw_cut_off_request(app: hk.HttpApp, n: int) -> None:
+def _app_saw_cut_off_request(app: hk.HttpApp, n: int, sent: int = SENT) -> None:
     """The app got the head and the bytes sent, then its connection ended: never a whole
     request."""
     assert app.wait_reqs(n + 1), "the request never reached the app"
@@ -43,30 +44,33 @@ def _app_saw_cut_off_request(app: hk.HttpApp, n: int) -> None:
     conn = app.conns[rq.conn]
     assert conn.done.wait(h.T(h.PROMPT_S)), "the app's connection stayed open"
     assert not rq.complete, rq
-    assert rq.content_length == ANNOUNCED and rq.body_len == SENT, (rq.content_length,
+    assert rq.content_length == ANNOUNCED and rq.body_len == sent, (rq.content_length,
                                                                     rq.body_len)
 
 
 def _check_log_and_metric(sc: h.Sidecar, protocol: str, path: str = "/upload",
-                          status: int = 408) -> None:
+                          status: int = 408, sent: int = SENT) -> None:
     e = sc.wait_for_log(lambda e: e.get("path") == path and e.get("protocol") == protocol,
                         h.PROMPT_S, sc.test_mark)
     assert e is not None, "no access-log line for the stalled request"
     assert (e["status"], e["decision"], e["reason"]) == (status, "deny", "timeout"), e
-    assert e["request_bytes"] == SENT, e
+    assert e["request_bytes"] == sent, e
     hk.wait_metric(sc, hk.REQS, lambda v: v == 1, decision="deny", reason="timeout")
     ev = sc.wait_for_event("stalled for", h.PROMPT_S)
     assert ev is not None and "(timeout)" in ev["msg"], ev
 
 
-def test_http1_stalled_body_gets_408_and_the_app_request_is_cut(env, pki):
+@pytest.mark.parametrize("sent", [SENT, 0], ids=["some_body", "head_alone"])
+def test_http1_stalled_body_gets_408_and_the_app_request_is_cut(env, pki, sent):
+    """With some of the body, or the head alone (the deadline runs from the head, not from
+    the first body byte)."""
     app = hk.HttpApp(name="bodyapp1")
     env.apps.append(app)
     sc, port = _sidecar(env, pki, app, "body1")
     n = app.nreq()
     c = hk.HttpConn.tls(port, h.client_context(pki, "web-frontend"))
     try:
-        c.send(hk.req("POST", "/upload", [("Content-Length", str(ANNOUNCED))]) + b"x" * SENT)
+        c.send(hk.req("POST", "/upload", [("Content-Length", str(ANNOUNCED))]) + b"x" * sent)
         t_sent = time.monotonic()
         r = c.read_response(timeout=h.PROMPT_S)
         took = time.monotonic() - t_sent
@@ -76,34 +80,8 @@ def test_http1_stalled_body_gets_408_and_the_app_request_is_cut(env, pki):
         assert c.closed_by_peer(h.PROMPT_S), "the connection stayed open after the 408"
     finally:
         c.close()
-    _app_saw_cut_off_request(app, n)
-    _check_log_and_metric(sc, "HTTP/1.1")
-
-
-def test_http1_head_alone_then_nothing_gets_408(env, pki):
-    """The head announces a body and not one byte of it follows: the deadline runs from
-    the head (it is not the first body byte that starts it)."""
-    app = hk.HttpApp(name="bodyapp0")
-    env.apps.append(app)
-    sc, port = _sidecar(env, pki, app, "body0")
-    n = app.nreq()
-    c = hk.HttpConn.tls(port, h.client_context(pki, "web-frontend"))
-    try:
-        c.send(hk.req("POST", "/upload", [("Content-Length", str(ANNOUNCED))]))
-        t_sent = time.monotonic()
-        r = c.read_response(method="POST", timeout=h.PROMPT_S)
-        took = time.monotonic() - t_sent
-        assert r.status == 408 and r.json()["reason"] == "timeout", (r.status, r.body)
-        assert took >= BODY_TIMEOUT_MS / 1000, f"408 after {took:.3f} s, before the deadline"
-    finally:
-        c.close()
-    assert app.wait_reqs(n + 1), "the request never reached the app"
-    rq = app.reqs_since(n)[0]
-    assert app.conns[rq.conn].done.wait(h.T(h.PROMPT_S)), "the app's connection stayed open"
-    assert not rq.complete and rq.body_len == 0, rq
-    e = sc.wait_for_log(lambda e: e.get("path") == "/upload", h.PROMPT_S, sc.test_mark)
-    assert e is not None and (e["status"], e["decision"], e["reason"]) == \
-        (408, "deny", "timeout"), e
+    _app_saw_cut_off_request(app, n, sent)
+    _check_log_and_metric(sc, "HTTP/1.1", sent=sent)
 
 
 def test_http2_stalled_body_gets_408_and_the_app_request_is_cut(env, pki):
@@ -260,21 +238,11 @@ def test_http2_waiting_for_100_continue_is_not_a_stalled_body(env, pki):
     sc, port = _continue_sidecar(env, pki, app.addr, "continue2")
     c = H2Client(port, h.client_context(pki, "web-frontend"))
     try:
-        sid = c.conn.get_next_available_stream_id()
-        c.conn.send_headers(sid, [(":method", "POST"), (":scheme", "https"),
-                                  (":authority", c.authority),
-                                  (":path", f"/continue?pause_ms={PAUSE_MS}"),
-                                  ("expect", "100-continue"), ("content-length", "5")])
-        c.sock.sendall(c.conn.data_to_send())
-        c.bodies[sid] = bytearray()
-
-        def interim(cl):
-            return [e for e in cl.of(h2.events.InformationalResponseReceived)
-                    if e.stream_id == sid]
-        assert c.pump(lambda cl: interim(cl) or cl.status(sid) is not None,
+        sid = c.post_expecting_100(f"/continue?pause_ms={PAUSE_MS}", 5)
+        assert c.pump(lambda cl: cl.interim(sid) or cl.status(sid) is not None,
                       h.PROMPT_S + PAUSE_MS / 1000), c.events[-6:]
         assert c.status(sid) is None, f"a final answer while waiting for 100: {c.events[-6:]}"
-        assert dict(interim(c)[0].headers)[b":status"] == b"100"
+        assert dict(c.interim(sid)[0].headers)[b":status"] == b"100"
         c.conn.send_data(sid, b"hello", end_stream=True)
         c.sock.sendall(c.conn.data_to_send())
         assert c.pump(lambda cl: cl.ended(sid)), c.events[-6:]

@@ -48,6 +48,22 @@ class H2Client:
         self.bodies[sid] = bytearray()
         return sid
 
+    def post_expecting_100(self, path: str, length: int) -> int:
+        """A POST head with expect: 100-continue and a content-length; no body yet."""
+        sid = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(sid, [(":method", "POST"), (":scheme", "https"),
+                                     (":authority", self.authority), (":path", path),
+                                     ("expect", "100-continue"),
+                                     ("content-length", str(length))])
+        self.sock.sendall(self.conn.data_to_send())
+        self.bodies[sid] = bytearray()
+        return sid
+
+    def interim(self, sid: int) -> list:
+        """The informational (1xx) responses of stream sid so far."""
+        return [e for e in self.of(h2.events.InformationalResponseReceived)
+                if e.stream_id == sid]
+
     def pump(self, until, timeout: float = h.WAIT_S) -> bool:
         """Reads and handles frames until until(self) or EOF or timeout (scaled)."""
         deadline = time.monotonic() + h.T(timeout)
@@ -269,20 +285,11 @@ def test_interim_100_continue_reaches_the_h2_client_before_the_body_is_sent(env)
     sc, port, _ = _inbound_sidecar(env, app.addr, name="h2-continue")
     c = H2Client(port, h.client_context(env.pki, "web-frontend"))
     try:
-        sid = c.conn.get_next_available_stream_id()
-        c.conn.send_headers(sid, [(":method", "POST"), (":scheme", "https"),
-                                  (":authority", c.authority), (":path", "/continue"),
-                                  ("expect", "100-continue"), ("content-length", "5")])
-        c.sock.sendall(c.conn.data_to_send())
-        c.bodies[sid] = bytearray()
-
-        def interim(cl):
-            return [e for e in cl.of(h2.events.InformationalResponseReceived)
-                    if e.stream_id == sid]
-        assert c.pump(lambda cl: interim(cl) or cl.status(sid) is not None), \
+        sid = c.post_expecting_100("/continue", 5)
+        assert c.pump(lambda cl: cl.interim(sid) or cl.status(sid) is not None), \
             "no answer at all while the body was held back"
-        assert interim(c), f"no 100 Continue before the body: {c.events}"
-        assert dict(interim(c)[0].headers)[b":status"] == b"100"
+        assert c.interim(sid), f"no 100 Continue before the body: {c.events}"
+        assert dict(c.interim(sid)[0].headers)[b":status"] == b"100"
         assert c.status(sid) is None, "a final answer before the body was sent"
         c.conn.send_data(sid, b"hello", end_stream=True)
         c.sock.sendall(c.conn.data_to_send())
