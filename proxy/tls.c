@@ -4,8 +4,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <pthread.h>
-
 #include <openssl/aead.h>
 #include <openssl/err.h>
 #include <openssl/rand.h>
@@ -15,6 +13,7 @@
 #include "compat.h"
 #include "identity.h"
 #include "log.h"
+#include "ticketkeys.h"
 
 static int peer_idx = -1;
 static int tkeys_idx = -1; /* SSL_CTX ex_data: a server context's ticket keys */
@@ -245,61 +244,13 @@ pc_reason_t pc_tls_handshake_done(pc_tls_peer_t *pv, const SSL *ssl, uint8_t *al
  * be refused now is ignored as if its ticket were garbage, and the full
  * handshake that follows refuses it in the handshake, with its alert. */
 
-#define TK_NAME 16
 #define TK_NONCE 12
-#define TK_OVERHEAD (TK_NAME + TK_NONCE + EVP_AEAD_MAX_OVERHEAD)
-
-typedef struct {
-  uint8_t name[TK_NAME], key[32];
-  time_t born; /* 0: no key */
-} tkey_t;
-
-typedef struct {
-  pthread_mutex_t lock; /* the context is shared by every worker */
-  tkey_t cur, prev;
-} tkeys_t;
+#define TK_OVERHEAD (PC_TKEY_NAME + TK_NONCE + EVP_AEAD_MAX_OVERHEAD)
 
 static void tkeys_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int index, long argl,
                        void *argp) {
   (void)parent, (void)ad, (void)index, (void)argl, (void)argp;
-  tkeys_t *tk = ptr;
-  if (!tk) return;
-  pthread_mutex_destroy(&tk->lock);
-  OPENSSL_cleanse(tk, sizeof(*tk));
-  free(tk);
-}
-
-/* The key that seals now (a fresh one after PC_TLS_TICKET_KEY_S), copied
- * out under the lock. */
-static void tkeys_sealing(tkeys_t *tk, tkey_t *out) {
-  time_t now = time(NULL);
-  pthread_mutex_lock(&tk->lock);
-  if (!tk->cur.born || now - tk->cur.born >= PC_TLS_TICKET_KEY_S) {
-    tk->prev = tk->cur;
-    RAND_bytes(tk->cur.name, sizeof(tk->cur.name));
-    RAND_bytes(tk->cur.key, sizeof(tk->cur.key));
-    tk->cur.born = now;
-  }
-  *out = tk->cur;
-  pthread_mutex_unlock(&tk->lock);
-}
-
-/* The key named name if it may still open tickets. Returns 0 if there is
- * none. */
-static int tkeys_opening(tkeys_t *tk, const uint8_t *name, tkey_t *out) {
-  time_t now = time(NULL);
-  int found = 0;
-  pthread_mutex_lock(&tk->lock);
-  const tkey_t *ks[] = {&tk->cur, &tk->prev};
-  for (size_t i = 0; i < PC_ARRAY_SIZE(ks) && !found; i++) {
-    if (ks[i]->born && now - ks[i]->born < 2 * PC_TLS_TICKET_KEY_S &&
-        memcmp(ks[i]->name, name, TK_NAME) == 0) {
-      *out = *ks[i];
-      found = 1;
-    }
-  }
-  pthread_mutex_unlock(&tk->lock);
-  return found;
+  pc_tkeys_free(ptr);
 }
 
 static size_t ticket_overhead(SSL *ssl) {
@@ -309,35 +260,36 @@ static size_t ticket_overhead(SSL *ssl) {
 
 static int ticket_seal(SSL *ssl, uint8_t *out, size_t *out_len, size_t max_out, const uint8_t *in,
                        size_t in_len) {
-  tkeys_t *tk = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), tkeys_idx);
-  if (!tk || max_out < TK_NAME + TK_NONCE) return 0;
-  tkey_t k;
-  tkeys_sealing(tk, &k);
+  pc_tkeys_t *tk = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), tkeys_idx);
+  if (!tk || max_out < PC_TKEY_NAME + TK_NONCE) return 0;
+  pc_tkey_t k;
+  pc_tkeys_sealing(tk, time(NULL), &k);
   uint8_t *copy = NULL; /* in may be out: the header would overwrite it */
   if (in == out) in = copy = memcpy(pc_malloc(in_len), in, in_len);
-  memcpy(out, k.name, TK_NAME);
-  RAND_bytes(out + TK_NAME, TK_NONCE);
+  memcpy(out, k.name, PC_TKEY_NAME);
+  RAND_bytes(out + PC_TKEY_NAME, TK_NONCE);
   EVP_AEAD_CTX actx;
   size_t n = 0;
-  int ok = EVP_AEAD_CTX_init(&actx, EVP_aead_aes_256_gcm(), k.key, sizeof(k.key),
-                             EVP_AEAD_DEFAULT_TAG_LENGTH, NULL) &&
-           EVP_AEAD_CTX_seal(&actx, out + TK_NAME + TK_NONCE, &n, max_out - TK_NAME - TK_NONCE,
-                             out + TK_NAME, TK_NONCE, in, in_len, out, TK_NAME);
+  int ok =
+      EVP_AEAD_CTX_init(&actx, EVP_aead_aes_256_gcm(), k.key, sizeof(k.key),
+                        EVP_AEAD_DEFAULT_TAG_LENGTH, NULL) &&
+      EVP_AEAD_CTX_seal(&actx, out + PC_TKEY_NAME + TK_NONCE, &n, max_out - PC_TKEY_NAME - TK_NONCE,
+                        out + PC_TKEY_NAME, TK_NONCE, in, in_len, out, PC_TKEY_NAME);
   EVP_AEAD_CTX_cleanup(&actx);
   OPENSSL_cleanse(&k, sizeof(k));
   free(copy);
-  *out_len = TK_NAME + TK_NONCE + n;
+  *out_len = PC_TKEY_NAME + TK_NONCE + n;
   return ok;
 }
 
 static enum ssl_ticket_aead_result_t ticket_open(SSL *ssl, uint8_t *out, size_t *out_len,
                                                  size_t max_out, const uint8_t *in, size_t in_len) {
   SSL_CTX *ctx = SSL_get_SSL_CTX(ssl);
-  tkeys_t *tk = SSL_CTX_get_ex_data(ctx, tkeys_idx);
+  pc_tkeys_t *tk = SSL_CTX_get_ex_data(ctx, tkeys_idx);
   pc_tls_peer_t *pv = SSL_get_ex_data(ssl, peer_idx);
-  tkey_t k;
+  pc_tkey_t k;
   if (!tk || !pv || SSL_version(ssl) < TLS1_3_VERSION || in_len < TK_OVERHEAD ||
-      !tkeys_opening(tk, in, &k))
+      !pc_tkeys_opening(tk, in, time(NULL), &k))
     return ssl_ticket_aead_ignore_ticket;
   uint8_t *copy = NULL;
   if (in == out) in = copy = memcpy(pc_malloc(in_len), in, in_len);
@@ -345,8 +297,9 @@ static enum ssl_ticket_aead_result_t ticket_open(SSL *ssl, uint8_t *out, size_t 
   size_t n = 0;
   int ok = EVP_AEAD_CTX_init(&actx, EVP_aead_aes_256_gcm(), k.key, sizeof(k.key),
                              EVP_AEAD_DEFAULT_TAG_LENGTH, NULL) &&
-           EVP_AEAD_CTX_open(&actx, out, &n, max_out, in + TK_NAME, TK_NONCE,
-                             in + TK_NAME + TK_NONCE, in_len - TK_NAME - TK_NONCE, in, TK_NAME);
+           EVP_AEAD_CTX_open(&actx, out, &n, max_out, in + PC_TKEY_NAME, TK_NONCE,
+                             in + PC_TKEY_NAME + TK_NONCE, in_len - PC_TKEY_NAME - TK_NONCE, in,
+                             PC_TKEY_NAME);
   EVP_AEAD_CTX_cleanup(&actx);
   OPENSSL_cleanse(&k, sizeof(k));
   free(copy);
@@ -548,9 +501,7 @@ SSL_CTX *pc_tls_ctx_new(const pc_config_t *cfg, const pc_certs_t *certs, int is_
     /* Each connection binds its sessions to its listener (pc_tls_new). */
     static const uint8_t sid_ctx[] = "portcullis";
     SSL_CTX_set_session_id_context(ctx, sid_ctx, sizeof(sid_ctx) - 1);
-    tkeys_t *tk = pc_calloc(1, sizeof(*tk));
-    pthread_mutex_init(&tk->lock, NULL);
-    SSL_CTX_set_ex_data(ctx, tkeys_idx, tk);
+    SSL_CTX_set_ex_data(ctx, tkeys_idx, pc_tkeys_new());
     SSL_CTX_set_ticket_aead_method(ctx, &ticket_method);
     SSL_CTX_set_num_tickets(ctx, 1);
     SSL_CTX_set_session_psk_dhe_timeout(ctx, PC_TLS_TICKET_KEY_S);

@@ -34,6 +34,7 @@
 #include "config.h"
 #include "policy.h"
 #include "reason.h"
+#include "ticketkeys.h"
 
 /* Client sessions kept per worker thread (one per listener and endpoint). */
 #define PC_TLS_CLIENT_SESSIONS 512
@@ -105,10 +106,6 @@ int pc_tls_alpn_choose(const uint8_t *in, size_t inlen, const uint8_t **out, uin
 
 /* Non-zero if ALPN settled on "h2" for ssl (after the handshake). */
 int pc_tls_alpn_is_h2(const SSL *ssl);
-
-/* Seconds a server ticket key seals new tickets; it then opens tickets for
- * as long again (TLS 1.3 sessions live at most PC_TLS_TICKET_KEY_S). */
-#define PC_TLS_TICKET_KEY_S 3600
 
 /* Creates an SSL from ctx bound to peer for the verify callback. On a server
  * context, sessions are bound to peer->name (the listener: another
