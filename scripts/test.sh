@@ -42,13 +42,16 @@ echo "== ThreadSanitizer build (build-tsan/) =="
 # drain the workers (test_shutdown.py), share the handshake budget and wake
 # paused workers (test_admission.py), run HTTP/2, gRPC and upstream pools on
 # the workers (test_http2.py, test_http2_lifecycle.py, test_grpc.py,
-# test_http_outbound.py), and carry many connections at once through sidecar
-# pairs (test_e2e.py, test_l4.py). The rest of the suite exercises
+# test_http_outbound.py, and the body and 100-continue deadlines of
+# test_body_timeout.py), share one server context's ticket keys across
+# workers (test_resumption.py), and carry many connections at once through
+# sidecar pairs (test_e2e.py, test_l4.py). The rest of the suite exercises
 # single-connection protocol paths that the plain and ASan runs cover.
-# About 5 minutes on 2 cores besides the build (measured: 127 tests, 290 s,
-# on a machine busy with other builds); TSan slows the sidecar 5-15x.
+# About 5 minutes on 2 cores besides the build (measured: 151 tests, 283 s);
+# TSan slows the sidecar 5-15x.
 tsan_files=(test_reload.py test_admin.py test_shutdown.py test_admission.py test_http2.py
-  test_http2_lifecycle.py test_e2e.py test_l4.py test_http_outbound.py test_grpc.py)
+  test_http2_lifecycle.py test_e2e.py test_l4.py test_http_outbound.py test_grpc.py
+  test_resumption.py test_body_timeout.py)
 cmake -S . -B build-tsan -DBUILD_TESTING=ON -DPC_WERROR=ON -DCMAKE_BUILD_TYPE=Debug -DPC_TSAN=ON >/dev/null
 cmake --build build-tsan -j"$jobs"
 # TSan maps its shadow memory at fixed addresses; with more than 28 bits of
