@@ -638,11 +638,6 @@ static const pc_upcall_cbs_t call_cbs = {k_on_info, k_on_head, k_on_data,  k_on_
 
 /* ---- onwards ------------------------------------------------------------ */
 
-/* The request goes onwards: its HTTP/1.1 head as written for the upstream
- * (head_out), and, only when an HTTP/2 upstream takes it, the neutral
- * fields: pseudo-headers from the request line and Host, field names
- * lowercased, hop-by-hop fields and any x-forwarded-client-cert from the
- * peer dropped, ours added. */
 /* The head went onwards: the upstream owes an answer once the request is
  * whole; before that the client owes its body (the body deadline), unless
  * it waits for 100 Continue: until the upstream answers, that wait is the
@@ -661,6 +656,11 @@ static void arm_sent(pc_l7_t *x, int tunnel) {
   }
 }
 
+/* The request goes onwards: its HTTP/1.1 head as written for the upstream
+ * (head_out), and, only when an HTTP/2 upstream takes it, the neutral
+ * fields: pseudo-headers from the request line and Host, field names
+ * lowercased, hop-by-hop fields and any x-forwarded-client-cert from the
+ * peer dropped, ours added. */
 static void go(pc_l7_t *x) {
   const pc_h1_msg_t *m = &x->req.msg;
   pc_upreq_t req = {

@@ -1,8 +1,6 @@
 #include "route.h"
 
-#include <arpa/inet.h>
 #include <netinet/in.h>
-#include <stdio.h>
 #include <string.h>
 
 #include <linux/netfilter_ipv4.h>
