@@ -82,8 +82,9 @@ struct h2s {
       req_end : 1, res_head : 1, res_any : 1, res_end : 1, answered : 1, submitted : 1,
       deferred : 1, reset_by_peer : 1, we_reset : 1,
       malformed : 1,      /* nghttp2 reset the stream for a protocol error of the client's */
-      await_continue : 1; /* expect: 100-continue, no body byte yet, no answer yet: the
+      await_continue : 1, /* expect: 100-continue, no body byte yet, no answer yet: the
                              upstream owes the next move (response deadline) */
+      body_unwanted : 1;  /* a final answer came instead of 100 Continue */
 };
 
 static void settle(pc_h2_t *h);
@@ -374,8 +375,8 @@ static int expects_continue(const nghttp2_nv *nv, size_t n) {
   return 0;
 }
 
-/* The client may now send its body (a 100 Continue or the final answer
- * came): the body deadline replaces the upstream's. */
+/* The client may now send its body (100 Continue came, or it sent body
+ * bytes without waiting): the body deadline replaces the upstream's. */
 static void continued(h2s_t *s) {
   if (!s->await_continue) return;
   s->await_continue = 0;
@@ -470,7 +471,13 @@ static void c_on_head(void *user, int status, const nghttp2_nv *nv, size_t n, in
   s->res_head = 1;
   s->res_any = 1;
   s->due = 0;
-  continued(s);
+  if (s->await_continue) {
+    /* A final answer instead of 100 Continue: the client will not send the
+     * body (RFC 9110 10.1.1); once the answer is out the stream is reset
+     * with NO_ERROR (on_frame_send), and no body deadline runs. */
+    s->await_continue = 0;
+    s->body_unwanted = 1;
+  }
   s->ex.status = status;
   if (end) s->ex.grpc_status = grpc_status_nv(nv, n); /* trailers-only */
   char st[8];
@@ -692,10 +699,11 @@ static int on_frame_send(nghttp2_session *ss, const nghttp2_frame *f, void *user
   if (f->hd.type == NGHTTP2_DATA) h->data_sent++;
   if ((f->hd.type == NGHTTP2_DATA || f->hd.type == NGHTTP2_HEADERS) &&
       (f->hd.flags & NGHTTP2_FLAG_END_STREAM)) {
-    /* A 408 for a body that stopped is out: the client need not send the
-     * rest (RFC 9113 8.1), and the stream ends here. */
+    /* A 408 for a body that stopped, or a final answer to a client that
+     * waited for 100 Continue, is out: the client need not send the rest
+     * (RFC 9113 8.1), and the stream ends here. */
     h2s_t *s = stream_of(h, f->hd.stream_id);
-    if (s && s->body_expired && !s->req_end && !s->we_reset) {
+    if (s && (s->body_expired || s->body_unwanted) && !s->req_end && !s->we_reset) {
       s->we_reset = 1;
       nghttp2_submit_rst_stream(h->ss, NGHTTP2_FLAG_NONE, s->id, NGHTTP2_NO_ERROR);
     }

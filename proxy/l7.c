@@ -252,8 +252,8 @@ static void on_timer(uv_timer_t *t);
  * update per read). */
 static void arm_body(pc_l7_t *x) { arm(x, x->env.gen->cfg->http.body_timeout_ms, on_timer); }
 
-/* The client may now send its body (an answer to Expect: 100-continue
- * came, or it did not wait for one): the body deadline applies. */
+/* The client may now send its body (100 Continue came, or it sent body
+ * bytes without waiting): the body deadline applies. */
 static void continued(pc_l7_t *x) {
   if (!x->await_continue) return;
   x->await_continue = 0;
@@ -462,7 +462,14 @@ static void k_on_head(void *user, int status, const nghttp2_nv *nv, size_t n, in
   pc_l7_t *x = user;
   const pc_h1_msg_t *q = &x->req.msg;
   if (x->ex.upstream_ms < 0) x->ex.upstream_ms = (double)(uv_hrtime() - x->ex.t_sent) / 1e6;
-  continued(x);
+  if (x->await_continue) {
+    /* A final answer instead of 100 Continue: the client will not send the
+     * body (RFC 9110 10.1.1); no body deadline runs, and the connection
+     * closes after this answer. */
+    x->await_continue = 0;
+    x->close_after = 1;
+    disarm(x);
+  }
   if (x->req_done) disarm(x); /* else the body deadline stays */
   x->res_head = x->res_any = 1;
   x->ex.status = status;

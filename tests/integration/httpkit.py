@@ -234,6 +234,8 @@ class HttpApp:
       ?pause_ms=N (any path)        waits N ms after the head before reading the body
       /continue                     sends "HTTP/1.1 100 Continue" BEFORE reading the body
                                     (when the request has Expect: 100-continue), then /echo
+      /expectfail                   with Expect: 100-continue, answers 417 and closes
+                                    without reading the body (else /echo)
       /big?n=BYTES&chunked=1&seed=S pattern body (Content-Length, or chunked 256 KiB chunks;
                                     &whole=1: Content-Length, head and body in one send)
       /ws                           101 Switching Protocols, then echoes raw bytes to EOF
@@ -448,6 +450,10 @@ class HttpApp:
             return False
         if "pause_ms" in q:   # do not read the body for a while (backpressure tests)
             time.sleep(int(q["pause_ms"]) / 1000)
+        if path == "/expectfail" and expect:   # refuses the body it was asked about
+            self._send(s, rec, b"HTTP/1.1 417 Expectation Failed\r\ncontent-length: 0\r\n"
+                               b"connection: close\r\nx-app-conn: %d\r\n\r\n" % rec.id)
+            return False
         if path == "/continue" and expect:
             self._send(s, rec, b"HTTP/1.1 100 Continue\r\n\r\n")
         if path == "/early":   # the response begins before the request body is read

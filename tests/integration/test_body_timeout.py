@@ -253,6 +253,52 @@ def test_http2_waiting_for_100_continue_is_not_a_stalled_body(env, pki):
     _no_body_timeout(sc, "HTTP/2")
 
 
+def test_http1_final_answer_to_expect_ends_the_request(env, pki):
+    """The app answers 417 to Expect: 100-continue without reading the body: the client
+    gets the 417 and the connection closes after it (the unsent body can never come in
+    order); no body deadline fires."""
+    app = hk.HttpApp(name="expectfail1")
+    env.apps.append(app)
+    sc, port = _continue_sidecar(env, pki, app.addr, "expectfail1")
+    c = hk.HttpConn.tls(port, h.client_context(pki, "web-frontend"))
+    try:
+        c.send(hk.req("POST", "/expectfail", [("Content-Length", "5"),
+                                               ("Expect", "100-continue")]))
+        r = c.read_response(method="POST", timeout=h.PROMPT_S)
+        assert r.status == 417, (r.status, r.body)
+        assert c.closed_by_peer(h.PROMPT_S), "the connection stayed open after the 417"
+    finally:
+        c.close()
+    e = sc.wait_for_log(lambda e: e.get("path") == "/expectfail", h.PROMPT_S, sc.test_mark)
+    assert e is not None and (e["status"], e["decision"]) == (417, "allow"), e
+    assert sc.wait_for_event("stalled for", 0) is None, "reported as a stalled body"
+
+
+def test_http2_final_answer_to_expect_resets_the_stream_with_no_error(env, pki):
+    """Over HTTP/2 the 417 ends the stream, then RST_STREAM NO_ERROR tells the client not to
+    send the body (RFC 9113 8.1), at once rather than after the body deadline; the
+    connection goes on."""
+    app = hk.HttpApp(name="expectfail2")
+    env.apps.append(app)
+    sc, port = _continue_sidecar(env, pki, app.addr, "expectfail2")
+    c = H2Client(port, h.client_context(pki, "web-frontend"))
+    try:
+        sid = c.post_expecting_100("/expectfail", 5)
+
+        def resets(cl):
+            return [e for e in cl.of(h2.events.StreamReset) if e.stream_id == sid]
+        assert c.pump(lambda cl: cl.ended(sid) and resets(cl)), c.events[-6:]
+        assert c.status(sid) == 417, c.events[-6:]
+        assert resets(c)[0].error_code == 0, resets(c)   # NO_ERROR
+        sid2 = c.get("/echo")
+        assert c.pump(lambda cl: cl.ended(sid2)) and c.status(sid2) == 200
+    finally:
+        c.close()
+    e = sc.wait_for_log(lambda e: e.get("path") == "/expectfail", h.PROMPT_S, sc.test_mark)
+    assert e is not None and (e["status"], e["decision"]) == (417, "allow"), e
+    assert sc.wait_for_event("stalled for", 0) is None, "reported as a stalled body"
+
+
 def test_upstream_that_never_answers_expect_gets_504_not_408(env, pki):
     """The app never answers at all: the client that waits for 100 Continue gets 504 after
     http.response_timeout_ms (the upstream's fault, decision error), not 408 after the
